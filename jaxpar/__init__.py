@@ -1,0 +1,40 @@
+"""jaxpar: sharded training with JAX and Flax on one device mesh.
+
+The mesh utilities are importable from here:
+
+>>> import jaxpar
+>>> spec = jaxpar.parse_mesh("data=2,model=2")
+>>> spec.size
+4
+"""
+
+from jaxpar.config import Config
+from jaxpar.errors import UserError
+from jaxpar.loop import train
+from jaxpar.mesh import (
+    AXES,
+    MeshSpec,
+    draw_mesh,
+    layout_names,
+    make_mesh,
+    parse_mesh,
+    request_devices,
+)
+from jaxpar.sharding import RULES, batch_sharding, partition_spec, state_shardings
+
+__all__ = [
+    "AXES",
+    "RULES",
+    "Config",
+    "MeshSpec",
+    "UserError",
+    "batch_sharding",
+    "draw_mesh",
+    "layout_names",
+    "make_mesh",
+    "parse_mesh",
+    "partition_spec",
+    "request_devices",
+    "state_shardings",
+    "train",
+]

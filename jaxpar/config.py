@@ -1,0 +1,68 @@
+"""The run configuration: one flat dataclass, checked once, written to ``WORKDIR/config.json``."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+from jaxpar.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a run depends on; defaults follow the seed program (MLP, batch 128, SGD)."""
+
+    mesh: str | None = None  # None: every device on the data axis
+    model: str = "mlp"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    epochs: int = 30
+    steps: int | None = None  # overrides epochs when set
+    batch_size: int = 128  # global, over all devices and processes
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    seed: int = 0
+    workdir: str | None = None  # None: runs/<date-time>
+    precision: str = "fp32"
+    checkpoint_every: int = 0  # 0: only at the end
+    eval_every: int = 0  # 0: once per epoch
+    log_every: int = 10
+
+    def validate(self) -> "Config":
+        from jaxpar.data import DATASETS
+        from models import MODELS
+
+        def need(ok, message):
+            if not ok:
+                raise UserError(message)
+
+        need(self.model in MODELS, f"unknown model '{self.model}'; choose from {', '.join(MODELS)}")
+        need(
+            self.dataset in DATASETS,
+            f"unknown dataset '{self.dataset}'; choose from {', '.join(DATASETS)}",
+        )
+        need(
+            self.data_dir is None or Path(self.data_dir).is_dir(),
+            f"data directory {self.data_dir} does not exist; create it or fix --data-dir",
+        )
+        need(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
+        need(self.steps is None or self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
+        need(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        need(self.optimizer in ("sgd", "adamw"), f"unknown optimizer '{self.optimizer}'")
+        need(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
+        need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        need(self.schedule in ("constant", "cosine"), f"unknown schedule '{self.schedule}'")
+        need(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        need(self.precision in ("fp32", "bf16"), f"unknown precision '{self.precision}'")
+        for flag in ("checkpoint_every", "eval_every"):
+            value = getattr(self, flag)
+            need(value >= 0, f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+        need(self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -1,0 +1,186 @@
+"""Device meshes from one string.
+
+A mesh always has the three axes ``data``, ``fsdp`` and ``model`` (size 1 where unused), so data,
+FSDP, tensor and 2D-grid parallelism are just different sizes of the same mesh, and one rules table
+(`jaxpar.sharding.RULES`) serves them all.
+
+The grammar of ``--mesh``:
+
+- ``DxM``: data x model, e.g. ``2x2``, ``4x1``, ``1x8``;
+- ``N``: N-way data parallel;
+- ``data=2,fsdp=2,model=2``: named sizes, unnamed axes are 1;
+- a layout name from ``meshes/`` (``cpu8``) or a path to such a TOML file.
+
+>>> parse_mesh("2x2")
+MeshSpec(data=2, fsdp=1, model=2)
+>>> parse_mesh("fsdp=4,model=2").size
+8
+"""
+
+import contextlib
+import dataclasses
+import re
+import tomllib
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from jaxpar.errors import UserError
+
+AXES = ("data", "fsdp", "model")
+LAYOUTS_DIR = Path(__file__).resolve().parent.parent / "meshes"
+_GRAMMAR = (
+    "use DxM (data x model, e.g. 2x2), N (data parallel), named sizes such as "
+    "data=2,fsdp=2,model=2, or a layout name from meshes/"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    """Sizes of the mesh axes; parsing only, no JAX backend involved."""
+
+    data: int = 1
+    fsdp: int = 1
+    model: int = 1
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.data, self.fsdp, self.model)
+
+    @property
+    def size(self) -> int:
+        return self.data * self.fsdp * self.model
+
+    def __str__(self) -> str:
+        return ",".join(f"{a}={n}" for a, n in zip(AXES, self.shape, strict=True))
+
+
+def _from_sizes(sizes: dict[str, object], source: str) -> MeshSpec:
+    for axis, n in sizes.items():
+        if axis not in AXES:
+            raise UserError(f"mesh {source}: unknown axis '{axis}'; the axes are {', '.join(AXES)}")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise UserError(
+                f"mesh {source}: axis '{axis}' needs a positive integer size, got {n!r}"
+            )
+    return MeshSpec(**sizes)
+
+
+def layout_names() -> list[str]:
+    """Names of the layouts shipped in ``meshes/``."""
+    return sorted(p.stem for p in LAYOUTS_DIR.glob("*.toml"))
+
+
+def load_layout(path: Path) -> MeshSpec:
+    """Read a layout file: top-level ``data``/``fsdp``/``model`` sizes and a ``description``."""
+    try:
+        table = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"cannot read mesh layout {path}: {e}") from None
+    table.pop("description", None)
+    return _from_sizes(table, f"layout {path}")
+
+
+def parse_mesh(text: str | None, device_count: int | None = None) -> MeshSpec:
+    """Parse a ``--mesh`` value; ``None`` means every device on ``data``.
+
+    >>> parse_mesh("8")
+    MeshSpec(data=8, fsdp=1, model=1)
+    >>> parse_mesh(None, device_count=4)
+    MeshSpec(data=4, fsdp=1, model=1)
+    """
+    if text is None:
+        return MeshSpec(data=device_count or 1)
+    text = text.strip()
+    if m := re.fullmatch(r"(\d+)x(\d+)", text):
+        return _from_sizes({"data": int(m[1]), "model": int(m[2])}, f"'{text}'")
+    if text.isdigit():
+        return _from_sizes({"data": int(text)}, f"'{text}'")
+    if "=" in text:
+        sizes = {}
+        for part in text.split(","):
+            axis, _, n = part.partition("=")
+            axis = axis.strip()
+            if not n.strip().isdigit():
+                raise UserError(f"mesh '{text}': '{part}' is not axis=size; {_GRAMMAR}")
+            if axis in sizes:
+                raise UserError(f"mesh '{text}': axis '{axis}' is given twice")
+            sizes[axis] = int(n)
+        return _from_sizes(sizes, f"'{text}'")
+    path = Path(text)
+    if path.suffix == ".toml" or "/" in text:
+        if not path.is_file():
+            raise UserError(f"mesh layout file {text} does not exist")
+        return load_layout(path)
+    if re.fullmatch(r"[A-Za-z][\w-]*", text) and (LAYOUTS_DIR / f"{text}.toml").is_file():
+        return load_layout(LAYOUTS_DIR / f"{text}.toml")
+    layouts = ", ".join(layout_names()) or "none"
+    if re.fullmatch(r"[A-Za-z][\w-]*", text) and not re.fullmatch(r"\d*x\d*", text):
+        raise UserError(f"unknown mesh layout '{text}' (layouts: {layouts}); or {_GRAMMAR}")
+    raise UserError(f"invalid mesh '{text}': {_GRAMMAR} (layouts: {layouts})")
+
+
+def request_devices(count: int) -> None:
+    """Ask for `count` emulated CPU devices, if the JAX backend has not started yet.
+
+    Only the CPU platform reads this setting, so it is harmless on GPU hosts. Once the backend is
+    up the count is fixed; `make_mesh` then says whether the mesh fits.
+    """
+    # Once the backend is up (tests, notebooks) the update raises: keep its devices.
+    with contextlib.suppress(RuntimeError):
+        jax.config.update("jax_num_cpu_devices", max(count, 1))
+
+
+def make_mesh(spec: MeshSpec) -> Mesh:
+    """Build the `jax.sharding.Mesh` for `spec` with classic (GSPMD, ``Auto``) axis types.
+
+    The axis types are pinned so behaviour does not move with JAX's default (``Explicit`` since
+    0.7, which turns sharding constraints into asserts).
+    """
+    devices = jax.devices()
+    if spec.size > len(devices):
+        platform = devices[0].platform
+        fix = (
+            "the CPU device count is fixed once JAX has started; start a fresh process"
+            if platform == "cpu"
+            else f"use a mesh of at most {len(devices)} devices or add hosts"
+        )
+        raise UserError(
+            f"mesh {spec} needs {spec.size} devices but this job has {len(devices)} "
+            f"{platform} devices; {fix}"
+        )
+    if spec.size < len(devices) and jax.process_count() > 1:
+        raise UserError(
+            f"mesh {spec} uses {spec.size} of {len(devices)} devices; a multi-process mesh must "
+            "use every device"
+        )
+    return jax.make_mesh(
+        spec.shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices[: spec.size]
+    )
+
+
+def draw_mesh(mesh: Mesh) -> str:
+    """A picture of the mesh: device ids at their coordinates (and process ids if several).
+
+    Rows are (data, fsdp) coordinates, columns are model coordinates.
+    """
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)
+    procs = np.vectorize(lambda d: d.process_index)(mesh.devices)
+    many = jax.process_count() > 1
+    sizes = dict(mesh.shape)
+    head = " x ".join(f"{a}={sizes[a]}" for a in mesh.axis_names)
+    lines = [f"mesh {head} ({ids.size} {mesh.devices.flat[0].platform} devices)"]
+    label = "data,fsdp"
+    cells = [f"model={m}" for m in range(sizes["model"])]
+    width = max(len(c) for c in cells)
+    lines.append(f"{label:>10}  " + "  ".join(c.rjust(width) for c in cells))
+    for d in range(sizes["data"]):
+        for f in range(sizes["fsdp"]):
+            row = []
+            for m in range(sizes["model"]):
+                cell = str(ids[d, f, m]) + (f" p{procs[d, f, m]}" if many else "")
+                row.append(cell.rjust(width))
+            lines.append(f"{f'{d},{f}':>10}  " + "  ".join(row))
+    return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""Logical axis names -> mesh axes: the one rules table, and the shardings built from it.
+
+Models name the role of each parameter dimension (``embed``, ``hidden``, ``conv_in``...). The table
+below is the only place where those names meet the mesh axes. Because every mesh has all three axes
+(size 1 where unused), data, FSDP, tensor and 2D-grid parallelism are the same table on meshes of
+different shapes:
+
+=========  ==========================  =============================================
+logical    mesh axes                   meaning
+=========  ==========================  =============================================
+batch      data, fsdp                  the batch is split over every data-like axis
+embed      fsdp                        dense input features: FSDP (ZeRO-3) shards them
+hidden     model                       Megatron MLP: column-parallel out, row-parallel in
+conv_in    fsdp                        conv input channels: FSDP shards them
+conv_out   model                       conv output channels (and their BatchNorm): TP
+classes    (replicated)                logits stay whole so the loss needs no gather
+=========  ==========================  =============================================
+
+A dimension whose size the mesh axes do not divide is replicated instead, and reported.
+
+>>> from jax.sharding import AbstractMesh
+>>> mesh = AbstractMesh((2, 2, 4), ("data", "fsdp", "model"))  # shapes only, no devices
+>>> partition_spec(("embed", "hidden"), (64, 512), mesh)
+P('fsdp', 'model')
+>>> partition_spec(("embed", "hidden"), (5, 512), mesh)  # 5 rows do not split 2 ways
+P(None, 'model')
+"""
+
+import dataclasses
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxpar.errors import UserError
+
+RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "hidden": ("model",),
+    "conv_in": ("fsdp",),
+    "conv_out": ("model",),
+    "classes": (),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Replicated:
+    """A dimension the rules asked to shard that stays whole, because the sizes do not divide."""
+
+    path: str
+    dim: int
+    name: str
+    size: int
+    axes: tuple[str, ...]
+    ways: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.path} dim {self.dim} ({self.name}={self.size}) is replicated: "
+            f"not divisible by {'x'.join(self.axes)}={self.ways}"
+        )
+
+
+def partition_spec(
+    names: tuple[str | None, ...] | None,
+    shape: tuple[int, ...],
+    mesh: Mesh,
+    path: str = "",
+    replicated: list[Replicated] | None = None,
+) -> PartitionSpec:
+    """The PartitionSpec for an array whose dimensions have these logical names.
+
+    Mesh axes of size 1 are left out, so a data-parallel mesh gives fully replicated specs. A
+    dimension the axes do not divide is replicated and appended to `replicated`.
+    """
+    if names is None:
+        return PartitionSpec()
+    if len(names) != len(shape):
+        raise ValueError(f"{path}: {len(names)} logical names {names} for shape {shape}")
+    sizes = dict(mesh.shape)
+    spec = []
+    for dim, (name, size) in enumerate(zip(names, shape, strict=True)):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in RULES:
+            raise ValueError(f"{path}: logical axis '{name}' has no rule; add it to RULES")
+        axes = tuple(a for a in RULES[name] if sizes[a] > 1)
+        ways = 1
+        for a in axes:
+            ways *= sizes[a]
+        if axes and size % ways:
+            if replicated is not None:
+                replicated.append(Replicated(path, dim, name, size, axes, ways))
+            axes = ()
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def state_shardings(abstract_state: nnx.State, mesh: Mesh):
+    """`NamedSharding` for every variable of an (abstract) NNX state, from its logical names.
+
+    Returns ``(shardings, replicated)``: a tree that mirrors `abstract_state` with a
+    `NamedSharding` in place of each variable, and the list of dimensions that stayed replicated
+    because they do not divide. Optimizer state inherits its parameter's names, so it is sharded
+    like the parameter.
+    """
+    replicated: list[Replicated] = []
+
+    def one(path, var):
+        names = var.get_metadata().get("out_sharding")
+        # Optimizer state repeats its parameter's names: report each parameter once.
+        report = None if isinstance(var, nnx.OptState) else replicated
+        spec = partition_spec(names, var.shape, mesh, path_str(path), report)
+        return NamedSharding(mesh, spec)
+
+    shardings = jax.tree_util.tree_map_with_path(
+        one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    return shardings, replicated
+
+
+def spec_table(shardings, prefix: str = "") -> dict[str, PartitionSpec]:
+    """``{path: PartitionSpec}`` for a sharding tree, keeping the paths that start with `prefix`."""
+    table = {}
+    for path, s in jax.tree_util.tree_leaves_with_path(shardings):
+        key = path_str(path)
+        if key.startswith(prefix):
+            table[key[len(prefix) :]] = s.spec
+    return table
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Leading (batch) dimension over ``RULES['batch']``, every other dimension whole."""
+    return NamedSharding(mesh, PartitionSpec(RULES["batch"], *([None] * (ndim - 1))))
+
+
+def check_batch(batch_size: int, mesh: Mesh) -> None:
+    """Fail with a clear message unless the batch-sharding axes divide `batch_size`."""
+    ways = 1
+    for a in RULES["batch"]:
+        ways *= mesh.shape[a]
+    if batch_size < 1 or batch_size % ways:
+        raise UserError(
+            f"global batch size {batch_size} is not divisible by the {ways} batch shards "
+            f"({' x '.join(RULES['batch'])}); use a multiple of {ways}"
+        )

@@ -1,0 +1,131 @@
+"""Sharded train state, the jitted train step and the eval step.
+
+The state is the NNX state of ``(model, optimizer)``: one pytree of arrays, each with an explicit
+`NamedSharding`. It is created directly in those shardings (abstract shapes -> shardings -> jitted
+init with ``out_shardings``), so full parameters never sit on one device. The step is one pure
+function: ``nnx.merge`` inside ``jax.jit``, state in and out with buffer donation. Compared with
+``nnx.jit`` this avoids re-walking the object graph on every call (DESIGN.md: 3.9-4.6 ms against
+5.6-8.1 ms per step for the MLP on one CPU device).
+"""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxpar.sharding import batch_sharding, state_shardings
+
+
+def make_optimizer(
+    name="sgd",
+    lr=0.01,
+    momentum=0.9,
+    weight_decay=0.0,
+    schedule="constant",
+    warmup_steps=0,
+    total_steps=1,
+):
+    """SGD with momentum (PyTorch's form: v = m*v + g; p -= lr*v) or AdamW, optionally with
+    linear warmup and cosine decay."""
+    if schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, max(total_steps, 1))
+    elif warmup_steps:
+        lr = optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr)],
+            [warmup_steps],
+        )
+    if name == "adamw":
+        return optax.adamw(lr, weight_decay=weight_decay)
+    sgd = optax.sgd(lr, momentum=momentum or None)
+    # Coupled L2 as in torch.optim.SGD(weight_decay=...).
+    return optax.chain(optax.add_decayed_weights(weight_decay), sgd) if weight_decay else sgd
+
+
+def _keys(seed: int):
+    """Independent streams for initialisation and dropout, from the seed alone."""
+    return jax.random.split(jax.random.key(seed))
+
+
+def _builder(model_fn, tx, seed: int):
+    def build():
+        model = model_fn(rngs=nnx.Rngs(params=_keys(seed)[0]))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    return build
+
+
+def abstract_state(model_fn, tx, seed: int = 0):
+    """``(graphdef, abstract_state)`` of ``(model, optimizer)``: shapes and names, no memory."""
+    return nnx.split(nnx.eval_shape(_builder(model_fn, tx, seed)))
+
+
+def create_state(model_fn, tx, mesh, seed: int):
+    """Build ``(model, optimizer)`` straight into its shardings.
+
+    Returns ``(graphdef, state, shardings, replicated)``; `replicated` lists the dimensions that
+    stayed whole because the mesh does not divide them.
+    """
+    graphdef, abstract = abstract_state(model_fn, tx, seed)
+    shardings, replicated = state_shardings(abstract, mesh)
+    build = _builder(model_fn, tx, seed)
+    state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
+    return graphdef, state, shardings, replicated
+
+
+def cross_entropy(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def train_step(state, batch, *, graphdef, dropout_key):
+    """One optimizer step. Dropout's key depends on (seed, step) only, never on the mesh."""
+    model, optimizer = nnx.merge(graphdef, state)
+    key = jax.random.fold_in(dropout_key, optimizer.step[...])
+
+    def loss_fn(model):
+        logits = model(batch["image"], train=True, rngs=key)
+        return cross_entropy(logits, batch["label"]).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)  # BatchNorm statistics update in place
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer)), {"train_loss": loss}
+
+
+def eval_step(state, batch, *, graphdef):
+    """Sums of loss and correct predictions over the unmasked examples of a batch."""
+    model, _ = nnx.merge(graphdef, state)
+    logits = model(batch["image"], train=False)
+    mask = batch["mask"]
+    return {
+        "loss_sum": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+        "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+def _batch_shardings(mesh, batch_ndims: dict[str, int]):
+    return {k: batch_sharding(mesh, n) for k, n in batch_ndims.items()}
+
+
+def compile_steps(graphdef, shardings, mesh, seed: int, image_ndim: int):
+    """``(train_step, eval_step)`` jitted with explicit in/out shardings.
+
+    The train step donates the state: XLA updates parameters and optimizer state in place.
+    """
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    train_batch = _batch_shardings(mesh, {"image": image_ndim, "label": 1})
+    eval_batch = _batch_shardings(mesh, {"image": image_ndim, "label": 1, "mask": 1})
+    train = jax.jit(
+        # The base key is computed here, outside jit, so the step holds it as a constant.
+        partial(train_step, graphdef=graphdef, dropout_key=_keys(seed)[1]),
+        in_shardings=(shardings, train_batch),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+    evaluate = jax.jit(
+        partial(eval_step, graphdef=graphdef),
+        in_shardings=(shardings, eval_batch),
+        out_shardings=replicated,
+    )
+    return train, evaluate

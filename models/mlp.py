@@ -1,0 +1,50 @@
+"""The seed program's MLP, with logical axis names on every parameter.
+
+Linear(512) + ReLU, Dropout(0.5), Linear(256) + PReLU, Linear(classes). Under tensor parallelism
+the first layer is column-parallel and the second row-parallel (Megatron): the 512-wide activation
+stays sharded over ``model`` between them and one all-reduce joins the second layer's output.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.axes import axes
+
+
+def _dense(din, dout, names, dtype, rngs):
+    return nnx.Linear(
+        din,
+        dout,
+        dtype=dtype,
+        kernel_metadata=axes(*names),
+        bias_metadata=axes(*names[1:]),
+        rngs=rngs,
+    )
+
+
+class MLP(nnx.Module):
+    """Flattens the input and returns float32 logits.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> MLP((8, 8, 1), 10, rngs=nnx.Rngs(0))(jnp.zeros((2, 8, 8, 1))).shape
+    (2, 10)
+    """
+
+    def __init__(self, image_shape, num_classes, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        din = math.prod(image_shape)
+        self.fc1 = _dense(din, 512, ("embed", "hidden"), dtype, rngs)  # column-parallel
+        self.dropout = nnx.Dropout(0.5)
+        self.fc2 = _dense(512, 256, ("hidden", "embed"), dtype, rngs)  # row-parallel
+        self.act = nnx.PReLU(0.25)  # PyTorch's default slope, as in the seed
+        self.head = _dense(256, num_classes, ("embed", "classes"), dtype, rngs)
+
+    def __call__(self, x, *, train: bool = False, rngs: jax.Array | nnx.Rngs | None = None):
+        x = x.reshape(x.shape[0], -1)
+        x = jax.nn.relu(self.fc1(x))
+        x = self.dropout(x, deterministic=not train, rngs=rngs)
+        x = self.act(self.fc2(x))
+        return self.head(x).astype(jnp.float32)

@@ -1,0 +1,57 @@
+"""Every test runs on 8 CPU-emulated devices, set once before the JAX backend starts."""
+
+import functools
+from functools import partial
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_platforms", "cpu")
+
+from jaxpar.data import device_batch, load_digits, train_indices  # noqa: E402
+from jaxpar.mesh import make_mesh, parse_mesh  # noqa: E402
+from jaxpar.step import compile_steps, create_state, make_optimizer  # noqa: E402
+from models import MODELS  # noqa: E402
+
+STEPS = 6
+BATCH = 64
+
+
+@pytest.fixture(scope="session", autouse=True)
+def eight_devices():
+    """Fail, never skip, when the environment does not give 8 CPU devices."""
+    devices = jax.devices()
+    assert len(devices) == 8 and devices[0].platform == "cpu", (
+        f"tests need 8 CPU devices, got {len(devices)} {devices[0].platform}: another plugin or "
+        "XLA_FLAGS started JAX first"
+    )
+
+
+@functools.cache
+def digits():
+    return load_digits()
+
+
+@functools.cache
+def trained(model: str, optimizer: str, mesh: str, seed: int = 0, steps: int = STEPS):
+    """Train `steps` steps of the digits set; cached so tests share compiled steps.
+
+    Returns ``(losses, state, shardings, train_step, mesh)``.
+    """
+    ds = digits()
+    m = make_mesh(parse_mesh(mesh))
+    model_fn = partial(MODELS[model], ds.image_shape, ds.num_classes)
+    lr = 0.01 if optimizer == "sgd" else 1e-3
+    tx = make_optimizer(optimizer, lr, weight_decay=0.0 if optimizer == "sgd" else 1e-4)
+    graphdef, state, shardings, _ = create_state(model_fn, tx, m, seed)
+    train_step, _ = compile_steps(graphdef, shardings, m, seed, image_ndim=4)
+    losses = []
+    data = {"image": ds.train_images, "label": ds.train_labels}
+    for step in range(steps):
+        state, metrics = train_step(
+            state, device_batch(data, train_indices(ds, BATCH, seed, step), m)
+        )
+        losses.append(float(metrics["train_loss"]))  # blocks each step: no pile-up of steps
+    return np.array(losses), state, shardings, train_step, m

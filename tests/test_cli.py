@@ -1,0 +1,112 @@
+"""The real entry point, end to end, and its refusals."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train as cli
+from jaxpar.mesh import layout_names
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args, cwd=None):
+    """`python train.py ARGS` in a fresh process (so it picks its own device count)."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+
+
+def read_metrics(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_default_run_reaches_95_percent_on_2x2(tmp_path):
+    proc = run("--mesh", "2x2", "--workdir", str(tmp_path / "w"))
+    assert proc.returncode == 0, proc.stderr
+    assert "mesh data=2 x fsdp=1 x model=2 (4 cpu devices)" in proc.stdout
+    assert "final test accuracy" in proc.stdout
+    lines = read_metrics(tmp_path / "w")
+    for line in lines:
+        assert isinstance(line["step"], int) and line["time"] >= 0
+        assert {"train_loss", "examples_per_s"} <= line.keys() or {
+            "eval_loss",
+            "eval_accuracy",
+        } <= line.keys()
+    evals = [x for x in lines if "eval_accuracy" in x]
+    assert len(evals) == 30  # one per epoch
+    assert evals[-1]["step"] == 330 and evals[-1]["eval_accuracy"] >= 0.95
+    config = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert config["mesh"] == "2x2" and config["batch_size"] == 128
+
+
+@pytest.mark.parametrize("layout", layout_names())
+def test_every_layout_trains(layout, tmp_path):
+    proc = run("--mesh", layout, "--steps", "3", "--batch-size", "32", "--workdir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert read_metrics(tmp_path)[-1]["step"] == 3
+
+
+def test_resnet18_on_digits(tmp_path):
+    proc = run("--model", "resnet18", "--mesh", "2x2", "--steps", "2", "--workdir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert 0 <= read_metrics(tmp_path)[-1]["eval_accuracy"] <= 1
+
+
+BAD = {
+    "--mesh 2x": "invalid mesh '2x'",
+    "--mesh 0x4": "positive integer",
+    "--mesh abc": "unknown mesh layout 'abc'",
+    "--mesh data=2,foo=2": "unknown axis 'foo'",
+    "--mesh nolayout": "unknown mesh layout 'nolayout'",
+    "--mesh 16": "needs 16 devices",
+    "--mesh 3x1 --batch-size 128": "not divisible by the 3 batch shards",
+    "--model resnet7": "unknown model 'resnet7'",
+    "--dataset nope": "unknown dataset 'nope'",
+    "--batch-size 0": "--batch-size must be at least 1",
+    "--lr -1": "--lr must be positive",
+    "--epochs -3": "--epochs must be at least 1",
+    "--data-dir /no/such/dir": "data directory /no/such/dir does not exist",
+    "--optimizer lamb": "invalid choice: 'lamb'",
+    "--batch-size 4096": "larger than the 1437 training examples",
+}
+
+
+@pytest.mark.parametrize("args", BAD)
+def test_bad_input_exits_2_with_one_line(args, tmp_path, capsys):
+    workdir = tmp_path / "w"
+    with pytest.raises(SystemExit) as exit_:
+        sys.exit(cli.main([*args.split(), "--steps", "2", "--workdir", str(workdir)]))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and BAD[args] in err, err
+    assert not workdir.exists()
+
+
+def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
+    proc = run("--mesh", "2x", "--workdir", str(tmp_path / "w"))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: invalid mesh '2x'") and "Traceback" not in proc.stderr
+
+
+def test_used_workdir_is_never_overwritten(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "time": 0.0}\n')
+    assert cli.main(["--steps", "1", "--workdir", str(tmp_path)]) == 2
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "time": 0.0}\n'
+
+
+def test_help_lists_every_flag_with_default():
+    proc = run("--help")
+    assert proc.returncode == 0
+    for flag in ["--mesh", "--model", "--dataset", "--data-dir", "--epochs", "--steps",
+                 "--batch-size", "--optimizer", "--lr", "--momentum", "--weight-decay", "--seed",
+                 "--workdir", "--precision", "--checkpoint-every", "--eval-every"]:  # fmt: skip
+        assert flag in proc.stdout
+    assert "(default: 128)" in proc.stdout and "(default: 0.01)" in proc.stdout

@@ -1,0 +1,94 @@
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+
+import jaxpar
+from jaxpar.mesh import MeshSpec, draw_mesh, layout_names, make_mesh, parse_mesh
+
+
+@pytest.mark.parametrize(
+    "text, shape",
+    [
+        ("2x2", (2, 1, 2)),
+        ("4x1", (4, 1, 1)),
+        ("1x8", (1, 1, 8)),
+        ("8", (8, 1, 1)),
+        ("data=2,fsdp=2,model=2", (2, 2, 2)),
+        ("fsdp=8", (1, 8, 1)),
+        (" model=4 , data=2 ", (2, 1, 4)),
+        ("cpu8", (2, 2, 2)),
+        ("laptop4", (2, 1, 2)),
+        ("gpu8-fsdp", (1, 8, 1)),
+    ],
+)
+def test_grammar(text, shape):
+    assert parse_mesh(text).shape == shape
+
+
+def test_no_mesh_puts_every_device_on_data():
+    assert parse_mesh(None, device_count=8) == MeshSpec(data=8)
+
+
+def test_layout_by_path(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('description = "two by four"\ndata = 2\nmodel = 4\n')
+    assert parse_mesh(str(path)) == MeshSpec(data=2, model=4)
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("2x", "invalid mesh '2x'"),
+        ("0x4", "positive integer"),
+        ("abc", "unknown mesh layout 'abc'"),
+        ("data=2,foo=2", "unknown axis 'foo'"),
+        ("data=2,data=4", "given twice"),
+        ("data=-1", "not axis=size"),
+        ("nope.toml", "does not exist"),
+    ],
+)
+def test_bad_specs(text, words):
+    with pytest.raises(jaxpar.UserError, match=words):
+        parse_mesh(text)
+
+
+def test_bad_layout_file(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("data = 2\nexpert = 2\n")
+    with pytest.raises(jaxpar.UserError, match="unknown axis 'expert'"):
+        parse_mesh(str(path))
+
+
+def test_every_layout_parses():
+    assert len(layout_names()) >= 3
+    for name in layout_names():
+        assert parse_mesh(name).size >= 1
+
+
+def test_make_mesh_pins_auto_axes_and_uses_subset():
+    mesh = make_mesh(parse_mesh("2x2"))
+    assert mesh.axis_names == ("data", "fsdp", "model")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "model": 2}
+    assert mesh.axis_types == (AxisType.Auto,) * 3
+    assert sorted(d.id for d in mesh.devices.flat) == [0, 1, 2, 3]
+
+
+def test_mesh_larger_than_devices_is_refused():
+    with pytest.raises(jaxpar.UserError, match="needs 16 devices but this job has 8 cpu"):
+        make_mesh(parse_mesh("16"))
+
+
+def test_draw_mesh_shows_every_device_at_its_coordinates():
+    mesh = make_mesh(parse_mesh("data=2,fsdp=2,model=2"))
+    picture = draw_mesh(mesh)
+    lines = picture.splitlines()
+    assert lines[0] == "mesh data=2 x fsdp=2 x model=2 (8 cpu devices)"
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    for (d, f, m), device in np.ndenumerate(mesh.devices):
+        assert rows[f"{d},{f}"][m] == str(device.id)
+
+
+def test_request_devices_after_start_keeps_devices():
+    jaxpar.request_devices(4)
+    assert jax.device_count() == 8
