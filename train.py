@@ -1,15 +1,40 @@
 """Train a Flax model over a device mesh: ``python train.py --mesh 2x2``.
 
 A thin CLI: flags -> `jaxpar.Config` -> `jaxpar.train`. Mistakes in the flags exit with status 2
-and one line on stderr; see ``--help`` for every flag and its default.
+and one line on stderr; SIGTERM/SIGINT save a checkpoint and exit with 128 + the signal number
+(143, 130); rerunning the same command resumes.
 """
 
 import argparse
 import sys
 
 from jaxpar.config import Config
-from jaxpar.errors import UserError
+from jaxpar.errors import Preempted, UserError
 from jaxpar.mesh import parse_mesh, request_devices
+
+FLAGS = [  # (flag, type, or a list of choices, help); defaults come from jaxpar.Config
+    ("--mesh", str, "DxM, N, data=2,fsdp=2,model=2, or a layout from meshes/ (None: all on data)"),
+    ("--model", str, "mlp, resnet8, resnet18, resnet34, resnet50"),
+    ("--dataset", str, "dataset name (digits is embedded)"),
+    ("--data-dir", str, "directory of the dataset's files"),
+    ("--epochs", int, "passes over the training set"),
+    ("--steps", int, "optimizer steps in all (overrides --epochs)"),
+    ("--batch-size", int, "global batch size, over all devices and processes"),
+    ("--optimizer", ["sgd", "adamw"], "optimizer"),
+    ("--lr", float, "(peak) learning rate"),
+    ("--momentum", float, "SGD momentum"),
+    ("--weight-decay", float, "weight decay (coupled L2 for SGD, decoupled for AdamW)"),
+    ("--schedule", ["constant", "cosine"], "learning-rate schedule"),
+    ("--warmup-steps", int, "linear warmup steps"),
+    ("--seed", int, "seed of initialisation, data order and dropout"),
+    ("--workdir", str, "where the run writes (None: runs/DATE-TIME)"),
+    ("--precision", ["fp32", "bf16"], "compute precision (parameters stay float32)"),
+    ("--checkpoint-every", int, "steps between checkpoints (0: at the end only)"),
+    ("--keep", int, "checkpoints to keep"),
+    ("--restart", bool, "start over in a used workdir, moving its run into previous-DATE/"),
+    ("--eval-every", int, "steps between evaluations (0: every epoch)"),
+    ("--log-every", int, "steps per training line of metrics.jsonl"),
+]
 
 
 class Parser(argparse.ArgumentParser):
@@ -18,47 +43,17 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv) -> Config:
-    d = Config()
-    p = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument(
-        "--mesh",
-        default=d.mesh,
-        help="DxM, N, data=2,fsdp=2,model=2, or a layout "
-        "from meshes/ (default: every device on data)",
-    )
-    p.add_argument("--model", default=d.model, help="mlp, resnet8, resnet18, resnet34, resnet50")
-    p.add_argument("--dataset", default=d.dataset, help="dataset name")
-    p.add_argument("--data-dir", default=d.data_dir, help="directory of the dataset's files")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
-    p.add_argument(
-        "--steps", type=int, default=d.steps, help="optimizer steps (overrides --epochs)"
-    )
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")
-    p.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adamw"])
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--schedule", default=d.schedule, choices=["constant", "cosine"])
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--workdir", default=d.workdir, help="where the run writes (default: runs/DATE)")
-    p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16"])
-    p.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=d.checkpoint_every,
-        help="steps between checkpoints (0: at the end only)",
-    )
-    p.add_argument(
-        "--eval-every",
-        type=int,
-        default=d.eval_every,
-        help="steps between evaluations (0: every epoch)",
-    )
-    p.add_argument(
-        "--log-every", type=int, default=d.log_every, help="steps per metrics.jsonl training line"
-    )
-    return Config(**vars(p.parse_args(argv)))
+    defaults = Config()
+    parser = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for flag, kind, help in FLAGS:
+        default = getattr(defaults, flag[2:].replace("-", "_"))
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=help)
+        elif isinstance(kind, list):
+            parser.add_argument(flag, choices=kind, default=default, help=help)
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=help)
+    return Config(**vars(parser.parse_args(argv)))
 
 
 def main(argv=None) -> int:
@@ -72,6 +67,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        return 128 + e.signum  # the shell's convention for "ended by this signal"
     return 0
 
 

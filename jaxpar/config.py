@@ -27,7 +27,9 @@ class Config:
     seed: int = 0
     workdir: str | None = None  # None: runs/<date-time>
     precision: str = "fp32"
-    checkpoint_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 0  # 0: only at the end (and on SIGTERM/SIGINT)
+    keep: int = 3  # checkpoints kept
+    restart: bool = False  # move a previous run in --workdir aside and start over
     eval_every: int = 0  # 0: once per epoch
     log_every: int = 10
 
@@ -61,6 +63,7 @@ class Config:
         for flag in ("checkpoint_every", "eval_every"):
             value = getattr(self, flag)
             need(value >= 0, f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+        need(self.keep >= 1, f"--keep must be at least 1, got {self.keep}")
         need(self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}")
         return self
 

@@ -7,3 +7,11 @@ an environment failure and exits 1.
 
 class UserError(Exception):
     """A mistake in what the user asked for: the message names the problem and the fix."""
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; exit status 128 + signal."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum

@@ -1,22 +1,32 @@
-"""The training loop: set up a run from a `Config`, train, evaluate, write the workdir."""
+"""The training loop: set up a run from a `Config`, resume it if it has checkpoints, train."""
 
-import json
+import contextlib
+import dataclasses
+import signal
 import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from jaxpar.checkpoint import Checkpoints, check_fits, versions
 from jaxpar.config import Config
-from jaxpar.data import device_batch, eval_batches, load_dataset, steps_per_epoch, train_indices
-from jaxpar.errors import UserError
-from jaxpar.mesh import draw_mesh, make_mesh, parse_mesh
-from jaxpar.sharding import check_batch
-from jaxpar.step import compile_steps, create_state, make_optimizer
+from jaxpar.data import (
+    Dataset,
+    device_batch,
+    eval_batches,
+    load_dataset,
+    steps_per_epoch,
+    train_indices,
+)
+from jaxpar.errors import Preempted, UserError
+from jaxpar.mesh import MeshSpec, draw_mesh, make_mesh, parse_mesh
+from jaxpar.sharding import check_batch, spec_table, state_shardings
+from jaxpar.step import abstract_state, compile_steps, init_state, make_optimizer
+from jaxpar.workdir import MetricsLog, move_aside, resolve, used, write_config
 
 
 def say(*args):
@@ -25,53 +35,45 @@ def say(*args):
         print(*args, flush=True)
 
 
-class MetricsLog:
-    """``metrics.jsonl``: one JSON object per line with ``step`` and ``time`` (s since start)."""
-
-    def __init__(self, path: Path, start: float):
-        self.file = open(path, "a") if jax.process_index() == 0 else None  # noqa: SIM115
-        self.start = start
-
-    def write(self, step: int, **values) -> dict:
-        line = {"step": step, "time": round(time.time() - self.start, 3), **values}
-        if self.file:
-            self.file.write(json.dumps(line) + "\n")
-            self.file.flush()
-        return line
-
-
-def prepare_workdir(cfg: Config) -> Path:
-    workdir = Path(cfg.workdir or time.strftime("runs/%Y%m%d-%H%M%S"))
-    if workdir.exists() and not workdir.is_dir():
-        raise UserError(f"--workdir {workdir} is a file; name a directory")
-    used = [n for n in ("config.json", "metrics.jsonl") if (workdir / n).exists()]
-    if used:
-        raise UserError(
-            f"workdir {workdir} already holds a run ({', '.join(used)}); choose a new --workdir"
-        )
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(cfg.to_json() + "\n")
-    return workdir
-
-
 def fetch(x) -> np.ndarray:
     """A replicated result on the host; works when other processes hold the other devices."""
     return np.asarray(x.addressable_data(0))
 
 
-def evaluate(eval_step, state, batches) -> dict:
-    sums = [eval_step(state, b) for b in batches]
-    total = jax.tree.map(lambda *x: sum(fetch(v) for v in x), *sums)
-    return {
-        "eval_loss": float(total["loss_sum"] / total["count"]),
-        "eval_accuracy": float(total["correct"] / total["count"]),
-    }
+@dataclasses.dataclass
+class Run:
+    """Everything fixed for a run: mesh, data, shardings, compiled steps."""
+
+    cfg: Config
+    spec: MeshSpec
+    mesh: jax.sharding.Mesh
+    ds: Dataset
+    per_epoch: int
+    total: int
+    init: object  # () -> fresh state in its shardings
+    abstract: object  # abstract NNX state (restore target)
+    shardings: object
+    replicated: list
+    train_step: object
+    eval_step: object
+
+    def identity(self) -> dict:
+        """What a checkpoint must match to resume into this run."""
+        c = self.cfg
+        return {
+            "model": c.model,
+            "dataset": c.dataset,
+            "image_shape": list(self.ds.image_shape),
+            "num_classes": self.ds.num_classes,
+            "batch_size": c.batch_size,
+            "optimizer": c.optimizer,
+            "seed": c.seed,
+        }
 
 
-def setup(cfg: Config):
-    """Mesh, data, sharded state and compiled steps for a run."""
-    mesh = make_mesh(parse_mesh(cfg.mesh, jax.device_count()))
+def setup(cfg: Config) -> Run:
+    spec = parse_mesh(cfg.mesh, jax.device_count())
+    mesh = make_mesh(spec)
     check_batch(cfg.batch_size, mesh)
     ds = load_dataset(cfg.dataset, cfg.data_dir)
     per_epoch = steps_per_epoch(ds, cfg.batch_size)
@@ -83,66 +85,183 @@ def setup(cfg: Config):
     tx = make_optimizer(
         cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule, cfg.warmup_steps, total
     )
-    graphdef, state, shardings, replicated = create_state(model_fn, tx, mesh, cfg.seed)
+    graphdef, abstract = abstract_state(model_fn, tx, cfg.seed)
+    shardings, replicated = state_shardings(abstract, mesh)
     steps = compile_steps(graphdef, shardings, mesh, cfg.seed, 1 + len(ds.image_shape))
-    return mesh, ds, per_epoch, total, state, replicated, steps
+    init = partial(init_state, model_fn, tx, shardings, cfg.seed)
+    return Run(cfg, spec, mesh, ds, per_epoch, total, init, abstract, shardings, replicated, *steps)
+
+
+def manifest(run: Run, step: int, window: "Window") -> dict:
+    return {
+        "step": step,
+        "epoch": step // run.per_epoch,
+        "batch_in_epoch": step % run.per_epoch,
+        **run.identity(),
+        "precision": run.cfg.precision,
+        "mesh": str(run.spec),
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "partition_specs": {k: str(v) for k, v in spec_table(run.shardings, "0/").items()},
+        "window_losses": window.losses,
+        "versions": versions(),
+        "config": dataclasses.asdict(run.cfg),
+    }
+
+
+def open_workdir(run: Run, start: float):
+    """Resume from the latest checkpoint, or start fresh in an unused workdir.
+
+    Returns ``(workdir, checkpoints, log, state, step, window_losses)``.
+    """
+    cfg = run.cfg
+    workdir = resolve(cfg)
+    if cfg.restart and (moved := move_aside(workdir)):
+        say(f"--restart: moved the previous run to {moved}")
+    if used(workdir) and not (workdir / "checkpoints").is_dir():
+        names = ", ".join(used(workdir))
+        raise UserError(
+            f"workdir {workdir} already holds a run without checkpoints ({names}); choose a new "
+            "--workdir, or pass --restart to move it aside"
+        )
+    ckpts = Checkpoints(workdir, cfg.keep)
+    log = MetricsLog(workdir / "metrics.jsonl", start)
+    step = ckpts.latest()
+    if step is None:
+        write_config(workdir, cfg, 0)
+        return workdir, ckpts, log, run.init(), 0, []
+    try:
+        saved = ckpts.manifest(step)
+        check_fits(saved, run.identity(), step, ckpts.directory)
+        state = ckpts.restore(step, run.abstract, run.shardings)
+    except UserError:
+        ckpts.close()  # stops Orbax's threads now, not noisily at interpreter exit
+        raise
+    log.rewind(step)
+    write_config(workdir, cfg, step)
+    say(f"resumed from step {step} (saved on mesh {saved['mesh']}) in {ckpts.directory}")
+    return workdir, ckpts, log, state, step, saved["window_losses"]
+
+
+def evaluate(eval_step, state, batches) -> dict:
+    sums = [eval_step(state, b) for b in batches]
+    total = jax.tree.map(lambda *x: sum(fetch(v) for v in x), *sums)
+    return {
+        "eval_loss": float(total["loss_sum"] / total["count"]),
+        "eval_accuracy": float(total["correct"] / total["count"]),
+    }
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM/SIGINT set ``stop.signum``; the loop then saves and stops after the current step."""
+    stop = type("Stop", (), {"signum": 0})()
+    handled = (signal.SIGTERM, signal.SIGINT)
+    try:
+        previous = {s: signal.signal(s, lambda s, _: setattr(stop, "signum", s)) for s in handled}
+    except ValueError:  # not the main thread: leave signals alone
+        previous = {}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def train(cfg: Config) -> dict:
     """Train as `cfg` says; returns the last evaluation line (also in ``metrics.jsonl``)."""
     start = time.time()
-    cfg.validate()
-    mesh, ds, per_epoch, total, state, replicated, (train_step, eval_step) = setup(cfg)
-    workdir = prepare_workdir(cfg)
-    say(draw_mesh(mesh))
-    for r in replicated:
+    run = setup(cfg.validate())
+    workdir, ckpts, log, state, first, losses = open_workdir(run, start)
+    say(draw_mesh(run.mesh))
+    for r in run.replicated:
         say(f"note: {r}")
-    eval_every = cfg.eval_every or per_epoch
-    eval_data = list(eval_batches(ds, cfg.batch_size, mesh))  # small: lives on the devices
-    train_data = {"image": ds.train_images, "label": ds.train_labels}
-    log = MetricsLog(workdir / "metrics.jsonl", start)
-    window = Window(log, cfg.log_every, cfg.batch_size, total)
-    bar = tqdm(total=total, disable=not sys.stderr.isatty() or jax.process_index() != 0)
-    pending, last_eval = None, {}
-    for step in range(total):
-        rows = train_indices(ds, cfg.batch_size, cfg.seed, step)
-        state, metrics = train_step(state, device_batch(train_data, rows, mesh))
-        if pending:  # Sync point: reading step-1's loss keeps at most 2 steps in flight.
-            window.add(*pending)
-        pending = (step + 1, metrics)
-        bar.update()
-        if (step + 1) % eval_every == 0 or step + 1 == total:
-            window.add(*pending)
-            pending = None
-            last_eval = log.write(step + 1, **evaluate(eval_step, state, eval_data))
-            bar.set_postfix(loss=f"{window.last:.4f}", acc=f"{last_eval['eval_accuracy']:.4f}")
-            if bar.disable:
-                say(
-                    f"step {step + 1}/{total} epoch {(step + 1) / per_epoch:.2f} "
-                    f"train_loss {window.last:.4f} eval_loss {last_eval['eval_loss']:.4f} "
-                    f"eval_accuracy {last_eval['eval_accuracy']:.4f}"
-                )
-    bar.close()
-    say(
-        f"final test accuracy {last_eval['eval_accuracy']:.2%} (eval_loss "
-        f"{last_eval['eval_loss']:.4f}) after {total} steps in {time.time() - start:.1f}s; "
-        f"workdir {workdir}"
-    )
+    try:
+        last_eval = loop(run, state, first, ckpts, Window(log, cfg, run.total, losses))
+    finally:
+        ckpts.wait()  # let an asynchronous save finish, also when training failed
+        ckpts.close()
+        log.close()
+    if first >= run.total:
+        say(f"already at step {first} of {run.total}: pass a larger --steps or --epochs to go on")
+    if last_eval:
+        say(f"final test accuracy {last_eval['eval_accuracy']:.2%} (eval_loss "
+            f"{last_eval['eval_loss']:.4f}) at step {last_eval['step']}, "
+            f"{time.time() - start:.1f}s; workdir {workdir}")  # fmt: skip
     return last_eval
 
 
-class Window:
-    """Averages train losses over ``log_every`` steps and writes one line per window."""
+def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window") -> dict:
+    cfg, log = run.cfg, window.log
+    eval_every = cfg.eval_every or run.per_epoch
+    eval_data = list(eval_batches(run.ds, cfg.batch_size, run.mesh))  # small: lives on devices
+    train_data = {"image": run.ds.train_images, "label": run.ds.train_labels}
+    bar = tqdm(
+        initial=first, total=run.total, disable=not sys.stderr.isatty() or jax.process_index()
+    )
+    pending, last_eval = None, log.last("eval_accuracy")
+    with stop_on_signals() as stop:
+        for step in range(first, run.total):
+            rows = train_indices(run.ds, cfg.batch_size, cfg.seed, step)
+            state, metrics = run.train_step(state, device_batch(train_data, rows, run.mesh))
+            if pending:  # Sync point: reading step-1's loss keeps at most 2 steps in flight.
+                window.add(*pending)
+            pending, done = (step + 1, metrics), step + 1
+            bar.update()
+            evaluate_now = done % eval_every == 0 or done == run.total
+            save_now = (
+                done == run.total
+                or stop.signum
+                or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+            )
+            if evaluate_now or save_now:
+                window.add(*pending)
+                pending = None
+            if evaluate_now:
+                last_eval = log.write(done, **evaluate(run.eval_step, state, eval_data))
+                progress(bar, run, done, window.last, last_eval)
+            if save_now:  # asynchronous, except the last one and on preemption
+                final = done == run.total or stop.signum
+                ckpts.save(done, state, manifest(run, done, window), wait=bool(final))
+            if stop.signum:
+                raise Preempted(stop.signum, f"stopped by signal {stop.signum} at step {done}; "
+                                f"checkpoint saved in {ckpts.directory / str(done)}; rerun the "
+                                "same command to continue")  # fmt: skip
+    bar.close()
+    return last_eval
 
-    def __init__(self, log: MetricsLog, every: int, batch_size: int, total: int):
-        self.log, self.every, self.batch_size, self.total = log, every, batch_size, total
-        self.losses, self.since, self.last = [], time.time(), float("nan")
+
+def progress(bar, run: Run, step: int, loss: float, line: dict) -> None:
+    bar.set_postfix(loss=f"{loss:.4f}", acc=f"{line['eval_accuracy']:.4f}")
+    if bar.disable:
+        say(
+            f"step {step}/{run.total} epoch {step / run.per_epoch:.2f} train_loss {loss:.4f} "
+            f"eval_loss {line['eval_loss']:.4f} eval_accuracy {line['eval_accuracy']:.4f}"
+        )
+
+
+class Window:
+    """Averages train losses over ``log_every`` steps and writes one line per window.
+
+    The partial window travels in checkpoints, so a resumed run writes the same lines.
+    """
+
+    def __init__(self, log: MetricsLog, cfg: Config, total: int, losses: list):
+        self.log, self.every, self.batch_size, self.total = (
+            log,
+            cfg.log_every,
+            cfg.batch_size,
+            total,
+        )
+        self.losses, self.last = list(losses), float("nan")
+        self.since, self.timed = time.time(), 0  # examples/s counts the steps timed here only
 
     def add(self, step: int, metrics) -> None:
         self.last = float(fetch(metrics["train_loss"]))  # blocks until that step is done
         self.losses.append(self.last)
+        self.timed += 1
         if step % self.every == 0 or step == self.total:
             now = time.time()
-            rate = len(self.losses) * self.batch_size / (now - self.since)
+            rate = self.timed * self.batch_size / (now - self.since)
             self.log.write(step, train_loss=float(np.mean(self.losses)), examples_per_s=rate)
-            self.losses, self.since = [], now
+            self.losses, self.since, self.timed = [], now, 0

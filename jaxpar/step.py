@@ -69,9 +69,13 @@ def create_state(model_fn, tx, mesh, seed: int):
     """
     graphdef, abstract = abstract_state(model_fn, tx, seed)
     shardings, replicated = state_shardings(abstract, mesh)
+    return graphdef, init_state(model_fn, tx, shardings, seed), shardings, replicated
+
+
+def init_state(model_fn, tx, shardings, seed: int):
+    """Initialise ``(model, optimizer)`` under jit, each array created in its own sharding."""
     build = _builder(model_fn, tx, seed)
-    state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
-    return graphdef, state, shardings, replicated
+    return jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
 
 
 def cross_entropy(logits, labels):

@@ -1,0 +1,210 @@
+"""Orbax checkpoints: restore onto other meshes, exact resume, preemption, kill -9, refusals."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import trained
+
+import train as cli
+from jaxpar import Config
+from jaxpar import train as train_run
+from jaxpar.checkpoint import Checkpoints
+from jaxpar.checkpoint import main as list_checkpoints
+from jaxpar.mesh import make_mesh, parse_mesh
+from jaxpar.sharding import state_shardings
+from jaxpar.step import abstract_state, make_optimizer
+from models import MODELS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def metrics(workdir) -> list[dict]:
+    return [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def values(lines, after=0) -> dict:
+    """{(step, kind): value} for the lines past `after`, without timings."""
+    out = {}
+    for line in lines:
+        if line["step"] > after:
+            for key in ("train_loss", "eval_loss", "eval_accuracy"):
+                if key in line:
+                    out[line["step"], key] = line[key]
+    return out
+
+
+def assert_same_run(resumed, reference, after):
+    got, want = values(resumed, after), values(reference, after)
+    assert got.keys() == want.keys()
+    assert len(got) > 5
+    np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-5, atol=1e-6)
+
+
+def restore_on(mesh_text, directory, step, optimizer="adamw"):
+    mesh = make_mesh(parse_mesh(mesh_text))
+    model_fn = partial(MODELS["mlp"], (8, 8, 1), 10)
+    _, abstract = abstract_state(model_fn, make_optimizer(optimizer, 1e-3, weight_decay=1e-4))
+    shardings, _ = state_shardings(abstract, mesh)
+    return Checkpoints(directory).restore(step, abstract, shardings), shardings
+
+
+@pytest.mark.parametrize("mesh", ["4x1", "1x4", "1", "fsdp=8"])
+def test_save_on_2x2_restore_anywhere(mesh, tmp_path):
+    _, state, *_ = trained("mlp", "adamw", "2x2")
+    ckpts = Checkpoints(tmp_path)
+    ckpts.save(6, state, {"step": 6}, wait=True)
+    ckpts.close()
+    restored, shardings = restore_on(mesh, tmp_path, 6)
+    saved_leaves, new_leaves = jax.tree.leaves(state), jax.tree.leaves(restored)
+    assert len(saved_leaves) == len(new_leaves) > 10
+    for a, b, s in zip(saved_leaves, new_leaves, jax.tree.leaves(shardings), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert b.sharding == s  # laid out for the new mesh, not the saved one
+
+
+CASES = {
+    "mlp": dict(model="mlp", batch_size=64, optimizer="adamw", lr=1e-3),  # dropout, Adam moments
+    "resnet8": dict(model="resnet8", batch_size=64),  # BatchNorm statistics
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_interrupted_then_resumed_on_another_mesh_equals_uninterrupted(case, tmp_path):
+    common = dict(CASES[case], log_every=1, eval_every=7)
+    train_run(Config(**common, mesh="2x2", steps=16, workdir=str(tmp_path / "a")))
+    train_run(Config(**common, mesh="2x2", steps=9, workdir=str(tmp_path / "b")))
+    # a longer --steps continues the finished run, here on another mesh
+    train_run(Config(**common, mesh="fsdp=4,model=2", steps=16, workdir=str(tmp_path / "b")))
+    assert_same_run(metrics(tmp_path / "b"), metrics(tmp_path / "a"), after=9)
+    assert (tmp_path / "b" / "config.before-step-9.json").exists()
+
+
+def cli_run(*args, **kwargs):
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def wait_for_lines(workdir, n, proc, timeout=120):
+    deadline = time.time() + timeout
+    path = Path(workdir) / "metrics.jsonl"
+    while time.time() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} metrics lines in {timeout}s")
+
+
+RUN = ["--mesh", "2", "--steps", "120", "--log-every", "1", "--eval-every", "20"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    assert cli.main([*RUN, "--workdir", str(workdir)]) == 0
+    return metrics(workdir)
+
+
+def test_sigterm_saves_and_the_same_command_resumes(reference, tmp_path):
+    proc = cli_run(*RUN, "--workdir", str(tmp_path))
+    wait_for_lines(tmp_path, 30, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    stopped = int(err.split("at step ")[1].split(";")[0])
+    assert "checkpoint saved in" in err and (tmp_path / "checkpoints" / str(stopped)).is_dir()
+    proc = cli_run(*RUN, "--workdir", str(tmp_path))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert f"resumed from step {stopped}" in out
+    assert_same_run(metrics(tmp_path), reference, after=stopped)
+
+
+def test_kill_9_during_async_saves_resumes_from_last_complete(reference, tmp_path):
+    proc = cli_run(*RUN, "--checkpoint-every", "1", "--workdir", str(tmp_path))
+    wait_for_lines(tmp_path, 25, proc)
+    proc.kill()  # SIGKILL: no handler runs, an asynchronous save is usually in flight
+    proc.communicate()
+    complete = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert complete
+    # Make sure an incomplete save is present, whatever the kill interrupted: a copy of the
+    # latest step under Orbax's temporary name, with its array data missing.
+    fake = tmp_path / "checkpoints" / f"{complete[-1] + 50}.orbax-checkpoint-tmp"
+    shutil.copytree(tmp_path / "checkpoints" / str(complete[-1]), fake, dirs_exist_ok=True)
+    shutil.rmtree(fake / "state" / "d", ignore_errors=True)
+    proc = cli_run(*RUN, "--workdir", str(tmp_path))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert f"resumed from step {complete[-1]}" in out
+    assert_same_run(metrics(tmp_path), reference, after=complete[-1])
+
+
+def test_mismatched_model_is_refused_and_nothing_deleted(tmp_path, capsys):
+    assert cli.main(["--steps", "3", "--workdir", str(tmp_path)]) == 0
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert cli.main(["--steps", "6", "--model", "resnet8", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "checkpoint step 3" in err and "model='mlp' there, 'resnet8' here" in err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_corrupt_checkpoint_names_step_and_path(tmp_path):
+    assert cli.main(["--steps", "3", "--workdir", str(tmp_path)]) == 0
+    shutil.rmtree(tmp_path / "checkpoints" / "3" / "state" / "d")
+    proc = cli_run("--steps", "6", "--workdir", str(tmp_path))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert err.count("\n") == 1, err  # one line, no traceback from Orbax's threads
+    assert err.startswith(f"error: checkpoint step 3 at {tmp_path / 'checkpoints' / '3'} ")
+
+
+def test_restart_moves_the_old_run_aside(tmp_path):
+    assert cli.main(["--steps", "3", "--workdir", str(tmp_path)]) == 0
+    old = (tmp_path / "metrics.jsonl").read_text()
+    assert cli.main(["--steps", "2", "--restart", "--workdir", str(tmp_path)]) == 0
+    (previous,) = tmp_path.glob("previous-*")
+    assert (previous / "metrics.jsonl").read_text() == old
+    assert (previous / "checkpoints" / "3").is_dir()
+    assert metrics(tmp_path)[-1]["step"] == 2
+
+
+def test_plain_orbax_reads_the_parameters(tmp_path, capsys):
+    assert cli.main(["--steps", "3", "--workdir", str(tmp_path)]) == 0
+    # The recipe of the README: numpy arrays, whatever devices the checkpoint was saved on.
+    code = f"""
+import sys, jax, numpy as np, orbax.checkpoint as ocp
+path = {str(tmp_path / "checkpoints/3/state")!r}
+checkpointer = ocp.PyTreeCheckpointer()
+tree = checkpointer.metadata(path).item_metadata.tree
+as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+assert "jaxpar" not in sys.modules
+print(state["model"]["fc1"]["kernel"].shape, int(state["optimizer"]["step"]))
+"""
+    env = {**os.environ, "PYTHONPATH": ""}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["(64,", "512)", "3"]
+    capsys.readouterr()
+    assert list_checkpoints([str(tmp_path)]) == 0
+    listing = capsys.readouterr().out
+    assert (
+        "step 3: model mlp on digits [8, 8, 1], batch 128, saved on mesh data=8,fsdp=1,model=1"
+        in listing
+    )
