@@ -125,8 +125,9 @@ def main():
             "jaxpar": jaxpar_step(mesh, ds),
         }
         times = {name: [] for name in contenders}
-        for _ in range(args.rounds):  # interleaved, so drift in machine load hits both
-            for name, (state, step) in contenders.items():
+        for r in range(args.rounds):  # interleaved, order alternating: drift hits both alike
+            for name in sorted(contenders, reverse=r % 2 == 1):
+                state, step = contenders[name]
                 state, t = timed(state, step, batch, args.steps)
                 contenders[name] = (state, step)
                 times[name].append(t)

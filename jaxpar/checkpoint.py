@@ -38,8 +38,8 @@ IDENTITY = ("model", "dataset", "image_shape", "num_classes", "batch_size", "opt
 
 
 def _items(state) -> dict:
-    pure = nnx.to_pure_dict(state)
-    return {"model": pure[0], "optimizer": pure[1]}
+    """The train state ``{0: model, 1: optimizer}`` under readable names."""
+    return {"model": state[0], "optimizer": state[1]}
 
 
 class Checkpoints:
@@ -92,11 +92,11 @@ class Checkpoints:
     def restore(self, step: int, abstract, shardings):
         """Restore `step` into the current mesh's `shardings` (any mesh, device or process count).
 
-        `abstract` is the NNX abstract state of ``(model, optimizer)``; it is filled in place.
+        `abstract` is the abstract NNX state of ``(model, optimizer)`` (shapes and dtypes).
         """
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            _items(abstract),
+            _items(nnx.to_pure_dict(abstract)),
             _items(shardings),
         )
         path = self.directory / str(step)
@@ -112,8 +112,7 @@ class Checkpoints:
                 f"checkpoint step {step} at {path} does not fit this run or is corrupt ({first}); "
                 "use another --workdir, or --restart to move the old run aside"
             ) from None
-        nnx.replace_by_pure_dict(abstract, {0: restored["model"], 1: restored["optimizer"]})
-        return abstract
+        return {0: restored["model"], 1: restored["optimizer"]}
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

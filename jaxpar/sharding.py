@@ -105,10 +105,10 @@ def path_str(path) -> str:
 def state_shardings(abstract_state: nnx.State, mesh: Mesh):
     """`NamedSharding` for every variable of an (abstract) NNX state, from its logical names.
 
-    Returns ``(shardings, replicated)``: a tree that mirrors `abstract_state` with a
-    `NamedSharding` in place of each variable, and the list of dimensions that stayed replicated
-    because they do not divide. Optimizer state inherits its parameter's names, so it is sharded
-    like the parameter.
+    Returns ``(shardings, replicated)``: a pure dict (`nnx.to_pure_dict` layout) with a
+    `NamedSharding` for each variable, and the list of dimensions that stayed replicated because
+    they do not divide. Optimizer state inherits its parameter's names, so it is sharded like the
+    parameter.
     """
     replicated: list[Replicated] = []
 
@@ -122,7 +122,7 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh):
     shardings = jax.tree_util.tree_map_with_path(
         one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )
-    return shardings, replicated
+    return nnx.to_pure_dict(shardings), replicated
 
 
 def spec_table(shardings, prefix: str = "") -> dict[str, PartitionSpec]:
