@@ -118,18 +118,19 @@ def open_workdir(run: Run, start: float):
     workdir = resolve(cfg)
     if cfg.restart and (moved := move_aside(workdir)):
         say(f"--restart: moved the previous run to {moved}")
-    if used(workdir) and not (workdir / "checkpoints").is_dir():
-        names = ", ".join(used(workdir))
+    ckpts = Checkpoints(workdir, cfg.keep) if (workdir / "checkpoints").is_dir() else None
+    step = ckpts.latest() if ckpts else None
+    if step is None and used(workdir):
+        if ckpts:
+            ckpts.close()
         raise UserError(
-            f"workdir {workdir} already holds a run without checkpoints ({names}); choose a new "
-            "--workdir, or pass --restart to move it aside"
+            f"workdir {workdir} already holds a run with no complete checkpoint "
+            f"({', '.join(used(workdir))}); choose a new --workdir, or --restart to move it aside"
         )
-    ckpts = Checkpoints(workdir, cfg.keep)
     log = MetricsLog(workdir / "metrics.jsonl", start)
-    step = ckpts.latest()
     if step is None:
         write_config(workdir, cfg, 0)
-        return workdir, ckpts, log, run.init(), 0, []
+        return workdir, Checkpoints(workdir, cfg.keep), log, run.init(), 0, []
     try:
         saved = ckpts.manifest(step)
         check_fits(saved, run.identity(), step, ckpts.directory)
@@ -208,25 +209,23 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window") -> d
                 window.add(*pending)
             pending, done = (step + 1, metrics), step + 1
             bar.update()
-            evaluate_now = done % eval_every == 0 or done == run.total
-            save_now = (
-                done == run.total
-                or stop.signum
-                or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
-            )
-            if evaluate_now or save_now:
+            if done % eval_every == 0 or done == run.total:
                 window.add(*pending)
                 pending = None
-            if evaluate_now:
                 last_eval = log.write(done, **evaluate(run.eval_step, state, eval_data))
                 progress(bar, run, done, window.last, last_eval)
-            if save_now:  # asynchronous, except the last one and on preemption
-                final = done == run.total or stop.signum
-                ckpts.save(done, state, manifest(run, done, window), wait=bool(final))
-            if stop.signum:
-                raise Preempted(stop.signum, f"stopped by signal {stop.signum} at step {done}; "
-                                f"checkpoint saved in {ckpts.directory / str(done)}; rerun the "
-                                "same command to continue")  # fmt: skip
+            signum = stop.signum  # read once: a later signal is handled after the next step
+            final = done == run.total or bool(signum)
+            if final or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+                if pending:
+                    window.add(*pending)
+                    pending = None
+                # Asynchronous: training goes on while Orbax writes. The final save waits.
+                ckpts.save(done, state, manifest(run, done, window), wait=final)
+            if signum:
+                raise Preempted(signum, f"stopped by signal {signum} at step {done}; checkpoint "
+                                f"saved in {ckpts.directory / str(done)}; rerun the same command "
+                                "to continue")  # fmt: skip
     bar.close()
     return last_eval
 
