@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from jaxpar.config import Config
+from jaxpar.distributed import job_size, join
 from jaxpar.errors import Preempted, UserError
 from jaxpar.mesh import parse_mesh, request_devices
 
@@ -34,6 +35,14 @@ FLAGS = [  # (flag, type, or a list of choices, help); defaults come from jaxpar
     ("--restart", bool, "start over in a used workdir, moving its run into previous-DATE/"),
     ("--eval-every", int, "steps between evaluations (0: every epoch)"),
     ("--log-every", int, "steps per training line of metrics.jsonl"),
+    (
+        "--coordinator",
+        str,
+        "HOST:PORT of process 0 of a multi-process job (or JAX_COORDINATOR_"
+        "ADDRESS); SLURM and Open MPI are detected",
+    ),  # fmt: skip
+    ("--num-processes", int, "processes in the job (or JAX_NUM_PROCESSES)"),
+    ("--process-id", int, "this process's index in the job (or JAX_PROCESS_ID)"),
 ]
 
 
@@ -59,8 +68,15 @@ def parse_args(argv) -> Config:
 def main(argv=None) -> int:
     try:
         cfg = parse_args(argv).validate()
-        # Before JAX starts: emulate as many CPU devices as the mesh needs (ignored on GPUs).
-        request_devices(parse_mesh(cfg.mesh).size if cfg.mesh else 1)
+        # Before JAX starts: emulate this process's share of the mesh's devices on the CPU
+        # (ignored on GPUs), then join the multi-process job if this is part of one.
+        job = (cfg.coordinator, cfg.num_processes, cfg.process_id)
+        processes = job_size(*job)[1]
+        devices = parse_mesh(cfg.mesh).size if cfg.mesh else processes
+        if devices % processes:
+            raise UserError(f"mesh of {devices} devices does not split over {processes} processes")
+        request_devices(devices // processes)
+        join(*job)
         from jaxpar.loop import train
 
         train(cfg)
@@ -70,6 +86,14 @@ def main(argv=None) -> int:
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)
         return 128 + e.signum  # the shell's convention for "ended by this signal"
+    except RuntimeError as e:  # jax.errors.JaxRuntimeError and friends
+        import jax
+
+        if jax.process_count() == 1:
+            raise
+        print(f"error: a collective failed; another process of the job probably died ({e})",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

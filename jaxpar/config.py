@@ -32,6 +32,9 @@ class Config:
     restart: bool = False  # move a previous run in --workdir aside and start over
     eval_every: int = 0  # 0: once per epoch
     log_every: int = 10
+    coordinator: str | None = None  # HOST:PORT of process 0 in a multi-process job
+    num_processes: int | None = None
+    process_id: int | None = None
 
     def validate(self) -> "Config":
         from jaxpar.data import DATASETS

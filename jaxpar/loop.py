@@ -10,6 +10,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxpar.checkpoint import Checkpoints, check_fits, versions
@@ -27,6 +28,12 @@ from jaxpar.mesh import MeshSpec, draw_mesh, make_mesh, parse_mesh
 from jaxpar.sharding import check_batch, spec_table, state_shardings
 from jaxpar.step import abstract_state, compile_steps, init_state, make_optimizer
 from jaxpar.workdir import MetricsLog, move_aside, resolve, used, write_config
+
+
+def sync(name: str) -> None:
+    """A barrier across the processes of a multi-process job (nothing in a single process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def say(*args):
@@ -118,14 +125,17 @@ def open_workdir(run: Run, start: float):
     workdir = resolve(cfg)
     if cfg.restart and (moved := move_aside(workdir)):
         say(f"--restart: moved the previous run to {moved}")
+    sync("jaxpar:workdir-moved")
     ckpts = Checkpoints(workdir, cfg.keep) if (workdir / "checkpoints").is_dir() else None
     step = ckpts.latest() if ckpts else None
-    if step is None and used(workdir):
+    runs_there = used(workdir)
+    sync("jaxpar:workdir-read")  # every process decided on the same files; now write
+    if step is None and runs_there:
         if ckpts:
             ckpts.close()
         raise UserError(
             f"workdir {workdir} already holds a run with no complete checkpoint "
-            f"({', '.join(used(workdir))}); choose a new --workdir, or --restart to move it aside"
+            f"({', '.join(runs_there)}); choose a new --workdir, or --restart to move it aside"
         )
     log = MetricsLog(workdir / "metrics.jsonl", start)
     if step is None:

@@ -12,7 +12,7 @@ The grammar of ``--mesh``:
 - a layout name from ``meshes/`` (``cpu8``) or a path to such a TOML file.
 
 >>> parse_mesh("2x2")
-MeshSpec(data=2, fsdp=1, model=2)
+MeshSpec(data=2, fsdp=1, model=2, dcn=None)
 >>> parse_mesh("fsdp=4,model=2").size
 8
 """
@@ -21,10 +21,12 @@ import contextlib
 import dataclasses
 import re
 import tomllib
+import warnings
 from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from jaxpar.errors import UserError
@@ -44,17 +46,26 @@ class MeshSpec:
     data: int = 1
     fsdp: int = 1
     model: int = 1
+    # Across-host (network, DCN) factor of each axis, from a layout's [dcn] table; the rest of
+    # each axis stays within a host (NVLink/ICI). None: no hybrid layout.
+    dcn: tuple[int, int, int] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return (self.data, self.fsdp, self.model)
 
     @property
+    def hosts(self) -> int:
+        """Processes a hybrid layout is made for (1 without a [dcn] table)."""
+        return self.dcn[0] * self.dcn[1] * self.dcn[2] if self.dcn else 1
+
+    @property
     def size(self) -> int:
         return self.data * self.fsdp * self.model
 
     def __str__(self) -> str:
-        return ",".join(f"{a}={n}" for a, n in zip(AXES, self.shape, strict=True))
+        text = ",".join(f"{a}={n}" for a, n in zip(AXES, self.shape, strict=True))
+        return text + (f" (across hosts {'x'.join(map(str, self.dcn))})" if self.dcn else "")
 
 
 def _from_sizes(sizes: dict[str, object], source: str) -> MeshSpec:
@@ -74,22 +85,36 @@ def layout_names() -> list[str]:
 
 
 def load_layout(path: Path) -> MeshSpec:
-    """Read a layout file: top-level ``data``/``fsdp``/``model`` sizes and a ``description``."""
+    """Read a layout file: ``data``/``fsdp``/``model`` sizes, a ``description``, and optionally a
+    ``[dcn]`` table with the part of each axis that spans hosts."""
     try:
         table = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise UserError(f"cannot read mesh layout {path}: {e}") from None
     table.pop("description", None)
-    return _from_sizes(table, f"layout {path}")
+    dcn_table = table.pop("dcn", None)
+    spec = _from_sizes(table, f"layout {path}")
+    if dcn_table is None:
+        return spec
+    dcn = _from_sizes(dcn_table, f"layout {path} [dcn]").shape
+    for axis, total, across in zip(AXES, spec.shape, dcn, strict=True):
+        if total % across:
+            raise UserError(f"layout {path}: [dcn] {axis}={across} does not divide {axis}={total}")
+    if dcn[AXES.index("model")] > 1:
+        raise UserError(
+            f"layout {path}: [dcn] model={dcn[2]} puts tensor parallelism across hosts, which "
+            "sends activations over the network in every layer; keep model within a host"
+        )
+    return dataclasses.replace(spec, dcn=dcn)
 
 
 def parse_mesh(text: str | None, device_count: int | None = None) -> MeshSpec:
     """Parse a ``--mesh`` value; ``None`` means every device on ``data``.
 
     >>> parse_mesh("8")
-    MeshSpec(data=8, fsdp=1, model=1)
+    MeshSpec(data=8, fsdp=1, model=1, dcn=None)
     >>> parse_mesh(None, device_count=4)
-    MeshSpec(data=4, fsdp=1, model=1)
+    MeshSpec(data=4, fsdp=1, model=1, dcn=None)
     """
     if text is None:
         return MeshSpec(data=device_count or 1)
@@ -156,8 +181,33 @@ def make_mesh(spec: MeshSpec) -> Mesh:
             f"mesh {spec} uses {spec.size} of {len(devices)} devices; a multi-process mesh must "
             "use every device"
         )
-    return jax.make_mesh(
-        spec.shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices[: spec.size]
+    auto = (AxisType.Auto,) * len(AXES)
+    if spec.dcn is None:
+        mesh = jax.make_mesh(spec.shape, AXES, axis_types=auto, devices=devices[: spec.size])
+    else:
+        if spec.hosts != jax.process_count():
+            raise UserError(
+                f"mesh layout {spec} is for {spec.hosts} hosts but this job has "
+                f"{jax.process_count()} processes; launch one process per host"
+            )
+        within = tuple(n // d for n, d in zip(spec.shape, spec.dcn, strict=True))
+        grid = mesh_utils.create_hybrid_device_mesh(
+            within, spec.dcn, devices, process_is_granule=True
+        )
+        mesh = Mesh(grid, AXES, axis_types=auto)
+    if crossing := model_crosses_hosts(mesh):
+        warnings.warn(crossing, stacklevel=2)
+    return mesh
+
+
+def model_crosses_hosts(mesh: Mesh) -> str | None:
+    """Why a tensor-parallel group spanning processes is slow, or None if every group is local."""
+    procs = np.vectorize(lambda d: d.process_index)(mesh.devices)
+    if (procs == procs[..., :1]).all():
+        return None
+    return (
+        "the model axis spans several processes: tensor parallelism then sends activations over "
+        "the network in every layer; put model inside a host (e.g. a [dcn] layout)"
     )
 
 

@@ -1,0 +1,104 @@
+"""Start an N-process job on this machine, for development and tests.
+
+    python -m jaxpar.launch -n 2 -- python train.py --mesh 2x2 --steps 50
+
+Each process gets ``JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT``, ``JAX_NUM_PROCESSES`` and
+``JAX_PROCESS_ID``, which `train.py` reads to join the job (on the CPU each process then emulates
+its share of the mesh's devices). Every output line is prefixed with its process (``[p1] ...``).
+When a process fails, the others are stopped and the launcher exits with that process's status;
+SIGTERM or SIGINT to the launcher is passed on to every process (they save a checkpoint together).
+"""
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+GRACE_S = 5  # after a peer failed, survivors get this long to exit before SIGKILL
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def relay(proc: subprocess.Popen, prefix: str) -> None:
+    for line in proc.stdout:
+        sys.stdout.write(f"{prefix} {line}")
+        sys.stdout.flush()
+
+
+def status(code: int) -> int:
+    """A child's exit status as a shell reports it (128 + signal for a killed process)."""
+    return 128 - code if code < 0 else code
+
+
+def launch(n: int, command: list[str], port: int | None = None) -> int:
+    port = port or free_port()
+    procs = []
+    for i in range(n):
+        env = {
+            **os.environ,
+            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+            "JAX_NUM_PROCESSES": str(n),
+            "JAX_PROCESS_ID": str(i),
+            "PYTHONUNBUFFERED": "1",
+        }
+        proc = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        threading.Thread(target=relay, args=(proc, f"[p{i}]"), daemon=True).start()
+        procs.append(proc)
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, forward)
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            i, code = failed[0]
+            print(f"[launch] process {i} exited with status {status(code)}; stopping the others")
+            stop(procs)
+            return status(code)
+        if all(c == 0 for c in codes):
+            return 0
+        time.sleep(0.1)
+
+
+def stop(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.time() + GRACE_S
+    for p in procs:
+        try:
+            p.wait(max(deadline - time.time(), 0.1))
+        except subprocess.TimeoutExpired:
+            p.kill()  # blocked in a collective with the dead process: it cannot finish a step
+            p.wait()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Run COMMAND as an N-process JAX job.")
+    parser.add_argument("-n", "--num-processes", type=int, required=True)
+    parser.add_argument("--port", type=int, default=None, help="coordinator port (default: free)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ...")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command or args.num_processes < 1:
+        parser.error("give -n N >= 1 and a command after --")
+    return launch(args.num_processes, command, args.port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Several real processes on 127.0.0.1 (jax.distributed, gloo), each with its own CPU devices."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import train as cli
+from jaxpar import UserError
+from jaxpar.mesh import layout_names, make_mesh, parse_mesh
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ["--mesh", "2x2", "--log-every", "1", "--eval-every", "5", "--batch-size", "64"]
+
+
+def launch(n, *args, timeout=300):
+    """`python -m jaxpar.launch -n N -- python train.py ARGS`."""
+    command = [sys.executable, "-m", "jaxpar.launch", "-n", str(n), "--"]
+    command += [sys.executable, str(ROOT / "train.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def losses(workdir, after=0):
+    lines = [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {
+        (x["step"], k): x[k]
+        for x in lines
+        for k in ("train_loss", "eval_loss")
+        if k in x and x["step"] > after
+    }
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: the same run in this single process (4 of its 8 devices)."""
+    workdir = tmp_path_factory.mktemp("one")
+    assert cli.main([*RUN, "--steps", "14", "--workdir", str(workdir)]) == 0
+    return losses(workdir)
+
+
+def assert_same(got, want):
+    assert got.keys() == want.keys() and len(want) > 5
+    np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-6, atol=1e-7)
+
+
+def test_two_processes_give_the_losses_of_one(one_process, tmp_path):
+    proc = launch(2, *RUN, "--steps", "14", "--workdir", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "[p0] final test accuracy" in proc.stdout
+    assert "[p1] final test accuracy" not in proc.stdout  # one voice: process 0 reports
+    assert "2048 p1" in proc.stdout  # the mesh picture shows which process owns which device
+    assert_same(losses(tmp_path), one_process)
+
+
+def test_checkpoint_moves_between_process_counts(one_process, tmp_path):
+    two_then_one, one_then_two = tmp_path / "a", tmp_path / "b"
+    assert launch(2, *RUN, "--steps", "8", "--workdir", str(two_then_one)).returncode == 0
+    assert cli.main([*RUN, "--steps", "14", "--workdir", str(two_then_one)]) == 0
+    assert_same(losses(two_then_one, after=8), losses_after(one_process, 8))
+    assert cli.main([*RUN, "--steps", "8", "--workdir", str(one_then_two)]) == 0
+    proc = launch(2, *RUN, "--steps", "14", "--workdir", str(one_then_two))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "resumed from step 8" in proc.stdout
+    assert_same(losses(one_then_two, after=8), losses_after(one_process, 8))
+
+
+def losses_after(table, step):
+    return {k: v for k, v in table.items() if k[0] > step}
+
+
+def test_killed_process_ends_the_job_quickly(tmp_path):
+    command = [sys.executable, "-m", "jaxpar.launch", "-n", "2", "--", sys.executable]
+    command += [str(ROOT / "train.py"), "--mesh", "2", "--steps", "100000", "--log-every", "1"]
+    launcher = subprocess.Popen(
+        [*command, "--workdir", str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) > 5):
+        assert time.time() < deadline and launcher.poll() is None, "the job did not start"
+        time.sleep(0.1)
+    children = subprocess.run(
+        ["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True
+    ).stdout.split()
+    assert len(children) == 2
+    killed = time.time()
+    subprocess.run(["kill", "-9", children[1]], check=True)
+    out, _ = launcher.communicate(timeout=60)
+    assert time.time() - killed < 60
+    assert launcher.returncode == 128 + signal.SIGKILL
+    assert "[launch] process 1 exited with status 137; stopping the others" in out
+
+
+def test_hybrid_layout_needs_its_host_count():
+    assert parse_mesh("hosts2-hybrid").dcn == (2, 1, 1)
+    # In this single process the two-host layout is refused with the reason.
+    with pytest.raises(UserError, match="is for 2 hosts but this job has 1 processes"):
+        make_mesh(parse_mesh("hosts2-hybrid"))
+
+
+def test_model_parallel_across_hosts_is_refused(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("data = 2\nmodel = 4\n[dcn]\nmodel = 2\n")
+    with pytest.raises(UserError, match="tensor parallelism across hosts"):
+        parse_mesh(str(path))
+
+
+@pytest.mark.parametrize("layout", [n for n in layout_names() if parse_mesh(n).dcn])
+def test_hybrid_layouts_train_on_their_hosts(layout, tmp_path):
+    hosts = parse_mesh(layout).hosts
+    args = ["--mesh", layout, "--steps", "2", "--batch-size", "32", "--workdir", str(tmp_path)]
+    proc = launch(hosts, *args)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "[p0] final test accuracy" in proc.stdout
