@@ -16,7 +16,11 @@ from jaxpar.mesh import parse_mesh, request_devices
 FLAGS = [  # (flag, type, or a list of choices, help); defaults come from jaxpar.Config
     ("--mesh", str, "DxM, N, data=2,fsdp=2,model=2, or a layout from meshes/ (None: all on data)"),
     ("--model", str, "mlp, resnet8, resnet18, resnet34, resnet50"),
-    ("--dataset", str, "dataset name (digits is embedded)"),
+    (
+        "--dataset",
+        str,
+        "digits (embedded), mnist, fashion_mnist, cifar10, cifar100, synthetic[:HxWxC:K]",
+    ),  # fmt: skip
     ("--data-dir", str, "directory of the dataset's files"),
     ("--epochs", int, "passes over the training set"),
     ("--steps", int, "optimizer steps in all (overrides --epochs)"),

@@ -37,7 +37,7 @@ class Config:
     process_id: int | None = None
 
     def validate(self) -> "Config":
-        from jaxpar.data import DATASETS
+        from jaxpar.data import DATASETS, known
         from models import MODELS
 
         def need(ok, message):
@@ -46,7 +46,7 @@ class Config:
 
         need(self.model in MODELS, f"unknown model '{self.model}'; choose from {', '.join(MODELS)}")
         need(
-            self.dataset in DATASETS,
+            known(self.dataset),
             f"unknown dataset '{self.dataset}'; choose from {', '.join(DATASETS)}",
         )
         need(

@@ -3,13 +3,28 @@
 The global batch of a step is a function of (seed, epoch, step) only: a permutation of the training
 set drawn from ``(seed, epoch)``, cut into consecutive batches (the last partial batch is dropped).
 Each device then fetches just its own rows (`jax.make_array_from_callback`), so the order is the
-same on every mesh and process count, and resuming needs only the step.
+same on every mesh and process count, each process reads only the rows its devices hold, and
+resuming needs only the step.
+
+Images stay in host memory as stored (uint8 for real datasets) and are converted, normalised with
+per-dataset statistics and augmented on the devices, inside the jitted step (`preprocess`).
+Augmentation draws from ``fold_in(key(seed), step)``, so it is the same on every mesh too.
+
+Datasets: ``digits`` (embedded), ``mnist``, ``fashion_mnist`` (IDX files in ``--data-dir``, or
+tensorflow-datasets), ``cifar10``, ``cifar100`` (tensorflow-datasets), ``synthetic``
+(``synthetic:HxWxC:K``, for benchmarks).
 """
 
 import dataclasses
 import functools
+import gzip
+import queue
+import re
+import threading
+from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxpar.errors import UserError
@@ -18,7 +33,7 @@ from jaxpar.sharding import batch_sharding
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Normalised NHWC float32 images and int32 labels, held in host memory."""
+    """NHWC images (uint8, or float32 already normalised) and int32 labels in host memory."""
 
     name: str
     train_images: np.ndarray
@@ -26,13 +41,16 @@ class Dataset:
     test_images: np.ndarray
     test_labels: np.ndarray
     num_classes: int
+    mean: tuple = (0.0,)  # per channel, of images scaled to [0, 1]
+    std: tuple = (1.0,)
+    augment: bool = False  # random crop (4-pixel padding) and horizontal flip, as for CIFAR
 
     @property
     def image_shape(self) -> tuple[int, ...]:
-        return self.train_images.shape[1:]
+        return tuple(self.train_images.shape[1:])
 
 
-def load_digits(data_dir=None) -> Dataset:
+def load_digits(name="digits", data_dir=None) -> Dataset:
     """scikit-learn's 1,797 real 8x8 handwritten digits, shipped in its wheel (works offline).
 
     A fixed split, whatever the seed: 360 test images, 1,437 training images.
@@ -49,13 +67,141 @@ def load_digits(data_dir=None) -> Dataset:
     return Dataset("digits", images[train], labels[train], images[test], labels[test], 10)
 
 
-DATASETS = {"digits": load_digits}
+class Tiled:
+    """`n` rows that repeat a small pool: row i is ``pool[i % len(pool)]`` (synthetic data)."""
+
+    def __init__(self, pool: np.ndarray, n: int):
+        self.pool, self.shape, self.dtype = pool, (n, *pool.shape[1:]), pool.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        return self.pool[np.asarray(rows) % len(self.pool)]
+
+
+def load_synthetic(name: str, data_dir=None) -> Dataset:
+    """``synthetic:HxWxC:K`` (default 32x32x3, 10 classes), for benchmarks: 50,000 training and
+    10,000 test rows repeating a pool of at most 256 MiB; each class has its own mean pattern."""
+    m = re.fullmatch(r"synthetic(?::(\d+)x(\d+)x(\d+))?(?::(\d+))?", name)
+    if not m:
+        raise UserError(
+            f"dataset '{name}': use synthetic or synthetic:HxWxC:K (e.g. :224x224x3:1000)"
+        )
+    h, w, c = (int(x) for x in m.group(1, 2, 3)) if m[1] else (32, 32, 3)
+    classes = int(m[4] or 10)
+    if min(h, w, c, classes) < 1:
+        raise UserError(f"dataset '{name}': sizes must be positive")
+    rng = np.random.default_rng(0)
+    pool = int(np.clip(2**28 // (h * w * c), 1, 4096))
+    labels = rng.integers(0, classes, pool).astype(np.int32)
+    patterns = rng.integers(0, 256, (classes, h, w, c))
+    noise = rng.integers(-64, 64, (pool, h, w, c))
+    images = np.clip(patterns[labels] // 2 + noise + 64, 0, 255).astype(np.uint8)
+    return Dataset(
+        name, Tiled(images, 50_000), Tiled(labels, 50_000), Tiled(images, 10_000),
+        Tiled(labels, 10_000), classes, mean=(0.5,) * c, std=(0.25,) * c,
+    )  # fmt: skip
+
+
+# --- MNIST-format IDX files, read directly --------------------------------------------------
+
+IDX = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+       "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}  # fmt: skip
+
+
+def _idx_path(data_dir: Path, stem: str) -> Path | None:
+    return next((p for p in (data_dir / f"{stem}.gz", data_dir / stem) if p.is_file()), None)
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An IDX array of unsigned bytes (magic 0x0000080N) with `ndim` dimensions."""
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[:3] != b"\0\0\x08" or raw[3] != ndim:
+        raise UserError(f"{path} is not an IDX file of {ndim}-dimensional unsigned bytes")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != np.prod(shape):
+        raise UserError(f"{path} holds {data.size} bytes, its header says {shape}")
+    return data.reshape(shape)
+
+
+def load_idx(data_dir: Path, name: str) -> dict | None:
+    """The four MNIST-format files from `data_dir`, or None when none is there."""
+    paths = {s: [_idx_path(data_dir, stem) for stem in IDX[s]] for s in IDX}
+    found = [p for pair in paths.values() for p in pair if p]
+    if not found:
+        return None
+    missing = [stem for s in IDX for stem, p in zip(IDX[s], paths[s], strict=True) if not p]
+    if missing:
+        raise UserError(f"{name}: {data_dir} lacks {', '.join(missing)} (.gz or raw)")
+    out = {}
+    for split, (images, labels) in paths.items():
+        x, y = read_idx(images, 3), read_idx(labels, 1)
+        if x.shape[1:] != (28, 28) or len(x) != len(y):
+            raise UserError(f"{name}: {images} holds {x.shape} images for {len(y)} labels; "
+                            "expected N x 28 x 28 images and N labels")  # fmt: skip
+        out[split] = (x[..., None], y.astype(np.int32))
+    return out
+
+
+# --- tensorflow-datasets, through its random-access (ArrayRecord) data sources -------------
+
+TFDS = {  # name: (test split, mean, std, augment)
+    "mnist": ("test", (0.1307,), (0.3081,), False),
+    "fashion_mnist": ("test", (0.2860,), (0.3530,), False),
+    "cifar10": ("test", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
+    "cifar100": ("test", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
+}
+
+
+def _read_tfds(name: str, split: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
+    import tensorflow_datasets as tfds
+
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # noqa: BLE001 - tfds raises many kinds for "not prepared"
+        where = data_dir or "tensorflow-datasets' default data directory"
+        raise UserError(
+            f"{name}: no prepared {split} split in {where} ({type(e).__name__}); prepare it on a "
+            f"machine with network: pip install 'jaxpar[prepare]' && tfds build {name} "
+            f"--data_dir DIR --file_format array_record, then pass --data-dir DIR"
+        ) from None
+    records = [source[i] for i in range(len(source))]
+    images = np.stack([r["image"] for r in records]).astype(np.uint8)
+    return images, np.array([r["label"] for r in records], np.int32)
+
+
+def load_tfds(name: str, data_dir=None) -> Dataset:
+    test_split, mean, std, augment = TFDS[name]
+    idx = (
+        load_idx(Path(data_dir), name) if data_dir and name in ("mnist", "fashion_mnist") else None
+    )
+    if idx:
+        (x, y), (tx, ty) = idx["train"], idx["test"]
+    else:
+        (x, y), (tx, ty) = (
+            _read_tfds(name, "train", data_dir),
+            _read_tfds(name, test_split, data_dir),
+        )
+    classes = 100 if name == "cifar100" else 10
+    return Dataset(name, x, y, tx, ty, classes, mean=mean, std=std, augment=augment)
+
+
+DATASETS = {"digits": load_digits, **dict.fromkeys(TFDS, load_tfds), "synthetic": load_synthetic}
+
+
+def known(name: str) -> bool:
+    return name in DATASETS or name.startswith("synthetic:")
 
 
 def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
-    if name not in DATASETS:
+    if not known(name):
         raise UserError(f"unknown dataset '{name}'; choose from {', '.join(DATASETS)}")
-    return DATASETS[name](data_dir)
+    return DATASETS[name.split(":")[0]](name, data_dir)
+
+
+# --- order, batches, prefetching ----------------------------------------------------------
 
 
 def steps_per_epoch(ds: Dataset, batch_size: int) -> int:
@@ -76,7 +222,7 @@ def train_indices(ds: Dataset, batch_size: int, seed: int, step: int) -> np.ndar
     return _permutation(seed, epoch, len(ds.train_labels))[i * batch_size : (i + 1) * batch_size]
 
 
-def device_batch(arrays: dict[str, np.ndarray], rows: np.ndarray, mesh) -> dict[str, jax.Array]:
+def device_batch(arrays: dict, rows: np.ndarray, mesh) -> dict[str, jax.Array]:
     """Global arrays of `arrays[rows]`, batch-sharded over the mesh.
 
     Each device's callback gathers only that device's rows, so a process materialises only the part
@@ -91,14 +237,70 @@ def device_batch(arrays: dict[str, np.ndarray], rows: np.ndarray, mesh) -> dict[
     return {k: one(v) for k, v in arrays.items()}
 
 
+def train_batches(ds: Dataset, batch_size: int, seed: int, steps: range, mesh):
+    arrays = {"image": ds.train_images, "label": ds.train_labels}
+    for step in steps:
+        yield device_batch(arrays, train_indices(ds, batch_size, seed, step), mesh)
+
+
+def prefetch(batches, depth: int = 2):
+    """Build the next `depth` batches (host reads and host-to-device copies) in a thread, while
+    the devices compute."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def fill():
+        try:
+            for batch in batches:
+                ready.put(batch)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            ready.put(e)
+        ready.put(done)
+
+    threading.Thread(target=fill, daemon=True).start()
+    while (item := ready.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 def eval_batches(ds: Dataset, batch_size: int, mesh):
     """The whole test split in batches; the last one is padded and masked, so each example counts
     exactly once on every mesh."""
-    images, labels = ds.test_images, ds.test_labels
-    n = len(labels)
+    n = len(ds.test_labels)
     padded = -(-n // batch_size) * batch_size
-    mask = np.arange(padded) < n
-    pad = lambda a: np.concatenate([a, np.zeros((padded - n, *a.shape[1:]), a.dtype)])  # noqa: E731
-    arrays = {"image": pad(images), "label": pad(labels), "mask": mask.astype(np.float32)}
+    mask = (np.arange(padded) < n).astype(np.float32)
+    rows = np.minimum(np.arange(padded), n - 1)  # padding repeats the last row, masked out
+    arrays = {"image": ds.test_images, "label": ds.test_labels}
     for start in range(0, padded, batch_size):
-        yield device_batch(arrays, np.arange(start, start + batch_size), mesh)
+        batch = device_batch(arrays, rows[start : start + batch_size], mesh)
+        batch["mask"] = device_batch({"m": mask}, np.arange(start, start + batch_size), mesh)["m"]
+        yield batch
+
+
+def preprocess(ds: Dataset):
+    """``prepare(images, key=None)``: float32, normalised, augmented when a key is given. Runs
+    on the devices inside the jitted steps."""
+    scale = 255.0 if np.dtype(ds.train_images.dtype) == np.uint8 else 1.0
+    mean, std = np.asarray(ds.mean, np.float32), np.asarray(ds.std, np.float32)
+
+    def prepare(images, key=None):
+        x = (images.astype(jnp.float32) / scale - mean) / std
+        return crop_and_flip(x, key) if ds.augment and key is not None else x
+
+    return prepare
+
+
+def crop_and_flip(images, key, pad: int = 4):
+    """Random crop after zero padding, and horizontal flip, per image (the CIFAR recipe)."""
+    n, h, w, _ = images.shape
+    k1, k2 = jax.random.split(key)
+    offsets = jax.random.randint(k1, (n, 2), 0, 2 * pad + 1)
+    flips = jax.random.bernoulli(k2, 0.5, (n,))
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+    def one(img, off, flip):
+        crop = jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, img.shape[-1]))
+        return jnp.where(flip, crop[:, ::-1], crop)
+
+    return jax.vmap(one)(padded, offsets, flips)

@@ -17,11 +17,12 @@ from jaxpar.checkpoint import Checkpoints, check_fits, versions
 from jaxpar.config import Config
 from jaxpar.data import (
     Dataset,
-    device_batch,
     eval_batches,
     load_dataset,
+    prefetch,
+    preprocess,
     steps_per_epoch,
-    train_indices,
+    train_batches,
 )
 from jaxpar.errors import Preempted, UserError
 from jaxpar.mesh import MeshSpec, draw_mesh, make_mesh, parse_mesh
@@ -94,7 +95,8 @@ def setup(cfg: Config) -> Run:
     )
     graphdef, abstract = abstract_state(model_fn, tx, cfg.seed)
     shardings, replicated = state_shardings(abstract, mesh)
-    steps = compile_steps(graphdef, shardings, mesh, cfg.seed, 1 + len(ds.image_shape))
+    ndim = 1 + len(ds.image_shape)
+    steps = compile_steps(graphdef, shardings, mesh, cfg.seed, ndim, preprocess(ds))
     init = partial(init_state, model_fn, tx, shardings, cfg.seed)
     return Run(cfg, spec, mesh, ds, per_epoch, total, init, abstract, shardings, replicated, *steps)
 
@@ -155,12 +157,17 @@ def open_workdir(run: Run, start: float):
 
 
 def evaluate(eval_step, state, batches) -> dict:
-    sums = [eval_step(state, b) for b in batches]
-    total = jax.tree.map(lambda *x: sum(fetch(v) for v in x), *sums)
-    return {
-        "eval_loss": float(total["loss_sum"] / total["count"]),
-        "eval_accuracy": float(total["correct"] / total["count"]),
-    }
+    """Loss and accuracy over every example of the test split."""
+    keys = ("loss_sum", "correct", "count")
+    read = lambda sums: np.array([fetch(sums[k]) for k in keys])  # noqa: E731
+    total, previous = np.zeros(3), None
+    for batch in batches:
+        sums = eval_step(state, batch)
+        if previous is not None:  # Sync point: at most 2 batches in flight, as in training.
+            total += read(previous)
+        previous = sums
+    loss_sum, correct, count = total + read(previous)
+    return {"eval_loss": float(loss_sum / count), "eval_accuracy": float(correct / count)}
 
 
 @contextlib.contextmanager
@@ -205,16 +212,16 @@ def train(cfg: Config) -> dict:
 def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window") -> dict:
     cfg, log = run.cfg, window.log
     eval_every = cfg.eval_every or run.per_epoch
-    eval_data = list(eval_batches(run.ds, cfg.batch_size, run.mesh))  # small: lives on devices
-    train_data = {"image": run.ds.train_images, "label": run.ds.train_labels}
+    eval_data = list(eval_batches(run.ds, cfg.batch_size, run.mesh))  # kept on the devices
+    steps = range(first, run.total)
+    batches = prefetch(train_batches(run.ds, cfg.batch_size, cfg.seed, steps, run.mesh))
     bar = tqdm(
         initial=first, total=run.total, disable=not sys.stderr.isatty() or jax.process_index()
     )
     pending, last_eval = None, log.last("eval_accuracy")
     with stop_on_signals() as stop:
-        for step in range(first, run.total):
-            rows = train_indices(run.ds, cfg.batch_size, cfg.seed, step)
-            state, metrics = run.train_step(state, device_batch(train_data, rows, run.mesh))
+        for step, batch in zip(steps, batches, strict=True):
+            state, metrics = run.train_step(state, batch)
             if pending:  # Sync point: reading step-1's loss keeps at most 2 steps in flight.
                 window.add(*pending)
             pending, done = (step + 1, metrics), step + 1

@@ -46,8 +46,8 @@ def make_optimizer(
 
 
 def _keys(seed: int):
-    """Independent streams for initialisation and dropout, from the seed alone."""
-    return jax.random.split(jax.random.key(seed))
+    """Independent streams for initialisation, dropout and augmentation, from the seed alone."""
+    return jax.random.split(jax.random.key(seed), 3)
 
 
 def _builder(model_fn, tx, seed: int):
@@ -87,13 +87,14 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def train_step(state, batch, *, graphdef, dropout_key):
-    """One optimizer step. Dropout's key depends on (seed, step) only, never on the mesh."""
+def train_step(state, batch, *, graphdef, keys, prepare):
+    """One optimizer step. Random keys depend on (seed, step) only, never on the mesh."""
     model, optimizer = nnx.merge(graphdef, state)
-    key = jax.random.fold_in(dropout_key, optimizer.step[...])
+    dropout_key, augment_key = (jax.random.fold_in(k, optimizer.step[...]) for k in keys)
+    images = prepare(batch["image"], augment_key)
 
     def loss_fn(model):
-        logits = model(batch["image"], train=True, rngs=key)
+        logits = model(images, train=True, rngs=dropout_key)
         return cross_entropy(logits, batch["label"]).mean()
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)  # BatchNorm statistics update in place
@@ -101,10 +102,10 @@ def train_step(state, batch, *, graphdef, dropout_key):
     return nnx.to_pure_dict(nnx.state((model, optimizer))), {"train_loss": loss}
 
 
-def eval_step(state, batch, *, graphdef):
+def eval_step(state, batch, *, graphdef, prepare):
     """Sums of loss and correct predictions over the unmasked examples of a batch."""
     model, _ = nnx.merge(graphdef, state)
-    logits = model(batch["image"], train=False)
+    logits = model(prepare(batch["image"]), train=False)
     mask = batch["mask"]
     return {
         "loss_sum": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
@@ -117,23 +118,29 @@ def _batch_shardings(mesh, batch_ndims: dict[str, int]):
     return {k: batch_sharding(mesh, n) for k, n in batch_ndims.items()}
 
 
-def compile_steps(graphdef, shardings, mesh, seed: int, image_ndim: int):
+def _as_float(images, key=None):
+    return images.astype(jnp.float32)
+
+
+def compile_steps(graphdef, shardings, mesh, seed: int, image_ndim: int, prepare=_as_float):
     """``(train_step, eval_step)`` jitted with explicit in/out shardings.
 
-    The train step donates the state: XLA updates parameters and optimizer state in place.
+    `prepare(images, key=None)` turns stored images into model inputs on the devices (see
+    `jaxpar.data.preprocess`). The train step donates the state: XLA updates parameters and
+    optimizer state in place.
     """
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     train_batch = _batch_shardings(mesh, {"image": image_ndim, "label": 1})
     eval_batch = _batch_shardings(mesh, {"image": image_ndim, "label": 1, "mask": 1})
     train = jax.jit(
-        # The base key is computed here, outside jit, so the step holds it as a constant.
-        partial(train_step, graphdef=graphdef, dropout_key=_keys(seed)[1]),
+        # The base keys are computed here, outside jit, so the step holds them as constants.
+        partial(train_step, graphdef=graphdef, keys=tuple(_keys(seed)[1:]), prepare=prepare),
         in_shardings=(shardings, train_batch),
         out_shardings=(shardings, replicated),
         donate_argnums=0,
     )
     evaluate = jax.jit(
-        partial(eval_step, graphdef=graphdef),
+        partial(eval_step, graphdef=graphdef, prepare=prepare),
         in_shardings=(shardings, eval_batch),
         out_shardings=replicated,
     )

@@ -1,0 +1,139 @@
+"""Datasets, the batch order, evaluation coverage and on-device augmentation."""
+
+import gzip
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from conftest import digits
+
+import train as cli
+from jaxpar import UserError
+from jaxpar.data import (
+    crop_and_flip,
+    device_batch,
+    eval_batches,
+    load_dataset,
+    prefetch,
+    train_batches,
+    train_indices,
+)
+from jaxpar.mesh import make_mesh, parse_mesh
+
+
+def write_idx(path, array, compress):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n, compress in (("train", 50, True), ("t10k", 20, False)):
+        images = rng.integers(0, 256, (n, 28, 28))
+        labels = rng.integers(0, 10, n)
+        suffix = ".gz" if compress else ""
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte{suffix}", images, compress)
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte{suffix}", labels, compress)
+    return tmp_path
+
+
+def test_idx_files_are_read_directly(idx_dir):
+    ds = load_dataset("mnist", str(idx_dir))
+    assert ds.train_images.shape == (50, 28, 28, 1) and ds.train_images.dtype == np.uint8
+    assert ds.test_labels.shape == (20,) and ds.num_classes == 10
+    raw = gzip.decompress((idx_dir / "train-images-idx3-ubyte.gz").read_bytes())
+    np.testing.assert_array_equal(ds.train_images[0, :, :, 0].ravel(), list(raw[16 : 16 + 784]))
+
+
+def test_idx_problems_are_named(idx_dir):
+    (idx_dir / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(UserError, match="lacks t10k-labels-idx1-ubyte"):
+        load_dataset("fashion_mnist", str(idx_dir))
+    write_idx(idx_dir / "t10k-labels-idx1-ubyte", np.zeros(7), compress=False)
+    with pytest.raises(UserError, match=r"expected N x 28 x 28 images and N labels"):
+        load_dataset("mnist", str(idx_dir))
+    (idx_dir / "t10k-labels-idx1-ubyte").write_bytes(b"not an idx file")
+    with pytest.raises(UserError, match="is not an IDX file"):
+        load_dataset("mnist", str(idx_dir))
+
+
+def test_missing_tfds_data_says_how_to_get_it(tmp_path, capsys):
+    with pytest.raises(UserError, match="tfds build cifar10 --data_dir DIR"):
+        load_dataset("cifar10", str(tmp_path))
+    assert cli.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--steps", "1"]) == 2
+    assert "no prepared train split" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, shape, model", [("mnist", (28, 28, 1), "mlp"), ("cifar10", (32, 32, 3), "resnet8")]
+)
+def test_tfds_datasets_train_one_real_step(name, shape, model, tmp_path):
+    with tfds.testing.mock_data(num_examples=64):
+        ds = load_dataset(name)
+        assert ds.image_shape == shape and ds.train_images.dtype == np.uint8
+        assert ds.augment == (name == "cifar10")
+        args = ["--dataset", name, "--model", model, "--steps", "1", "--batch-size", "16"]
+        assert cli.main([*args, "--mesh", "2x2", "--workdir", str(tmp_path)]) == 0
+
+
+def test_synthetic_any_shape():
+    ds = load_dataset("synthetic:16x12x2:5")
+    assert ds.image_shape == (16, 12, 2) and ds.num_classes == 5
+    assert len(ds.train_labels) == 50_000 and ds.train_images[[0, 49_999]].shape == (2, 16, 12, 2)
+    with pytest.raises(UserError, match="synthetic:HxWxC:K"):
+        load_dataset("synthetic:big")
+
+
+def test_global_batch_is_the_same_on_every_mesh():
+    ds = digits()
+    data = {"image": ds.train_images, "label": ds.train_labels}
+    rows = train_indices(ds, 64, 3, 25)
+    batches = [device_batch(data, rows, make_mesh(parse_mesh(m))) for m in ("1", "2x2", "fsdp=8")]
+    for b in batches[1:]:
+        np.testing.assert_array_equal(np.asarray(b["image"]), np.asarray(batches[0]["image"]))
+    np.testing.assert_array_equal(np.asarray(batches[0]["label"]), ds.train_labels[rows])
+
+
+def test_resuming_mid_epoch_gives_the_same_next_batches():
+    ds, mesh = digits(), make_mesh(parse_mesh("2"))
+    straight = list(train_batches(ds, 100, 7, range(0, 20), mesh))
+    resumed = list(prefetch(train_batches(ds, 100, 7, range(13, 20), mesh)))
+    for a, b in zip(straight[13:], resumed, strict=True):
+        np.testing.assert_array_equal(np.asarray(a["label"]), np.asarray(b["label"]))
+    epochs = {tuple(sorted(train_indices(ds, 100, 7, s))) for s in range(14)}
+    assert len(epochs) == 14  # 14 batches per epoch, no row repeated within an epoch
+
+
+@pytest.mark.parametrize("mesh", ["8", "2x4"])
+def test_evaluation_counts_each_example_once(mesh):
+    ds = digits()
+    labels, weights = [], []
+    for batch in eval_batches(ds, 128, make_mesh(parse_mesh(mesh))):
+        labels.append(np.asarray(batch["label"]))
+        weights.append(np.asarray(batch["mask"]))
+    labels, weights = np.concatenate(labels), np.concatenate(weights)
+    assert len(labels) == 384 and weights.sum() == 360  # 3 batches, the last padded
+    np.testing.assert_array_equal(labels[weights == 1], ds.test_labels)
+
+
+def test_augmentation_is_deterministic_and_mesh_independent():
+    images = np.random.default_rng(0).normal(size=(16, 8, 8, 3)).astype(np.float32)
+    key = jax.random.key(5)
+    out = [
+        np.asarray(jax.jit(crop_and_flip)(jax.device_put(images, s), key))
+        for s in (None, jax.sharding.NamedSharding(make_mesh(parse_mesh("8")), jax.P("data")))
+    ]
+    np.testing.assert_array_equal(out[0], out[1])
+    assert out[0].shape == images.shape and not np.array_equal(out[0], images)
+
+
+def test_prefetch_passes_errors_on():
+    def broken():
+        yield 1
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(prefetch(broken()))
