@@ -10,7 +10,7 @@ import sys
 
 from jaxpar.config import Config
 from jaxpar.distributed import job_size, join
-from jaxpar.errors import Preempted, UserError
+from jaxpar.errors import Diverged, Preempted, UserError
 from jaxpar.mesh import parse_mesh, request_devices
 
 FLAGS = [  # (flag, type, or a list of choices, help); defaults come from jaxpar.Config
@@ -39,6 +39,13 @@ FLAGS = [  # (flag, type, or a list of choices, help); defaults come from jaxpar
     ("--restart", bool, "start over in a used workdir, moving its run into previous-DATE/"),
     ("--eval-every", int, "steps between evaluations (0: every epoch)"),
     ("--log-every", int, "steps per training line of metrics.jsonl"),
+    ("--profile-steps", str, "A:B: write a JAX profiler trace of steps A to B to WORKDIR/profile"),
+    (
+        "--dry-run",
+        bool,
+        "print the plan (parameter placement, per-device memory, collectives), "
+        "then stop without training",
+    ),  # fmt: skip
     (
         "--coordinator",
         str,
@@ -81,12 +88,20 @@ def main(argv=None) -> int:
             raise UserError(f"mesh of {devices} devices does not split over {processes} processes")
         request_devices(devices // processes)
         join(*job)
+        if cfg.dry_run:
+            from jaxpar.plan import format_plan, plan
+
+            print(format_plan(plan(cfg)))
+            return 0
         from jaxpar.loop import train
 
         train(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)
         return 128 + e.signum  # the shell's convention for "ended by this signal"

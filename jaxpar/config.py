@@ -32,6 +32,8 @@ class Config:
     restart: bool = False  # move a previous run in --workdir aside and start over
     eval_every: int = 0  # 0: once per epoch
     log_every: int = 10
+    profile_steps: str | None = None  # "A:B": JAX profiler trace of steps A to B
+    dry_run: bool = False  # print the plan (placement, memory, collectives) and stop
     coordinator: str | None = None  # HOST:PORT of process 0 in a multi-process job
     num_processes: int | None = None
     process_id: int | None = None
@@ -67,8 +69,18 @@ class Config:
             value = getattr(self, flag)
             need(value >= 0, f"--{flag.replace('_', '-')} must be >= 0, got {value}")
         need(self.keep >= 1, f"--keep must be at least 1, got {self.keep}")
+        need(
+            self.profile_steps is None or self.profile_range() is not None,
+            f"--profile-steps must be A:B with 0 <= A < B, got {self.profile_steps!r}",
+        )
         need(self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}")
         return self
+
+    def profile_range(self) -> tuple[int, int] | None:
+        a, _, b = (self.profile_steps or "").partition(":")
+        if not (a.isdigit() and b.isdigit() and int(a) < int(b)):
+            return None
+        return int(a), int(b)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -9,6 +9,10 @@ class UserError(Exception):
     """A mistake in what the user asked for: the message names the problem and the fix."""
 
 
+class Diverged(Exception):
+    """The loss or the gradients stopped being finite; no checkpoint of that state was saved."""
+
+
 class Preempted(Exception):
     """Training stopped on SIGTERM/SIGINT after saving a checkpoint; exit status 128 + signal."""
 

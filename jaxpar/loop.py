@@ -24,10 +24,17 @@ from jaxpar.data import (
     steps_per_epoch,
     train_batches,
 )
-from jaxpar.errors import Preempted, UserError
+from jaxpar.errors import Diverged, Preempted, UserError
 from jaxpar.mesh import MeshSpec, draw_mesh, make_mesh, parse_mesh
 from jaxpar.sharding import check_batch, spec_table, state_shardings
-from jaxpar.step import abstract_state, compile_steps, init_state, make_optimizer
+from jaxpar.step import (
+    abstract_state,
+    all_finite,
+    compile_steps,
+    init_state,
+    make_optimizer,
+    make_schedule,
+)
 from jaxpar.workdir import MetricsLog, move_aside, resolve, used, write_config
 
 
@@ -58,6 +65,7 @@ class Run:
     ds: Dataset
     per_epoch: int
     total: int
+    schedule: object  # step -> learning rate
     init: object  # () -> fresh state in its shardings
     abstract: object  # abstract NNX state (restore target)
     shardings: object
@@ -98,7 +106,11 @@ def setup(cfg: Config) -> Run:
     ndim = 1 + len(ds.image_shape)
     steps = compile_steps(graphdef, shardings, mesh, cfg.seed, ndim, preprocess(ds))
     init = partial(init_state, model_fn, tx, shardings, cfg.seed)
-    return Run(cfg, spec, mesh, ds, per_epoch, total, init, abstract, shardings, replicated, *steps)
+    schedule = make_schedule(cfg.lr, cfg.schedule, cfg.warmup_steps, total)
+    return Run(
+        cfg, spec, mesh, ds, per_epoch, total, schedule, init, abstract, shardings, replicated,
+        *steps,
+    )  # fmt: skip
 
 
 def manifest(run: Run, step: int, window: "Window") -> dict:
@@ -195,7 +207,8 @@ def train(cfg: Config) -> dict:
     for r in run.replicated:
         say(f"note: {r}")
     try:
-        last_eval = loop(run, state, first, ckpts, Window(log, cfg, run.total, losses))
+        window = Window(log, cfg, run.total, losses, run.schedule)
+        last_eval = loop(run, state, first, ckpts, window, workdir / "profile")
     finally:
         ckpts.wait()  # let an asynchronous save finish, also when training failed
         ckpts.close()
@@ -209,7 +222,7 @@ def train(cfg: Config) -> dict:
     return last_eval
 
 
-def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window") -> dict:
+def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", profile_dir) -> dict:
     cfg, log = run.cfg, window.log
     eval_every = cfg.eval_every or run.per_epoch
     eval_data = list(eval_batches(run.ds, cfg.batch_size, run.mesh))  # kept on the devices
@@ -219,9 +232,15 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window") -> d
         initial=first, total=run.total, disable=not sys.stderr.isatty() or jax.process_index()
     )
     pending, last_eval = None, log.last("eval_accuracy")
+    profile = cfg.profile_range() or (-1, -1)
     with stop_on_signals() as stop:
         for step, batch in zip(steps, batches, strict=True):
+            if step == profile[0]:
+                jax.profiler.start_trace(str(profile_dir))
             state, metrics = run.train_step(state, batch)
+            if step + 1 == profile[1]:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
             if pending:  # Sync point: reading step-1's loss keeps at most 2 steps in flight.
                 window.add(*pending)
             pending, done = (step + 1, metrics), step + 1
@@ -237,6 +256,9 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window") -> d
                 if pending:
                     window.add(*pending)
                     pending = None
+                if not fetch(all_finite(state)):  # never save a broken state
+                    raise Diverged(f"the parameters are not finite after step {done}; not saved. "
+                                   "Resume from the last checkpoint with a lower --lr")  # fmt: skip
                 # Asynchronous: training goes on while Orbax writes. The final save waits.
                 ckpts.save(done, state, manifest(run, done, window), wait=final)
             if signum:
@@ -262,22 +284,27 @@ class Window:
     The partial window travels in checkpoints, so a resumed run writes the same lines.
     """
 
-    def __init__(self, log: MetricsLog, cfg: Config, total: int, losses: list):
-        self.log, self.every, self.batch_size, self.total = (
-            log,
-            cfg.log_every,
-            cfg.batch_size,
-            total,
-        )
+    def __init__(self, log: MetricsLog, cfg: Config, total: int, losses: list, schedule):
+        self.log, self.cfg, self.total, self.schedule = log, cfg, total, schedule
         self.losses, self.last = list(losses), float("nan")
         self.since, self.timed = time.time(), 0  # examples/s counts the steps timed here only
 
     def add(self, step: int, metrics) -> None:
         self.last = float(fetch(metrics["train_loss"]))  # blocks until that step is done
+        grad_norm = float(fetch(metrics["grad_norm"]))
+        if not (np.isfinite(self.last) and np.isfinite(grad_norm)):
+            raise Diverged(f"the loss is {self.last} and the gradient norm {grad_norm} at step "
+                           f"{step}; stopped, nothing of it saved. Resume from the last checkpoint "
+                           "with a lower --lr")  # fmt: skip
         self.losses.append(self.last)
         self.timed += 1
-        if step % self.every == 0 or step == self.total:
+        if step % self.cfg.log_every == 0 or step == self.total:
             now = time.time()
-            rate = self.timed * self.batch_size / (now - self.since)
-            self.log.write(step, train_loss=float(np.mean(self.losses)), examples_per_s=rate)
+            self.log.write(
+                step,
+                train_loss=float(np.mean(self.losses)),
+                grad_norm=grad_norm,
+                lr=float(self.schedule(step - 1)),  # the rate this step applied
+                examples_per_s=self.timed * self.cfg.batch_size / (now - self.since),
+            )
             self.losses, self.since, self.timed = [], now, 0

@@ -20,6 +20,18 @@ from flax import nnx
 from jaxpar.sharding import batch_sharding, state_shardings
 
 
+def make_schedule(lr=0.01, schedule="constant", warmup_steps=0, total_steps=1):
+    """Learning rate as a function of the step: constant or cosine, with optional linear warmup."""
+    if schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, max(total_steps, 1))
+    if warmup_steps:
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr)],
+            [warmup_steps],
+        )
+    return optax.constant_schedule(lr)
+
+
 def make_optimizer(
     name="sgd",
     lr=0.01,
@@ -31,13 +43,8 @@ def make_optimizer(
 ):
     """SGD with momentum (PyTorch's form: v = m*v + g; p -= lr*v) or AdamW, optionally with
     linear warmup and cosine decay."""
-    if schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, max(total_steps, 1))
-    elif warmup_steps:
-        lr = optax.join_schedules(
-            [optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr)],
-            [warmup_steps],
-        )
+    if schedule != "constant" or warmup_steps:
+        lr = make_schedule(lr, schedule, warmup_steps, total_steps)
     if name == "adamw":
         return optax.adamw(lr, weight_decay=weight_decay)
     sgd = optax.sgd(lr, momentum=momentum or None)
@@ -83,6 +90,12 @@ def init_state(model_fn, tx, shardings, seed: int):
     return jax.jit(lambda: nnx.to_pure_dict(nnx.state(build())), out_shardings=shardings)()
 
 
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """Whether every array of `tree` holds only finite numbers."""
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
 def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
@@ -99,7 +112,8 @@ def train_step(state, batch, *, graphdef, keys, prepare):
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)  # BatchNorm statistics update in place
     optimizer.update(model, grads)
-    return nnx.to_pure_dict(nnx.state((model, optimizer))), {"train_loss": loss}
+    metrics = {"train_loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return nnx.to_pure_dict(nnx.state((model, optimizer))), metrics
 
 
 def eval_step(state, batch, *, graphdef, prepare):

@@ -60,7 +60,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, start: float):
         self.path, self.start = path, start
-        self.file = None
+        self.file = self.events = None
 
     def rewind(self, step: int) -> None:
         if jax.process_index() != 0 or not self.path.exists():
@@ -85,11 +85,17 @@ class MetricsLog:
         line = {"step": step, "time": round(time.time() - self.start, 3), **values}
         if jax.process_index() == 0:
             if self.file is None:
+                from tensorboardX import SummaryWriter
+
                 self.file = open(self.path, "a")  # noqa: SIM115 - kept open for the run
+                self.events = SummaryWriter(str(self.path.parent / "events"), flush_secs=10)
             self.file.write(json.dumps(line) + "\n")
             self.file.flush()
+            for key, value in values.items():  # TensorBoard: one scalar series per key
+                self.events.add_scalar(key, value, step)
         return line
 
     def close(self) -> None:
         if self.file:
             self.file.close()
+            self.events.close()

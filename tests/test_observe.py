@@ -1,0 +1,96 @@
+"""Seeing what sharding does: the plan, TensorBoard events, plots, profiles, divergence."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_sharding import MLP_GOLDEN, MLP_PARAMS
+
+import train as cli
+from jaxpar import Config
+from jaxpar.checkpoint import Checkpoints
+from jaxpar.plan import plan
+from jaxpar.plot import main as plot_main
+
+STRATEGIES = {"dp": "8x1", "fsdp": "fsdp=8", "fsdp_tp": "fsdp=4,model=2"}
+
+
+@pytest.fixture(scope="module")
+def plans():
+    return {s: plan(Config(mesh=m, batch_size=64)) for s, m in STRATEGIES.items()}
+
+
+def test_plan_lists_every_parameter_with_the_golden_specs(plans):
+    for strategy, p in plans.items():
+        assert [r["path"] for r in p["params"]] == MLP_PARAMS
+        specs = {r["path"]: r["spec"] for r in p["params"] if r["sharded_ways"] > 1}
+        assert specs == {k: str(v) for k, v in MLP_GOLDEN[strategy].items()}
+
+
+def test_plan_memory_follows_zero_accounting(plans):
+    dp, fsdp = plans["dp"]["per_device"], plans["fsdp"]["per_device"]
+    assert dp["params"] == 4 * (64 * 512 + 512 + 512 * 256 + 256 + 1 + 256 * 10 + 10)
+    # FSDP: 1/8 of the matrices per device; the replicated vectors add under 1%.
+    assert fsdp["params"] / dp["params"] < 1.1 / 8
+    assert fsdp["optimizer"] / dp["optimizer"] < 1.1 / 8
+    assert 0 < fsdp["compiled_peak"] < dp["compiled_peak"]
+
+
+def test_plan_shows_the_collectives(plans):
+    assert set(plans["dp"]["collectives"]) == {"all-reduce"}
+    assert plans["fsdp"]["collectives"]["all-gather"]["count"] >= 3
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    workdir = tmp_path / "w"
+    assert cli.main(["--dry-run", "--mesh", "fsdp=4,model=2", "--workdir", str(workdir)]) == 0
+    out = capsys.readouterr().out
+    assert "fc1/kernel" in out and "P('fsdp', 'model')" in out and "collectives per step" in out
+    assert not workdir.exists()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    args = ["--steps", "12", "--log-every", "3", "--profile-steps", "2:4", "--mesh", "2x2"]
+    assert cli.main([*args, "--workdir", str(workdir)]) == 0
+    return workdir
+
+
+def test_tensorboard_reads_the_events(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "events"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train_loss", "eval_loss", "eval_accuracy", "lr", "examples_per_s"} <= tags
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    want = [(x["step"], x["train_loss"]) for x in lines if "train_loss" in x]
+    got = [(e.step, e.value) for e in events.Scalars("train_loss")]
+    assert [s for s, _ in got] == [s for s, _ in want] == [3, 6, 9, 12]
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)
+
+
+def test_profile_trace_is_written(run):
+    assert list((run / "profile").rglob("*.xplane.pb"))
+
+
+def test_plot_writes_a_png(run, tmp_path):
+    out = tmp_path / "curves.png"
+    assert plot_main([str(run), str(run), "-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert plot_main([str(tmp_path / "nothing"), "-o", str(out)]) == 2
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    args = ["--lr", "1e6", "--steps", "40", "--checkpoint-every", "1", "--log-every", "1"]
+    assert cli.main([*args, "--workdir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the ") and " at step " in err and err.count("\n") == 1
+    bad_step = int(err.split("at step ")[1].split(";")[0].split()[0])
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert saved and max(saved) < bad_step
+    ckpts = Checkpoints(Path(tmp_path))
+    assert ckpts.latest() == max(saved)
+    ckpts.close()
