@@ -11,7 +11,7 @@ import sys
 from jaxpar.config import Config
 from jaxpar.distributed import job_size, join
 from jaxpar.errors import Diverged, Preempted, UserError
-from jaxpar.mesh import parse_mesh, request_devices
+from jaxpar.mesh import parse_mesh, request_devices, set_gpu_flags
 
 FLAGS = [  # (flag, type, or a list of choices, help); defaults come from jaxpar.Config
     ("--mesh", str, "DxM, N, data=2,fsdp=2,model=2, or a layout from meshes/ (None: all on data)"),
@@ -87,6 +87,7 @@ def main(argv=None) -> int:
         if devices % processes:
             raise UserError(f"mesh of {devices} devices does not split over {processes} processes")
         request_devices(devices // processes)
+        set_gpu_flags()
         join(*job)
         if cfg.dry_run:
             from jaxpar.plan import format_plan, plan

@@ -19,6 +19,8 @@ MeshSpec(data=2, fsdp=1, model=2, dcn=None)
 
 import contextlib
 import dataclasses
+import importlib.util
+import os
 import re
 import tomllib
 import warnings
@@ -156,6 +158,23 @@ def request_devices(count: int) -> None:
     # Once the backend is up (tests, notebooks) the update raises: keep its devices.
     with contextlib.suppress(RuntimeError):
         jax.config.update("jax_num_cpu_devices", max(count, 1))
+
+
+# Let XLA overlap collectives with computation on GPUs (NVIDIA's JAX containers set it too).
+GPU_XLA_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",)
+
+
+def set_gpu_flags() -> None:
+    """Add `GPU_XLA_FLAGS` to ``XLA_FLAGS`` when a CUDA plugin is installed, before JAX starts.
+
+    A flag the user already set keeps the user's value; CPU-only installs are left alone (their
+    XLA rejects GPU flags).
+    """
+    if not any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)):
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    extra = [f for f in GPU_XLA_FLAGS if f.split("=")[0] not in flags]
+    os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
 
 
 def make_mesh(spec: MeshSpec) -> Mesh:
