@@ -22,23 +22,25 @@ _OP = re.compile(r"= (\(.*?\)|\S+) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
 _SHAPE = re.compile(r"(pred|[a-z]+\d+)\[([\d,]*)\]")
 
 
-def _nbytes(hlo_type: str) -> int:
-    """Bytes of an HLO type such as ``f32[512,256]`` or a tuple of them (the largest element)."""
+def _nbytes(hlo_type: str, started: bool = False) -> int:
+    """Bytes of an HLO result type such as ``f32[512,256]`` or a tuple of them (a combined
+    collective): the sum, or for an async ``-start`` op, whose tuple also holds its operands, the
+    largest element."""
     sizes = [  # f32 -> 4 bytes, bf16 -> 2, pred -> 1
         max(int(re.sub(r"\D", "", t) or 8) // 8, 1)
         * math.prod(int(d) for d in dims.split(",") if d)
         for t, dims in _SHAPE.findall(hlo_type)
     ]
-    return max(sizes, default=0)
+    return max(sizes, default=0) if started else sum(sizes)
 
 
 def collectives(hlo_text: str) -> dict:
     """``{kind: {"count", "bytes"}}`` of the collectives in a compiled HLO module (per device)."""
     out = {}
-    for hlo_type, kind, _ in _OP.findall(hlo_text):
+    for hlo_type, kind, started in _OP.findall(hlo_text):
         entry = out.setdefault(kind, {"count": 0, "bytes": 0})
         entry["count"] += 1
-        entry["bytes"] += _nbytes(hlo_type)
+        entry["bytes"] += _nbytes(hlo_type, bool(started))
     return out
 
 
