@@ -110,6 +110,8 @@ def main():
         "--dataset", default="digits", help="e.g. synthetic:28x28x1:10 (MNIST size)"
     )
     args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2: the first one includes compilation")
     ds, mesh = load_dataset(args.dataset), make_mesh(parse_mesh(args.mesh))
     ds = as_float(ds) if ds.train_images.dtype == np.uint8 else ds
     results = {"pytorch": [], "jaxpar": []}
