@@ -36,6 +36,7 @@ from jaxpar.step import (
     make_schedule,
 )
 from jaxpar.workdir import MetricsLog, move_aside, resolve, used, write_config
+from models import MODELS
 
 
 def sync(name: str) -> None:
@@ -94,8 +95,6 @@ def setup(cfg: Config) -> Run:
     ds = load_dataset(cfg.dataset, cfg.data_dir)
     per_epoch = steps_per_epoch(ds, cfg.batch_size)
     total = cfg.steps or cfg.epochs * per_epoch
-    from models import MODELS
-
     dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
     model_fn = partial(MODELS[cfg.model], ds.image_shape, ds.num_classes, dtype=dtype)
     tx = make_optimizer(
@@ -231,31 +230,23 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", prof
     bar = tqdm(
         initial=first, total=run.total, disable=not sys.stderr.isatty() or jax.process_index()
     )
-    pending, last_eval = None, log.last("eval_accuracy")
-    profile = cfg.profile_range() or (-1, -1)
+    last_eval, profile = log.last("eval_accuracy"), Profile(cfg.profile_range(), profile_dir)
     with stop_on_signals() as stop:
         for step, batch in zip(steps, batches, strict=True):
-            if step == profile[0]:
-                jax.profiler.start_trace(str(profile_dir))
+            profile.before(step)
             state, metrics = run.train_step(state, batch)
-            if step + 1 == profile[1]:
-                jax.block_until_ready(state)
-                jax.profiler.stop_trace()
-            if pending:  # Sync point: reading step-1's loss keeps at most 2 steps in flight.
-                window.add(*pending)
-            pending, done = (step + 1, metrics), step + 1
+            profile.after(step, state)
+            window.push(step + 1, metrics)  # Sync point: reads the previous step's loss.
+            done = step + 1
             bar.update()
             if done % eval_every == 0 or done == run.total:
-                window.add(*pending)
-                pending = None
+                window.flush()
                 last_eval = log.write(done, **evaluate(run.eval_step, state, eval_data))
                 progress(bar, run, done, window.last, last_eval)
             signum = stop.signum  # read once: a later signal is handled after the next step
             final = done == run.total or bool(signum)
             if final or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
-                if pending:
-                    window.add(*pending)
-                    pending = None
+                window.flush()
                 if not fetch(all_finite(state)):  # never save a broken state
                     raise Diverged(f"the parameters are not finite after step {done}; not saved. "
                                    "Resume from the last checkpoint with a lower --lr")  # fmt: skip
@@ -267,6 +258,23 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", prof
                                 "to continue")  # fmt: skip
     bar.close()
     return last_eval
+
+
+class Profile:
+    """A JAX profiler trace of steps [A, B) (``--profile-steps A:B``), else nothing."""
+
+    def __init__(self, steps: tuple[int, int] | None, directory):
+        self.first, self.end = steps or (-1, -1)
+        self.directory = str(directory)
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            jax.profiler.start_trace(self.directory)
+
+    def after(self, step: int, state) -> None:
+        if step + 1 == self.end:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
 
 
 def progress(bar, run: Run, step: int, loss: float, line: dict) -> None:
@@ -286,8 +294,20 @@ class Window:
 
     def __init__(self, log: MetricsLog, cfg: Config, total: int, losses: list, schedule):
         self.log, self.cfg, self.total, self.schedule = log, cfg, total, schedule
-        self.losses, self.last = list(losses), float("nan")
+        self.losses, self.last, self.pending = list(losses), float("nan"), None
         self.since, self.timed = time.time(), 0  # examples/s counts the steps timed here only
+
+    def push(self, step: int, metrics) -> None:
+        """Hold this step's metrics and record the previous step's: reading them waits for that
+        step only, so at most 2 steps are in flight (CPU-emulated devices deadlock with 100+)
+        and logging never stalls the devices."""
+        self.flush()
+        self.pending = (step, metrics)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.add(*self.pending)
+            self.pending = None
 
     def add(self, step: int, metrics) -> None:
         self.last = float(fetch(metrics["train_loss"]))  # blocks until that step is done
