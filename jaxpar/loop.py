@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import functools
 import signal
 import sys
 import time
@@ -74,6 +75,20 @@ class Run:
     train_step: object
     eval_step: object
 
+    @functools.cached_property
+    def about(self) -> dict:
+        """The part of every checkpoint manifest that does not change during the run."""
+        return {
+            **self.identity(),
+            "precision": self.cfg.precision,
+            "mesh": str(self.spec),
+            "devices": jax.device_count(),
+            "processes": jax.process_count(),
+            "partition_specs": {k: str(v) for k, v in spec_table(self.shardings, "0/").items()},
+            "versions": versions(),
+            "config": dataclasses.asdict(self.cfg),
+        }
+
     def identity(self) -> dict:
         """What a checkpoint must match to resume into this run."""
         c = self.cfg
@@ -113,20 +128,12 @@ def setup(cfg: Config) -> Run:
 
 
 def manifest(run: Run, step: int, window: "Window") -> dict:
-    return {
+    position = {
         "step": step,
         "epoch": step // run.per_epoch,
         "batch_in_epoch": step % run.per_epoch,
-        **run.identity(),
-        "precision": run.cfg.precision,
-        "mesh": str(run.spec),
-        "devices": jax.device_count(),
-        "processes": jax.process_count(),
-        "partition_specs": {k: str(v) for k, v in spec_table(run.shardings, "0/").items()},
-        "window_losses": window.losses,
-        "versions": versions(),
-        "config": dataclasses.asdict(run.cfg),
     }
+    return {**position, **run.about, "window_losses": window.losses}
 
 
 def open_workdir(run: Run, start: float):
