@@ -1,161 +1,294 @@
-"""The GPU benchmark: ResNet-50 in bf16, the seed's MLP epoch, and torchvision's ResNet-50.
+"""The GPU benchmark: ResNet-50 in bf16 and the seed's MLP, jaxpar beside PyTorch, in one run.
 
 Meant for one GPU with JAX, Flax, Optax and Orbax installed and no network (install jaxpar with
-``pip install --no-deps -e .``); it needs neither tensorflow-datasets nor TensorBoard. In one run:
+``pip install --no-deps -e .``); it needs neither tensorflow-datasets nor TensorBoard. Each part
+runs in its own process (so one framework's memory pool or failure does not touch the next), in
+this order, while time is left before ``--deadline``:
 
-1. jaxpar ResNet-50, ``--precision bf16``, synthetic ImageNet-size data (224x224x3, 1000 classes),
-   SGD with momentum: images/s over timed steps on one pre-built device batch, and model FLOPs
-   utilisation = XLA's cost-analysis FLOPs per step / step time / the card's peak bf16 FLOP/s.
-2. jaxpar's MLP (the seed's) for one epoch of MNIST-size synthetic data (50,000 rows, batch 128),
-   through jaxpar's input pipeline: seconds per epoch, compilation excluded.
-3. torchvision's ResNet-50 with bf16 autocast, channels_last and ``torch.compile``, same batch
-   and optimizer: images/s, if PyTorch and torchvision are installed.
+- ``resnet50``: jaxpar's ResNet-50, ``--precision bf16``, synthetic ImageNet-size data (224x224x3,
+  1000 classes), SGD with momentum, on one pre-built device batch: images/s (median of rounds),
+  and model FLOPs utilisation = XLA's cost-analysis FLOPs per step / step time / the card's peak
+  dense bf16 FLOP/s (vendor figure).
+- ``torchvision``: torchvision's ResNet-50, bf16 autocast, channels_last, ``torch.compile``d,
+  cuDNN autotuning, same batch and optimizer.
+- ``mlp`` and ``torch_mlp``: one epoch of the seed's MLP on MNIST-size synthetic data (50,000 rows,
+  batch 128): jaxpar through its input pipeline, and the seed's PyTorch program (DataLoader,
+  ``nn.DataParallel``, batches copied to the GPU), compilation and warm-up excluded.
+- ``resnet50_bn_fp32``: ``resnet50`` with BatchNorm outputs in float32 (jaxpar's choice before
+  this benchmark first ran), to measure what bf16 activations are worth.
+- ``resnet50_batch_x2``: ``resnet50`` at twice the batch.
 
-    python benchmarks/gpu.py                         # defaults for one H100 (batch 256)
+    python benchmarks/gpu.py                         # all parts, batch 256, about 5 minutes
+    python benchmarks/gpu.py --parts resnet50,torchvision --out gpu.json
     python benchmarks/gpu.py --smoke                 # tiny sizes, any machine: checks the code
 """
 
 import argparse
 import json
+import statistics
+import subprocess
+import sys
 import time
 from functools import partial
 
-import jax
-
-from jaxpar.data import load_dataset, prefetch, preprocess, train_batches
-from jaxpar.mesh import make_mesh, parse_mesh, set_gpu_flags
-from jaxpar.step import compile_steps, create_state, make_optimizer
-from models import MODELS
-
+PARTS = ("resnet50", "torchvision", "mlp", "torch_mlp", "resnet50_bn_fp32", "resnet50_batch_x2")
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s, vendor specs
+MLP_BATCH = 128  # the seed's; 50,000 synthetic rows per epoch
 
 
-def peak_flops() -> float | None:
-    kind = jax.devices()[0].device_kind
-    return next((v for k, v in PEAK_BF16.items() if k in kind), None)
+def median_step_s(step, rounds: int, steps: int, sync) -> tuple[float, float]:
+    """Median and spread (max/min) of the mean step time over `rounds` of `steps` steps."""
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times), max(times) / min(times)
 
 
-def timed_steps(step, state, batch, steps: int):
-    state, m = step(state, batch)  # compile and warm up
-    jax.block_until_ready(m)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, m = step(state, batch)
-    jax.block_until_ready((state, m))
-    return state, (time.perf_counter() - start) / steps
+def jax_resnet50(a, batch: int, bn_fp32: bool = False) -> dict:
+    import jax
+    import jax.numpy as jnp
 
+    import models.resnet
+    from jaxpar.data import load_dataset, preprocess, train_batches
+    from jaxpar.mesh import make_mesh, parse_mesh
+    from jaxpar.step import compile_steps, create_state, make_optimizer
+    from models import MODELS
 
-def jax_resnet50(image: int, classes: int, batch: int, steps: int) -> dict:
-    ds = load_dataset(f"synthetic:{image}x{image}x3:{classes}")
+    if bn_fp32:  # the variant measured against: BatchNorm outputs (activations) in float32
+        norm = models.resnet._norm
+        models.resnet._norm = lambda c, dtype, *rest, **kw: norm(c, jnp.float32, *rest, **kw)
+    ds = load_dataset(f"synthetic:{a.image}x{a.image}x3:{a.classes}")
     mesh = make_mesh(parse_mesh("1"))
-    model_fn = partial(MODELS["resnet50"], ds.image_shape, ds.num_classes, dtype=jax.numpy.bfloat16)
+    model_fn = partial(MODELS["resnet50"], ds.image_shape, ds.num_classes, dtype=jnp.bfloat16)
     graphdef, state, shardings, _ = create_state(model_fn, make_optimizer(lr=0.1), mesh, seed=0)
-    step, _ = compile_steps(graphdef, shardings, mesh, 0, 4, preprocess(ds))
+    train_step, _ = compile_steps(graphdef, shardings, mesh, 0, 4, preprocess(ds))
     data = next(train_batches(ds, batch, 0, range(1), mesh))
     start = time.perf_counter()
-    compiled = step.lower(state, data).compile()
+    compiled = train_step.lower(state, data).compile()
     compile_s = time.perf_counter() - start
     flops = (compiled.cost_analysis() or {}).get("flops")
-    state, seconds = timed_steps(compiled, state, data, steps)  # the program compiled above
-    peak = peak_flops()
+    box = {"state": state}
+
+    def step():
+        box["state"], box["metrics"] = compiled(box["state"], data)
+
+    for _ in range(3):  # warm up
+        step()
+    jax.block_until_ready(box)
+    seconds, spread = median_step_s(step, a.rounds, a.steps, lambda: jax.block_until_ready(box))
+    kind = jax.devices()[0].device_kind
+    peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
     return {
         "images_per_s": batch / seconds,
         "step_ms": seconds * 1e3,
+        "spread": spread,
         "compile_s": compile_s,
-        "flops_per_step": flops,
+        "gflops_per_image": flops / batch / 1e9 if flops else None,
         "mfu": flops / seconds / peak if flops and peak else None,
+        "loss": float(box["metrics"]["train_loss"]),
     }
 
 
-def jax_mlp_epoch(batch: int = 128) -> dict:
+def jax_mlp(a) -> dict:
+    import jax
+
+    from jaxpar.data import load_dataset, prefetch, preprocess, train_batches
+    from jaxpar.mesh import make_mesh, parse_mesh
+    from jaxpar.step import compile_steps, create_state, make_optimizer
+    from models import MODELS
+
     ds = load_dataset("synthetic:28x28x1:10")
     mesh = make_mesh(parse_mesh("1"))
     model_fn = partial(MODELS["mlp"], ds.image_shape, ds.num_classes)
     graphdef, state, shardings, _ = create_state(model_fn, make_optimizer(), mesh, seed=0)
-    step, _ = compile_steps(graphdef, shardings, mesh, 0, 4, preprocess(ds))
-    per_epoch = len(ds.train_labels) // batch
+    train_step, _ = compile_steps(graphdef, shardings, mesh, 0, 4, preprocess(ds))
+    per_epoch = len(ds.train_labels) // MLP_BATCH
     times = []
-    for epoch in range(2):  # the first epoch compiles
+    for epoch in range(1 + a.rounds):  # the first epoch compiles
         start, previous = time.perf_counter(), None
         steps = range(epoch * per_epoch, (epoch + 1) * per_epoch)
-        for data in prefetch(train_batches(ds, batch, 0, steps, mesh)):
-            state, m = step(state, data)
+        for data in prefetch(train_batches(ds, MLP_BATCH, 0, steps, mesh)):
+            state, m = train_step(state, data)
             if previous is not None:
                 float(previous["train_loss"])  # as jaxpar's loop: at most 2 steps in flight
             previous = m
         float(previous["train_loss"])
         times.append(time.perf_counter() - start)
-    return {"epoch_s": times[1], "first_epoch_s": times[0], "steps_per_epoch": per_epoch}
+    jax.block_until_ready(state)
+    return {"epoch_s": statistics.median(times[1:]), "first_epoch_s": times[0],
+            "steps_per_epoch": per_epoch}  # fmt: skip
 
 
-def torch_resnet50(image: int, classes: int, batch: int, steps: int) -> dict:
-    try:
-        import torch
-        import torchvision
-    except ImportError as e:
-        return {"skipped": f"{e.name} is not installed"}
-    if not torch.cuda.is_available():
-        return {"skipped": "PyTorch sees no GPU"}
-    model = torchvision.models.resnet50(num_classes=classes).cuda()
-    model = model.to(memory_format=torch.channels_last)
+def torch_resnet50(a, batch: int) -> dict:
+    import torch
+    import torchvision
+
+    torch.backends.cudnn.benchmark = True
+    model = torchvision.models.resnet50(num_classes=a.classes).to(a.torch_device)
+    model = torch.compile(model.to(memory_format=torch.channels_last))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
-    x = torch.randn(batch, 3, image, image, device="cuda").to(memory_format=torch.channels_last)
-    y = torch.randint(0, classes, (batch,), device="cuda")
+    x = torch.randn(batch, 3, a.image, a.image, device=a.torch_device)
+    x = x.to(memory_format=torch.channels_last)
+    y = torch.randint(0, a.classes, (batch,), device=a.torch_device)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(a.torch_device, dtype=torch.bfloat16):
             loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
 
-    step = torch.compile(step)
+    sync = torch.cuda.synchronize if a.torch_device == "cuda" else lambda: None
     start = time.perf_counter()
     for _ in range(3):  # compile and warm up
         step()
-    torch.cuda.synchronize()
+    sync()
     compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
-    return {"images_per_s": batch / seconds, "step_ms": seconds * 1e3, "compile_s": compile_s,
+    seconds, spread = median_step_s(step, a.rounds, a.steps, sync)
+    return {"images_per_s": batch / seconds, "step_ms": seconds * 1e3, "spread": spread,
+            "compile_s": compile_s, "torch": torch.__version__}  # fmt: skip
+
+
+def torch_mlp(a) -> dict:
+    """The seed's program: its MLP in nn.DataParallel, a shuffling DataLoader, SGD 0.01/0.9."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from jaxpar.data import load_dataset
+
+    ds = load_dataset("synthetic:28x28x1:10")
+    rows = np.arange(len(ds.train_labels))
+    x = torch.from_numpy(((ds.train_images[rows] / 255.0 - 0.5) / 0.25).astype(np.float32))
+    y = torch.from_numpy(ds.train_labels[rows].astype(np.int64))
+    net = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(512, 256), nn.PReLU(), nn.Linear(256, 10),
+    )  # fmt: skip
+    model = nn.DataParallel(net.to(a.torch_device))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x.permute(0, 3, 1, 2), y), batch_size=MLP_BATCH,
+        shuffle=True, drop_last=True,
+    )  # fmt: skip
+    loss_fn, times = nn.CrossEntropyLoss(), []
+    for _ in range(1 + a.rounds):  # the first epoch warms up
+        start = time.perf_counter()
+        for xb, yb in loader:
+            opt.zero_grad()
+            loss = loss_fn(model(xb.to(a.torch_device)), yb.to(a.torch_device))
+            loss.backward()
+            opt.step()
+        loss.item()
+        times.append(time.perf_counter() - start)
+    return {"epoch_s": statistics.median(times[1:]), "first_epoch_s": times[0],
             "torch": torch.__version__}  # fmt: skip
+
+
+def run_part(a) -> dict:
+    if a.part.startswith("torch"):
+        try:
+            import torch
+
+            if a.part == "torchvision":
+                import torchvision  # noqa: F401
+        except ImportError as e:
+            return {"skipped": f"{e.name} is not installed"}
+        a.torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+        if a.torch_device == "cpu" and not a.smoke:
+            return {"skipped": "PyTorch sees no GPU"}
+        return torch_resnet50(a, a.batch) if a.part == "torchvision" else torch_mlp(a)
+    from jaxpar.mesh import set_gpu_flags
+
+    set_gpu_flags()
+    import jax
+
+    about = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
+    if a.part == "mlp":
+        return {**about, **jax_mlp(a)}
+    batch = a.batch * (2 if a.part == "resnet50_batch_x2" else 1)
+    return {**about, "batch": batch, **jax_resnet50(a, batch, a.part == "resnet50_bn_fp32")}
+
+
+def table(results: dict, batch: int) -> str:
+    def line(name, r, unit="images/s"):
+        if "error" in r or "skipped" in r:
+            return f"{name:<34} {r.get('skipped') or r['error']}"
+        if "epoch_s" in r:
+            first = r["first_epoch_s"]
+            return f"{name:<34} {r['epoch_s']:8.2f} s/epoch  (first epoch {first:.1f} s)"
+        mfu = f"  MFU {r['mfu']:.1%}" if r.get("mfu") else ""
+        return (f"{name:<34} {r['images_per_s']:8.0f} {unit}  step {r['step_ms']:.1f} ms "
+                f"(spread {r['spread']:.3f}){mfu}  compile {r['compile_s']:.0f} s")  # fmt: skip
+
+    names = {
+        "resnet50": f"jaxpar ResNet-50 bf16, batch {batch}",
+        "torchvision": f"torchvision ResNet-50 bf16, batch {batch}",
+        "mlp": "jaxpar seed MLP, 50k rows",
+        "torch_mlp": "PyTorch seed program, 50k rows",
+        "resnet50_bn_fp32": "jaxpar ResNet-50, fp32 BN outputs",
+        "resnet50_batch_x2": f"jaxpar ResNet-50 bf16, batch {2 * batch}",
+    }
+    out = [line(names[p], r) for p, r in results.items()]
+    for text, a, b, key in [
+        ("jaxpar / torchvision ResNet-50 images/s", "resnet50", "torchvision", "images_per_s"),
+        ("bf16 / fp32 BatchNorm outputs images/s", "resnet50", "resnet50_bn_fp32", "images_per_s"),
+        ("seed MLP epoch time, PyTorch / jaxpar", "torch_mlp", "mlp", "epoch_s"),
+    ]:
+        if key in results.get(a, {}) and key in results.get(b, {}):
+            out.append(f"{text}: {results[a][key] / results[b][key]:.2f}x")
+    return "\n".join(out)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--deadline", type=float, default=420, help="seconds for all parts")
+    parser.add_argument("--out", help="also write the JSON here, and the parts' output to OUT.log")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: check the code anywhere")
-    args = parser.parse_args()
-    image, classes, batch, steps = (224, 1000, args.batch, args.steps)
-    if args.smoke:
-        image, classes, batch, steps = 32, 10, 8, 2
-    device = jax.devices()[0]
-    results = {
-        "device": device.device_kind,
-        "jax": jax.__version__,
-        "batch": batch,
-        "image": image,
-        "jaxpar_resnet50_bf16": jax_resnet50(image, classes, batch, steps),
-        "jaxpar_mlp_epoch": jax_mlp_epoch(),
-        "torchvision_resnet50_bf16": torch_resnet50(image, classes, batch, steps),
-    }
-    ours, theirs = results["jaxpar_resnet50_bf16"], results["torchvision_resnet50_bf16"]
-    print(f"device {results['device']}, jax {results['jax']}, batch {batch}, {image}px")
-    mfu = f", MFU {ours['mfu']:.1%}" if ours["mfu"] else ""
-    print(f"jaxpar ResNet-50 bf16: {ours['images_per_s']:.0f} images/s{mfu}")
-    if "images_per_s" in theirs:
-        print(f"torchvision ResNet-50 bf16 (torch.compile): {theirs['images_per_s']:.0f} images/s")
-    else:
-        print(f"torchvision ResNet-50: {theirs['skipped']}")
-    print(f"seed MLP, one epoch of 50,000 rows: {results['jaxpar_mlp_epoch']['epoch_s']:.2f} s")
-    print(json.dumps({"benchmark": "gpu", **results}, default=float))
+    parser.add_argument("--part", help=argparse.SUPPRESS)  # run one part in this process
+    a = parser.parse_args()
+    a.image, a.classes = 224, 1000
+    if a.smoke:
+        a.image, a.classes, a.batch, a.steps, a.rounds = 32, 10, 8, 2, 2
+    if a.part:
+        print("RESULT " + json.dumps(run_part(a)), flush=True)
+        return
+    parts = a.parts.split(",")
+    if unknown := set(parts) - set(PARTS):
+        parser.error(f"unknown parts {sorted(unknown)}; known: {', '.join(PARTS)}")
+    end, results = time.monotonic() + a.deadline, {}
+    for part in parts:
+        left = end - time.monotonic()
+        if left < 20:
+            results[part] = {"skipped": "no time left before --deadline"}
+            continue
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--part", part]
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+            lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+            results[part] = json.loads(lines[-1][7:]) if lines else {
+                "error": f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1:]}"}  # fmt: skip
+            if a.out:  # each part's own output, for when something goes wrong
+                with open(a.out + ".log", "a") as f:
+                    f.write(f"== {part}: exit {p.returncode}\n{p.stdout}{p.stderr}\n")
+        except subprocess.TimeoutExpired:
+            results[part] = {"error": f"still running at --deadline ({a.deadline:.0f} s)"}
+        print(f"[gpu] {part}: {json.dumps(results[part])}", flush=True)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(results, f, indent=1)
+    print(table(results, a.batch))
+    print(json.dumps({"benchmark": "gpu", "batch": a.batch, "results": results}))
 
 
 if __name__ == "__main__":
-    set_gpu_flags()
     main()

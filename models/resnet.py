@@ -31,14 +31,20 @@ def _conv(cin, cout, k, stride, dtype, rngs):
     )
 
 
-def _norm(channels, rngs, zero_scale=False):
-    """BatchNorm in float32 (statistics too), momentum as PyTorch's 0.1."""
+def _norm(channels, dtype, rngs, zero_scale=False):
+    """BatchNorm with PyTorch's momentum (0.1); parameters and statistics in float32.
+
+    Flax computes the batch statistics in float32 whatever ``dtype`` is; ``dtype`` is only the
+    output's. Performance is decided here: with bf16 outputs the activations between layers, and
+    those kept for the backward pass, take half the bytes (benchmarks/gpu.py --bn-fp32 measures
+    the float32-output variant).
+    """
     names = axes("conv_out")
     bn = nnx.BatchNorm(
         channels,
         momentum=0.9,
         epsilon=1e-5,
-        dtype=jnp.float32,
+        dtype=dtype,
         scale_init=nnx.initializers.zeros if zero_scale else nnx.initializers.ones,
         scale_metadata=names,
         bias_metadata=names,
@@ -53,7 +59,7 @@ def _shortcut(cin, cout, stride, dtype, rngs):
     """A 1x1 projection where the residual changes shape, else ``(None, None)``."""
     if stride == 1 and cin == cout:
         return nnx.data(None), nnx.data(None)
-    return _conv(cin, cout, 1, stride, dtype, rngs), _norm(cout, rngs)
+    return _conv(cin, cout, 1, stride, dtype, rngs), _norm(cout, dtype, rngs)
 
 
 class BasicBlock(nnx.Module):
@@ -61,9 +67,9 @@ class BasicBlock(nnx.Module):
 
     def __init__(self, cin, width, stride, *, dtype, rngs):
         cout = width * self.expansion
-        self.conv1, self.bn1 = _conv(cin, width, 3, stride, dtype, rngs), _norm(width, rngs)
+        self.conv1, self.bn1 = _conv(cin, width, 3, stride, dtype, rngs), _norm(width, dtype, rngs)
         self.conv2 = _conv(width, cout, 3, 1, dtype, rngs)
-        self.bn2 = _norm(cout, rngs, zero_scale=True)
+        self.bn2 = _norm(cout, dtype, rngs, zero_scale=True)
         self.shortcut, self.shortcut_bn = _shortcut(cin, cout, stride, dtype, rngs)
 
     def __call__(self, x, train):
@@ -79,10 +85,11 @@ class Bottleneck(nnx.Module):
 
     def __init__(self, cin, width, stride, *, dtype, rngs):
         cout = width * self.expansion
-        self.conv1, self.bn1 = _conv(cin, width, 1, 1, dtype, rngs), _norm(width, rngs)
-        self.conv2, self.bn2 = _conv(width, width, 3, stride, dtype, rngs), _norm(width, rngs)
+        self.conv1, self.bn1 = _conv(cin, width, 1, 1, dtype, rngs), _norm(width, dtype, rngs)
+        self.conv2 = _conv(width, width, 3, stride, dtype, rngs)
+        self.bn2 = _norm(width, dtype, rngs)
         self.conv3 = _conv(width, cout, 1, 1, dtype, rngs)
-        self.bn3 = _norm(cout, rngs, zero_scale=True)
+        self.bn3 = _norm(cout, dtype, rngs, zero_scale=True)
         self.shortcut, self.shortcut_bn = _shortcut(cin, cout, stride, dtype, rngs)
 
     def __call__(self, x, train):
@@ -119,7 +126,7 @@ class ResNet(nnx.Module):
         self.small_stem = height <= 32
         k, stride = (3, 1) if self.small_stem else (7, 2)
         self.stem = _conv(channels, width, k, stride, dtype, rngs)
-        self.stem_bn = _norm(width, rngs)
+        self.stem_bn = _norm(width, dtype, rngs)
         blocks, cin = [], width
         for i, n in enumerate(stage_sizes):
             for j in range(n):
