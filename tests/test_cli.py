@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 import train as cli
@@ -138,6 +139,39 @@ def test_bf16_computes_matmuls_in_bf16_and_keeps_fp32_parameters():
     program = run.train_step.lower(state, batch).as_text()
     dots = [line for line in program.splitlines() if "dot_general" in line]
     assert dots and all("bf16" in line for line in dots)
+
+
+def test_bf16_resnet_convolves_in_bf16_and_keeps_fp32_statistics():
+    from jaxpar import Config
+    from jaxpar.data import train_batches
+    from jaxpar.loop import setup
+
+    run = setup(Config(model="resnet8", dataset="synthetic:8x8x3:10", precision="bf16", mesh="2"))
+    state = run.init()
+    batch = next(train_batches(run.ds, 16, 0, range(1), run.mesh))
+    program = run.train_step.lower(state, batch).as_text().splitlines()
+    convs = [line for line in program if "convolution" in line]
+    assert convs and all("bf16" in line for line in convs)
+
+    def stats(state):  # BatchNorm's running mean and variance, by path
+        leaves = jax.tree_util.tree_leaves_with_path(state[0])
+        return {str(p): np.asarray(x) for p, x in leaves if p[-1].key in ("mean", "var")}
+
+    before = stats(state)
+    state, metrics = run.train_step(state, batch)
+    after = stats(state)
+    assert np.isfinite(float(metrics["train_loss"]))
+    assert before and {x.dtype.name for x in after.values()} == {"float32"}
+    assert all(not np.array_equal(before[k], after[k]) for k in before)  # updated, in float32
+    assert {x.dtype.name for x in jax.tree.leaves(state)} <= {"float32", "uint32"}
+    # Activations leave BatchNorm in bf16: half the bytes between layers (benchmarks/gpu.py).
+    from flax import nnx
+
+    from models import MODELS
+
+    net = MODELS["resnet8"]((8, 8, 3), 10, dtype=jax.numpy.bfloat16, rngs=nnx.Rngs(0))
+    y = net.stem_bn(net.stem(np.ones((2, 8, 8, 3), np.float32)), use_running_average=False)
+    assert y.dtype.name == "bfloat16" and net.stem_bn.mean.dtype.name == "float32"
 
 
 def test_gpu_flags_respect_the_user(monkeypatch):
