@@ -19,7 +19,8 @@ FLAGS = [  # (flag, type, or a list of choices, help); defaults come from jaxpar
     (
         "--dataset",
         str,
-        "digits (embedded), mnist, fashion_mnist, cifar10, cifar100, synthetic[:HxWxC:K]",
+        "digits (embedded), mnist, fashion_mnist, cifar10, cifar100, imagenet2012, "
+        "synthetic[:HxWxC:K]",
     ),  # fmt: skip
     ("--data-dir", str, "directory of the dataset's files"),
     ("--epochs", int, "passes over the training set"),
@@ -39,6 +40,7 @@ FLAGS = [  # (flag, type, or a list of choices, help); defaults come from jaxpar
     ("--restart", bool, "start over in a used workdir, moving its run into previous-DATE/"),
     ("--eval-every", int, "steps between evaluations (0: every epoch)"),
     ("--log-every", int, "steps per training line of metrics.jsonl"),
+    ("--steps-per-dispatch", int, "steps run as one XLA program: >1 speeds up tiny models"),
     ("--profile-steps", str, "A:B: write a JAX profiler trace of steps A to B to WORKDIR/profile"),
     (
         "--dry-run",

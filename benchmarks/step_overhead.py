@@ -3,7 +3,8 @@
 The hand-written step is what a user would write without jaxpar: a dict of parameters, a pure
 `apply`, optax, and `jax.jit` with shardings and donation. Both run in this process, interleaved
 in rounds, on the same pre-built device batch, blocking every few steps (as jaxpar's loop does);
-the figure that matters is the ratio, since this machine is shared and noisy.
+the figure that matters is the ratio, since this machine is shared and noisy. A third contender is
+jaxpar with ``--steps-per-dispatch K``: K steps per call (a ``lax.scan`` over K stacked batches).
 
     python benchmarks/step_overhead.py            # prints a table, then one JSON line
     python benchmarks/step_overhead.py --steps 400 --rounds 7 --meshes 1 4 2x2
@@ -86,24 +87,24 @@ def hand_written(mesh, din, classes, seed=0):
     return state, jitted
 
 
-def jaxpar_step(mesh, ds):
+def jaxpar_step(mesh, ds, stacked=False):
     model_fn = partial(MLP, ds.image_shape, ds.num_classes)
     graphdef, state, shardings, _ = create_state(model_fn, make_optimizer(), mesh, seed=0)
-    train_step, _ = compile_steps(graphdef, shardings, mesh, seed=0, image_ndim=4)
+    train_step, _ = compile_steps(graphdef, shardings, mesh, 0, image_ndim=4, stacked=stacked)
     return state, train_step
 
 
-def timed(state, step, batch, steps, block_every=16):
-    """Seconds per step; blocks every `block_every` steps to bound the steps in flight."""
+def timed(state, step, batch, steps, per_call=1, block_every=16):
+    """Seconds per step; blocks every `block_every` calls to bound the steps in flight."""
     state, m = step(state, batch)  # compile and warm up
     jax.block_until_ready(m)
     start = time.perf_counter()
-    for i in range(steps):
+    for i in range(steps // per_call):
         state, m = step(state, batch)
         if (i + 1) % block_every == 0:
             jax.block_until_ready(m)
     jax.block_until_ready(m)
-    return state, (time.perf_counter() - start) / steps
+    return state, (time.perf_counter() - start) / (steps // per_call * per_call)
 
 
 def main():
@@ -112,42 +113,55 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--meshes", nargs="+", default=["1", "4", "2x2"])
+    parser.add_argument("--steps-per-dispatch", type=int, default=8)
     args = parser.parse_args()
     ds = load_digits()
     data = {"image": ds.train_images, "label": ds.train_labels}
-    rows = []
+    rows, k = [], args.steps_per_dispatch
     for text in args.meshes:
         mesh = make_mesh(parse_mesh(text))
-        batch = device_batch(data, train_indices(ds, args.batch_size, 0, 0), mesh)
+        rows_k = np.stack([train_indices(ds, args.batch_size, 0, s) for s in range(k)])
+        batches = {
+            "hand": device_batch(data, rows_k[0], mesh),
+            "jaxpar": device_batch(data, rows_k[0], mesh),
+            "jaxpar_k": device_batch(data, rows_k, mesh),
+        }
         din = int(np.prod(ds.image_shape))
         contenders = {
             "hand": hand_written(mesh, din, ds.num_classes),
             "jaxpar": jaxpar_step(mesh, ds),
+            "jaxpar_k": jaxpar_step(mesh, ds, stacked=True),
         }
         times = {name: [] for name in contenders}
-        for r in range(args.rounds):  # interleaved, order alternating: drift hits both alike
+        for r in range(args.rounds):  # interleaved, order alternating: drift hits all alike
             for name in sorted(contenders, reverse=r % 2 == 1):
                 state, step = contenders[name]
-                state, t = timed(state, step, batch, args.steps)
+                per_call = k if name == "jaxpar_k" else 1
+                state, t = timed(state, step, batches[name], args.steps, per_call)
                 contenders[name] = (state, step)
                 times[name].append(t)
-        hand, ours = np.median(times["hand"]), np.median(times["jaxpar"])
+        hand, ours, many = (np.median(times[n]) for n in ("hand", "jaxpar", "jaxpar_k"))
         rows.append(
             {
                 "mesh": text,
                 "hand_ms": round(hand * 1e3, 3),
                 "jaxpar_ms": round(ours * 1e3, 3),
                 "ratio": round(ours / hand, 3),
+                "jaxpar_k_ms": round(many * 1e3, 3),
+                "k_ratio": round(many / hand, 3),
             }
         )
-    print(f"{'mesh':>6} {'hand-written ms':>16} {'jaxpar ms':>10} {'jaxpar/hand':>12}")
+    print(f"{'mesh':>6} {'hand-written ms':>16} {'jaxpar ms':>10} {'jaxpar/hand':>12} "
+          f"{f'jaxpar x{k} ms':>14} {f'x{k}/hand':>9}")  # fmt: skip
     for r in rows:
-        print(f"{r['mesh']:>6} {r['hand_ms']:>16.3f} {r['jaxpar_ms']:>10.3f} {r['ratio']:>12.3f}")
+        print(f"{r['mesh']:>6} {r['hand_ms']:>16.3f} {r['jaxpar_ms']:>10.3f} {r['ratio']:>12.3f} "
+              f"{r['jaxpar_k_ms']:>14.3f} {r['k_ratio']:>9.3f}")  # fmt: skip
     meta = {
         "jax": jax.__version__,
         "devices": jax.device_count(),
         "platform": jax.default_backend(),
     }
+    meta["steps_per_dispatch"] = k
     print(json.dumps({"benchmark": "step_overhead", **meta, "steps": args.steps, "rows": rows}))
 
 

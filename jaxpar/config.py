@@ -32,6 +32,7 @@ class Config:
     restart: bool = False  # move a previous run in --workdir aside and start over
     eval_every: int = 0  # 0: once per epoch
     log_every: int = 10
+    steps_per_dispatch: int = 1  # >1: that many steps in one program (lax.scan), for tiny models
     profile_steps: str | None = None  # "A:B": JAX profiler trace of steps A to B
     dry_run: bool = False  # print the plan (placement, memory, collectives) and stop
     coordinator: str | None = None  # HOST:PORT of process 0 in a multi-process job
@@ -74,6 +75,10 @@ class Config:
             f"--profile-steps must be A:B with 0 <= A < B, got {self.profile_steps!r}",
         )
         need(self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}")
+        need(
+            self.steps_per_dispatch >= 1,
+            f"--steps-per-dispatch must be at least 1, got {self.steps_per_dispatch}",
+        )
         return self
 
     def profile_range(self) -> tuple[int, int] | None:

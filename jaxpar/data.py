@@ -11,8 +11,9 @@ per-dataset statistics and augmented on the devices, inside the jitted step (`pr
 Augmentation draws from ``fold_in(key(seed), step)``, so it is the same on every mesh too.
 
 Datasets: ``digits`` (embedded), ``mnist``, ``fashion_mnist`` (IDX files in ``--data-dir``, or
-tensorflow-datasets), ``cifar10``, ``cifar100`` (tensorflow-datasets), ``synthetic``
-(``synthetic:HxWxC:K``, for benchmarks).
+tensorflow-datasets), ``cifar10``, ``cifar100`` (tensorflow-datasets, read into memory),
+``imagenet2012`` (tensorflow-datasets, streamed and cropped on the host: `jaxpar.imagenet`),
+``synthetic`` (``synthetic:HxWxC:K``, for benchmarks).
 """
 
 import dataclasses
@@ -152,21 +153,37 @@ TFDS = {  # name: (test split, mean, std, augment)
     "fashion_mnist": ("test", (0.2860,), (0.3530,), False),
     "cifar10": ("test", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
     "cifar100": ("test", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
+    "imagenet2012": (
+        "validation",
+        (0.485, 0.456, 0.406),
+        (0.229, 0.224, 0.225),
+        False,
+    ),  # crops on the host
 }
 
 
-def _read_tfds(name: str, split: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
+def _open_tfds(name: str, split: str, data_dir):
+    """The random-access tfds source of a prepared split (ArrayRecord files, no TensorFlow)."""
     import tensorflow_datasets as tfds
 
     try:
-        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # noqa: BLE001 - tfds raises many kinds for "not prepared"
         where = data_dir or "tensorflow-datasets' default data directory"
+        manual = (
+            " --manual_dir DIR_WITH_ILSVRC2012_img_train.tar_AND_img_val.tar (from image-net.org)"
+            if name == "imagenet2012"
+            else ""
+        )
         raise UserError(
             f"{name}: no prepared {split} split in {where} ({type(e).__name__}); prepare it on a "
             f"machine with network: pip install 'jaxpar[prepare]' && tfds build {name} "
-            f"--data_dir DIR --file_format array_record, then pass --data-dir DIR"
+            f"--data_dir DIR --file_format array_record{manual}, then pass --data-dir DIR"
         ) from None
+
+
+def _read_tfds(name: str, split: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
+    source = _open_tfds(name, split, data_dir)
     records = [source[i] for i in range(len(source))]
     images = np.stack([r["image"] for r in records]).astype(np.uint8)
     return images, np.array([r["label"] for r in records], np.int32)
@@ -174,6 +191,11 @@ def _read_tfds(name: str, split: str, data_dir) -> tuple[np.ndarray, np.ndarray]
 
 def load_tfds(name: str, data_dir=None) -> Dataset:
     test_split, mean, std, augment = TFDS[name]
+    if name == "imagenet2012":  # streamed: too large for memory
+        from jaxpar.imagenet import Records
+
+        train, test = (Records(_open_tfds(name, s, data_dir)) for s in ("train", test_split))
+        return Dataset(name, train.images, train.labels, test.images, test.labels, 1000, mean, std)
     idx = (
         load_idx(Path(data_dir), name) if data_dir and name in ("mnist", "fashion_mnist") else None
     )
@@ -222,25 +244,55 @@ def train_indices(ds: Dataset, batch_size: int, seed: int, step: int) -> np.ndar
     return _permutation(seed, epoch, len(ds.train_labels))[i * batch_size : (i + 1) * batch_size]
 
 
-def device_batch(arrays: dict, rows: np.ndarray, mesh) -> dict[str, jax.Array]:
-    """Global arrays of `arrays[rows]`, batch-sharded over the mesh.
+def device_batch(arrays: dict, rows: np.ndarray, mesh, seeds=None) -> dict[str, jax.Array]:
+    """Global arrays of ``arrays[k][rows]``, batch-sharded over the mesh.
 
-    Each device's callback gathers only that device's rows, so a process materialises only the part
-    of the batch its devices hold.
+    `rows` is one batch's ``(B,)`` or a stack of batches' ``(K, B)``. Each process reads only the
+    row blocks of its own devices, each block once (devices that differ only along ``model`` hold
+    the same block). `seeds`, shaped like `rows` plus a last axis, seed the host-side augmentation
+    of sources that have one (``source.read(rows, seeds)``, e.g. ImageNet's crops).
     """
+    n = rows.ndim
+    spans = lambda index: tuple((s.start, s.stop) for s in index[:n])  # noqa: E731 - a dict key
+    blocks = batch_sharding(mesh, n, stacked=n == 2).addressable_devices_indices_map(rows.shape)
+    blocks = {spans(i): i for i in blocks.values()}
+    read = {
+        k: {
+            b: _read(source, rows[i], None if seeds is None else seeds[i])
+            for b, i in blocks.items()
+        }
+        for k, source in arrays.items()
+    }  # in order: a source may read labels with its images
 
-    def one(source):
-        shape = (len(rows), *source.shape[1:])
-        sharding = batch_sharding(mesh, len(shape))
-        return jax.make_array_from_callback(shape, sharding, lambda idx: source[rows[idx[0]]])
+    def one(k):
+        shape = (*rows.shape, *next(iter(read[k].values())).shape[n:])
+        sharding = batch_sharding(mesh, len(shape), stacked=n == 2)
+        return jax.make_array_from_callback(shape, sharding, lambda i: read[k][spans(i)])
 
-    return {k: one(v) for k, v in arrays.items()}
+    return {k: one(k) for k in arrays}
 
 
-def train_batches(ds: Dataset, batch_size: int, seed: int, steps: range, mesh):
+def _read(source, rows, seeds):
+    return source.read(rows, seeds) if hasattr(source, "read") else source[rows]
+
+
+def train_batches(ds: Dataset, batch_size: int, seed: int, steps, mesh):
+    """The device batch of each step in `steps`; an item that is a range gives its steps' batches
+    stacked (leading axis: steps) for one multi-step dispatch. Host-side augmentation is seeded
+    by (seed, step, position in the global batch)."""
     arrays = {"image": ds.train_images, "label": ds.train_labels}
-    for step in steps:
-        yield device_batch(arrays, train_indices(ds, batch_size, seed, step), mesh)
+    position = np.arange(batch_size)
+
+    def rows_and_seeds(step):
+        seeds = np.stack([np.full(batch_size, seed), step * batch_size + position], -1)
+        return train_indices(ds, batch_size, seed, step), seeds
+
+    for s in steps:
+        if isinstance(s, range):
+            rows, seeds = (np.stack(x) for x in zip(*map(rows_and_seeds, s), strict=True))
+        else:
+            rows, seeds = rows_and_seeds(s)
+        yield device_batch(arrays, rows, mesh, seeds)
 
 
 def prefetch(batches, depth: int = 2):

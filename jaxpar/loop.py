@@ -74,6 +74,7 @@ class Run:
     replicated: list
     train_step: object
     eval_step: object
+    train_steps: object  # several steps in one program: batches stacked on a leading axis
 
     @functools.cached_property
     def about(self) -> dict:
@@ -118,12 +119,12 @@ def setup(cfg: Config) -> Run:
     graphdef, abstract = abstract_state(model_fn, tx, cfg.seed)
     shardings, replicated = state_shardings(abstract, mesh)
     ndim = 1 + len(ds.image_shape)
-    steps = compile_steps(graphdef, shardings, mesh, cfg.seed, ndim, preprocess(ds))
+    compile = partial(compile_steps, graphdef, shardings, mesh, cfg.seed, ndim, preprocess(ds))
     init = partial(init_state, model_fn, tx, shardings, cfg.seed)
     schedule = make_schedule(cfg.lr, cfg.schedule, cfg.warmup_steps, total)
     return Run(
         cfg, spec, mesh, ds, per_epoch, total, schedule, init, abstract, shardings, replicated,
-        *steps,
+        *compile(), compile(stacked=True)[0],
     )  # fmt: skip
 
 
@@ -228,24 +229,48 @@ def train(cfg: Config) -> dict:
     return last_eval
 
 
+def dispatches(first: int, total: int, most: int, every=(), marks=()) -> list[range]:
+    """Steps ``[first, total)`` grouped into dispatches of at most `most` steps each.
+
+    A dispatch ends after each multiple of a period in `every` (evaluation, checkpoints) and
+    before each step in `marks` (profiling), so those happen after the same steps whatever
+    `most` is; each distinct length compiles once.
+
+    >>> dispatches(3, 14, 4, every=[5])
+    [range(3, 5), range(5, 9), range(9, 10), range(10, 14)]
+    """
+    plan, step = [], first
+    while step < total:
+        ends = [total, step + most, *((step // e + 1) * e for e in every if e)]
+        end = min(ends + [m for m in marks if m > step])
+        plan.append(range(step, end))
+        step = end
+    return plan
+
+
 def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", profile_dir) -> dict:
     cfg, log = run.cfg, window.log
     eval_every = cfg.eval_every or run.per_epoch
     eval_data = list(eval_batches(run.ds, cfg.batch_size, run.mesh))  # kept on the devices
-    steps = range(first, run.total)
-    batches = prefetch(train_batches(run.ds, cfg.batch_size, cfg.seed, steps, run.mesh))
+    # Performance is decided here for tiny models: one dispatch per step costs more host time
+    # than their step computes; --steps-per-dispatch K runs K steps as one program.
+    plan = dispatches(first, run.total, cfg.steps_per_dispatch, (eval_every, cfg.checkpoint_every),
+                      cfg.profile_range() or ())  # fmt: skip
+    items = [r if len(r) > 1 else r.start for r in plan]  # ranges get stacked batches
+    batches = prefetch(train_batches(run.ds, cfg.batch_size, cfg.seed, items, run.mesh))
     bar = tqdm(
         initial=first, total=run.total, disable=not sys.stderr.isatty() or jax.process_index()
     )
     last_eval, profile = log.last("eval_accuracy"), Profile(cfg.profile_range(), profile_dir)
     with stop_on_signals() as stop:
-        for step, batch in zip(steps, batches, strict=True):
-            profile.before(step)
-            state, metrics = run.train_step(state, batch)
-            profile.after(step, state)
-            window.push(step + 1, metrics)  # Sync point: reads the previous step's loss.
-            done = step + 1
-            bar.update()
+        for steps, batch in zip(plan, batches, strict=True):
+            profile.before(steps.start)
+            train = run.train_step if len(steps) == 1 else run.train_steps
+            state, metrics = train(state, batch)
+            done = steps.stop
+            profile.after(done, state)
+            window.push(done, metrics)  # Sync point: reads the previous dispatch's losses.
+            bar.update(len(steps))
             if done % eval_every == 0 or done == run.total:
                 window.flush()
                 last_eval = log.write(done, **evaluate(run.eval_step, state, eval_data))
@@ -278,8 +303,8 @@ class Profile:
         if step == self.first:
             jax.profiler.start_trace(self.directory)
 
-    def after(self, step: int, state) -> None:
-        if step + 1 == self.end:
+    def after(self, done: int, state) -> None:
+        if done == self.end:
             jax.block_until_ready(state)
             jax.profiler.stop_trace()
 
@@ -305,9 +330,9 @@ class Window:
         self.since, self.timed = time.time(), 0  # examples/s counts the steps timed here only
 
     def push(self, step: int, metrics) -> None:
-        """Hold this step's metrics and record the previous step's: reading them waits for that
-        step only, so at most 2 steps are in flight (CPU-emulated devices deadlock with 100+)
-        and logging never stalls the devices."""
+        """Hold this dispatch's metrics and record the previous one's: reading them waits for
+        that dispatch only, so at most 2 are in flight (CPU-emulated devices deadlock with 100+
+        queued steps) and logging never stalls the devices."""
         self.flush()
         self.pending = (step, metrics)
 
@@ -316,9 +341,17 @@ class Window:
             self.add(*self.pending)
             self.pending = None
 
-    def add(self, step: int, metrics) -> None:
-        self.last = float(fetch(metrics["train_loss"]))  # blocks until that step is done
-        grad_norm = float(fetch(metrics["grad_norm"]))
+    def add(self, done: int, metrics) -> None:
+        """Record the steps that end at step `done` (one, or several of one dispatch)."""
+        losses = np.atleast_1d(fetch(metrics["train_loss"]))  # blocks until those steps are done
+        norms = np.atleast_1d(fetch(metrics["grad_norm"]))
+        for step, loss, norm in zip(
+            range(done - len(losses) + 1, done + 1), losses, norms, strict=True
+        ):
+            self.record(step, float(loss), float(norm))
+
+    def record(self, step: int, loss: float, grad_norm: float) -> None:
+        self.last = loss
         if not (np.isfinite(self.last) and np.isfinite(grad_norm)):
             raise Diverged(f"the loss is {self.last} and the gradient norm {grad_norm} at step "
                            f"{step}; stopped, nothing of it saved. Resume from the last checkpoint "

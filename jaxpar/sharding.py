@@ -135,9 +135,14 @@ def spec_table(shardings, prefix: str = "") -> dict[str, PartitionSpec]:
     return table
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-    """Leading (batch) dimension over ``RULES['batch']``, every other dimension whole."""
-    return NamedSharding(mesh, PartitionSpec(RULES["batch"], *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int = 1, stacked: bool = False) -> NamedSharding:
+    """Leading (batch) dimension over ``RULES['batch']``, every other dimension whole.
+
+    `stacked`: the batch is the second dimension, after one that indexes the steps of a
+    multi-step dispatch (each device holds its rows of every step).
+    """
+    spec = (None, RULES["batch"]) if stacked else (RULES["batch"],)
+    return NamedSharding(mesh, PartitionSpec(*spec, *([None] * (ndim - len(spec)))))
 
 
 def check_batch(batch_size: int, mesh: Mesh) -> None:

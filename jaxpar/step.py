@@ -128,27 +128,37 @@ def eval_step(state, batch, *, graphdef, prepare):
     }
 
 
-def _batch_shardings(mesh, batch_ndims: dict[str, int]):
-    return {k: batch_sharding(mesh, n) for k, n in batch_ndims.items()}
+def train_steps(state, batches, **step_args):
+    """`train_step` for each of a stack of batches (leading axis: steps), in one program."""
+    return jax.lax.scan(partial(train_step, **step_args), state, batches)
+
+
+def _batch_shardings(mesh, batch_ndims: dict[str, int], stacked: bool = False):
+    return {k: batch_sharding(mesh, n + stacked, stacked) for k, n in batch_ndims.items()}
 
 
 def _as_float(images, key=None):
     return images.astype(jnp.float32)
 
 
-def compile_steps(graphdef, shardings, mesh, seed: int, image_ndim: int, prepare=_as_float):
+def compile_steps(
+    graphdef, shardings, mesh, seed: int, image_ndim: int, prepare=_as_float, stacked=False
+):
     """``(train_step, eval_step)`` jitted with explicit in/out shardings.
 
     `prepare(images, key=None)` turns stored images into model inputs on the devices (see
     `jaxpar.data.preprocess`). The train step donates the state: XLA updates parameters and
-    optimizer state in place.
+    optimizer state in place. With `stacked`, the train step is `train_steps`: batches stacked on
+    a leading steps axis, metrics returned per step.
     """
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    train_batch = _batch_shardings(mesh, {"image": image_ndim, "label": 1})
+    train_batch = _batch_shardings(mesh, {"image": image_ndim, "label": 1}, stacked)
     eval_batch = _batch_shardings(mesh, {"image": image_ndim, "label": 1, "mask": 1})
+    keys = tuple(_keys(seed)[1:])  # computed outside jit: the step holds them as constants
     train = jax.jit(
-        # The base keys are computed here, outside jit, so the step holds them as constants.
-        partial(train_step, graphdef=graphdef, keys=tuple(_keys(seed)[1:]), prepare=prepare),
+        partial(
+            train_steps if stacked else train_step, graphdef=graphdef, keys=keys, prepare=prepare
+        ),
         in_shardings=(shardings, train_batch),
         out_shardings=(shardings, replicated),
         donate_argnums=0,

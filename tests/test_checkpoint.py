@@ -20,6 +20,7 @@ from jaxpar import Config
 from jaxpar import train as train_run
 from jaxpar.checkpoint import Checkpoints
 from jaxpar.checkpoint import main as list_checkpoints
+from jaxpar.loop import dispatches
 from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.sharding import state_shardings
 from jaxpar.step import abstract_state, make_optimizer
@@ -87,6 +88,29 @@ def test_interrupted_then_resumed_on_another_mesh_equals_uninterrupted(case, tmp
     train_run(Config(**common, mesh="fsdp=4,model=2", steps=16, workdir=str(tmp_path / "b")))
     assert_same_run(metrics(tmp_path / "b"), metrics(tmp_path / "a"), after=9)
     assert (tmp_path / "b" / "config.before-step-9.json").exists()
+
+
+def test_dispatches_end_where_evaluation_checkpoints_and_profiling_need():
+    plan = dispatches(0, 20, 8, every=(7, 0, 10), marks=(3, 12))
+    assert [(r.start, r.stop) for r in plan] == [(0, 3), (3, 7), (7, 10), (10, 12), (12, 14),
+                                                 (14, 20)]  # fmt: skip
+    assert dispatches(5, 9, 1) == [range(5, 6), range(6, 7), range(7, 8), range(8, 9)]
+    assert dispatches(9, 9, 4) == []
+
+
+def test_several_steps_per_dispatch_give_the_same_run_and_resume(tmp_path):
+    common = dict(CASES["mlp"], log_every=3, eval_every=7, checkpoint_every=5)
+    train_run(Config(**common, mesh="2x2", steps=16, workdir=str(tmp_path / "a")))
+    train_run(
+        Config(**common, mesh="2x2", steps=9, steps_per_dispatch=4, workdir=str(tmp_path / "b"))
+    )
+    # resumed with another dispatch length, on another mesh
+    train_run(
+        Config(**common, mesh="2", steps=16, steps_per_dispatch=3, workdir=str(tmp_path / "b"))
+    )
+    resumed = [x for x in metrics(tmp_path / "b") if x["step"] != 9 or "train_loss" in x]
+    assert_same_run(resumed, metrics(tmp_path / "a"), after=0)  # less the evaluation at the stop
+    assert sorted(int(p.name) for p in (tmp_path / "b" / "checkpoints").iterdir()) == [10, 15, 16]
 
 
 def cli_run(*args, **kwargs):

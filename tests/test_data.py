@@ -65,6 +65,8 @@ def test_missing_tfds_data_says_how_to_get_it(tmp_path, capsys):
         load_dataset("cifar10", str(tmp_path))
     assert cli.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--steps", "1"]) == 2
     assert "no prepared train split" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--manual_dir DIR_WITH_ILSVRC2012_img_train.tar"):
+        load_dataset("imagenet2012", str(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -77,6 +79,58 @@ def test_tfds_datasets_train_one_real_step(name, shape, model, tmp_path):
         assert ds.augment == (name == "cifar10")
         args = ["--dataset", name, "--model", model, "--steps", "1", "--batch-size", "16"]
         assert cli.main([*args, "--mesh", "2x2", "--workdir", str(tmp_path)]) == 0
+
+
+class Counting:
+    """A data source that counts its reads."""
+
+    def __init__(self, source):
+        self.source, self.reads = source, 0
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.source[i]
+
+
+def test_imagenet_streams_seeded_crops_the_same_on_every_mesh(tmp_path):
+    with tfds.testing.mock_data(num_examples=48):  # random JPEG-decoded images of random sizes
+        ds = load_dataset("imagenet2012")
+        assert ds.image_shape == (224, 224, 3) and ds.num_classes == 1000
+        assert not isinstance(ds.train_images, np.ndarray)  # nothing read up front
+        records = ds.train_images.read.__self__
+        records.source = Counting(records.source)
+        one, grid = make_mesh(parse_mesh("1")), make_mesh(parse_mesh("2x2"))
+        a = next(train_batches(ds, 16, 5, [3], one))
+        reads = records.source.reads
+        b = next(train_batches(ds, 16, 5, [3], grid))
+        assert reads == records.source.reads - reads == 16  # each row once, labels included
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+        rows, seeds = train_indices(ds, 16, 5, 3), np.stack([np.full(16, 5), np.arange(16)], -1)
+        read = ds.train_images.read
+        np.testing.assert_array_equal(read(rows, seeds), read(rows, seeds))
+        assert not np.array_equal(read(rows, seeds), read(rows, seeds + [0, 16]))  # other step
+        evals = [np.asarray(next(eval_batches(ds, 16, m))["image"]) for m in (one, grid)]
+        np.testing.assert_array_equal(*evals)
+        args = ["--dataset", "imagenet2012", "--model", "resnet8", "--steps", "2"]
+        args += ["--batch-size", "8", "--mesh", "2x2", "--workdir", str(tmp_path)]
+        assert cli.main(args) == 0
+
+
+def test_random_resized_crop_is_seeded_and_handles_extreme_shapes():
+    from jaxpar.imagenet import center_crop, random_resized_crop
+
+    image = np.random.default_rng(0).integers(0, 256, (300, 500, 3), np.uint8)
+    crop = lambda s, img=image: random_resized_crop(img, np.random.default_rng(s))  # noqa: E731
+    np.testing.assert_array_equal(crop(1), crop(1))
+    assert not np.array_equal(crop(1), crop(2))
+    for shape in [(4000, 3, 3), (3, 4000, 3), (1, 1, 3)]:  # falls back to a central box
+        assert crop(0, np.full(shape, 7, np.uint8)).shape == (224, 224, 3)
+    assert center_crop(image).shape == (224, 224, 3)
+    assert center_crop(np.full((64, 48, 3), 9, np.uint8)).max() == 9
 
 
 def test_synthetic_any_shape():
@@ -105,6 +159,18 @@ def test_resuming_mid_epoch_gives_the_same_next_batches():
         np.testing.assert_array_equal(np.asarray(a["label"]), np.asarray(b["label"]))
     epochs = {tuple(sorted(train_indices(ds, 100, 7, s))) for s in range(14)}
     assert len(epochs) == 14  # 14 batches per epoch, no row repeated within an epoch
+
+
+def test_stacked_batches_hold_each_steps_batch_sharded_by_rows():
+    ds, mesh = digits(), make_mesh(parse_mesh("2x2"))
+    [stacked] = train_batches(ds, 64, 3, [range(5, 8)], mesh)
+    singles = list(train_batches(ds, 64, 3, range(5, 8), mesh))
+    image = stacked["image"]
+    assert image.shape == (3, 64, 8, 8, 1)
+    assert image.sharding.shard_shape(image.shape) == (3, 32, 8, 8, 1)  # data=2 splits the rows
+    for i, single in enumerate(singles):
+        np.testing.assert_array_equal(np.asarray(image[i]), np.asarray(single["image"]))
+        np.testing.assert_array_equal(np.asarray(stacked["label"][i]), np.asarray(single["label"]))
 
 
 @pytest.mark.parametrize("mesh", ["8", "2x4"])
