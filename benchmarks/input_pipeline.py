@@ -7,6 +7,7 @@ on one batch already on the devices. The input-wait share is ``1 - t_no_input / 
 
     python benchmarks/input_pipeline.py                 # MLP on MNIST size, ResNet-18 on CIFAR size
     python benchmarks/input_pipeline.py --mesh 2x2 --rounds 5
+    python benchmarks/input_pipeline.py --steps-per-dispatch 8 --cases mlp/mnist-size
 """
 
 import argparse
@@ -31,12 +32,15 @@ CASES = {  # model, dataset, global batch, steps per round
 }
 
 
-def run_case(model, dataset, batch_size, steps, mesh, rounds):
+def run_case(model, dataset, batch_size, steps, mesh, rounds, k=1):
+    """With `k` > 1, `k` steps per dispatch (stacked batches), as ``--steps-per-dispatch``."""
+    steps = -(-steps // k) * k
     ds = load_dataset(dataset)
     model_fn = partial(MODELS[model], ds.image_shape, ds.num_classes)
     graphdef, state, shardings, _ = create_state(model_fn, make_optimizer(), mesh, seed=0)
-    step, _ = compile_steps(graphdef, shardings, mesh, 0, 4, preprocess(ds))
-    fixed = next(train_batches(ds, batch_size, 0, range(1), mesh))
+    step, _ = compile_steps(graphdef, shardings, mesh, 0, 4, preprocess(ds), stacked=k > 1)
+    chunk = lambda first: range(first, first + k) if k > 1 else first  # noqa: E731
+    fixed = next(train_batches(ds, batch_size, 0, [chunk(0)], mesh))
     state, m = step(state, fixed)  # compile
     jax.block_until_ready(m)
     times = {"pipeline": [], "no_input": []}
@@ -46,7 +50,7 @@ def run_case(model, dataset, batch_size, steps, mesh, rounds):
         for batch in batches:
             state, m = step(state, batch)
             if previous is not None:
-                jax.block_until_ready(previous)  # as the training loop: 2 steps in flight
+                jax.block_until_ready(previous)  # as the training loop: 2 dispatches in flight
             previous = m
         jax.block_until_ready(previous)
         return state, (time.perf_counter() - start) / steps
@@ -54,10 +58,11 @@ def run_case(model, dataset, batch_size, steps, mesh, rounds):
     for r in range(rounds):
         for name in sorted(times, reverse=r % 2 == 1):
             first = r * steps
+            items = [chunk(s) for s in range(first, first + steps, k)]
             batches = (
-                prefetch(train_batches(ds, batch_size, 0, range(first, first + steps), mesh))
+                prefetch(train_batches(ds, batch_size, 0, items, mesh))
                 if name == "pipeline"
-                else (fixed for _ in range(steps))
+                else (fixed for _ in items)
             )
             state, t = timed(state, batches)
             times[name].append(t)
@@ -70,16 +75,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mesh", default="1")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps-per-dispatch", type=int, default=1)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     args = parser.parse_args()
-    mesh = make_mesh(parse_mesh(args.mesh))
-    rows = [{"case": c, **run_case(*spec, mesh, args.rounds)} for c, spec in CASES.items()]
+    mesh, k = make_mesh(parse_mesh(args.mesh)), args.steps_per_dispatch
+    rows = [{"case": c, **run_case(*CASES[c], mesh, args.rounds, k)} for c in args.cases]
     print(f"{'case':>20} {'step ms':>9} {'no-input ms':>12} {'input wait':>11}")
     for r in rows:
         print(
             f"{r['case']:>20} {r['step_ms']:>9.2f} {r['no_input_ms']:>12.2f} "
             f"{r['input_wait_share']:>11.1%}"
         )
-    meta = {"jax": jax.__version__, "mesh": args.mesh, "platform": jax.default_backend()}
+    meta = {"jax": jax.__version__, "mesh": args.mesh, "platform": jax.default_backend(),
+            "steps_per_dispatch": k}  # fmt: skip
     print(json.dumps({"benchmark": "input_pipeline", **meta, "rows": rows}))
 
 
