@@ -248,10 +248,20 @@ def dispatches(first: int, total: int, most: int, every=(), marks=()) -> list[ra
     return plan
 
 
+def evaluation_batches(run: Run):
+    """``() -> batches`` of the test split: built once and kept on the devices when the split is
+    in host memory, else read again for each evaluation (ImageNet's 50,000 crops are 7.5 GB)."""
+    batches = partial(eval_batches, run.ds, run.cfg.batch_size, run.mesh)
+    if isinstance(run.ds.test_images, np.ndarray):
+        kept = list(batches())
+        return lambda: kept
+    return lambda: prefetch(batches())
+
+
 def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", profile_dir) -> dict:
     cfg, log = run.cfg, window.log
     eval_every = cfg.eval_every or run.per_epoch
-    eval_data = list(eval_batches(run.ds, cfg.batch_size, run.mesh))  # kept on the devices
+    eval_data = evaluation_batches(run)
     # Performance is decided here for tiny models: one dispatch per step costs more host time
     # than their step computes; --steps-per-dispatch K runs K steps as one program.
     plan = dispatches(first, run.total, cfg.steps_per_dispatch, (eval_every, cfg.checkpoint_every),
@@ -273,7 +283,7 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", prof
             bar.update(len(steps))
             if done % eval_every == 0 or done == run.total:
                 window.flush()
-                last_eval = log.write(done, **evaluate(run.eval_step, state, eval_data))
+                last_eval = log.write(done, **evaluate(run.eval_step, state, eval_data()))
                 progress(bar, run, done, window.last, last_eval)
             signum = stop.signum  # read once: a later signal is handled after the next step
             final = done == run.total or bool(signum)
