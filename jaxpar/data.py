@@ -153,12 +153,8 @@ TFDS = {  # name: (test split, mean, std, augment)
     "fashion_mnist": ("test", (0.2860,), (0.3530,), False),
     "cifar10": ("test", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
     "cifar100": ("test", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
-    "imagenet2012": (
-        "validation",
-        (0.485, 0.456, 0.406),
-        (0.229, 0.224, 0.225),
-        False,
-    ),  # crops on the host
+    # ImageNet's crops and flips are made on the host, from the full-size image (jaxpar.imagenet)
+    "imagenet2012": ("validation", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), False),
 }
 
 

@@ -74,7 +74,8 @@ class Records:
         self.images = Column(self.read_images, (len(source), SIZE, SIZE, 3), np.uint8)
         self.labels = Column(self.read_labels, (len(source),), np.int32)
 
-    def one(self, row: int, seed) -> np.ndarray:
+    def read_one(self, row: int, seed) -> np.ndarray:
+        """One record's 224x224 image: a seeded training crop, or the central crop."""
         record = self.source[row]
         self.kept[row] = int(record["label"])
         if seed is None:
@@ -84,7 +85,7 @@ class Records:
     def read_images(self, rows: np.ndarray, seeds=None) -> np.ndarray:
         flat = [int(r) for r in rows.reshape(-1)]
         drawn = [None] * len(flat) if seeds is None else seeds.reshape(len(flat), -1)
-        images = list(self.pool.map(self.one, flat, drawn))
+        images = list(self.pool.map(self.read_one, flat, drawn))
         return np.stack(images).reshape(*rows.shape, SIZE, SIZE, 3)
 
     def read_labels(self, rows: np.ndarray, seeds=None) -> np.ndarray:
