@@ -80,6 +80,7 @@ BAD = {
     "--data-dir /no/such/dir": "data directory /no/such/dir does not exist",
     "--optimizer lamb": "invalid choice: 'lamb'",
     "--batch-size 4096": "larger than the 1437 training examples",
+    "--steps-per-dispatch 0": "--steps-per-dispatch must be at least 1",
 }
 
 

@@ -50,7 +50,8 @@ def assert_same(got, want):
 
 
 def test_two_processes_give_the_losses_of_one(one_process, tmp_path):
-    proc = launch(2, *RUN, "--steps", "14", "--workdir", str(tmp_path))
+    # with 3 steps per dispatch: each process builds its rows of the stacked batches
+    proc = launch(2, *RUN, "--steps", "14", "--steps-per-dispatch", "3", "--workdir", str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "[p0] final test accuracy" in proc.stdout
     assert "[p1] final test accuracy" not in proc.stdout  # one voice: process 0 reports
