@@ -1,7 +1,7 @@
 """The GPU benchmark: ResNet-50 in bf16 and the seed's MLP, jaxpar beside PyTorch, in one run.
 
-Meant for one GPU with JAX, Flax, Optax and Orbax installed and no network (install jaxpar with
-``pip install --no-deps -e .``); it needs neither tensorflow-datasets nor TensorBoard. Each part
+Meant for one GPU with JAX, Flax and Optax installed and no network (run from the repository root
+with ``PYTHONPATH=.``); it needs neither tensorflow-datasets nor TensorBoard. Each part
 runs in its own process (so one framework's memory pool or failure does not touch the next), in
 this order, while time is left before ``--deadline``:
 
@@ -19,7 +19,7 @@ this order, while time is left before ``--deadline``:
   this benchmark first ran), to measure what bf16 activations are worth.
 - ``resnet50_batch_x2``: ``resnet50`` at twice the batch.
 
-    python benchmarks/gpu.py                         # all parts, batch 256, about 5 minutes
+    PYTHONPATH=. python benchmarks/gpu.py            # all parts, batch 256, about 5 minutes
     python benchmarks/gpu.py --parts resnet50,torchvision --out gpu.json
     python benchmarks/gpu.py --smoke                 # tiny sizes, any machine: checks the code
 """
