@@ -139,10 +139,9 @@ def jax_mlp(a, k: int = 1) -> dict:
     for epoch in range(1 + a.rounds):  # the first epoch compiles
         start, previous = time.perf_counter(), None
         plan = dispatches(epoch * per_epoch, (epoch + 1) * per_epoch, k)
-        items = [r if len(r) > 1 else r.start for r in plan]
-        for item, data in zip(items, prefetch(train_batches(ds, MLP_BATCH, 0, items, mesh)),
-                              strict=True):  # fmt: skip
-            state, m = (many if isinstance(item, range) else one)(state, data)
+        for steps, data in zip(plan, prefetch(train_batches(ds, MLP_BATCH, 0, plan, mesh)),
+                               strict=True):  # fmt: skip
+            state, m = (many if len(steps) > 1 else one)(state, data)
             if previous is not None:
                 np.asarray(previous["train_loss"])  # as jaxpar's loop: 2 dispatches in flight
             previous = m

@@ -39,8 +39,7 @@ def run_case(model, dataset, batch_size, steps, mesh, rounds, k=1):
     model_fn = partial(MODELS[model], ds.image_shape, ds.num_classes)
     graphdef, state, shardings, _ = create_state(model_fn, make_optimizer(), mesh, seed=0)
     step, _ = compile_steps(graphdef, shardings, mesh, 0, 4, preprocess(ds), stacked=k > 1)
-    chunk = lambda first: range(first, first + k) if k > 1 else first  # noqa: E731
-    fixed = next(train_batches(ds, batch_size, 0, [chunk(0)], mesh))
+    fixed = next(train_batches(ds, batch_size, 0, [range(k)], mesh))
     state, m = step(state, fixed)  # compile
     jax.block_until_ready(m)
     times = {"pipeline": [], "no_input": []}
@@ -58,7 +57,7 @@ def run_case(model, dataset, batch_size, steps, mesh, rounds, k=1):
     for r in range(rounds):
         for name in sorted(times, reverse=r % 2 == 1):
             first = r * steps
-            items = [chunk(s) for s in range(first, first + steps, k)]
+            items = [range(s, s + k) for s in range(first, first + steps, k)]
             batches = (
                 prefetch(train_batches(ds, batch_size, 0, items, mesh))
                 if name == "pipeline"

@@ -88,11 +88,10 @@ def jaxpar_run(ds, epochs: int, seed: int, mesh, k: int = 1) -> dict:
     for epoch in range(epochs):
         start = time.perf_counter()
         plan = dispatches(epoch * per_epoch, (epoch + 1) * per_epoch, k)  # as jaxpar's loop
-        items = [r if len(r) > 1 else r.start for r in plan]
-        for item, batch in zip(
-            items, prefetch(train_batches(ds, BATCH, seed, items, mesh)), strict=True
+        for steps, batch in zip(
+            plan, prefetch(train_batches(ds, BATCH, seed, plan, mesh)), strict=True
         ):
-            step = train_steps if isinstance(item, range) else train_step
+            step = train_steps if len(steps) > 1 else train_step
             state, metrics = step(state, batch)
             if previous is not None:  # as jaxpar's loop: read the previous dispatch's losses
                 np.asarray(previous["train_loss"])

@@ -273,9 +273,9 @@ def _read(source, rows, seeds):
 
 
 def train_batches(ds: Dataset, batch_size: int, seed: int, steps, mesh):
-    """The device batch of each step in `steps`; an item that is a range gives its steps' batches
-    stacked (leading axis: steps) for one multi-step dispatch. Host-side augmentation is seeded
-    by (seed, step, position in the global batch)."""
+    """The device batch of each step in `steps`; an item that is a range of several steps gives
+    their batches stacked (leading axis: steps) for one multi-step dispatch. Host-side
+    augmentation is seeded by (seed, step, position in the global batch)."""
     arrays = {"image": ds.train_images, "label": ds.train_labels}
     position = np.arange(batch_size)
 
@@ -284,10 +284,10 @@ def train_batches(ds: Dataset, batch_size: int, seed: int, steps, mesh):
         return train_indices(ds, batch_size, seed, step), seeds
 
     for s in steps:
-        if isinstance(s, range):
+        if isinstance(s, range) and len(s) > 1:
             rows, seeds = (np.stack(x) for x in zip(*map(rows_and_seeds, s), strict=True))
         else:
-            rows, seeds = rows_and_seeds(s)
+            rows, seeds = rows_and_seeds(s.start if isinstance(s, range) else s)
         yield device_batch(arrays, rows, mesh, seeds)
 
 

@@ -266,8 +266,7 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", prof
     # than their step computes; --steps-per-dispatch K runs K steps as one program.
     plan = dispatches(first, run.total, cfg.steps_per_dispatch, (eval_every, cfg.checkpoint_every),
                       cfg.profile_range() or ())  # fmt: skip
-    items = [r if len(r) > 1 else r.start for r in plan]  # ranges get stacked batches
-    batches = prefetch(train_batches(run.ds, cfg.batch_size, cfg.seed, items, run.mesh))
+    batches = prefetch(train_batches(run.ds, cfg.batch_size, cfg.seed, plan, run.mesh))
     bar = tqdm(
         initial=first, total=run.total, disable=not sys.stderr.isatty() or jax.process_index()
     )

@@ -134,7 +134,9 @@ def train_steps(state, batches, **step_args):
 
 
 def _batch_shardings(mesh, batch_ndims: dict[str, int], stacked: bool = False):
-    return {k: batch_sharding(mesh, n + stacked, stacked) for k, n in batch_ndims.items()}
+    return {
+        k: batch_sharding(mesh, n + 1 if stacked else n, stacked) for k, n in batch_ndims.items()
+    }
 
 
 def _as_float(images, key=None):
