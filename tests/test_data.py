@@ -173,6 +173,21 @@ def test_stacked_batches_hold_each_steps_batch_sharded_by_rows():
         np.testing.assert_array_equal(np.asarray(stacked["label"][i]), np.asarray(single["label"]))
 
 
+def test_in_memory_test_splits_stay_on_the_devices_streamed_ones_are_read_again():
+    from types import SimpleNamespace
+
+    from jaxpar.loop import evaluation_batches
+
+    mesh = make_mesh(parse_mesh("2"))
+    for ds, kept in [(digits(), True), (load_dataset("synthetic:4x4x1:3"), False)]:
+        run = SimpleNamespace(ds=ds, cfg=SimpleNamespace(batch_size=500), mesh=mesh)
+        batches = evaluation_batches(run)
+        first, again = batches(), batches()
+        assert (first is again) == kept  # the same device arrays, or a fresh read
+        labels = np.concatenate([np.asarray(b["label"]) for b in first])
+        assert len(labels) >= len(ds.test_labels)
+
+
 @pytest.mark.parametrize("mesh", ["8", "2x4"])
 def test_evaluation_counts_each_example_once(mesh):
     ds = digits()
