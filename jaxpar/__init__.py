@@ -10,7 +10,6 @@ The mesh utilities are importable from here:
 
 from jaxpar.config import Config
 from jaxpar.errors import UserError
-from jaxpar.loop import train
 from jaxpar.mesh import (
     AXES,
     MeshSpec,
@@ -21,6 +20,17 @@ from jaxpar.mesh import (
     request_devices,
 )
 from jaxpar.sharding import RULES, batch_sharding, partition_spec, state_shardings
+
+
+def __getattr__(name):
+    """`jaxpar.train` is imported on first use: ``python -m jaxpar.checkpoint`` and the other
+    entry points then run without their own module imported twice."""
+    if name == "train":
+        from jaxpar.loop import train
+
+        return train
+    raise AttributeError(f"module 'jaxpar' has no attribute {name!r}")
+
 
 __all__ = [
     "AXES",

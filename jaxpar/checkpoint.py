@@ -9,8 +9,8 @@ Layout of ``WORKDIR/checkpoints`` (plain Orbax ``CheckpointManager``, one folder
 
 Plain Orbax reads the parameters without jaxpar, as numpy arrays on any machine::
 
-    import jax, numpy as np, orbax.checkpoint as ocp
-    path = "WORKDIR/checkpoints/330/state"
+    import os, jax, numpy as np, orbax.checkpoint as ocp
+    path = os.path.abspath("WORKDIR/checkpoints/330/state")  # Orbax needs an absolute path
     checkpointer = ocp.PyTreeCheckpointer()
     tree = checkpointer.metadata(path).item_metadata.tree
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
@@ -35,6 +35,8 @@ from jaxpar.errors import UserError
 
 # Fields of the manifest that define the run: a checkpoint resumes only into the same ones.
 IDENTITY = ("model", "dataset", "image_shape", "num_classes", "batch_size", "optimizer", "seed")
+# The layout of the saved state. 2: the optimizer state always holds a step count (schedules).
+FORMAT = 2
 
 
 def _items(state) -> dict:
@@ -136,7 +138,12 @@ def _quiet_closed_loop() -> None:
 
 
 def check_fits(manifest: dict, identity: dict, step: int, directory: Path) -> None:
-    """Refuse a checkpoint saved for another run, naming each mismatch."""
+    """Refuse a checkpoint saved for another run, or in another layout, naming each mismatch."""
+    if (saved := manifest.get("format", 1)) != FORMAT:
+        raise UserError(
+            f"checkpoint step {step} in {directory} has layout {saved} and this jaxpar reads "
+            f"layout {FORMAT}; --restart to train anew (the old run is moved aside, not deleted)"
+        )
     diffs = [
         f"{k}={manifest.get(k)!r} there, {identity[k]!r} here"
         for k in IDENTITY
@@ -154,22 +161,27 @@ def versions() -> dict:
     return {n: version(n) for n in names}
 
 
-def describe(workdir: str, full: bool = False) -> str:
-    """One block per checkpoint of `workdir`: step, mesh, model and where it lives."""
+def manifests(workdir: str) -> list[dict]:
+    """Every complete checkpoint of `workdir`, oldest first: its manifest plus ``path``."""
     ckpts = Checkpoints(Path(workdir))
+    try:
+        steps = ckpts.manager.all_steps()
+        return [{**ckpts.manifest(s), "path": str(ckpts.directory / str(s))} for s in steps]
+    finally:
+        ckpts.close()
+
+
+def describe(found: list[dict]) -> str:
+    """One block per checkpoint: step, mesh, model and where it lives."""
     lines = []
-    for step in ckpts.manager.all_steps():
-        m = ckpts.manifest(step)
+    for m in found:
         lines.append(
-            f"step {step}: model {m['model']} on {m['dataset']} {m['image_shape']}, batch "
+            f"step {m['step']}: model {m['model']} on {m['dataset']} {m['image_shape']}, batch "
             f"{m['batch_size']}, saved on mesh {m['mesh']} ({m['processes']} process(es)), "
             f"epoch {m['epoch']} batch {m['batch_in_epoch']}, jax {m['versions']['jax']}"
         )
-        lines.append(f"  {ckpts.directory / str(step)}")
-        if full:
-            lines.append(json.dumps(m, indent=2))
-    ckpts.close()
-    return "\n".join(lines) or f"no checkpoints in {workdir}"
+        lines.append(f"  {m['path']}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -177,16 +189,22 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description="List a jaxpar workdir's checkpoints.")
     parser.add_argument("workdir")
-    parser.add_argument("--json", action="store_true", help="print every manifest in full")
+    parser.add_argument(
+        "--json", action="store_true", help="print a JSON list of every manifest, nothing else"
+    )
     args = parser.parse_args(argv)
     if not (Path(args.workdir) / "checkpoints").is_dir():
         print(f"error: {args.workdir} has no checkpoints/ folder", file=sys.stderr)
         return 2
     try:
-        print(describe(args.workdir, full=args.json))
+        found = manifests(args.workdir)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.json:
+        print(json.dumps(found, indent=2))
+    else:
+        print(describe(found) or f"no checkpoints in {args.workdir}")
     return 0
 
 

@@ -5,8 +5,11 @@
 Each process gets ``JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT``, ``JAX_NUM_PROCESSES`` and
 ``JAX_PROCESS_ID``, which `train.py` reads to join the job (on the CPU each process then emulates
 its share of the mesh's devices). Every output line is prefixed with its process (``[p1] ...``).
-When a process fails, the others are stopped and the launcher exits with that process's status;
-SIGTERM or SIGINT to the launcher is passed on to every process (they save a checkpoint together).
+When a process fails, the others are stopped and the launcher exits with that process's status.
+SIGTERM or SIGINT to the launcher is passed on to every process; a signal to any one of them also
+stops the whole job (the processes agree on the step, save one checkpoint together and exit 143 or
+130): the launcher then waits for all of them rather than stopping the others mid-save. Every line
+a process printed is relayed before the launcher returns.
 """
 
 import argparse
@@ -19,6 +22,8 @@ import threading
 import time
 
 GRACE_S = 5  # after a peer failed, survivors get this long to exit before SIGKILL
+SAVE_S = 300  # after a peer was preempted, the others get this long to save and exit
+PREEMPTED = (128 + signal.SIGTERM, 128 + signal.SIGINT)  # train.py's statuses after saving
 
 
 def free_port() -> int:
@@ -40,7 +45,7 @@ def status(code: int) -> int:
 
 def launch(n: int, command: list[str], port: int | None = None) -> int:
     port = port or free_port()
-    procs = []
+    procs, relays = [], []
     for i in range(n):
         env = {
             **os.environ,
@@ -52,7 +57,8 @@ def launch(n: int, command: list[str], port: int | None = None) -> int:
         proc = subprocess.Popen(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        threading.Thread(target=relay, args=(proc, f"[p{i}]"), daemon=True).start()
+        relays.append(threading.Thread(target=relay, args=(proc, f"[p{i}]"), daemon=True))
+        relays[-1].start()
         procs.append(proc)
 
     def forward(signum, _frame):
@@ -62,24 +68,37 @@ def launch(n: int, command: list[str], port: int | None = None) -> int:
 
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, forward)
+    code = supervise(procs)
+    for thread in relays:  # a process's last lines ("final test accuracy") are relayed too
+        thread.join(timeout=60)  # (unless a process left a child holding its output open)
+    return code
+
+
+def supervise(procs) -> int:
+    """Wait for the processes; the job's exit status."""
     while True:
         codes = [p.poll() for p in procs]
         failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
         if failed:
             i, code = failed[0]
-            print(f"[launch] process {i} exited with status {status(code)}; stopping the others")
-            stop(procs)
+            if status(code) in PREEMPTED:  # the others are saving the same step: let them
+                print(f"[launch] process {i} was stopped by a signal; waiting for the others")
+                stop(procs, grace=SAVE_S, signal_first=False)
+            else:
+                print(f"[launch] process {i} exited with status {status(code)}; stopping the "
+                      "others")  # fmt: skip
+                stop(procs)
             return status(code)
         if all(c == 0 for c in codes):
             return 0
         time.sleep(0.1)
 
 
-def stop(procs) -> None:
+def stop(procs, grace: float = GRACE_S, signal_first: bool = True) -> None:
     for p in procs:
-        if p.poll() is None:
+        if signal_first and p.poll() is None:
             p.terminate()
-    deadline = time.time() + GRACE_S
+    deadline = time.time() + grace
     for p in procs:
         try:
             p.wait(max(deadline - time.time(), 0.1))

@@ -14,7 +14,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from jaxpar.checkpoint import Checkpoints, check_fits, versions
+from jaxpar.checkpoint import FORMAT, Checkpoints, check_fits, versions
 from jaxpar.config import Config
 from jaxpar.data import (
     Dataset,
@@ -35,6 +35,7 @@ from jaxpar.step import (
     init_state,
     make_optimizer,
     make_schedule,
+    signal_sharding,
 )
 from jaxpar.workdir import MetricsLog, move_aside, resolve, used, write_config
 from models import MODELS
@@ -75,12 +76,14 @@ class Run:
     train_step: object
     eval_step: object
     train_steps: object  # several steps in one program: batches stacked on a leading axis
+    compile: object  # (stacked=, signals=) -> (train_step, eval_step) jitted for this run
 
     @functools.cached_property
     def about(self) -> dict:
         """The part of every checkpoint manifest that does not change during the run."""
         return {
             **self.identity(),
+            "format": FORMAT,
             "precision": self.cfg.precision,
             "mesh": str(self.spec),
             "devices": jax.device_count(),
@@ -111,6 +114,11 @@ def setup(cfg: Config) -> Run:
     ds = load_dataset(cfg.dataset, cfg.data_dir)
     per_epoch = steps_per_epoch(ds, cfg.batch_size)
     total = cfg.steps or cfg.epochs * per_epoch
+    if cfg.schedule == "cosine" and cfg.warmup_steps >= total:
+        raise UserError(
+            f"--warmup-steps {cfg.warmup_steps} leaves no step of the cosine decay in a run of "
+            f"{total} steps; use fewer warmup steps or more --steps/--epochs"
+        )
     dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
     model_fn = partial(MODELS[cfg.model], ds.image_shape, ds.num_classes, dtype=dtype)
     tx = make_optimizer(
@@ -124,7 +132,7 @@ def setup(cfg: Config) -> Run:
     schedule = make_schedule(cfg.lr, cfg.schedule, cfg.warmup_steps, total)
     return Run(
         cfg, spec, mesh, ds, per_epoch, total, schedule, init, abstract, shardings, replicated,
-        *compile(), compile(stacked=True)[0],
+        *compile(), compile(stacked=True)[0], compile,
     )  # fmt: skip
 
 
@@ -165,14 +173,37 @@ def open_workdir(run: Run, start: float):
     try:
         saved = ckpts.manifest(step)
         check_fits(saved, run.identity(), step, ckpts.directory)
+        check_optimizer_flags(saved, cfg, step, ckpts.directory)
         state = ckpts.restore(step, run.abstract, run.shardings)
     except UserError:
         ckpts.close()  # stops Orbax's threads now, not noisily at interpreter exit
         raise
-    log.rewind(step)
+    # Lines the stopped run wrote only because it ended at `step` (a partial logging window, a
+    # final evaluation) are not in an uninterrupted run: they move aside with the later ones.
+    log.rewind(step, keep=lambda line: scheduled(run, line))
     write_config(workdir, cfg, step)
     say(f"resumed from step {step} (saved on mesh {saved['mesh']}) in {ckpts.directory}")
     return workdir, ckpts, log, state, step, saved["window_losses"]
+
+
+def scheduled(run: Run, line: dict) -> bool:
+    """Whether this run writes `line` at its step (an evaluation or training line on schedule)."""
+    step, every = line["step"], run.cfg.log_every
+    if "eval_loss" in line:
+        every = run.cfg.eval_every or run.per_epoch
+    return step % every == 0 or step == run.total
+
+
+def check_optimizer_flags(saved: dict, cfg: Config, step: int, directory) -> None:
+    """Name the flag when a change gives the optimizer state another structure (SGD's momentum
+    buffer exists only with momentum > 0); other optimizer flags may change on resume."""
+    before = saved.get("config", {}).get("momentum", cfg.momentum)
+    if cfg.optimizer == "sgd" and (before > 0) != (cfg.momentum > 0):
+        raise UserError(
+            f"checkpoint step {step} in {directory} was trained with --momentum {before}, which "
+            f"{'keeps' if before > 0 else 'has no'} a momentum buffer; --momentum {cfg.momentum} "
+            f"cannot resume it: use a momentum {'> 0' if before > 0 else 'of 0'}, or --restart"
+        )
 
 
 def evaluate(eval_step, state, batches) -> dict:
@@ -191,7 +222,8 @@ def evaluate(eval_step, state, batches) -> dict:
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """SIGTERM/SIGINT set ``stop.signum``; the loop then saves and stops after the current step."""
+    """SIGTERM/SIGINT set ``stop.signum``; the step carries it to every process of the job, and
+    all of them save and stop after the same step (see `Window.stop`)."""
     stop = type("Stop", (), {"signum": 0})()
     handled = (signal.SIGTERM, signal.SIGINT)
     try:
@@ -205,6 +237,14 @@ def stop_on_signals():
             signal.signal(s, handler)
 
 
+@functools.cache
+def pending(mesh, signum: int) -> jax.Array:
+    """This process's pending signal number on each of its devices (the steps' third argument)."""
+    return jax.make_array_from_callback(
+        (mesh.size,), signal_sharding(mesh), lambda _: np.full((1,), signum, np.int32)
+    )
+
+
 def train(cfg: Config) -> dict:
     """Train as `cfg` says; returns the last evaluation line (also in ``metrics.jsonl``)."""
     start = time.time()
@@ -216,6 +256,13 @@ def train(cfg: Config) -> dict:
     try:
         window = Window(log, cfg, run.total, losses, run.schedule)
         last_eval = loop(run, state, first, ckpts, window, workdir / "profile")
+    except Diverged as e:
+        saved = ckpts.latest()
+        raise Diverged(
+            f"{e}; resume from the last checkpoint (step {saved}) with a lower --lr"
+            if saved is not None
+            else f"{e}; no checkpoint was saved yet: rerun with --restart and a lower --lr"
+        ) from None
     finally:
         ckpts.wait()  # let an asynchronous save finish, also when training failed
         ckpts.close()
@@ -258,41 +305,60 @@ def evaluation_batches(run: Run):
     return lambda: prefetch(batches())
 
 
+class Steps:
+    """The run's train step for each dispatch length, compiled on first use (off the clock)."""
+
+    def __init__(self, run: Run, window: "Window"):
+        self.run, self.window, self.compiled = run, window, {}
+
+    def __call__(self, state, batch, steps: range):
+        n = len(steps)
+        if n not in self.compiled:
+            with self.window.paused():
+                jitted = self.run.compile(stacked=n > 1, signals=True)[0]
+                self.compiled[n] = jitted.lower(state, batch, pending(self.run.mesh, 0)).compile()
+        return self.compiled[n]
+
+
 def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", profile_dir) -> dict:
     cfg, log = run.cfg, window.log
     eval_every = cfg.eval_every or run.per_epoch
     eval_data = evaluation_batches(run)
+    profile = Profile(cfg.profile_range(), profile_dir, run.total)
     # Performance is decided here for tiny models: one dispatch per step costs more host time
     # than their step computes; --steps-per-dispatch K runs K steps as one program.
     plan = dispatches(first, run.total, cfg.steps_per_dispatch, (eval_every, cfg.checkpoint_every),
-                      cfg.profile_range() or ())  # fmt: skip
+                      profile.marks)  # fmt: skip
     batches = prefetch(train_batches(run.ds, cfg.batch_size, cfg.seed, plan, run.mesh))
     bar = tqdm(
         initial=first, total=run.total, disable=not sys.stderr.isatty() or jax.process_index()
     )
-    last_eval, profile = log.last("eval_accuracy"), Profile(cfg.profile_range(), profile_dir)
-    with stop_on_signals() as stop:
+    last_eval, compiled = log.last("eval_accuracy"), Steps(run, window)
+    window.start()
+    with stop_on_signals() as stop, profile:
         for steps, batch in zip(plan, batches, strict=True):
+            train = compiled(state, batch, steps)
             profile.before(steps.start)
-            train = run.train_step if len(steps) == 1 else run.train_steps
-            state, metrics = train(state, batch)
+            state, metrics = train(state, batch, pending(run.mesh, stop.signum))
             done = steps.stop
             profile.after(done, state)
-            window.push(done, metrics)  # Sync point: reads the previous dispatch's losses.
+            window.push(done, metrics)  # Sync point: reads the previous dispatch's metrics.
             bar.update(len(steps))
             if done % eval_every == 0 or done == run.total:
                 window.flush()
-                last_eval = log.write(done, **evaluate(run.eval_step, state, eval_data()))
-                progress(bar, run, done, window.last, last_eval)
-            signum = stop.signum  # read once: a later signal is handled after the next step
+                with window.paused():
+                    last_eval = log.write(done, **evaluate(run.eval_step, state, eval_data()))
+                progress(bar, run, done, window.logged, last_eval)
+            signum = window.stop  # the same in every process: each read the same dispatches
             final = done == run.total or bool(signum)
             if final or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
                 window.flush()
-                if not fetch(all_finite(state)):  # never save a broken state
-                    raise Diverged(f"the parameters are not finite after step {done}; not saved. "
-                                   "Resume from the last checkpoint with a lower --lr")  # fmt: skip
-                # Asynchronous: training goes on while Orbax writes. The final save waits.
-                ckpts.save(done, state, manifest(run, done, window), wait=final)
+                with window.paused():
+                    if not fetch(all_finite(state)):  # never save a broken state
+                        raise Diverged(f"the parameters are not finite after step {done}; not "
+                                       "saved")  # fmt: skip
+                    # Asynchronous: training goes on while Orbax writes. The final save waits.
+                    ckpts.save(done, state, manifest(run, done, window), wait=final)
             if signum:
                 raise Preempted(signum, f"stopped by signal {signum} at step {done}; checkpoint "
                                 f"saved in {ckpts.directory / str(done)}; rerun the same command "
@@ -302,20 +368,42 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", prof
 
 
 class Profile:
-    """A JAX profiler trace of steps [A, B) (``--profile-steps A:B``), else nothing."""
+    """A JAX profiler trace of steps [A, B) (``--profile-steps A:B``), else nothing.
 
-    def __init__(self, steps: tuple[int, int] | None, directory):
+    The range is clamped to the steps this run trains: a resume inside it traces the rest, an
+    end past the run stops at its last step, and a trace started is always stopped and written
+    (also when training stops early).
+    """
+
+    def __init__(self, steps: tuple[int, int] | None, directory, total: int):
         self.first, self.end = steps or (-1, -1)
-        self.directory = str(directory)
+        self.end = min(self.end, total)
+        self.directory, self.active = str(directory), False
+
+    @property
+    def marks(self) -> tuple[int, ...]:
+        return (self.first, self.end) if self.first < self.end else ()
 
     def before(self, step: int) -> None:
-        if step == self.first:
+        if not self.active and self.first <= step < self.end:
             jax.profiler.start_trace(self.directory)
+            self.active = True
 
     def after(self, done: int, state) -> None:
-        if done == self.end:
+        if self.active and done >= self.end:
             jax.block_until_ready(state)
-            jax.profiler.stop_trace()
+            self.stop()
+
+    def stop(self) -> None:
+        self.active = False
+        jax.profiler.stop_trace()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            self.stop()
 
 
 def progress(bar, run: Run, step: int, loss: float, line: dict) -> None:
@@ -330,13 +418,30 @@ def progress(bar, run: Run, step: int, loss: float, line: dict) -> None:
 class Window:
     """Averages train losses over ``log_every`` steps and writes one line per window.
 
-    The partial window travels in checkpoints, so a resumed run writes the same lines.
+    The partial window travels in checkpoints, so a resumed run writes the same lines; a run's
+    last step writes its partial window but keeps it, so a continued run does too. It also reads
+    the job's agreed stop signal (`stop`) and times training alone (`paused` leaves out
+    compilation, evaluation and checkpoints).
     """
 
     def __init__(self, log: MetricsLog, cfg: Config, total: int, losses: list, schedule):
         self.log, self.cfg, self.total, self.schedule = log, cfg, total, schedule
-        self.losses, self.last, self.pending = list(losses), float("nan"), None
-        self.since, self.timed = time.time(), 0  # examples/s counts the steps timed here only
+        self.losses, self.logged, self.pending = list(losses), float("nan"), None
+        self.stop = 0  # the largest signal number pending in any process, as the steps saw it
+        self.start()
+
+    def start(self) -> None:
+        """Start the training clock: examples/s counts the steps timed from here on."""
+        self.since, self.timed, self.idle = time.time(), 0, 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave what runs inside out of the training time."""
+        began = time.time()
+        try:
+            yield
+        finally:
+            self.idle += time.time() - began
 
     def push(self, step: int, metrics) -> None:
         """Hold this dispatch's metrics and record the previous one's: reading them waits for
@@ -354,26 +459,28 @@ class Window:
         """Record the steps that end at step `done` (one, or several of one dispatch)."""
         losses = np.atleast_1d(fetch(metrics["train_loss"]))  # blocks until those steps are done
         norms = np.atleast_1d(fetch(metrics["grad_norm"]))
+        self.stop = max(self.stop, int(fetch(metrics["stop"])))
         for step, loss, norm in zip(
             range(done - len(losses) + 1, done + 1), losses, norms, strict=True
         ):
             self.record(step, float(loss), float(norm))
 
     def record(self, step: int, loss: float, grad_norm: float) -> None:
-        self.last = loss
-        if not (np.isfinite(self.last) and np.isfinite(grad_norm)):
-            raise Diverged(f"the loss is {self.last} and the gradient norm {grad_norm} at step "
-                           f"{step}; stopped, nothing of it saved. Resume from the last checkpoint "
-                           "with a lower --lr")  # fmt: skip
-        self.losses.append(self.last)
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            raise Diverged(f"the loss is {loss} and the gradient norm {grad_norm} at step "
+                           f"{step}; stopped, nothing of it saved")  # fmt: skip
+        self.losses.append(loss)
         self.timed += 1
         if step % self.cfg.log_every == 0 or step == self.total:
             now = time.time()
+            self.logged = float(np.mean(self.losses))
             self.log.write(
                 step,
-                train_loss=float(np.mean(self.losses)),
+                train_loss=self.logged,
                 grad_norm=grad_norm,
                 lr=float(self.schedule(step - 1)),  # the rate this step applied
-                examples_per_s=self.timed * self.cfg.batch_size / (now - self.since),
+                examples_per_s=self.timed * self.cfg.batch_size / (now - self.since - self.idle),
             )
-            self.losses, self.since, self.timed = [], now, 0
+            self.since, self.timed, self.idle = now, 0, 0.0
+            if step % self.cfg.log_every == 0:  # a run's last, partial window stays open
+                self.losses = []

@@ -42,14 +42,26 @@ def make_optimizer(
     total_steps=1,
 ):
     """SGD with momentum (PyTorch's form: v = m*v + g; p -= lr*v) or AdamW, optionally with
-    linear warmup and cosine decay."""
-    if schedule != "constant" or warmup_steps:
-        lr = make_schedule(lr, schedule, warmup_steps, total_steps)
+    linear warmup and cosine decay.
+
+    The optimizer state has the same structure whatever the weight decay, schedule and warmup
+    (the learning rate is always a schedule, so a step count is always kept), so a run resumes
+    with those changed. Only SGD's momentum buffer exists or not with ``momentum > 0``.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"w": jnp.zeros(2)}
+    >>> a = make_optimizer().init(params)
+    >>> b = make_optimizer(weight_decay=1e-4, schedule="cosine", warmup_steps=5, total_steps=9)
+    >>> b = b.init(params)
+    >>> jax.tree.structure(a) == jax.tree.structure(b)
+    True
+    """
+    lr = make_schedule(lr, schedule, warmup_steps, total_steps)
     if name == "adamw":
         return optax.adamw(lr, weight_decay=weight_decay)
-    sgd = optax.sgd(lr, momentum=momentum or None)
-    # Coupled L2 as in torch.optim.SGD(weight_decay=...).
-    return optax.chain(optax.add_decayed_weights(weight_decay), sgd) if weight_decay else sgd
+    # Coupled L2 as in torch.optim.SGD(weight_decay=...); identity keeps the same (empty) state.
+    decay = optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity()
+    return optax.chain(decay, optax.sgd(lr, momentum=momentum or None))
 
 
 def _keys(seed: int):
@@ -133,6 +145,23 @@ def train_steps(state, batches, **step_args):
     return jax.lax.scan(partial(train_step, **step_args), state, batches)
 
 
+def with_signals(step):
+    """`step` that also takes each device's pending signal number (0: none) and returns their
+    maximum as ``metrics["stop"]``: every process of a job reads the same value for the same
+    dispatch, so all of them stop, and save, after the same step (a signal may reach only one)."""
+
+    def stepped(state, batch, signals):
+        state, metrics = step(state, batch)
+        return state, {**metrics, "stop": jnp.max(signals)}
+
+    return stepped
+
+
+def signal_sharding(mesh):
+    """One entry per device of the mesh, for `with_signals`."""
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
+
+
 def _batch_shardings(mesh, batch_ndims: dict[str, int], stacked: bool = False):
     return {
         k: batch_sharding(mesh, n + 1 if stacked else n, stacked) for k, n in batch_ndims.items()
@@ -144,27 +173,34 @@ def _as_float(images, key=None):
 
 
 def compile_steps(
-    graphdef, shardings, mesh, seed: int, image_ndim: int, prepare=_as_float, stacked=False
+    graphdef,
+    shardings,
+    mesh,
+    seed: int,
+    image_ndim: int,
+    prepare=_as_float,
+    stacked=False,
+    signals=False,
 ):
     """``(train_step, eval_step)`` jitted with explicit in/out shardings.
 
     `prepare(images, key=None)` turns stored images into model inputs on the devices (see
     `jaxpar.data.preprocess`). The train step donates the state: XLA updates parameters and
     optimizer state in place. With `stacked`, the train step is `train_steps`: batches stacked on
-    a leading steps axis, metrics returned per step.
+    a leading steps axis, metrics returned per step. With `signals`, it takes a third argument
+    (see `with_signals`).
     """
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     train_batch = _batch_shardings(mesh, {"image": image_ndim, "label": 1}, stacked)
     eval_batch = _batch_shardings(mesh, {"image": image_ndim, "label": 1, "mask": 1})
     keys = tuple(_keys(seed)[1:])  # computed outside jit: the step holds them as constants
-    train = jax.jit(
-        partial(
-            train_steps if stacked else train_step, graphdef=graphdef, keys=keys, prepare=prepare
-        ),
-        in_shardings=(shardings, train_batch),
-        out_shardings=(shardings, replicated),
-        donate_argnums=0,
+    step = partial(
+        train_steps if stacked else train_step, graphdef=graphdef, keys=keys, prepare=prepare
     )
+    ins = (shardings, train_batch)
+    if signals:
+        step, ins = with_signals(step), (*ins, signal_sharding(mesh))
+    train = jax.jit(step, in_shardings=ins, out_shardings=(shardings, replicated), donate_argnums=0)
     evaluate = jax.jit(
         partial(eval_step, graphdef=graphdef, prepare=prepare),
         in_shardings=(shardings, eval_batch),

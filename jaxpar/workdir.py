@@ -10,22 +10,49 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxpar.config import Config
 from jaxpar.errors import UserError
 
-RUN_FILES = ("config.json", "metrics.jsonl", "metrics.rewound.jsonl", "checkpoints", "events")
+RUN_FILES = (
+    "config.json",
+    "config.before-step-*.json",
+    "metrics.jsonl",
+    "metrics.rewound.jsonl",
+    "checkpoints",
+    "events",
+    "profile",
+)
 
 
 def resolve(cfg: Config) -> Path:
-    workdir = Path(cfg.workdir or time.strftime("runs/%Y%m%d-%H%M%S"))
+    """The run's workdir: ``--workdir``, else a new ``runs/DATE-TIME`` that process 0 names for
+    the whole job (processes start at different times; one run must go to one folder)."""
+    workdir = Path(cfg.workdir or default_workdir())
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir {workdir} is a file; name a directory")
     return workdir
 
 
+def default_workdir() -> str:
+    name = time.strftime("runs/%Y%m%d-%H%M%S")
+    for n in range(2, 1000):  # two runs started in the same second get two folders
+        if not Path(name).exists():
+            break
+        name = time.strftime(f"runs/%Y%m%d-%H%M%S-{n}")
+    if jax.process_count() == 1:
+        return name
+    # Process 0's choice, sent to all: a fixed-size byte array through one collective.
+    data = np.zeros(256, np.uint8)
+    data[: len(name)] = np.frombuffer(name.encode(), np.uint8)
+    return bytes(multihost_utils.broadcast_one_to_all(data)).rstrip(b"\0").decode()
+
+
 def used(workdir: Path) -> list[str]:
-    return [n for n in RUN_FILES if (workdir / n).exists()]
+    """The names of the run files in `workdir` (the patterns of `RUN_FILES` expanded)."""
+    return sorted(p.name for pattern in RUN_FILES for p in workdir.glob(pattern))
 
 
 def move_aside(workdir: Path) -> Path | None:
@@ -34,6 +61,7 @@ def move_aside(workdir: Path) -> Path | None:
     if not names or jax.process_index() != 0:
         return None
     dest = workdir / time.strftime("previous-%Y%m%d-%H%M%S")
+    dest = free_name(dest.parent, dest.name, "")
     dest.mkdir()
     for name in names:
         (workdir / name).rename(dest / name)
@@ -47,8 +75,20 @@ def write_config(workdir: Path, cfg: Config, step: int) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     path, text = workdir / "config.json", cfg.to_json() + "\n"
     if path.exists() and path.read_text() != text:
-        path.rename(workdir / f"config.before-step-{step}.json")
+        path.rename(free_name(workdir, f"config.before-step-{step}", ".json"))
     path.write_text(text)
+
+
+def free_name(directory: Path, stem: str, suffix: str) -> Path:
+    """``stem + suffix`` in `directory`, or ``stem-2 + suffix``, ... : never an existing name.
+
+    >>> free_name(Path("/nonexistent"), "config.before-step-9", ".json").name
+    'config.before-step-9.json'
+    """
+    path, n = directory / f"{stem}{suffix}", 2
+    while path.exists():
+        path, n = directory / f"{stem}-{n}{suffix}", n + 1
+    return path
 
 
 class MetricsLog:
@@ -62,17 +102,22 @@ class MetricsLog:
         self.path, self.start = path, start
         self.file = self.events = None
 
-    def rewind(self, step: int) -> None:
+    def rewind(self, step: int, keep=lambda line: True) -> None:
+        """Move the lines past `step`, and those at `step` that `keep` rejects, to
+        ``metrics.rewound.jsonl``: the resumed run writes them again."""
         if jax.process_index() != 0 or not self.path.exists():
             return
         lines = self.path.read_text().splitlines()
-        keep = [line for line in lines if json.loads(line)["step"] <= step]
-        if len(keep) < len(lines):
+        parsed = [json.loads(line) for line in lines]
+        kept = [x["step"] < step or (x["step"] == step and keep(x)) for x in parsed]
+        if not all(kept):
             with open(self.path.with_name("metrics.rewound.jsonl"), "a") as f:
-                f.writelines(line + "\n" for line in lines[len(keep) :])
-            self.path.write_text("".join(line + "\n" for line in keep))
-        if keep:
-            self.start -= json.loads(keep[-1])["time"]
+                f.writelines(line + "\n" for line, k in zip(lines, kept, strict=True) if not k)
+            self.path.write_text(
+                "".join(line + "\n" for line, k in zip(lines, kept, strict=True) if k)
+            )
+        if times := [x["time"] for x, k in zip(parsed, kept, strict=True) if k]:
+            self.start -= times[-1]
 
     def last(self, key: str) -> dict:
         """The last line holding `key` (e.g. the last evaluation), or {}."""

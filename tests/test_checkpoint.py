@@ -24,6 +24,7 @@ from jaxpar.loop import dispatches
 from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.sharding import state_shardings
 from jaxpar.step import abstract_state, make_optimizer
+from jaxpar.workdir import write_config
 from models import MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +47,8 @@ def values(lines, after=0) -> dict:
 
 def assert_same_run(resumed, reference, after):
     got, want = values(resumed, after), values(reference, after)
-    assert got.keys() == want.keys()
+    shape = lambda lines: [(x["step"], sorted(x)) for x in lines if x["step"] > after]  # noqa: E731
+    assert shape(resumed) == shape(reference)  # the same lines, none repeated
     assert len(got) > 5
     np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-5, atol=1e-6)
 
@@ -80,14 +82,27 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_interrupted_then_resumed_on_another_mesh_equals_uninterrupted(case, tmp_path):
-    common = dict(CASES[case], log_every=1, eval_every=7)
+def test_interrupted_then_resumed_on_another_mesh_equals_uninterrupted(case, tmp_path, capsys):
+    # --log-every 5 does not divide the stop step 9: the partial window travels in the checkpoint
+    common = dict(CASES[case], log_every=5, eval_every=7)
     train_run(Config(**common, mesh="2x2", steps=16, workdir=str(tmp_path / "a")))
     train_run(Config(**common, mesh="2x2", steps=9, workdir=str(tmp_path / "b")))
+    stopped = metrics(tmp_path / "b")
+    assert [x["step"] for x in stopped][-2:] == [9, 9]  # the finished run's last lines
     # a longer --steps continues the finished run, here on another mesh
+    capsys.readouterr()
     train_run(Config(**common, mesh="fsdp=4,model=2", steps=16, workdir=str(tmp_path / "b")))
-    assert_same_run(metrics(tmp_path / "b"), metrics(tmp_path / "a"), after=9)
+    # every line equals the uninterrupted run's; the lines written only because the first run
+    # ended at step 9 (a partial window, a final evaluation) are moved aside
+    assert_same_run(metrics(tmp_path / "b"), metrics(tmp_path / "a"), after=0)
+    rewound = [json.loads(x) for x in (tmp_path / "b" / "metrics.rewound.jsonl").open()]
+    assert rewound == stopped[-2:]
     assert (tmp_path / "b" / "config.before-step-9.json").exists()
+    # the printed train_loss is the metrics' (the mean of the last logged window)
+    printed = capsys.readouterr().out.split("step 14/16 ")[1].split("train_loss ")[1].split()[0]
+    logged = [x["train_loss"] for x in metrics(tmp_path / "b") if "train_loss" in x and
+              x["step"] <= 14][-1]  # fmt: skip
+    assert printed == f"{logged:.4f}"
 
 
 def test_dispatches_end_where_evaluation_checkpoints_and_profiling_need():
@@ -108,8 +123,7 @@ def test_several_steps_per_dispatch_give_the_same_run_and_resume(tmp_path):
     train_run(
         Config(**common, mesh="2", steps=16, steps_per_dispatch=3, workdir=str(tmp_path / "b"))
     )
-    resumed = [x for x in metrics(tmp_path / "b") if x["step"] != 9 or "train_loss" in x]
-    assert_same_run(resumed, metrics(tmp_path / "a"), after=0)  # less the evaluation at the stop
+    assert_same_run(metrics(tmp_path / "b"), metrics(tmp_path / "a"), after=0)
     assert sorted(int(p.name) for p in (tmp_path / "b" / "checkpoints").iterdir()) == [10, 15, 16]
 
 
@@ -201,31 +215,24 @@ def test_corrupt_checkpoint_names_step_and_path(tmp_path):
 
 def test_restart_moves_the_old_run_aside(tmp_path):
     assert cli.main(["--steps", "3", "--workdir", str(tmp_path)]) == 0
+    # continued with another flag (config history) and a profile inside the range of the run
+    assert cli.main(["--steps", "5", "--lr", "0.02", "--profile-steps", "3:4",
+                     "--workdir", str(tmp_path)]) == 0  # fmt: skip
     old = (tmp_path / "metrics.jsonl").read_text()
     assert cli.main(["--steps", "2", "--restart", "--workdir", str(tmp_path)]) == 0
     (previous,) = tmp_path.glob("previous-*")
     assert (previous / "metrics.jsonl").read_text() == old
-    assert (previous / "checkpoints" / "3").is_dir()
+    assert (previous / "checkpoints" / "5").is_dir()
+    assert (previous / "config.before-step-3.json").is_file()
+    assert list((previous / "profile").rglob("*.xplane.pb"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["checkpoints", "config.json", "events", "metrics.jsonl", previous.name]
+    )
     assert metrics(tmp_path)[-1]["step"] == 2
 
 
-def test_plain_orbax_reads_the_parameters(tmp_path, capsys):
+def test_checkpoints_are_listed(tmp_path, capsys):
     assert cli.main(["--steps", "3", "--workdir", str(tmp_path)]) == 0
-    # The recipe of the README: numpy arrays, whatever devices the checkpoint was saved on.
-    code = f"""
-import sys, jax, numpy as np, orbax.checkpoint as ocp
-path = {str(tmp_path / "checkpoints/3/state")!r}
-checkpointer = ocp.PyTreeCheckpointer()
-tree = checkpointer.metadata(path).item_metadata.tree
-as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
-assert "jaxpar" not in sys.modules
-print(state["model"]["fc1"]["kernel"].shape, int(state["optimizer"]["step"]))
-"""
-    env = {**os.environ, "PYTHONPATH": ""}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["(64,", "512)", "3"]
     capsys.readouterr()
     assert list_checkpoints([str(tmp_path)]) == 0
     listing = capsys.readouterr().out
@@ -233,3 +240,58 @@ print(state["model"]["fc1"]["kernel"].shape, int(state["optimizer"]["step"]))
         "step 3: model mlp on digits [8, 8, 1], batch 128, saved on mesh data=8,fsdp=1,model=1"
         in listing
     )
+
+
+def test_optimizer_flags_may_change_on_resume_and_momentum_is_named(tmp_path, capsys):
+    assert cli.main(["--steps", "3", "--workdir", str(tmp_path)]) == 0
+    changed = ["--weight-decay", "1e-4", "--schedule", "cosine", "--warmup-steps", "1"]
+    assert (
+        cli.main(["--steps", "5", *changed, "--momentum", "0.8", "--workdir", str(tmp_path)]) == 0
+    )
+    assert "resumed from step 3" in capsys.readouterr().out
+    assert cli.main(["--steps", "7", "--momentum", "0", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--momentum 0.8" in err and "--momentum 0.0" in err
+
+
+def test_config_history_is_never_overwritten(tmp_path):
+    first, second, third = (Config(lr=lr) for lr in (0.1, 0.2, 0.3))
+    write_config(tmp_path, first, 0)
+    write_config(tmp_path, second, 3)  # two resumes from the same checkpoint, step 3
+    write_config(tmp_path, third, 3)
+    assert json.loads((tmp_path / "config.before-step-3.json").read_text())["lr"] == 0.1
+    assert json.loads((tmp_path / "config.before-step-3-2.json").read_text())["lr"] == 0.2
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.3
+
+
+def test_checkpoint_listing_as_json_prints_json_alone(tmp_path):
+    assert cli.main(["--steps", "3", "--workdir", str(tmp_path)]) == 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxpar.checkpoint", str(tmp_path), "--json"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    (manifest,) = json.loads(proc.stdout)
+    assert manifest["step"] == 3 and manifest["path"].endswith("checkpoints/3")
+    assert manifest["model"] == "mlp" and manifest["partition_specs"]
+
+
+def readme_block(marker: str) -> str:
+    """The README's ```python block that contains `marker`, as a user would paste it."""
+    blocks = (ROOT / "README.md").read_text().split("```python\n")[1:]
+    return next(b.split("```")[0] for b in blocks if marker in b)
+
+
+def test_readme_orbax_recipe_works_as_pasted_with_a_relative_path(tmp_path):
+    workdir = tmp_path / "runs" / "NAME"
+    assert cli.main(["--steps", "330", "--mesh", "1", "--workdir", str(workdir)]) == 0
+    code = readme_block("PyTreeCheckpointer")
+    assert '"runs/NAME/checkpoints/330/state"' in code  # relative: run from the workdir's parent
+    code += '\nimport sys\nassert "jaxpar" not in sys.modules\n'
+    code += 'print(kernel.shape, int(state["optimizer"]["step"]))\n'
+    env = {**os.environ, "PYTHONPATH": ""}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["(64,", "512)", "330"]

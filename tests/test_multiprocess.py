@@ -130,3 +130,53 @@ def test_hybrid_layouts_train_on_their_hosts(layout, tmp_path):
     proc = launch(hosts, *args)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "[p0] final test accuracy" in proc.stdout
+
+
+def test_a_signal_to_one_process_saves_the_whole_job(tmp_path):
+    # One pod evicted: SIGTERM reaches process 1 only. The processes agree on the step through
+    # the train step itself, save one checkpoint together and all exit 143.
+    args = ["--mesh", "2", "--steps", "400", "--log-every", "1", "--workdir", str(tmp_path)]
+    command = [sys.executable, "-m", "jaxpar.launch", "-n", "2", "--", sys.executable]
+    launcher = subprocess.Popen(
+        [*command, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) > 20):
+        assert time.time() < deadline and launcher.poll() is None, "the job did not start"
+        time.sleep(0.1)
+    os.kill(children_of(launcher.pid)[1], signal.SIGTERM)
+    out, _ = launcher.communicate(timeout=120)  # a hang (the defect) fails here
+    assert launcher.returncode == 128 + signal.SIGTERM, out[-3000:]
+    stops = {line.split("at step ")[1].split(";")[0] for line in out.splitlines() if
+             "preempted: stopped by signal 15 at step" in line}  # fmt: skip
+    assert "[p0] preempted" in out and "[p1] preempted" in out, out[-3000:]
+    (step,) = stops  # both processes stopped after the same step
+    assert (tmp_path / "checkpoints" / step).is_dir()
+    proc = launch(2, *args)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert f"resumed from step {step}" in proc.stdout
+
+
+def test_the_job_writes_to_one_default_workdir(tmp_path):
+    # Process 1 starts 2 s after process 0: its own clock would name another folder.
+    train_py = f"{sys.executable} {ROOT / 'train.py'} --mesh 2 --steps 3"
+    command = [sys.executable, "-m", "jaxpar.launch", "-n", "2", "--", "sh", "-c"]
+    command.append(f"sleep $((JAX_PROCESS_ID * 2)); exec {train_py}")
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    (workdir,) = (tmp_path / "runs").iterdir()
+    assert (workdir / "checkpoints" / "3").is_dir()
+    assert f"workdir {workdir.relative_to(tmp_path)}" in proc.stdout
+
+
+def test_the_launcher_relays_every_line():
+    lines = 200_000
+    command = [sys.executable, "-m", "jaxpar.launch", "-n", "2", "--", sys.executable, "-c"]
+    command.append(f"for i in range({lines}): print(i)")
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0
+    out = proc.stdout.splitlines()
+    for p in ("[p0]", "[p1]"):
+        assert sum(line.startswith(p) for line in out) == lines
+        assert f"{p} {lines - 1}" in out

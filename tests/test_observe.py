@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_sharding import MLP_GOLDEN, MLP_PARAMS
@@ -10,6 +11,7 @@ from test_sharding import MLP_GOLDEN, MLP_PARAMS
 import train as cli
 from jaxpar import Config
 from jaxpar.checkpoint import Checkpoints
+from jaxpar.loop import Window
 from jaxpar.plan import plan
 from jaxpar.plot import main as plot_main
 
@@ -94,3 +96,34 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     ckpts = Checkpoints(Path(tmp_path))
     assert ckpts.latest() == max(saved)
     ckpts.close()
+    assert f"resume from the last checkpoint (step {max(saved)}) with a lower --lr" in err
+    # before any checkpoint, the advice is to start over
+    assert cli.main([*args[:4], "--workdir", str(tmp_path / "new")]) == 1
+    assert "no checkpoint was saved yet: rerun with --restart" in capsys.readouterr().err
+
+
+def test_profile_range_is_clamped_to_the_run(tmp_path):
+    # an end past the last step: the trace stops, and is written, at the last step
+    assert cli.main(["--steps", "4", "--profile-steps", "1:100", "--workdir", str(tmp_path)]) == 0
+    assert len(list((tmp_path / "profile").rglob("*.xplane.pb"))) == 1
+    # a resume inside the range (step 4 of 2:6) traces the rest of it
+    assert cli.main(["--steps", "8", "--profile-steps", "2:6", "--workdir", str(tmp_path)]) == 0
+    assert len(list((tmp_path / "profile").rglob("*.xplane.pb"))) == 2
+
+
+def test_examples_per_s_counts_training_time_only(monkeypatch):
+    clock = type("Clock", (), {"now": 0.0, "time": lambda self: self.now})()
+    monkeypatch.setattr("jaxpar.loop.time", clock)  # the loop's clock only
+    written = []
+    log = type("Log", (), {"write": lambda self, step, **v: written.append(v)})()
+    window = Window(log, Config(batch_size=10, log_every=2), 4, [], lambda step: 0.1)
+    window.start()  # t=0
+    metrics = {"train_loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0), "stop": jnp.int32(0)}
+    window.push(1, metrics)
+    clock.now = 1.0
+    with window.paused():  # compilation, evaluation or a checkpoint: 5 s
+        clock.now = 6.0
+    window.push(2, metrics)  # reads step 1
+    clock.now = 8.0
+    window.flush()  # step 2 written: 2 steps in 8 s, less 5 s paused
+    assert written[0]["examples_per_s"] == 2 * 10 / 3
