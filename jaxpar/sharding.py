@@ -13,6 +13,11 @@ embed      fsdp                        dense input features: FSDP (ZeRO-3) shard
 hidden     model                       Megatron MLP: column-parallel out, row-parallel in
 conv_in    fsdp                        conv input channels: FSDP shards them
 conv_out   model                       conv output channels (and their BatchNorm): TP
+heads      model                       attention heads: q/k/v column-, output row-parallel
+head_dim   (replicated)                each head's features stay together
+mlp        model                       transformer MLP: in column-, out row-parallel
+seq        (replicated)                token positions (position embeddings)
+layers     (replicated)                stacked blocks' leading axis (a stage axis later)
 classes    (replicated)                logits stay whole so the loss needs no gather
 =========  ==========================  =============================================
 
@@ -40,6 +45,11 @@ RULES: dict[str, tuple[str, ...]] = {
     "hidden": ("model",),
     "conv_in": ("fsdp",),
     "conv_out": ("model",),
+    "heads": ("model",),
+    "head_dim": (),
+    "mlp": ("model",),
+    "seq": (),
+    "layers": (),
     "classes": (),
 }
 

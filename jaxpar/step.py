@@ -10,6 +10,7 @@ the MLP on one CPU device); plain dicts rather than `nnx.State` also spare JAX b
 objects for every output on every call (about 80 us per step here).
 """
 
+import functools
 from functools import partial
 
 import jax
@@ -155,6 +156,18 @@ def with_signals(step):
         return state, {**metrics, "stop": jnp.max(signals)}
 
     return stepped
+
+
+def under_mesh(fn, mesh):
+    """`fn` traced with `mesh` as the context mesh, so models may pin an activation's layout by
+    logical names (`models.vit.constrain`); the mesh is the step's own, never a global one."""
+
+    @functools.wraps(fn)
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return traced
 
 
 def signal_sharding(mesh):

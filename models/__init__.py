@@ -2,6 +2,7 @@
 
 from models.mlp import MLP
 from models.resnet import ResNet, ResNet8, ResNet18, ResNet34, ResNet50
+from models.vit import ViT, ViTBase, ViTLite, ViTSmall, ViTTiny
 
 MODELS = {
     "mlp": MLP,
@@ -9,6 +10,11 @@ MODELS = {
     "resnet18": ResNet18,
     "resnet34": ResNet34,
     "resnet50": ResNet50,
+    "vit-tiny": ViTTiny,  # width 192, depth 12, 3 heads, MLP 768
+    "vit-lite": ViTLite,  # width 256, depth 7, 4 heads, MLP 512
+    "vit-small": ViTSmall,  # width 384, depth 12, 6 heads, MLP 1536
+    "vit-base": ViTBase,  # width 768, depth 12, 12 heads, MLP 3072
 }
 
 __all__ = ["MLP", "MODELS", "ResNet", "ResNet8", "ResNet18", "ResNet34", "ResNet50"]
+__all__ += ["ViT", "ViTBase", "ViTLite", "ViTSmall", "ViTTiny"]

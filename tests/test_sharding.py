@@ -84,8 +84,8 @@ def test_indivisible_dimension_is_replicated_and_reported():
 
 
 def test_unknown_logical_name_is_an_error():
-    with pytest.raises(ValueError, match="logical axis 'heads' has no rule"):
-        partition_spec(("heads",), (8,), make_mesh(parse_mesh("8")))
+    with pytest.raises(ValueError, match="logical axis 'experts' has no rule"):
+        partition_spec(("experts",), (8,), make_mesh(parse_mesh("8")))
 
 
 def test_shard_shapes_per_device():
