@@ -159,15 +159,18 @@ def test_a_signal_to_one_process_saves_the_whole_job(tmp_path):
 
 
 def test_the_job_writes_to_one_default_workdir(tmp_path):
-    # Process 1 starts 2 s after process 0: its own clock would name another folder.
-    train_py = f"{sys.executable} {ROOT / 'train.py'} --mesh 2 --steps 3"
+    # Process 1's clock is 9 hours ahead (another time zone): its own name would differ.
+    # FSDP: each process writes its own shards of the checkpoint.
+    train_py = f"{sys.executable} {ROOT / 'train.py'} --mesh fsdp=2 --steps 3"
     command = [sys.executable, "-m", "jaxpar.launch", "-n", "2", "--", "sh", "-c"]
-    command.append(f"sleep $((JAX_PROCESS_ID * 2)); exec {train_py}")
+    command.append(f'[ "$JAX_PROCESS_ID" = 1 ] && export TZ=UTC-9; exec {train_py}')
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:]
     (workdir,) = (tmp_path / "runs").iterdir()
     assert (workdir / "checkpoints" / "3").is_dir()
     assert f"workdir {workdir.relative_to(tmp_path)}" in proc.stdout
+    # the checkpoint is whole: one process resumes it
+    assert cli.main(["--mesh", "2", "--steps", "4", "--workdir", str(workdir)]) == 0
 
 
 def test_the_launcher_relays_every_line():
