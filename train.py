@@ -9,9 +9,9 @@ import argparse
 import sys
 
 from jaxpar.config import Config
-from jaxpar.distributed import job_size, join
+from jaxpar.distributed import job_size, join, peer_lost
 from jaxpar.errors import Diverged, Preempted, UserError
-from jaxpar.mesh import parse_mesh, request_devices, set_gpu_flags
+from jaxpar.mesh import check_batch_spec, check_hosts, parse_mesh, request_devices, set_gpu_flags
 
 FLAGS = [  # (flag, type, or a list of choices, help); defaults come from jaxpar.Config
     ("--mesh", str, "DxM, N, data=2,fsdp=2,model=2, or a layout from meshes/ (None: all on data)"),
@@ -85,10 +85,15 @@ def main(argv=None) -> int:
         # (ignored on GPUs), then join the multi-process job if this is part of one.
         job = (cfg.coordinator, cfg.num_processes, cfg.process_id)
         processes = job_size(*job)[1]
-        devices = parse_mesh(cfg.mesh).size if cfg.mesh else processes
+        devices = processes
+        if cfg.mesh:  # what the sizes alone decide, before any device is emulated
+            spec = parse_mesh(cfg.mesh)
+            check_hosts(spec, processes)
+            check_batch_spec(cfg.batch_size, spec)
+            devices = spec.size
         if devices % processes:
             raise UserError(f"mesh of {devices} devices does not split over {processes} processes")
-        request_devices(devices // processes)
+        request_devices(devices // processes)  # refuses more CPU devices than it can emulate
         set_gpu_flags()
         join(*job)
         if cfg.dry_run:
@@ -108,11 +113,11 @@ def main(argv=None) -> int:
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)
         return 128 + e.signum  # the shell's convention for "ended by this signal"
-    except RuntimeError as e:  # jax.errors.JaxRuntimeError and friends
+    except Exception as e:  # a collective's JaxRuntimeError, or Orbax's ValueError around it
         import jax
 
-        if jax.process_count() == 1:
-            raise
+        if not peer_lost(e) or jax.process_count() == 1:
+            raise  # a bug or an environment failure: the traceback says where (exit status 1)
         print(f"error: a collective failed; another process of the job probably died ({e})",
               file=sys.stderr)  # fmt: skip
         return 1

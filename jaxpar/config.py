@@ -52,10 +52,18 @@ class Config:
             known(self.dataset),
             f"unknown dataset '{self.dataset}'; choose from {', '.join(DATASETS)}",
         )
-        need(
-            self.data_dir is None or Path(self.data_dir).is_dir(),
-            f"data directory {self.data_dir} does not exist; create it or fix --data-dir",
-        )
+        if self.data_dir is not None:
+            need(
+                Path(self.data_dir).exists(),
+                f"data directory {self.data_dir} does not exist; create it or fix --data-dir",
+            )
+            need(
+                Path(self.data_dir).is_dir(),
+                f"--data-dir {self.data_dir} is a file, not a directory; pass the directory "
+                "that holds the dataset's files",
+            )
+        if problem := workdir_problem(self.workdir):
+            raise UserError(problem)
         need(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
         need(self.steps is None or self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
         need(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
@@ -64,6 +72,10 @@ class Config:
         need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         need(self.schedule in ("constant", "cosine"), f"unknown schedule '{self.schedule}'")
+        need(
+            0 <= self.seed < 2**32,
+            f"--seed must be in [0, 2**32) (0 to 4294967295), got {self.seed}",
+        )
         need(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         need(self.precision in ("fp32", "bf16"), f"unknown precision '{self.precision}'")
         for flag in ("checkpoint_every", "eval_every"):
@@ -89,3 +101,25 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def workdir_problem(workdir: str | None) -> str | None:
+    """Why `workdir` (None: the default ``runs/DATE-TIME``) cannot be a directory, or None.
+
+    Checked before anything is written: the path itself, or its nearest existing ancestor, is a
+    file rather than a directory.
+    """
+    path = Path(workdir) if workdir else Path("runs/DATE-TIME")
+    flag = f"--workdir {workdir}" if workdir else f"the default workdir {path.parent}/"
+    try:
+        if path.exists():
+            return None if path.is_dir() else f"{flag} is a file; name a directory"
+        ancestor = next((p for p in path.absolute().parents if p.exists()), None)
+    except OSError:  # e.g. a folder we may not read: the run itself reports what it meets
+        return None
+    if ancestor is not None and not ancestor.is_dir():
+        return (
+            f"{flag} cannot be created: {ancestor} is a file, not a directory; "
+            "choose a --workdir outside it"
+        )
+    return None

@@ -16,9 +16,11 @@ tensorflow-datasets), ``cifar10``, ``cifar100`` (tensorflow-datasets, read into 
 ``synthetic`` (``synthetic:HxWxC:K``, for benchmarks).
 """
 
+import contextlib
 import dataclasses
 import functools
 import gzip
+import logging
 import queue
 import re
 import threading
@@ -93,20 +95,31 @@ def load_synthetic(name: str, data_dir=None) -> Dataset:
     classes = int(m[4] or 10)
     if min(h, w, c, classes) < 1:
         raise UserError(f"dataset '{name}': sizes must be positive")
-    rng = np.random.default_rng(0)
     pool = int(np.clip(2**28 // (h * w * c), 1, 4096))
-    labels = rng.integers(0, classes, pool).astype(np.int32)
-    patterns = rng.integers(0, 256, (classes, h, w, c))
-    noise = rng.integers(-64, 64, (pool, h, w, c))
-    images = np.clip(patterns[labels] // 2 + noise + 64, 0, 255).astype(np.uint8)
+    labels, images = synthetic_pool(pool, (h, w, c), classes)
     return Dataset(
         name, Tiled(images, 50_000), Tiled(labels, 50_000), Tiled(images, 10_000),
         Tiled(labels, 10_000), classes, mean=(0.5,) * c, std=(0.25,) * c,
     )  # fmt: skip
 
 
+def synthetic_pool(n: int, shape: tuple, classes: int, seed: int = 0):
+    """`n` labels and uint8 images: the label's pattern (uint8 in [0, 128)) plus uniform noise in
+    [0, 128), built in place in uint8, one pattern at a time, so the memory it needs is the
+    images' own (a 256 MiB pool, not the gigabytes of int64 intermediates)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n).astype(np.int32)
+    images = rng.integers(0, 128, (n, *shape), dtype=np.uint8)  # the noise
+    for k in np.unique(labels):
+        pattern = np.random.default_rng((seed, int(k))).integers(0, 128, shape, dtype=np.uint8)
+        for i in np.flatnonzero(labels == k):
+            images[i] += pattern  # at most 127 + 127: no overflow
+    return labels, images
+
+
 # --- MNIST-format IDX files, read directly --------------------------------------------------
 
+IDX_NAMES = ("mnist", "fashion_mnist")  # datasets that may come as IDX files
 IDX = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}  # fmt: skip
 
@@ -158,12 +171,38 @@ TFDS = {  # name: (test split, mean, std, augment)
 }
 
 
+@contextlib.contextmanager
+def _held_logs(name: str = "absl"):
+    """Hold what logger `name` logs in the block (tensorflow-datasets logs through absl): replay
+    it if the block succeeds, drop it if it raises, so that a refusal's one line stands alone
+    (e.g. tfds's "Variant folder ... has no dataset_info.json" before "no prepared split")."""
+    logger, held = logging.getLogger(name), []
+    hold = logging.Handler()
+    hold.emit = held.append
+    handlers, propagate = logger.handlers, logger.propagate
+    logger.handlers, logger.propagate = [hold], False
+    try:
+        yield
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+    for record in held:
+        logger.handle(record)
+
+
+IDX_ROUTE = (
+    "put the four MNIST-format IDX files train-images-idx3-ubyte[.gz], "
+    "train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz] in "
+    "--data-dir DIR"
+)
+
+
 def _open_tfds(name: str, split: str, data_dir):
     """The random-access tfds source of a prepared split (ArrayRecord files, no TensorFlow)."""
-    import tensorflow_datasets as tfds
-
     try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        with _held_logs():
+            import tensorflow_datasets as tfds
+
+            return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # noqa: BLE001 - tfds raises many kinds for "not prepared"
         where = data_dir or "tensorflow-datasets' default data directory"
         manual = (
@@ -171,10 +210,16 @@ def _open_tfds(name: str, split: str, data_dir):
             if name == "imagenet2012"
             else ""
         )
+        problem = f"no prepared {split} split in {where}"
+        fix = "prepare it"
+        if name in IDX_NAMES:
+            idx = f"no IDX files in {data_dir}" if data_dir else "no --data-dir with IDX files"
+            problem = f"{idx} and {problem}"
+            fix = f"{IDX_ROUTE}, or prepare it with tensorflow-datasets"
         raise UserError(
-            f"{name}: no prepared {split} split in {where} ({type(e).__name__}); prepare it on a "
-            f"machine with network: pip install 'jaxpar[prepare]' && tfds build {name} "
-            f"--data_dir DIR --file_format array_record{manual}, then pass --data-dir DIR"
+            f"{name}: {problem} ({type(e).__name__}); {fix} on a machine with network: "
+            f"pip install 'jaxpar[prepare]' && tfds build {name} --data_dir DIR --file_format "
+            f"array_record{manual}, then pass --data-dir DIR"
         ) from None
 
 
@@ -192,9 +237,7 @@ def load_tfds(name: str, data_dir=None) -> Dataset:
 
         train, test = (Records(_open_tfds(name, s, data_dir)) for s in ("train", test_split))
         return Dataset(name, train.images, train.labels, test.images, test.labels, 1000, mean, std)
-    idx = (
-        load_idx(Path(data_dir), name) if data_dir and name in ("mnist", "fashion_mnist") else None
-    )
+    idx = load_idx(Path(data_dir), name) if data_dir and name in IDX_NAMES else None
     if idx:
         (x, y), (tx, ty) = idx["train"], idx["test"]
     else:

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -81,6 +82,13 @@ BAD = {
     "--optimizer lamb": "invalid choice: 'lamb'",
     "--batch-size 4096": "larger than the 1437 training examples",
     "--steps-per-dispatch 0": "--steps-per-dispatch must be at least 1",
+    "--seed -1": "--seed must be in [0, 2**32)",
+    "--seed 4294967296": "--seed must be in [0, 2**32)",
+    # decided from the mesh's sizes, before any device is emulated
+    "--mesh 20000": "not divisible by the 20000 batch shards (data x fsdp); use a multiple of",
+    "--mesh 4096 --batch-size 4096": "at most 2048 CPU devices are emulated per process",
+    "--mesh hosts2-hybrid": "rehearse it on one machine with python -m jaxpar.launch -n 2 --",
+    "--schedule cosine --warmup-steps 10": "--warmup-steps 10 leaves no step of the cosine decay",
 }
 
 
@@ -99,6 +107,139 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     proc = run("--mesh", "2x", "--workdir", str(tmp_path / "w"))
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: invalid mesh '2x'") and "Traceback" not in proc.stderr
+
+
+def test_paths_that_are_files_are_refused_before_anything_is_written(tmp_path, capsys):
+    file = tmp_path / "file"
+    file.write_text("not a directory\n")
+    cases = {
+        ("--workdir", str(file / "sub")): f"cannot be created: {file} is a file, not a directory",
+        ("--workdir", str(file / "a" / "b")): f"{file} is a file, not a directory",
+        ("--data-dir", str(file)): f"--data-dir {file} is a file, not a directory",
+    }
+    for args, words in cases.items():
+        workdir = () if args[0] == "--workdir" else ("--workdir", str(tmp_path / "w"))
+        assert cli.main([*args, *workdir, "--steps", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and words in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing written
+    assert file.read_text() == "not a directory\n"
+    # checked by Config.validate, before the run starts (jaxpar.workdir refuses it only later)
+    with pytest.raises(cli.UserError, match=f"--workdir {file} is a file; name a directory"):
+        cli.Config(workdir=str(file)).validate()
+
+
+JOB_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
+           "OMPI_COMM_WORLD_SIZE")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, env, words",
+    [
+        ("--num-processes 2 --process-id 1", {}, "--num-processes 2 needs --coordinator HOST:PORT"),
+        ("--num-processes 3", {}, "python -m jaxpar.launch -n 3 -- python train.py"),
+        ("--process-id 1", {}, "--process-id 1 needs --num-processes N and --coordinator"),
+        ("", {"JAX_NUM_PROCESSES": "2"}, "JAX_NUM_PROCESSES=2 needs --coordinator HOST:PORT"),
+        ("--num-processes 1 --process-id 1", {}, "must be 0 in a single-process run"),
+        ("--num-processes -1", {}, "--num-processes -1: the process count must be at least 1"),
+    ],
+)
+def test_process_flags_without_a_coordinator_are_refused(args, env, words, tmp_path, capsys,
+                                                         monkeypatch):  # fmt: skip
+    for name in JOB_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    workdir = tmp_path / "w"
+    assert cli.main([*args.split(), "--steps", "1", "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and words in err, err
+    assert "JAX_COORDINATOR_ADDRESS" in err or "single-process" in err or "at least 1" in err
+    assert not workdir.exists()
+
+
+def test_one_process_flags_are_a_single_process_run(monkeypatch):
+    from jaxpar.distributed import job_size
+
+    for name in JOB_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert job_size(None, 1, 0) == job_size() == (None, 1, None)
+    monkeypatch.setenv("SLURM_NTASKS", "4")  # JAX finds the coordinator under SLURM
+    assert job_size(None, 4, 2) == (None, 4, None)
+
+
+def test_a_huge_mesh_is_refused_at_once_in_a_real_process(tmp_path):
+    """20,000 emulated CPU devices took over 5 minutes and 2.6 GB before failing."""
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--mesh", "20000", "--batch-size", "20000"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert proc.returncode == 2 and time.time() - start < 60
+    assert proc.stderr.startswith("error: the mesh needs 20000 devices in this process, but at "
+                                  "most 2048 CPU devices are emulated"), proc.stderr  # fmt: skip
+    assert proc.stderr.count("\n") == 1 and "python -m jaxpar.launch -n 10 --" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no runs/ folder
+
+
+# What the survivor of a 2-process CPU job got when its peer was killed with SIGKILL (jax 0.10.2)
+# during a step and during a checkpoint's barrier (there Orbax raises a ValueError).
+PEER_DIED = [
+    "UNKNOWN: Gloo all-reduce failed: [external/gloo/gloo/transport/tcp/pair.cc:538] Read error "
+    "[127.0.0.1]:4785: Connection reset by peer",
+    "UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:547] Connection "
+    "closed by peer [127.0.0.1]:37586",
+    "UNAVAILABLE: Task 1 heartbeat timeout. This indicates that the remote task has failed, got "
+    "preempted, or crashed unexpectedly.",
+    "INTERNAL: NCCL operation ncclAllReduce(...) failed: remote process exited or there was a "
+    "network error",
+]
+NOT_PEERS = [
+    "Profile has already been started. Only one profile may be run at a time.",
+    "No profile started",
+    "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1073741824 bytes.",
+    "INTERNAL: Failed to execute XLA Runtime executable: run time error: custom call failed",
+    "[Errno 104] Connection reset by peer",  # e.g. a remote filesystem, not a collective
+]
+
+
+def test_collective_failures_are_told_from_other_errors():
+    from jaxpar.distributed import peer_lost
+
+    for message in PEER_DIED:
+        assert peer_lost(RuntimeError(message)), message
+    for message in NOT_PEERS:
+        assert not peer_lost(RuntimeError(message)), message
+    try:  # a collective's error re-raised by a library as another kind keeps its cause
+        try:
+            raise RuntimeError(PEER_DIED[1])
+        except RuntimeError as e:
+            raise ValueError("checkpoint save failed") from e
+    except ValueError as e:
+        assert peer_lost(e)
+
+
+@pytest.mark.parametrize("message", [PEER_DIED[0], NOT_PEERS[0]])
+def test_multiprocess_errors_other_than_collectives_keep_their_traceback(
+    message, tmp_path, capsys, monkeypatch
+):
+    import jaxpar.loop
+
+    def fail(cfg):
+        raise jax.errors.JaxRuntimeError(message)
+
+    monkeypatch.setattr(jaxpar.loop, "train", fail)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)  # as in a job's process
+    argv = ["--steps", "1", "--workdir", str(tmp_path / "w")]
+    if message in PEER_DIED:
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err == f"error: a collective failed; another process of the job probably died " \
+                      f"({message})\n"  # fmt: skip
+    else:
+        with pytest.raises(RuntimeError, match="Profile has already been started"):
+            cli.main(argv)
 
 
 def test_used_workdir_is_never_overwritten(tmp_path):
@@ -122,6 +263,10 @@ def test_bf16_trains_as_well_as_fp32(tmp_path, capsys):
     assert read_metrics(tmp_path)[-1]["eval_accuracy"] >= 0.95  # fp32 reaches 0.98 (above)
 
 
+# float32 parameters and optimizer moments, uint32 RNG keys, optax's int32 step count
+STATE_DTYPES = {"float32", "uint32", "int32"}
+
+
 def test_bf16_computes_matmuls_in_bf16_and_keeps_fp32_parameters():
     from flax import nnx
 
@@ -131,10 +276,7 @@ def test_bf16_computes_matmuls_in_bf16_and_keeps_fp32_parameters():
 
     run = setup(Config(precision="bf16", mesh="2"))
     state = run.init()
-    assert {x.dtype.name for x in jax.tree.leaves(nnx.to_pure_dict(run.abstract))} <= {
-        "float32",
-        "uint32",
-    }
+    assert {x.dtype.name for x in jax.tree.leaves(nnx.to_pure_dict(run.abstract))} <= STATE_DTYPES
     batch = next(train_batches(run.ds, 128, 0, range(1), run.mesh))
     # The program jaxpar asks for (the CPU compiler then upcasts bf16 dots; GPUs run them).
     program = run.train_step.lower(state, batch).as_text()
@@ -164,7 +306,7 @@ def test_bf16_resnet_convolves_in_bf16_and_keeps_fp32_statistics():
     assert np.isfinite(float(metrics["train_loss"]))
     assert before and {x.dtype.name for x in after.values()} == {"float32"}
     assert all(not np.array_equal(before[k], after[k]) for k in before)  # updated, in float32
-    assert {x.dtype.name for x in jax.tree.leaves(state)} <= {"float32", "uint32"}
+    assert {x.dtype.name for x in jax.tree.leaves(state)} <= STATE_DTYPES
     # Activations leave BatchNorm in bf16: half the bytes between layers (benchmarks/gpu.py).
     from flax import nnx
 

@@ -1,6 +1,10 @@
 """Datasets, the batch order, evaluation coverage and on-device augmentation."""
 
 import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -20,6 +24,8 @@ from jaxpar.data import (
     train_indices,
 )
 from jaxpar.mesh import make_mesh, parse_mesh
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_idx(path, array, compress):
@@ -67,6 +73,25 @@ def test_missing_tfds_data_says_how_to_get_it(tmp_path, capsys):
     assert "no prepared train split" in capsys.readouterr().err
     with pytest.raises(UserError, match="--manual_dir DIR_WITH_ILSVRC2012_img_train.tar"):
         load_dataset("imagenet2012", str(tmp_path))
+
+
+@pytest.mark.parametrize("data_dir", [True, False])
+def test_missing_mnist_names_both_routes_in_one_line_of_a_real_process(data_dir, tmp_path):
+    """Nothing printed before the error line (tfds logged "Variant folder ... has no
+    dataset_info.json" first), and the IDX files are named as well as tfds build."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = ["--dataset", "mnist", "--steps", "1", "--workdir", str(tmp_path / "w")]
+    args += ["--data-dir", str(empty)] if data_dir else []
+    env = {**os.environ, "TFDS_DATA_DIR": str(empty)}  # tfds's default data directory: empty too
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True,
+                          text=True, timeout=300, env=env)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: mnist: ") and proc.stderr.count("\n") == 1, proc.stderr
+    for stem in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1"):
+        assert f"{stem}-ubyte[.gz]" in proc.stderr
+    assert "tfds build mnist --data_dir DIR" in proc.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["empty"]  # nothing written
 
 
 @pytest.mark.parametrize(
@@ -139,6 +164,35 @@ def test_synthetic_any_shape():
     assert len(ds.train_labels) == 50_000 and ds.train_images[[0, 49_999]].shape == (2, 16, 12, 2)
     with pytest.raises(UserError, match="synthetic:HxWxC:K"):
         load_dataset("synthetic:big")
+
+
+def test_synthetic_images_are_class_patterns_plus_noise():
+    ds = load_dataset("synthetic:6x5x2:3")
+    pool, labels = ds.train_images.pool, ds.train_labels.pool
+    assert pool.dtype == np.uint8 and pool.shape == (4096, 6, 5, 2) and pool.max() <= 254
+    means = np.stack([pool[labels == k].mean(0) for k in range(3)])  # noise averages out
+    assert np.abs(means - means.mean(0)).mean() > 10  # each class has its own pattern
+    spread = pool[labels == 0].astype(np.int16) - pool[labels == 0].min(0)
+    assert 100 < spread.max() < 128 and spread.std() > 20  # uniform noise in [0, 128)
+    np.testing.assert_array_equal(pool, load_dataset("synthetic:6x5x2:3").train_images.pool)
+
+
+def test_synthetic_pool_is_built_without_large_intermediates(tmp_path):
+    """ImageNet-size synthetic data peaked at 7.5 GB (int64 intermediates) for a 256 MiB pool."""
+    script = (
+        "import resource\n"
+        "from jaxpar.data import load_dataset\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "pool = load_dataset('synthetic:224x224x3:1000').train_images.pool\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(pool.dtype, pool.nbytes, (after - before) * 1024)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    dtype, nbytes, grown = proc.stdout.split()
+    assert dtype == "uint8" and int(nbytes) <= 2**28
+    assert int(grown) < 1.5 * int(nbytes), f"peak grew {int(grown) >> 20} MiB"
 
 
 def test_global_batch_is_the_same_on_every_mesh():

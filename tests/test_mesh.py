@@ -92,3 +92,46 @@ def test_draw_mesh_shows_every_device_at_its_coordinates():
 def test_request_devices_after_start_keeps_devices():
     jaxpar.request_devices(4)
     assert jax.device_count() == 8
+
+
+def test_batch_is_checked_from_the_sizes_alone():
+    from jaxpar.mesh import check_batch_spec
+
+    check_batch_spec(128, parse_mesh("data=2,fsdp=2,model=2"))
+    check_batch_spec(3, parse_mesh("1x8"))  # model does not split the batch
+    with pytest.raises(jaxpar.UserError, match="not divisible by the 3 batch shards"):
+        check_batch_spec(128, parse_mesh("3x1"))
+    with pytest.raises(jaxpar.UserError, match=r"the 24 batch shards \(data x fsdp\)"):
+        check_batch_spec(128, parse_mesh("data=3,fsdp=8,model=2"))
+
+
+@pytest.fixture
+def platforms():
+    """Set ``jax_platforms`` for a test (read only when a backend starts: ours is up)."""
+    before = jax.config.jax_platforms
+    yield lambda value: jax.config.update("jax_platforms", value)
+    jax.config.update("jax_platforms", before)
+
+
+def test_emulated_cpu_devices_are_capped_only_where_the_cpu_computes(platforms, monkeypatch):
+    import jaxpar.mesh as mesh
+
+    assert mesh.MAX_CPU_DEVICES >= 64  # the README's dry run of ResNet-50 on fsdp=64
+    jaxpar.request_devices(mesh.MAX_CPU_DEVICES)
+    with pytest.raises(jaxpar.UserError, match="at most 2048 CPU devices are emulated"):
+        jaxpar.request_devices(mesh.MAX_CPU_DEVICES + 1)
+    platforms("cuda,cpu")  # JAX_PLATFORMS picks an accelerator: the CPU count does not matter
+    jaxpar.request_devices(20_000)
+    platforms(None)  # unset: the installed plugins decide
+    monkeypatch.setattr(mesh, "_installed", lambda name: False)
+    monkeypatch.setattr(mesh.importlib.metadata, "entry_points", lambda group: [])
+    with pytest.raises(jaxpar.UserError, match="python -m jaxpar.launch -n 10 --"):
+        jaxpar.request_devices(20_000)
+    monkeypatch.setattr(mesh, "_installed", lambda name: name == "jax_cuda12_plugin")
+    jaxpar.request_devices(20_000)
+    assert jax.device_count() == 8
+
+
+def test_multi_host_layout_in_one_process_points_to_the_launcher():
+    with pytest.raises(jaxpar.UserError, match="python -m jaxpar.launch -n 2 -- python train.py"):
+        make_mesh(parse_mesh("hosts2-hybrid"))
