@@ -41,6 +41,9 @@ FLAGS = [  # (flag, type, or a list of choices, help); defaults come from jaxpar
     ("--eval-every", int, "steps between evaluations (0: every epoch)"),
     ("--log-every", int, "steps per training line of metrics.jsonl"),
     ("--steps-per-dispatch", int, "steps run as one XLA program: >1 speeds up tiny models"),
+    ("--grad-accum", int, "microbatches per step, gradients summed: less activation memory"),
+    ("--remat", ["none", "block"], "ViT: recompute each block's activations in the backward pass"),
+    ("--patch-size", int, "ViT patch size (None: 2 up to 16 px, 4 up to 64 px, 16 above)"),
     ("--profile-steps", str, "A:B: write a JAX profiler trace of steps A to B to WORKDIR/profile"),
     (
         "--dry-run",

@@ -1,4 +1,4 @@
-"""The GPU benchmark: ResNet-50 in bf16 and the seed's MLP, jaxpar beside PyTorch, in one run.
+"""The GPU benchmark: ResNet-50 and ViT-B/16 in bf16 and the seed's MLP, jaxpar beside PyTorch.
 
 Meant for one GPU with JAX, Flax and Optax installed and no network (run from the repository root
 with ``PYTHONPATH=.``); it needs neither tensorflow-datasets nor TensorBoard. Each part
@@ -10,7 +10,15 @@ this order, while time is left before ``--deadline``:
   and model FLOPs utilisation = FLOPs per step (XLA's cost analysis of the same program on the
   CPU backend) / step time / the card's peak dense bf16 FLOP/s (vendor figure).
 - ``torchvision``: torchvision's ResNet-50, bf16 autocast, channels_last, ``torch.compile``d,
-  cuDNN autotuning, same batch and optimizer.
+  cuDNN autotuning, same batch and optimizer. Its MFU in the table is from jaxpar's FLOP count of
+  the same network (jaxpar's MFU x the images/s ratio), as for ``torchvision_vit``.
+- ``vit``: jaxpar's ``vit-base`` (ViT-B/16: width 768, depth 12, 12 heads, MLP 3072, patch 16),
+  ``--precision bf16``, on the same data and optimizer as ``resnet50``, batch ``--vit-batch``
+  (128: 25,000 tokens a step; XLA's CPU analysis puts batch 256 at 79 GiB, an H100's whole
+  memory): images/s and MFU counted the same way (the step's scanned blocks unrolled for the
+  count: XLA's cost analysis counts a loop body once, 1/12 of the blocks' FLOPs).
+- ``torchvision_vit``: torchvision's ``vit_b_16`` (no weights), bf16 autocast, ``torch.compile``d,
+  same batch and optimizer (its attention is PyTorch's fused scaled-dot-product kernel).
 - ``mlp`` and ``torch_mlp``: one epoch of the seed's MLP on MNIST-size synthetic data (50,000 rows,
   batch 128): jaxpar through its input pipeline, and the seed's PyTorch program (DataLoader,
   ``nn.DataParallel``, batches copied to the GPU), compilation and warm-up excluded.
@@ -19,12 +27,14 @@ this order, while time is left before ``--deadline``:
   this benchmark first ran), to measure what bf16 activations are worth.
 - ``resnet50_batch_x2``: ``resnet50`` at twice the batch.
 
-    PYTHONPATH=. python benchmarks/gpu.py            # all parts, batch 256, about 5 minutes
+    PYTHONPATH=. python benchmarks/gpu.py            # all parts, batch 256, about 7 minutes
     python benchmarks/gpu.py --parts resnet50,torchvision --out gpu.json
+    python benchmarks/gpu.py --parts vit,torchvision_vit --out gpu-vit.json
     python benchmarks/gpu.py --smoke                 # tiny sizes, any machine: checks the code
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -32,8 +42,9 @@ import sys
 import time
 from functools import partial
 
-PARTS = ("resnet50", "torchvision", "mlp", "mlp_k8", "torch_mlp", "resnet50_bn_fp32",
-         "resnet50_batch_x2")  # fmt: skip
+PARTS = ("resnet50", "torchvision", "vit", "vit_xla", "torchvision_vit", "mlp", "mlp_k8",
+         "torch_mlp", "resnet50_bn_fp32", "resnet50_batch_x2")  # fmt: skip
+TORCH_MODELS = {"torchvision": "resnet50", "torchvision_vit": "vit_b_16"}  # part: torchvision model
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s, vendor specs
 MLP_BATCH = 128  # the seed's; 50,000 synthetic rows per epoch
 
@@ -50,11 +61,26 @@ def median_step_s(step, rounds: int, steps: int, sync) -> tuple[float, float]:
     return statistics.median(times), max(times) / min(times)
 
 
+@contextlib.contextmanager
+def unrolled_scans():
+    """Trace with every ``jax.lax.scan`` fully unrolled: XLA's cost analysis counts a loop body
+    once, whatever its trip count (a scanned ViT's count would hold one block of 12)."""
+    import jax
+
+    scan = jax.lax.scan
+    jax.lax.scan = partial(scan, unroll=True)
+    try:
+        yield
+    finally:
+        jax.lax.scan = scan
+
+
 def step_flops(graphdef, state, data, prepare) -> float:
     """FLOPs of one train step as XLA's CPU backend counts them (the program is the same anywhere).
 
     On a GPU neither count works: the compiled program's hides convolutions inside cuDNN calls
-    (0.4 GFLOP per ResNet-50 image, not ~24) and the lowered program's is not offered.
+    (0.4 GFLOP per ResNet-50 image, not ~24) and the lowered program's is not offered. Scans are
+    unrolled for the count (`unrolled_scans`); a step without one is unchanged.
     """
     import jax
     import numpy as np
@@ -68,11 +94,13 @@ def step_flops(graphdef, state, data, prepare) -> float:
     one = NamedSharding(mesh, PartitionSpec())
     train_step, _ = compile_steps(graphdef, jax.tree.map(lambda _: one, state), mesh, 0, 4, prepare)
     like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one)  # noqa: E731
-    lowered = train_step.lower(jax.tree.map(like, state), jax.tree.map(like, data))
+    with unrolled_scans():
+        lowered = train_step.lower(jax.tree.map(like, state), jax.tree.map(like, data))
     return lowered.cost_analysis()["flops"]
 
 
-def jax_resnet50(a, batch: int, bn_fp32: bool = False) -> dict:
+def jax_model(a, model: str, batch: int, bn_fp32: bool = False, **model_kw) -> dict:
+    """jaxpar's `model` in bf16 on synthetic ImageNet-size data; `model_kw` go to the model."""
     import jax
     import jax.numpy as jnp
 
@@ -87,14 +115,25 @@ def jax_resnet50(a, batch: int, bn_fp32: bool = False) -> dict:
         models.resnet._norm = lambda c, dtype, *rest, **kw: norm(c, jnp.float32, *rest, **kw)
     ds = load_dataset(f"synthetic:{a.image}x{a.image}x3:{a.classes}")
     mesh = make_mesh(parse_mesh("1"))
-    model_fn = partial(MODELS["resnet50"], ds.image_shape, ds.num_classes, dtype=jnp.bfloat16)
+    model_fn = partial(
+        MODELS[model], ds.image_shape, ds.num_classes, dtype=jnp.bfloat16, **model_kw
+    )
     graphdef, state, shardings, _ = create_state(model_fn, make_optimizer(lr=0.1), mesh, seed=0)
     train_step, _ = compile_steps(graphdef, shardings, mesh, 0, 4, preprocess(ds))
     data = next(train_batches(ds, batch, 0, range(1), mesh))
     start = time.perf_counter()
     compiled = train_step.lower(state, data).compile()
     compile_s = time.perf_counter() - start
-    flops = step_flops(graphdef, state, data, preprocess(ds))
+    if model_kw.get("attention", "xla") != "xla":  # cuDNN's attention has no CPU lowering
+        from flax import nnx
+
+        from jaxpar.step import abstract_state
+
+        xla_fn = partial(model_fn, attention="xla")
+        graphdef, abstract = abstract_state(xla_fn, make_optimizer(lr=0.1))
+        flops = step_flops(graphdef, nnx.to_pure_dict(abstract), data, preprocess(ds))
+    else:
+        flops = step_flops(graphdef, state, data, preprocess(ds))
     box = {"state": state}
 
     def step():
@@ -152,17 +191,25 @@ def jax_mlp(a, k: int = 1) -> dict:
             "steps_per_epoch": per_epoch}  # fmt: skip
 
 
-def torch_resnet50(a, batch: int) -> dict:
+def torch_model(a, batch: int, name: str) -> dict:
+    """torchvision's `name` (``resnet50``: channels_last; ``vit_b_16``), bf16 autocast, compiled."""
     import torch
     import torchvision
 
     torch.backends.cudnn.benchmark = True
-    model = torchvision.models.resnet50(num_classes=a.classes).to(a.torch_device)
-    model = torch.compile(model.to(memory_format=torch.channels_last))
+    if name == "vit_b_16":
+        model = torchvision.models.vit_b_16(
+            weights=None, num_classes=a.classes, image_size=a.image
+        ).to(a.torch_device)
+        model, layout = torch.compile(model), torch.contiguous_format
+    else:
+        model = torchvision.models.resnet50(num_classes=a.classes).to(a.torch_device)
+        model = torch.compile(model.to(memory_format=torch.channels_last))
+        layout = torch.channels_last
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
     x = torch.randn(batch, 3, a.image, a.image, device=a.torch_device)
-    x = x.to(memory_format=torch.channels_last)
+    x = x.to(memory_format=layout)
     y = torch.randint(0, a.classes, (batch,), device=a.torch_device)
 
     def step():
@@ -224,14 +271,17 @@ def run_part(a) -> dict:
         try:
             import torch
 
-            if a.part == "torchvision":
+            if a.part in TORCH_MODELS:
                 import torchvision  # noqa: F401
         except ImportError as e:
             return {"skipped": f"{e.name} is not installed"}
         a.torch_device = "cuda" if torch.cuda.is_available() else "cpu"
         if a.torch_device == "cpu" and not a.smoke:
             return {"skipped": "PyTorch sees no GPU"}
-        return torch_resnet50(a, a.batch) if a.part == "torchvision" else torch_mlp(a)
+        if a.part in TORCH_MODELS:
+            batch = a.vit_batch if a.part == "torchvision_vit" else a.batch
+            return {"batch": batch, **torch_model(a, batch, TORCH_MODELS[a.part])}
+        return torch_mlp(a)
     from jaxpar.mesh import set_gpu_flags
 
     set_gpu_flags()
@@ -240,11 +290,16 @@ def run_part(a) -> dict:
     about = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
     if a.part.startswith("mlp"):
         return {**about, **jax_mlp(a, 8 if a.part == "mlp_k8" else 1)}
+    if a.part.startswith("vit"):  # vit_xla: attention as plain XLA einsums, not cuDNN's
+        batch, attention = a.vit_batch, "xla" if a.part == "vit_xla" else "auto"
+        options = dict(patch_size=16, attention=attention)
+        return {**about, "batch": batch, **jax_model(a, "vit-base", batch, **options)}
     batch = a.batch * (2 if a.part == "resnet50_batch_x2" else 1)
-    return {**about, "batch": batch, **jax_resnet50(a, batch, a.part == "resnet50_bn_fp32")}
+    bn_fp32 = a.part == "resnet50_bn_fp32"
+    return {**about, "batch": batch, **jax_model(a, "resnet50", batch, bn_fp32)}
 
 
-def table(results: dict, batch: int) -> str:
+def table(results: dict, batch: int, vit_batch: int) -> str:
     def line(name, r, unit="images/s"):
         if "error" in r or "skipped" in r:
             return f"{name:<34} {r.get('skipped') or r['error']}"
@@ -258,15 +313,24 @@ def table(results: dict, batch: int) -> str:
     names = {
         "resnet50": f"jaxpar ResNet-50 bf16, batch {batch}",
         "torchvision": f"torchvision ResNet-50 bf16, batch {batch}",
+        "vit": f"jaxpar ViT-B/16 bf16, batch {vit_batch}",
+        "vit_xla": f"jaxpar ViT-B/16, XLA attention, {vit_batch}",
+        "torchvision_vit": f"torchvision ViT-B/16 bf16, batch {vit_batch}",
         "mlp": "jaxpar seed MLP, 50k rows",
         "mlp_k8": "jaxpar seed MLP, 8 steps/dispatch",
         "torch_mlp": "PyTorch seed program, 50k rows",
         "resnet50_bn_fp32": "jaxpar ResNet-50, fp32 BN outputs",
         "resnet50_batch_x2": f"jaxpar ResNet-50 bf16, batch {2 * batch}",
     }
+    results = dict(results)
+    for torch_part, jax_part in (("torchvision", "resnet50"), ("torchvision_vit", "vit")):
+        j, t = results.get(jax_part, {}), results.get(torch_part, {})
+        if j.get("mfu") and "images_per_s" in t:  # the same network: jaxpar's FLOP count
+            results[torch_part] = {**t, "mfu": j["mfu"] * t["images_per_s"] / j["images_per_s"]}
     out = [line(names[p], r) for p, r in results.items()]
     for text, a, b, key in [
         ("jaxpar / torchvision ResNet-50 images/s", "resnet50", "torchvision", "images_per_s"),
+        ("jaxpar / torchvision ViT-B/16 images/s", "vit", "torchvision_vit", "images_per_s"),
         ("bf16 / fp32 BatchNorm outputs images/s", "resnet50", "resnet50_bn_fp32", "images_per_s"),
         ("seed MLP epoch time, PyTorch / jaxpar", "torch_mlp", "mlp", "epoch_s"),
         ("seed MLP epoch time, 1 / 8 steps per dispatch", "mlp", "mlp_k8", "epoch_s"),
@@ -279,6 +343,7 @@ def table(results: dict, batch: int) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--vit-batch", type=int, default=128, help="batch of the ViT parts")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--parts", default=",".join(PARTS))
@@ -289,7 +354,7 @@ def main():
     a = parser.parse_args()
     a.image, a.classes = 224, 1000
     if a.smoke:
-        a.image, a.classes, a.batch, a.steps, a.rounds = 32, 10, 8, 2, 2
+        a.image, a.classes, a.batch, a.vit_batch, a.steps, a.rounds = 32, 10, 8, 8, 2, 2
     if a.part:
         print("RESULT " + json.dumps(run_part(a)), flush=True)
         return
@@ -317,8 +382,9 @@ def main():
         if a.out:
             with open(a.out, "w") as f:
                 json.dump(results, f, indent=1)
-    print(table(results, a.batch))
-    print(json.dumps({"benchmark": "gpu", "batch": a.batch, "results": results}))
+    print(table(results, a.batch, a.vit_batch))
+    print(json.dumps({"benchmark": "gpu", "batch": a.batch, "vit_batch": a.vit_batch,
+                      "results": results}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ from flax import nnx
 from jaxpar.errors import UserError
 
 # Fields of the manifest that define the run: a checkpoint resumes only into the same ones.
-IDENTITY = ("model", "dataset", "image_shape", "num_classes", "batch_size", "optimizer", "seed")
+IDENTITY = ("model", "dataset", "image_shape", "num_classes", "batch_size", "optimizer", "seed",
+            "patch_size")  # fmt: skip
 # The layout of the saved state. 2: the optimizer state always holds a step count (schedules).
 FORMAT = 2
 
@@ -102,13 +103,13 @@ class Checkpoints:
             _items(shardings),
         )
         path = self.directory / str(step)
+        _quiet_closed_loop()
         try:
             args = ocp.args.PyTreeRestore(
                 target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)
             )
             restored = self.manager.restore(step, args=ocp.args.Composite(state=args)).state
         except Exception as e:  # noqa: BLE001
-            _quiet_closed_loop()
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
             raise UserError(
                 f"checkpoint step {step} at {path} does not fit this run or is corrupt ({first}); "
@@ -125,8 +126,11 @@ class Checkpoints:
 
 def _quiet_closed_loop() -> None:
     """After a failed restore, Orbax's remaining reads report "Event loop is closed" from their
-    threads as unraisable exceptions; drop those (only those) so the user sees one error line."""
+    threads as unraisable exceptions; drop those (only those) so the user sees one error line.
+    Installed before the restore: those reads may finish before the failure is handled."""
     previous = sys.unraisablehook
+    if getattr(previous, "quiet_closed_loop", False):
+        return
 
     def hook(args):
         if not (
@@ -134,6 +138,7 @@ def _quiet_closed_loop() -> None:
         ):
             previous(args)
 
+    hook.quiet_closed_loop = True
     sys.unraisablehook = hook
 
 

@@ -33,6 +33,9 @@ class Config:
     eval_every: int = 0  # 0: once per epoch
     log_every: int = 10
     steps_per_dispatch: int = 1  # >1: that many steps in one program (lax.scan), for tiny models
+    grad_accum: int = 1  # microbatches per step, their gradients summed (a memory knob)
+    remat: str = "none"  # "block": recompute each transformer block in the backward pass
+    patch_size: int | None = None  # ViT patch size (None: from the image size)
     profile_steps: str | None = None  # "A:B": JAX profiler trace of steps A to B
     dry_run: bool = False  # print the plan (placement, memory, collectives) and stop
     coordinator: str | None = None  # HOST:PORT of process 0 in a multi-process job
@@ -91,6 +94,16 @@ class Config:
             self.steps_per_dispatch >= 1,
             f"--steps-per-dispatch must be at least 1, got {self.steps_per_dispatch}",
         )
+        need(self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}")
+        need(self.remat in ("none", "block"), f"unknown --remat '{self.remat}'; use none or block")
+        need(
+            self.patch_size is None or self.patch_size >= 1,
+            f"--patch-size must be at least 1, got {self.patch_size}",
+        )
+        vit = self.model.startswith("vit-")
+        for flag, given in (("--patch-size", self.patch_size is not None),
+                            ("--remat", self.remat != "none")):  # fmt: skip
+            need(vit or not given, f"{flag} applies to the ViT models only (--model vit-...)")
         return self
 
     def profile_range(self) -> tuple[int, int] | None:

@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import functools
+import math
 import signal
 import sys
 import time
@@ -27,7 +28,7 @@ from jaxpar.data import (
 )
 from jaxpar.errors import Diverged, Preempted, UserError
 from jaxpar.mesh import MeshSpec, draw_mesh, make_mesh, parse_mesh
-from jaxpar.sharding import check_batch, spec_table, state_shardings
+from jaxpar.sharding import RULES, check_batch, spec_table, state_shardings
 from jaxpar.step import (
     abstract_state,
     all_finite,
@@ -39,6 +40,7 @@ from jaxpar.step import (
 )
 from jaxpar.workdir import MetricsLog, move_aside, resolve, used, write_config
 from models import MODELS
+from models.vit import check_patch_size
 
 
 def sync(name: str) -> None:
@@ -104,7 +106,15 @@ class Run:
             "batch_size": c.batch_size,
             "optimizer": c.optimizer,
             "seed": c.seed,
+            "patch_size": self.patch_size,
         }
+
+    @property
+    def patch_size(self) -> int | None:
+        """The ViT's patch size (it shapes the parameters); None for other models."""
+        if not self.cfg.model.startswith("vit-"):
+            return None
+        return check_patch_size(self.ds.image_shape, self.cfg.patch_size)
 
 
 def setup(cfg: Config) -> Run:
@@ -120,20 +130,46 @@ def setup(cfg: Config) -> Run:
             f"{total} steps; use fewer warmup steps or more --steps/--epochs"
         )
     dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
-    model_fn = partial(MODELS[cfg.model], ds.image_shape, ds.num_classes, dtype=dtype)
+    model_fn = partial(MODELS[cfg.model], ds.image_shape, ds.num_classes, dtype=dtype,
+                       **model_options(cfg))  # fmt: skip
     tx = make_optimizer(
         cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule, cfg.warmup_steps, total
     )
     graphdef, abstract = abstract_state(model_fn, tx, cfg.seed)
     shardings, replicated = state_shardings(abstract, mesh)
     ndim = 1 + len(ds.image_shape)
-    compile = partial(compile_steps, graphdef, shardings, mesh, cfg.seed, ndim, preprocess(ds))
+    check_microbatches(cfg.batch_size, cfg.grad_accum, mesh)
+    compile = partial(compile_steps, graphdef, shardings, mesh, cfg.seed, ndim, preprocess(ds),
+                      accum=cfg.grad_accum)  # fmt: skip
     init = partial(init_state, model_fn, tx, shardings, cfg.seed)
     schedule = make_schedule(cfg.lr, cfg.schedule, cfg.warmup_steps, total)
     return Run(
         cfg, spec, mesh, ds, per_epoch, total, schedule, init, abstract, shardings, replicated,
         *compile(), compile(stacked=True)[0], compile,
     )  # fmt: skip
+
+
+def model_options(cfg: Config) -> dict:
+    """The model arguments that flags set (the ViT's patch size and rematerialisation)."""
+    if not cfg.model.startswith("vit-"):
+        return {}
+    return {"patch_size": cfg.patch_size, "remat": cfg.remat == "block"}
+
+
+def check_microbatches(batch_size: int, accum: int, mesh) -> None:
+    """Each of the `accum` microbatches must be whole and split evenly over the batch shards."""
+    ways = math.prod(mesh.shape[a] for a in RULES["batch"])
+    if batch_size % accum:
+        raise UserError(
+            f"--grad-accum {accum} does not split the batch of {batch_size} into equal "
+            f"microbatches; use a divisor of {batch_size}"
+        )
+    if (batch_size // accum) % ways:
+        raise UserError(
+            f"--grad-accum {accum} makes microbatches of {batch_size // accum}, which do not "
+            f"divide over the {ways} batch shards; use a batch size that is a multiple of "
+            f"{accum * ways}"
+        )
 
 
 def manifest(run: Run, step: int, window: "Window") -> dict:

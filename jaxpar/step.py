@@ -113,20 +113,60 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def train_step(state, batch, *, graphdef, keys, prepare):
-    """One optimizer step. Random keys depend on (seed, step) only, never on the mesh."""
+def train_step(state, batch, *, graphdef, keys, prepare, accum: int = 1):
+    """One optimizer step. Random keys depend on (seed, step, example position) only, never on
+    the mesh or on `accum`: the gradient of ``accum`` microbatches is that of the whole batch."""
     model, optimizer = nnx.merge(graphdef, state)
     dropout_key, augment_key = (jax.random.fold_in(k, optimizer.step[...]) for k in keys)
-    images = prepare(batch["image"], augment_key)
+    images = prepare(batch["image"], augment_key)  # augmented whole: per example already
+    labels = batch["label"]
+    # One dropout key per example, from its position in the global batch.
+    example_keys = jax.vmap(partial(jax.random.fold_in, dropout_key))(jnp.arange(len(labels)))
 
-    def loss_fn(model):
-        logits = model(images, train=True, rngs=dropout_key)
-        return cross_entropy(logits, batch["label"]).mean()
+    def loss_fn(model, images, labels, keys):
+        logits = model(images, train=True, rngs=keys)
+        return cross_entropy(logits, labels).mean()
 
-    loss, grads = nnx.value_and_grad(loss_fn)(model)  # BatchNorm statistics update in place
+    data = (images, labels, example_keys)
+    if accum == 1:  # BatchNorm statistics update in place
+        loss, grads = nnx.value_and_grad(loss_fn)(model, *data)
+    else:
+        loss, grads = accumulate(loss_fn, model, data, accum)
     optimizer.update(model, grads)
     metrics = {"train_loss": loss, "grad_norm": optax.tree.norm(grads)}
     return nnx.to_pure_dict(nnx.state((model, optimizer))), metrics
+
+
+def microbatches(x, k: int):
+    """Rows ``j, j + k, j + 2k, ...`` as microbatch ``j``: shape ``(k, n / k, ...)``. Each device
+    holds a contiguous block of the batch, so every device holds a share of every microbatch.
+
+    >>> microbatches(jnp.arange(6), 2).tolist()
+    [[0, 2, 4], [1, 3, 5]]
+    """
+    return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+
+def accumulate(loss_fn, model, data, k: int):
+    """Mean loss and gradient over `k` microbatches of `data`, one at a time (a `lax.scan`), so
+    activation memory is that of one microbatch. BatchNorm statistics are each microbatch's."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def one(carry, micro):
+        rest, loss_sum, grad_sum = carry
+
+        def f(params):
+            m = nnx.merge(graphdef, params, rest)
+            return loss_fn(m, *micro), nnx.state(m, nnx.Not(nnx.Param))
+
+        (loss, rest), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return (rest, loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    micro = jax.tree.map(partial(microbatches, k=k), data)
+    (rest, loss, grads), _ = jax.lax.scan(one, (rest, jnp.float32(0), zeros), micro)
+    nnx.update(model, rest)
+    return loss / k, jax.tree.map(lambda g: g / k, grads)
 
 
 def eval_step(state, batch, *, graphdef, prepare):
@@ -194,6 +234,7 @@ def compile_steps(
     prepare=_as_float,
     stacked=False,
     signals=False,
+    accum=1,
 ):
     """``(train_step, eval_step)`` jitted with explicit in/out shardings.
 
@@ -201,14 +242,19 @@ def compile_steps(
     `jaxpar.data.preprocess`). The train step donates the state: XLA updates parameters and
     optimizer state in place. With `stacked`, the train step is `train_steps`: batches stacked on
     a leading steps axis, metrics returned per step. With `signals`, it takes a third argument
-    (see `with_signals`).
+    (see `with_signals`). `accum`: the batch is processed as that many microbatches
+    (`accumulate`).
     """
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     train_batch = _batch_shardings(mesh, {"image": image_ndim, "label": 1}, stacked)
     eval_batch = _batch_shardings(mesh, {"image": image_ndim, "label": 1, "mask": 1})
     keys = tuple(_keys(seed)[1:])  # computed outside jit: the step holds them as constants
     step = partial(
-        train_steps if stacked else train_step, graphdef=graphdef, keys=keys, prepare=prepare
+        train_steps if stacked else train_step,
+        graphdef=graphdef,
+        keys=keys,
+        prepare=prepare,
+        accum=accum,
     )
     ins = (shardings, train_batch)
     if signals:

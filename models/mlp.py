@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.axes import axes
+from models.dropout import dropout, example_keys
 
 
 def _dense(din, dout, names, dtype, rngs):
@@ -37,14 +38,16 @@ class MLP(nnx.Module):
     def __init__(self, image_shape, num_classes, *, dtype=jnp.float32, rngs: nnx.Rngs):
         din = math.prod(image_shape)
         self.fc1 = _dense(din, 512, ("embed", "hidden"), dtype, rngs)  # column-parallel
-        self.dropout = nnx.Dropout(0.5)
+        self.rate = 0.5
         self.fc2 = _dense(512, 256, ("hidden", "embed"), dtype, rngs)  # row-parallel
         self.act = nnx.PReLU(0.25)  # PyTorch's default slope, as in the seed
         self.head = _dense(256, num_classes, ("embed", "classes"), dtype, rngs)
 
-    def __call__(self, x, *, train: bool = False, rngs: jax.Array | nnx.Rngs | None = None):
+    def __call__(self, x, *, train: bool = False, rngs: jax.Array | None = None):
+        """`rngs`: one key per example (or one for the whole batch), used when `train` is true;
+        each example's mask depends on its own key only (`models.dropout`)."""
         x = x.reshape(x.shape[0], -1)
         x = jax.nn.relu(self.fc1(x))
-        x = self.dropout(x, deterministic=not train, rngs=rngs)
+        x = dropout(x, self.rate, example_keys(rngs, x.shape[0]) if train else None)
         x = self.act(self.fc2(x))
         return self.head(x).astype(jnp.float32)

@@ -114,6 +114,43 @@ def _dense(din, dout, names, dtype, rngs, axis=-1):
     )
 
 
+def platform() -> str:
+    """The platform the program is traced for: the context mesh's, else JAX's default."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+def fused_attention(attention: str, dtype, probs_dropout: bool) -> bool:
+    """Whether to use cuDNN's fused attention: ``attention="cudnn"``, or ``"auto"`` on a GPU in
+    bf16/fp16 without attention-probability dropout (which it cannot apply per example)."""
+    if attention == "auto":
+        half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        return half and not probs_dropout and platform() in ("gpu", "cuda")
+    if attention not in ("xla", "cudnn"):
+        raise _user_error(f"ViT attention must be auto, xla or cudnn, got {attention!r}")
+    return attention == "cudnn"
+
+
+def cudnn_attention(q, k, v):
+    """cuDNN's fused (flash) attention, or None where it cannot run this shape. Performance is
+    decided here on GPUs: it never writes the (batch, heads, seq, seq) probabilities to memory.
+    Its training kernels want an even sequence length: the tokens are padded to a multiple of 8
+    and the padding masked out by length."""
+    tokens = q.shape[1]
+    padded = -(-tokens // 8) * 8
+    lengths = jnp.full((q.shape[0],), tokens, jnp.int32)
+    q, k, v = (jnp.pad(a, ((0, 0), (0, padded - tokens), (0, 0), (0, 0))) for a in (q, k, v))
+    try:
+        y = jax.nn.dot_product_attention(
+            q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+            implementation="cudnn",
+        )  # fmt: skip
+    except NotImplementedError:  # a shape or version cuDNN does not support: XLA's attention
+        return None
+    return y[:, :tokens]
+
+
 class Block(nnx.Module):
     """One pre-LayerNorm encoder block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``.
 
@@ -121,7 +158,9 @@ class Block(nnx.Module):
     row-parallel (one all-reduce); the MLP in over ``mlp``, out row-parallel (another).
     """
 
-    def __init__(self, width, heads, mlp_dim, *, dropout, attention_dropout, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, width, heads, mlp_dim, *, dropout, attention_dropout, attention, dtype, rngs: nnx.Rngs
+    ):
         head_dim = width // heads
         qkv = (width, (heads, head_dim), ("embed", "heads", "head_dim"), dtype, rngs)
         self.attn_norm = _norm(width, dtype, rngs)
@@ -133,16 +172,22 @@ class Block(nnx.Module):
         self.mlp_in = _dense(width, mlp_dim, ("embed", "mlp"), dtype, rngs)
         self.mlp_out = _dense(mlp_dim, width, ("mlp", "embed"), dtype, rngs)
         self.dropout, self.attention_dropout = dropout, attention_dropout
-        self.dtype = dtype
+        self.attention, self.dtype = attention, dtype
 
     def __call__(self, x, keys, layer):
         """`keys`: one key per example or None (no dropout); `layer`: this block's index."""
         y = self.attn_norm(x)
         q, k, v = self.query(y), self.key(y), self.value(y)  # (batch, seq, heads, head_dim)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-        probs = drop(probs, self.attention_dropout, keys, layer, PROBS_SITE)
-        y = self.attn_out(jnp.einsum("bhqk,bkhd->bqhd", probs, v))
+        probs_dropout = self.attention_dropout and keys is not None
+        y = None
+        if fused_attention(self.attention, self.dtype, probs_dropout):
+            y = cudnn_attention(q, k, v)  # None where cuDNN cannot run this shape
+        if y is None:
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+            probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+            probs = drop(probs, self.attention_dropout, keys, layer, PROBS_SITE)
+            y = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        y = self.attn_out(y)
         x = x + drop(y, self.dropout, keys, layer, ATTN_SITE)
         y = jax.nn.gelu(self.mlp_in(self.mlp_norm(x)))
         y = self.mlp_out(drop(y, self.dropout, keys, layer, HIDDEN_SITE))
@@ -177,6 +222,7 @@ class ViT(nnx.Module):
         pool="cls",
         dropout=0.0,
         attention_dropout=0.0,
+        attention="auto",
         remat=False,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -224,6 +270,7 @@ class ViT(nnx.Module):
                 mlp_dim,
                 dropout=dropout,
                 attention_dropout=attention_dropout,
+                attention=attention,
                 dtype=dtype,
                 rngs=rngs,
             )

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 import train as cli
+from jaxpar.config import Config
 from jaxpar.mesh import layout_names, parse_mesh
+from jaxpar.plan import plan
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,6 +91,13 @@ BAD = {
     "--mesh 4096 --batch-size 4096": "at most 2048 CPU devices are emulated per process",
     "--mesh hosts2-hybrid": "rehearse it on one machine with python -m jaxpar.launch -n 2 --",
     "--schedule cosine --warmup-steps 10": "--warmup-steps 10 leaves no step of the cosine decay",
+    "--model vit-lite --patch-size 5": "--patch-size 5 does not divide the 8x8 image; use one of",
+    "--model vit-huge": "unknown model 'vit-huge'",
+    "--patch-size 2": "--patch-size applies to the ViT models only",
+    "--remat sometimes": "invalid choice: 'sometimes'",
+    "--grad-accum 0": "--grad-accum must be at least 1",
+    "--grad-accum 3 --batch-size 128": "--grad-accum 3 does not split the batch of 128",
+    "--grad-accum 32 --mesh 8": "microbatches of 4, which do not divide over the 8 batch shards",
 }
 
 
@@ -327,3 +336,26 @@ def test_gpu_flags_respect_the_user(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
     mesh.set_gpu_flags()
     assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x " + mesh.GPU_XLA_FLAGS[0]
+
+
+def test_grad_accum_is_a_memory_knob_not_a_change_of_the_run(tmp_path):
+    # the MLP's dropout draws from each example's key: 4 microbatches give the same losses
+    losses = {}
+    for k in (1, 4):
+        args = ["--mesh", "2x2", "--steps", "6", "--log-every", "1", "--batch-size", "64"]
+        assert cli.main([*args, "--grad-accum", str(k), "--workdir", str(tmp_path / str(k))]) == 0
+        losses[k] = [x["train_loss"] for x in read_metrics(tmp_path / str(k)) if "train_loss" in x]
+    assert len(losses[1]) == 6 and np.ptp(losses[1]) > 1e-3
+    np.testing.assert_allclose(losses[4], losses[1], rtol=1e-5, atol=1e-6)
+
+
+def test_remat_and_grad_accum_lower_the_planned_peak_memory():
+    peak = {
+        flags: plan(Config(mesh="1", model="vit-lite", batch_size=128, **dict(flags)))[
+            "per_device"
+        ]["compiled_peak"]
+        for flags in ((), (("remat", "block"),), (("grad_accum", 4),))
+    }
+    plain = peak[()]
+    assert peak[(("remat", "block"),)] < 0.8 * plain
+    assert peak[(("grad_accum", 4),)] < 0.8 * plain

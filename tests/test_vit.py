@@ -184,23 +184,23 @@ def test_undivisible_head_count_is_replicated_and_reported():
     )
 
 
-def vit_step(mesh, dropout=0.0):
+def vit_step(mesh, dropout=0.0, accum=1):
     """``(train_step, state_shardings, graphdef)`` for a tiny ViT on the digits, via jaxpar.step."""
     ds = digits()
     model_fn = partial(ViT, ds.image_shape, ds.num_classes, **TINY, dropout=dropout)
     graphdef, abstract = abstract_state(model_fn, make_optimizer())
     shardings, replicated = state_shardings(abstract, mesh)
     assert replicated == []
-    train_step, _ = compile_steps(graphdef, shardings, mesh, 0, image_ndim=4)
+    train_step, _ = compile_steps(graphdef, shardings, mesh, 0, image_ndim=4, accum=accum)
     return model_fn, train_step, shardings, abstract
 
 
 @functools.cache
-def trained_vit(mesh_text, steps=3, dropout=0.1):
-    """A few real train steps of a tiny ViT with dropout, traced under the mesh (jax.set_mesh)."""
+def trained_vit(mesh_text, steps=3, dropout=0.1, accum=1):
+    """A few real train steps of a tiny ViT with dropout (`compile_steps` traces under the mesh)."""
     ds, seed = digits(), 0
     mesh = make_mesh(parse_mesh(mesh_text))
-    model_fn, train_step, shardings, _ = vit_step(mesh, dropout)
+    model_fn, train_step, shardings, _ = vit_step(mesh, dropout, accum)
     state = init_state(model_fn, make_optimizer(), shardings, seed)
     data = {"image": ds.train_images, "label": ds.train_labels}
     losses = []
@@ -224,11 +224,22 @@ def test_heads_are_split_over_model():
     assert {s.data.shape for s in out.addressable_shards} == {(2, 4, 4, 8)}
 
 
-def test_sharded_training_with_dropout_matches_one_device():
+@pytest.mark.parametrize("mesh", ["8x1", "1x8", "2x4", "fsdp=8", "fsdp=4,model=2"])
+def test_sharded_training_with_dropout_matches_one_device(mesh):
     """Per-example dropout keys: the masks, hence the losses, do not depend on the mesh."""
     reference, ref_state = trained_vit("1")
-    losses, state = trained_vit("fsdp=4,model=2")
+    losses, state = trained_vit(mesh)
     assert np.ptp(reference) > 1e-3, "the loss must move, or the comparison proves nothing"
+    np.testing.assert_allclose(losses, reference, rtol=2e-5, atol=2e-5)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mesh", ["1", "2x4"])
+def test_gradient_accumulation_gives_the_same_run(mesh):
+    """4 microbatches of 16 (rows j, j+4, ...): same losses and parameters, dropout included."""
+    reference, ref_state = trained_vit("1")
+    losses, state = trained_vit(mesh, accum=4)
     np.testing.assert_allclose(losses, reference, rtol=2e-5, atol=2e-5)
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
@@ -342,3 +353,14 @@ def test_patch_size_that_does_not_divide_is_a_user_error():
 def test_bad_model_arguments_are_user_errors(overrides, match):
     with pytest.raises(jaxpar.UserError, match=match):
         nnx.eval_shape(lambda: vit(**overrides)(rngs=nnx.Rngs(0)))
+
+
+def test_fused_attention_only_where_cudnn_runs():
+    from models.vit import fused_attention
+
+    # auto: cuDNN's kernel on GPUs in half precision without probability dropout, else XLA's
+    assert not fused_attention("auto", jnp.bfloat16, False)  # traced for the CPU here
+    assert not fused_attention("auto", jnp.float32, False)
+    assert fused_attention("cudnn", jnp.float32, False) and not fused_attention("xla", None, 0)
+    with pytest.raises(jaxpar.UserError, match="attention must be auto, xla or cudnn"):
+        fused_attention("flash", jnp.bfloat16, False)
