@@ -78,6 +78,7 @@ def test_save_on_2x2_restore_anywhere(mesh, tmp_path):
 CASES = {
     "mlp": dict(model="mlp", batch_size=64, optimizer="adamw", lr=1e-3),  # dropout, Adam moments
     "resnet8": dict(model="resnet8", batch_size=64),  # BatchNorm statistics
+    "vit": dict(model="vit-lite", batch_size=64, optimizer="adamw", lr=1e-3),  # stacked layers
 }
 
 

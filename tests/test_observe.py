@@ -127,3 +127,11 @@ def test_examples_per_s_counts_training_time_only(monkeypatch):
     clock.now = 8.0
     window.flush()  # step 2 written: 2 steps in 8 s, less 5 s paused
     assert written[0]["examples_per_s"] == 2 * 10 / 3
+
+
+def test_plan_shows_a_tensor_parallel_vit_block_s_all_reduces():
+    p = plan(Config(mesh="1x4", model="vit-lite", batch_size=64))  # vit-lite: 4 heads
+    specs = {r["path"]: r["spec"] for r in p["params"]}
+    assert specs["blocks/query/kernel"] == "P(None, None, 'model', None)"
+    # attention out and MLP out are row-parallel: one all-reduce each in the scanned block
+    assert p["collectives"]["all-reduce"]["count"] >= 2
