@@ -12,6 +12,7 @@ from jaxpar.config import Config
 from jaxpar.distributed import job_size, join, peer_lost
 from jaxpar.errors import Diverged, Preempted, UserError
 from jaxpar.mesh import check_batch_spec, check_hosts, parse_mesh, request_devices, set_gpu_flags
+from models import RECIPES, recipe_for
 
 FLAGS = [  # (flag, type, or a list of choices, help); defaults come from jaxpar.Config
     ("--mesh", str, "DxM, N, data=2,fsdp=2,model=2, or a layout from meshes/ (None: all on data)"),
@@ -68,17 +69,30 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv) -> Config:
+    """Flags -> `Config`. A flag left out takes the model's recipe (`models.RECIPES`, e.g. AdamW
+    with warmup and cosine decay for the ViTs), else `Config`'s default."""
     defaults = Config()
     parser = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for flag, kind, help in FLAGS:
-        default = getattr(defaults, flag[2:].replace("-", "_"))
+        name = flag[2:].replace("-", "_")
+        default = getattr(defaults, name)
+        vit = RECIPES["vit"].get(name)
+        help = help if vit is None else f"{help}; ViTs: {vit}"
         if kind is bool:
             parser.add_argument(flag, action="store_true", help=help)
         elif isinstance(kind, list):
             parser.add_argument(flag, choices=kind, default=default, help=help)
         else:
             parser.add_argument(flag, type=kind, default=default, help=help)
-    return Config(**vars(parser.parse_args(argv)))
+    given = vars(parser.parse_args(argv))
+    explicit = vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(given, UNSET))))
+    recipe = dict(recipe_for(given["model"]))
+    if "warmup_steps" in recipe and given["steps"]:  # a short run: warm up for a tenth of it
+        recipe["warmup_steps"] = min(recipe["warmup_steps"], given["steps"] // 10)
+    return Config(**{k: recipe.get(k, v) if explicit[k] is UNSET else v for k, v in given.items()})
+
+
+UNSET = object()  # a flag the command line did not give
 
 
 def main(argv=None) -> int:

@@ -16,5 +16,37 @@ MODELS = {
     "vit-base": ViTBase,  # width 768, depth 12, 12 heads, MLP 3072
 }
 
-__all__ = ["MLP", "MODELS", "ResNet", "ResNet8", "ResNet18", "ResNet34", "ResNet50"]
+# Defaults of the training flags per model family where the seed's (SGD, lr 0.01, constant) do
+# not suit: flags given on the command line win. ViTs: AdamW with linear warmup, then cosine.
+RECIPES = {
+    "vit": {
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "weight_decay": 0.05,
+        "schedule": "cosine",
+        "warmup_steps": 50,
+    },
+}
+
+
+def recipe_for(model: str) -> dict:
+    """The flag defaults of `model`'s family (`RECIPES`), or {}.
+
+    >>> recipe_for("vit-lite")["optimizer"], recipe_for("mlp")
+    ('adamw', {})
+    """
+    return RECIPES.get(model.split("-")[0], {}) if model.startswith("vit-") else {}
+
+
+__all__ = [
+    "MLP",
+    "MODELS",
+    "RECIPES",
+    "recipe_for",
+    "ResNet",
+    "ResNet8",
+    "ResNet18",
+    "ResNet34",
+    "ResNet50",
+]
 __all__ += ["ViT", "ViTBase", "ViTLite", "ViTSmall", "ViTTiny"]

@@ -359,3 +359,13 @@ def test_remat_and_grad_accum_lower_the_planned_peak_memory():
     plain = peak[()]
     assert peak[(("remat", "block"),)] < 0.8 * plain
     assert peak[(("grad_accum", 4),)] < 0.8 * plain
+
+
+def test_vit_learns_the_digits_with_its_recipe(tmp_path):
+    # no optimizer flags: the ViT recipe (AdamW, warmup, cosine); patch 4 on the 8x8 digits
+    args = ["--model", "vit-lite", "--patch-size", "4", "--mesh", "1", "--steps", "66"]
+    assert cli.main([*args, "--eval-every", "66", "--workdir", str(tmp_path)]) == 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["optimizer"], config["schedule"], config["lr"]) == ("adamw", "cosine", 1e-3)
+    assert config["warmup_steps"] == 6  # a tenth of a short run
+    assert read_metrics(tmp_path)[-1]["eval_accuracy"] >= 0.95
