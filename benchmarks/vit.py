@@ -11,9 +11,8 @@ All on one CPU device, float32 (the CPU's fast path), from jaxpar's own train st
 - ``memory``: XLA's compiled memory analysis of the ``vit-small`` train step at batch 256 (peak =
   arguments + outputs - aliased + temporaries, as ``--dry-run`` reports it), without and with
   ``remat`` (each block's activations recomputed in the backward pass), at 224x224x3 / patch 16
-  and 32x32x3 / patch 4; nothing runs. A third contender, gradient accumulation over 4
-  micro-batches (``compile_steps(..., accum=4)``), is measured when `compile_steps` takes
-  ``accum`` and reported as not available otherwise (`accum_available`).
+  and 32x32x3 / patch 4, and with gradient accumulation over 4 micro-batches
+  (``compile_steps(..., accum=4)``); nothing runs.
 - ``throughput``: ``vit-lite`` on CIFAR-size synthetic data (32x32x3, 10 classes, patch 4),
   batch 128: images/s of the train step (median of rounds) and MFU = the step's FLOPs / its time
   / the FLOP/s of a 2048x2048 float32 matrix product timed alongside (as `throughput.py`).
@@ -31,7 +30,6 @@ and 24.6 GFLOP.
 
 import argparse
 import contextlib
-import inspect
 import json
 import statistics
 import time
@@ -41,10 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from gpu import unrolled_scans  # benchmarks/gpu.py, beside this script
 
 from jaxpar.data import load_dataset, preprocess, train_batches
 from jaxpar.mesh import make_mesh, parse_mesh
-from jaxpar.sharding import batch_sharding, state_shardings
+from jaxpar.sharding import batch_sharding, placed, state_shardings
 from jaxpar.step import abstract_state, compile_steps, create_state, make_optimizer
 from models import MODELS
 
@@ -53,34 +52,13 @@ MEMORY_IMAGES = {224: ("synthetic:224x224x3:1000", 16), 32: ("synthetic:32x32x3:
 ACCUM = 4  # micro-batches of the gradient-accumulation contender
 
 
-@contextlib.contextmanager
-def unrolled_scans():
-    """Trace with every ``jax.lax.scan`` fully unrolled, for FLOP counts and HLO sizes: XLA's
-    cost analysis counts a loop body once, whatever its trip count."""
-    scan = jax.lax.scan
-    jax.lax.scan = partial(scan, unroll=True)
-    try:
-        yield
-    finally:
-        jax.lax.scan = scan
-
-
-def accum_available() -> bool:
-    return "accum" in inspect.signature(compile_steps).parameters
-
-
-def abstract_step(mesh, ds, model, batch, accum=None, **overrides):
+def abstract_step(mesh, ds, model, batch, accum=1, **overrides):
     """``(train_step, abstract args)`` for `model` on `ds`'s images: nothing is allocated."""
     model_fn = partial(MODELS[model], ds.image_shape, ds.num_classes, **overrides)
     graphdef, abstract = abstract_state(model_fn, make_optimizer(), 0)
     shardings, _ = state_shardings(abstract, mesh)
-    extra = {"accum": accum} if accum else {}
-    train_step, _ = compile_steps(graphdef, shardings, mesh, 0, 4, preprocess(ds), **extra)
-    state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        nnx.to_pure_dict(abstract),
-        shardings,
-    )
+    train_step, _ = compile_steps(graphdef, shardings, mesh, 0, 4, preprocess(ds), accum=accum)
+    state = placed(nnx.to_pure_dict(abstract), shardings)
     # With `accum` the step takes the same global batch and splits it into micro-batches itself
     # (`jaxpar.step.microbatches`); were it to take them stacked, (accum, batch / accum, ...),
     # the shapes here would change accordingly.
@@ -167,8 +145,8 @@ def peak_bytes(compiled) -> dict:
 
 
 def memory_contenders():
-    """``{name: (compile_steps accum, model overrides)}``; the last needs ``accum``."""
-    return {"no remat": (None, {"remat": False}), "remat": (None, {"remat": True}),
+    """``{name: (compile_steps accum, model overrides)}``."""
+    return {"no remat": (1, {"remat": False}), "remat": (1, {"remat": True}),
             f"grad-accum {ACCUM}": (ACCUM, {"remat": False})}  # fmt: skip
 
 
@@ -179,10 +157,6 @@ def part_memory(a, mesh) -> dict:
         ds = load_dataset(name)
         for contender, (accum, overrides) in memory_contenders().items():
             row = {"image": name.split(":")[1], "patch": patch, "contender": contender}
-            # GRAD-ACCUM CONTENDER: measured once compile_steps takes `accum=K`.
-            if accum and not accum_available():
-                rows.append({**row, "skipped": "compile_steps has no accum parameter yet"})
-                continue
             step, args = abstract_step(
                 mesh, ds, "vit-small", a.memory_batch, accum, patch_size=patch, **overrides
             )
@@ -194,9 +168,6 @@ def part_memory(a, mesh) -> dict:
           f"{'args MiB':>9} {'vs no remat':>12}")  # fmt: skip
     for r in rows:
         head = f"{r['image']:>9} {r['patch']:>5} {r['contender']:>14}"
-        if "skipped" in r:
-            print(f"{head}  not available yet: {r['skipped']}")
-            continue
         base = next(x for x in rows if x["image"] == r["image"] and x["contender"] == "no remat")
         r["vs_no_remat"] = r["peak"] / base["peak"]
         print(f"{head} {r['peak'] / 2**20:>9.1f} {r['temporaries'] / 2**20:>9.1f} "

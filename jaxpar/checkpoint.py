@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxpar.errors import UserError
+from jaxpar.sharding import placed
 
 # Fields of the manifest that define the run: a checkpoint resumes only into the same ones.
 IDENTITY = ("model", "dataset", "image_shape", "num_classes", "batch_size", "optimizer", "seed",
@@ -97,11 +98,7 @@ class Checkpoints:
 
         `abstract` is the abstract NNX state of ``(model, optimizer)`` (shapes and dtypes).
         """
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            _items(nnx.to_pure_dict(abstract)),
-            _items(shardings),
-        )
+        target = placed(_items(nnx.to_pure_dict(abstract)), _items(shardings))
         path = self.directory / str(step)
         _quiet_closed_loop()
         try:

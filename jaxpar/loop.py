@@ -4,7 +4,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import signal
 import sys
 import time
 from functools import partial
@@ -29,6 +28,7 @@ from jaxpar.data import (
 from jaxpar.errors import Diverged, Preempted, UserError
 from jaxpar.mesh import MeshSpec, draw_mesh, make_mesh, parse_mesh
 from jaxpar.sharding import RULES, check_batch, spec_table, state_shardings
+from jaxpar.signals import Stop, stop_on_signals
 from jaxpar.step import (
     abstract_state,
     all_finite,
@@ -36,7 +36,6 @@ from jaxpar.step import (
     init_state,
     make_optimizer,
     make_schedule,
-    signal_sharding,
 )
 from jaxpar.workdir import MetricsLog, move_aside, resolve, used, write_config
 from models import MODELS
@@ -254,49 +253,6 @@ def evaluate(eval_step, state, batches) -> dict:
         previous = sums
     loss_sum, correct, count = total + read(previous)
     return {"eval_loss": float(loss_sum / count), "eval_accuracy": float(correct / count)}
-
-
-class Stop:
-    """Where a SIGTERM/SIGINT stops the run. One process stops after the step it arrives in.
-    Several processes must agree, whichever of them got it: each step then takes this process's
-    pending signal number and returns the job's maximum (`jaxpar.step.with_signals`), which every
-    process reads for the same dispatch (`Window.stop`). That costs one tiny all-reduce per
-    dispatch (+0.45 ms on the MLP's 2.1 ms step on a 2x2 CPU mesh), so a single process skips it.
-    """
-
-    def __init__(self, mesh):
-        self.mesh, self.signum, self.shared = mesh, 0, jax.process_count() > 1
-
-    def args(self) -> tuple:
-        """The train step's arguments after the state and batch."""
-        return (pending(self.mesh, self.signum),) if self.shared else ()
-
-    def agreed(self, window: "Window") -> int:
-        return window.stop if self.shared else self.signum
-
-
-@contextlib.contextmanager
-def stop_on_signals(mesh):
-    """SIGTERM/SIGINT set ``stop.signum``; see `Stop` for the step that the run stops after."""
-    stop = Stop(mesh)
-    handled = (signal.SIGTERM, signal.SIGINT)
-    try:
-        previous = {s: signal.signal(s, lambda s, _: setattr(stop, "signum", s)) for s in handled}
-    except ValueError:  # not the main thread: leave signals alone
-        previous = {}
-    try:
-        yield stop
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-@functools.cache
-def pending(mesh, signum: int) -> jax.Array:
-    """This process's pending signal number on each of its devices (the steps' third argument)."""
-    return jax.make_array_from_callback(
-        (mesh.size,), signal_sharding(mesh), lambda _: np.full((1,), signum, np.int32)
-    )
 
 
 def train(cfg: Config) -> dict:

@@ -15,7 +15,7 @@ from flax import nnx
 
 from jaxpar.config import Config
 from jaxpar.mesh import draw_mesh
-from jaxpar.sharding import batch_sharding, path_str
+from jaxpar.sharding import batch_sharding, path_str, placed
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _OP = re.compile(r"= (\(.*?\)|\S+) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
@@ -63,9 +63,7 @@ def plan(cfg: Config) -> dict:
         if key.startswith("0/"):
             rows.append({"path": key[2:], "shape": list(a.shape), "spec": str(s.spec),
                          "bytes_per_device": per_device, "sharded_ways": ways})  # fmt: skip
-    args = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, run.shardings
-    )
+    args = placed(abstract, run.shardings)
     b, shape = cfg.batch_size, run.ds.image_shape
     batch = {
         "image": jax.ShapeDtypeStruct((b, *shape), run.ds.train_images.dtype,

@@ -135,6 +135,14 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh):
     return nnx.to_pure_dict(shardings), replicated
 
 
+def placed(abstract, shardings):
+    """Shapes and dtypes of `abstract` (a pure dict of arrays or `ShapeDtypeStruct`s) with these
+    shardings: what a jitted step is lowered with, or a restore targets. Nothing is allocated."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+
+
 def spec_table(shardings, prefix: str = "") -> dict[str, PartitionSpec]:
     """``{path: PartitionSpec}`` for a sharding tree, keeping the paths that start with `prefix`."""
     table = {}

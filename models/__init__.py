@@ -35,7 +35,7 @@ def recipe_for(model: str) -> dict:
     >>> recipe_for("vit-lite")["optimizer"], recipe_for("mlp")
     ('adamw', {})
     """
-    return RECIPES.get(model.split("-")[0], {}) if model.startswith("vit-") else {}
+    return RECIPES.get(model.split("-")[0], {})
 
 
 __all__ = [

@@ -20,7 +20,7 @@ import jaxpar
 from jaxpar.data import device_batch, train_indices
 from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.plan import collectives
-from jaxpar.sharding import batch_sharding, spec_table, state_shardings
+from jaxpar.sharding import batch_sharding, placed, spec_table, state_shardings
 from jaxpar.step import abstract_state, compile_steps, init_state, make_optimizer
 from models import MODELS
 from models.vit import ViT, check_patch_size, default_patch_size
@@ -255,11 +255,7 @@ def test_residual_stream_is_pinned_to_the_batch_sharding_under_a_mesh():
 def compiled_step(mesh_text):
     mesh = make_mesh(parse_mesh(mesh_text))
     _, train_step, shardings, abstract = vit_step(mesh)
-    args = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        nnx.to_pure_dict(abstract),
-        shardings,
-    )
+    args = placed(nnx.to_pure_dict(abstract), shardings)
     batch = {
         "image": jax.ShapeDtypeStruct(
             (BATCH, *IMAGE), jnp.float32, sharding=batch_sharding(mesh, 4)
