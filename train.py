@@ -15,7 +15,11 @@ from jaxpar.mesh import check_batch_spec, check_hosts, parse_mesh, request_devic
 from models import RECIPES, recipe_for
 
 FLAGS = [  # (flag, type, or a list of choices, help); defaults come from jaxpar.Config
-    ("--mesh", str, "DxM, N, data=2,fsdp=2,model=2, or a layout from meshes/ (None: all on data)"),
+    (
+        "--mesh",
+        str,
+        "DxM, N, stage=2,data=2,fsdp=2,model=2, or a layout from meshes/ (None: all on data)",
+    ),  # fmt: skip
     ("--model", str, "mlp, resnet8, resnet18, resnet34, resnet50"),
     (
         "--dataset",
@@ -43,7 +47,9 @@ FLAGS = [  # (flag, type, or a list of choices, help); defaults come from jaxpar
     ("--log-every", int, "steps per training line of metrics.jsonl"),
     ("--steps-per-dispatch", int, "steps run as one XLA program: >1 speeds up tiny models"),
     ("--grad-accum", int, "microbatches per step, gradients summed: less activation memory"),
-    ("--remat", ["none", "block"], "ViT: recompute each block's activations in the backward pass"),
+    ("--remat", ["none", "block"], "ViT: recompute each block's (pipeline: tick's) activations"),
+    ("--microbatches", int, "pipeline microbatches per step (0: one per stage of the mesh)"),
+    ("--pipeline", str, "pipeline schedule over the stage axis: gpipe, or circular:R (R trips)"),
     ("--patch-size", int, "ViT patch size (None: 2 up to 16 px, 4 up to 64 px, 16 above)"),
     ("--profile-steps", str, "A:B: write a JAX profiler trace of steps A to B to WORKDIR/profile"),
     (

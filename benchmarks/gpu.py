@@ -26,6 +26,9 @@ this order, while time is left before ``--deadline``:
 - ``resnet50_bn_fp32``: ``resnet50`` with BatchNorm outputs in float32 (jaxpar's choice before
   this benchmark first ran), to measure what bf16 activations are worth.
 - ``resnet50_batch_x2``: ``resnet50`` at twice the batch.
+- ``vit_pipeline``: ``vit`` through the pipeline schedule on one device (`jaxpar.pipeline`,
+  1 stage, ``--pipeline-microbatches`` microbatches): one GPU cannot show a pipeline's speed-up,
+  but it shows what the schedule's code path costs against the plain step (``vit``).
 
     PYTHONPATH=. python benchmarks/gpu.py            # all parts, batch 256, about 7 minutes
     python benchmarks/gpu.py --parts resnet50,torchvision --out gpu.json
@@ -43,7 +46,7 @@ import time
 from functools import partial
 
 PARTS = ("resnet50", "torchvision", "vit", "vit_xla", "torchvision_vit", "mlp", "mlp_k8",
-         "torch_mlp", "resnet50_bn_fp32", "resnet50_batch_x2")  # fmt: skip
+         "torch_mlp", "resnet50_bn_fp32", "resnet50_batch_x2", "vit_pipeline")  # fmt: skip
 TORCH_MODELS = {"torchvision": "resnet50", "torchvision_vit": "vit_b_16"}  # part: torchvision model
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s, vendor specs
 MLP_BATCH = 128  # the seed's; 50,000 synthetic rows per epoch
@@ -293,6 +296,10 @@ def run_part(a) -> dict:
     if a.part.startswith("vit"):  # vit_xla: attention as plain XLA einsums, not cuDNN's
         batch, attention = a.vit_batch, "xla" if a.part == "vit_xla" else "auto"
         options = dict(patch_size=16, attention=attention)
+        if a.part == "vit_pipeline":
+            from jaxpar.pipeline import Schedule
+
+            options["stack"] = Schedule(stages=1, microbatches=a.pipeline_microbatches)
         return {**about, "batch": batch, **jax_model(a, "vit-base", batch, **options)}
     batch = a.batch * (2 if a.part == "resnet50_batch_x2" else 1)
     bn_fp32 = a.part == "resnet50_bn_fp32"
@@ -321,6 +328,7 @@ def table(results: dict, batch: int, vit_batch: int) -> str:
         "torch_mlp": "PyTorch seed program, 50k rows",
         "resnet50_bn_fp32": "jaxpar ResNet-50, fp32 BN outputs",
         "resnet50_batch_x2": f"jaxpar ResNet-50 bf16, batch {2 * batch}",
+        "vit_pipeline": f"jaxpar ViT-B/16 bf16, {vit_batch}, pipelined",
     }
     results = dict(results)
     for torch_part, jax_part in (("torchvision", "resnet50"), ("torchvision_vit", "vit")):
@@ -334,6 +342,7 @@ def table(results: dict, batch: int, vit_batch: int) -> str:
         ("bf16 / fp32 BatchNorm outputs images/s", "resnet50", "resnet50_bn_fp32", "images_per_s"),
         ("seed MLP epoch time, PyTorch / jaxpar", "torch_mlp", "mlp", "epoch_s"),
         ("seed MLP epoch time, 1 / 8 steps per dispatch", "mlp", "mlp_k8", "epoch_s"),
+        ("ViT-B/16 images/s, 1-stage pipeline / plain", "vit_pipeline", "vit", "images_per_s"),
     ]:
         if key in results.get(a, {}) and key in results.get(b, {}):
             out.append(f"{text}: {results[a][key] / results[b][key]:.2f}x")
@@ -350,6 +359,8 @@ def main():
     parser.add_argument("--deadline", type=float, default=420, help="seconds for all parts")
     parser.add_argument("--out", help="also write the JSON here, and the parts' output to OUT.log")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: check the code anywhere")
+    parser.add_argument("--pipeline-microbatches", type=int, default=4,
+                        help="microbatches of the vit_pipeline part")  # fmt: skip
     parser.add_argument("--part", help=argparse.SUPPRESS)  # run one part in this process
     a = parser.parse_args()
     a.image, a.classes = 224, 1000

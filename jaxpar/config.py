@@ -35,6 +35,8 @@ class Config:
     steps_per_dispatch: int = 1  # >1: that many steps in one program (lax.scan), for tiny models
     grad_accum: int = 1  # microbatches per step, their gradients summed (a memory knob)
     remat: str = "none"  # "block": recompute each transformer block in the backward pass
+    microbatches: int = 0  # pipeline microbatches per step (0: one per stage)
+    pipeline: str = "gpipe"  # pipeline schedule: gpipe or circular:R
     patch_size: int | None = None  # ViT patch size (None: from the image size)
     profile_steps: str | None = None  # "A:B": JAX profiler trace of steps A to B
     dry_run: bool = False  # print the plan (placement, memory, collectives) and stop
@@ -44,6 +46,7 @@ class Config:
 
     def validate(self) -> "Config":
         from jaxpar.data import DATASETS, known
+        from jaxpar.pipeline import parse_pipeline
         from models import MODELS
 
         def need(ok, message):
@@ -96,6 +99,8 @@ class Config:
         )
         need(self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}")
         need(self.remat in ("none", "block"), f"unknown --remat '{self.remat}'; use none or block")
+        need(self.microbatches >= 0, f"--microbatches must be >= 0, got {self.microbatches}")
+        parse_pipeline(self.pipeline)
         need(
             self.patch_size is None or self.patch_size >= 1,
             f"--patch-size must be at least 1, got {self.patch_size}",

@@ -27,6 +27,7 @@ from jaxpar.data import (
 )
 from jaxpar.errors import Diverged, Preempted, UserError
 from jaxpar.mesh import MeshSpec, draw_mesh, make_mesh, parse_mesh
+from jaxpar.pipeline import schedule_for
 from jaxpar.sharding import RULES, check_batch, spec_table, state_shardings
 from jaxpar.signals import Stop, stop_on_signals
 from jaxpar.step import (
@@ -130,7 +131,7 @@ def setup(cfg: Config) -> Run:
         )
     dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
     model_fn = partial(MODELS[cfg.model], ds.image_shape, ds.num_classes, dtype=dtype,
-                       **model_options(cfg))  # fmt: skip
+                       **model_options(cfg, spec))  # fmt: skip
     tx = make_optimizer(
         cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule, cfg.warmup_steps, total
     )
@@ -148,11 +149,13 @@ def setup(cfg: Config) -> Run:
     )  # fmt: skip
 
 
-def model_options(cfg: Config) -> dict:
-    """The model arguments that flags set (the ViT's patch size and rematerialisation)."""
+def model_options(cfg: Config, spec: MeshSpec) -> dict:
+    """The model arguments that flags and mesh set: the ViT's patch size, rematerialisation and
+    how its layer stack runs (a pipeline schedule over the ``stage`` axis, or one scan)."""
+    stack = schedule_for(cfg, spec)  # also refuses a pipeline for the models that cannot
     if not cfg.model.startswith("vit-"):
         return {}
-    return {"patch_size": cfg.patch_size, "remat": cfg.remat == "block"}
+    return {"patch_size": cfg.patch_size, "remat": cfg.remat == "block", "stack": stack}
 
 
 def check_microbatches(batch_size: int, accum: int, mesh) -> None:

@@ -1,18 +1,19 @@
 """Device meshes from one string.
 
-A mesh always has the three axes ``data``, ``fsdp`` and ``model`` (size 1 where unused), so data,
-FSDP, tensor and 2D-grid parallelism are just different sizes of the same mesh, and one rules table
-(`jaxpar.sharding.RULES`) serves them all.
+A mesh always has the four axes ``stage``, ``data``, ``fsdp`` and ``model`` (size 1 where
+unused), so pipeline, data, FSDP, tensor and 2D-grid parallelism are just different sizes of the
+same mesh, and one rules table (`jaxpar.sharding.RULES`) serves them all. ``stage`` is outermost:
+with ``data`` it may span hosts; ``model`` stays inside a host.
 
 The grammar of ``--mesh``:
 
 - ``DxM``: data x model, e.g. ``2x2``, ``4x1``, ``1x8``;
 - ``N``: N-way data parallel;
-- ``data=2,fsdp=2,model=2``: named sizes, unnamed axes are 1;
+- ``data=2,fsdp=2,model=2`` or ``stage=2,data=4``: named sizes, unnamed axes are 1;
 - a layout name from ``meshes/`` (``cpu8``) or a path to such a TOML file.
 
 >>> parse_mesh("2x2")
-MeshSpec(data=2, fsdp=1, model=2, dcn=None)
+MeshSpec(stage=1, data=2, fsdp=1, model=2, dcn=None)
 >>> parse_mesh("fsdp=4,model=2").size
 8
 """
@@ -21,6 +22,7 @@ import contextlib
 import dataclasses
 import importlib.metadata
 import importlib.util
+import math
 import os
 import re
 import tomllib
@@ -34,11 +36,11 @@ from jax.sharding import AxisType, Mesh
 
 from jaxpar.errors import UserError
 
-AXES = ("data", "fsdp", "model")
+AXES = ("stage", "data", "fsdp", "model")
 LAYOUTS_DIR = Path(__file__).resolve().parent.parent / "meshes"
 _GRAMMAR = (
     "use DxM (data x model, e.g. 2x2), N (data parallel), named sizes such as "
-    "data=2,fsdp=2,model=2, or a layout name from meshes/"
+    "stage=2,data=2,fsdp=2,model=2, or a layout name from meshes/"
 )
 
 
@@ -46,25 +48,26 @@ _GRAMMAR = (
 class MeshSpec:
     """Sizes of the mesh axes; parsing only, no JAX backend involved."""
 
+    stage: int = 1
     data: int = 1
     fsdp: int = 1
     model: int = 1
     # Across-host (network, DCN) factor of each axis, from a layout's [dcn] table; the rest of
     # each axis stays within a host (NVLink/ICI). None: no hybrid layout.
-    dcn: tuple[int, int, int] | None = None
+    dcn: tuple[int, int, int, int] | None = None
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.data, self.fsdp, self.model)
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.stage, self.data, self.fsdp, self.model)
 
     @property
     def hosts(self) -> int:
         """Processes a hybrid layout is made for (1 without a [dcn] table)."""
-        return self.dcn[0] * self.dcn[1] * self.dcn[2] if self.dcn else 1
+        return math.prod(self.dcn) if self.dcn else 1
 
     @property
     def size(self) -> int:
-        return self.data * self.fsdp * self.model
+        return math.prod(self.shape)
 
     def __str__(self) -> str:
         text = ",".join(f"{a}={n}" for a, n in zip(AXES, self.shape, strict=True))
@@ -88,8 +91,8 @@ def layout_names() -> list[str]:
 
 
 def load_layout(path: Path) -> MeshSpec:
-    """Read a layout file: ``data``/``fsdp``/``model`` sizes, a ``description``, and optionally a
-    ``[dcn]`` table with the part of each axis that spans hosts."""
+    """Read a layout file: ``stage``/``data``/``fsdp``/``model`` sizes, a ``description``, and
+    optionally a ``[dcn]`` table with the part of each axis that spans hosts."""
     try:
         table = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
@@ -105,7 +108,7 @@ def load_layout(path: Path) -> MeshSpec:
             raise UserError(f"layout {path}: [dcn] {axis}={across} does not divide {axis}={total}")
     if dcn[AXES.index("model")] > 1:
         raise UserError(
-            f"layout {path}: [dcn] model={dcn[2]} puts tensor parallelism across hosts, which "
+            f"layout {path}: [dcn] model={dcn[-1]} puts tensor parallelism across hosts, which "
             "sends activations over the network in every layer; keep model within a host"
         )
     return dataclasses.replace(spec, dcn=dcn)
@@ -115,9 +118,9 @@ def parse_mesh(text: str | None, device_count: int | None = None) -> MeshSpec:
     """Parse a ``--mesh`` value; ``None`` means every device on ``data``.
 
     >>> parse_mesh("8")
-    MeshSpec(data=8, fsdp=1, model=1, dcn=None)
-    >>> parse_mesh(None, device_count=4)
-    MeshSpec(data=4, fsdp=1, model=1, dcn=None)
+    MeshSpec(stage=1, data=8, fsdp=1, model=1, dcn=None)
+    >>> parse_mesh("stage=2,fsdp=2").shape
+    (2, 1, 2, 1)
     """
     if text is None:
         return MeshSpec(data=device_count or 1)
@@ -291,7 +294,7 @@ def model_crosses_hosts(mesh: Mesh) -> str | None:
 def draw_mesh(mesh: Mesh) -> str:
     """A picture of the mesh: device ids at their coordinates (and process ids if several).
 
-    Rows are (data, fsdp) coordinates, columns are model coordinates.
+    Rows are (stage, data, fsdp) coordinates, columns are model coordinates.
     """
     ids = np.vectorize(lambda d: d.id)(mesh.devices)
     procs = np.vectorize(lambda d: d.process_index)(mesh.devices)
@@ -299,15 +302,12 @@ def draw_mesh(mesh: Mesh) -> str:
     sizes = dict(mesh.shape)
     head = " x ".join(f"{a}={sizes[a]}" for a in mesh.axis_names)
     lines = [f"mesh {head} ({ids.size} {mesh.devices.flat[0].platform} devices)"]
-    label = "data,fsdp"
+    label = "stage,data,fsdp"
     cells = [f"model={m}" for m in range(sizes["model"])]
     width = max(len(c) for c in cells)
-    lines.append(f"{label:>10}  " + "  ".join(c.rjust(width) for c in cells))
-    for d in range(sizes["data"]):
-        for f in range(sizes["fsdp"]):
-            row = []
-            for m in range(sizes["model"]):
-                cell = str(ids[d, f, m]) + (f" p{procs[d, f, m]}" if many else "")
-                row.append(cell.rjust(width))
-            lines.append(f"{f'{d},{f}':>10}  " + "  ".join(row))
+    lines.append(f"{label:>15}  " + "  ".join(c.rjust(width) for c in cells))
+    for row in np.ndindex(*ids.shape[:-1]):
+        cells = [str(ids[row][m]) + (f" p{procs[row][m]}" if many else "") for m in
+                 range(sizes["model"])]  # fmt: skip
+        lines.append(f"{','.join(map(str, row)):>15}  " + "  ".join(c.rjust(width) for c in cells))
     return "\n".join(lines)

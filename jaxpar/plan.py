@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxpar.config import Config
 from jaxpar.mesh import draw_mesh
+from jaxpar.pipeline import schedule_for
 from jaxpar.sharding import batch_sharding, path_str, placed
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -35,13 +36,39 @@ def _nbytes(hlo_type: str, started: bool = False) -> int:
 
 
 def collectives(hlo_text: str) -> dict:
-    """``{kind: {"count", "bytes"}}`` of the collectives in a compiled HLO module (per device)."""
+    """``{kind: {"count", "bytes"}}`` of the collectives one run of a compiled HLO module performs
+    (per device): an op inside a loop (a scan over layers, a pipeline's ticks) counts once per
+    iteration, from XLA's ``known_trip_count``."""
+    computations, entry, name = {}, None, None
+    for line in hlo_text.splitlines():
+        if head := _COMPUTATION.match(line):
+            name = head[2]
+            computations[name] = ([], [])
+            entry = name if head[1] else entry
+        elif name is not None:
+            ops, calls = computations[name]
+            ops += _OP.findall(line)
+            trips = _TRIPS.search(line)
+            calls += [(callee, int(trips[1]) if trips and kind == "body" else 1)
+                      for kind, callee in _CALLS.findall(line)]  # fmt: skip
     out = {}
-    for hlo_type, kind, started in _OP.findall(hlo_text):
-        entry = out.setdefault(kind, {"count": 0, "bytes": 0})
-        entry["count"] += 1
-        entry["bytes"] += _nbytes(hlo_type, bool(started))
+
+    def add(name: str, times: int) -> None:
+        ops, calls = computations.get(name, ((), ()))
+        for hlo_type, kind, started in ops:
+            entry = out.setdefault(kind, {"count": 0, "bytes": 0})
+            entry["count"] += times
+            entry["bytes"] += times * _nbytes(hlo_type, bool(started))
+        for callee, n in calls:
+            add(callee, times * n)
+
+    add(entry, 1)
     return out
+
+
+_COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) .*\{$")
+_CALLS = re.compile(r"\b(body|calls|to_apply|true_computation|false_computation)=%([\w.-]+)")
+_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
 def plan(cfg: Config) -> dict:
@@ -51,6 +78,7 @@ def plan(cfg: Config) -> dict:
     sizes = dict(run.mesh.shape)
     abstract = nnx.to_pure_dict(run.abstract)
     rows, totals = [], {"params": 0, "optimizer": 0}
+    per_stage = {"params": 0, "layer_stack": 0}  # what one stage holds, over its devices
     for (path, a), (_, s) in zip(
         jax.tree_util.tree_leaves_with_path(abstract),
         jax.tree_util.tree_leaves_with_path(run.shardings),
@@ -61,6 +89,10 @@ def plan(cfg: Config) -> dict:
         key = path_str(path)
         totals["params" if key.startswith("0/") else "optimizer"] += per_device
         if key.startswith("0/"):
+            staged = "stage" in str(s.spec)
+            held = a.size * a.dtype.itemsize // (sizes["stage"] if staged else 1)
+            per_stage["params"] += held
+            per_stage["layer_stack"] += held if staged else 0
             rows.append({"path": key[2:], "shape": list(a.shape), "spec": str(s.spec),
                          "bytes_per_device": per_device, "sharded_ways": ways})  # fmt: skip
     args = placed(abstract, run.shardings)
@@ -89,6 +121,23 @@ def plan(cfg: Config) -> dict:
         "per_device": {**totals, **{f"compiled_{k}": v for k, v in memory.items()}},
         "collectives": collectives(compiled.as_text()),
         "replicated": [str(r) for r in run.replicated],
+        "pipeline": pipeline_plan(run, per_stage),
+    }
+
+
+def pipeline_plan(run, per_stage: dict) -> dict | None:
+    """The pipeline schedule of a run, its bubble fraction and what each stage holds."""
+    schedule = schedule_for(run.cfg, run.spec)
+    if schedule is None:
+        return None
+    return {
+        "schedule": run.cfg.pipeline,
+        "stages": schedule.stages,
+        "microbatches": schedule.microbatches,
+        "repeats": schedule.repeats,
+        "ticks": schedule.ticks,
+        "bubble": schedule.bubble,
+        "per_stage_bytes": per_stage,
     }
 
 
@@ -118,5 +167,13 @@ def format_plan(p: dict) -> str:
         + (", ".join(f"{k} x{v['count']} ({_mib(v['bytes'])})" for k, v in
                      p["collectives"].items()) or "none"),
     ]  # fmt: skip
+    if pp := p["pipeline"]:
+        trips = f" x {pp['repeats']} trips" if pp["repeats"] > 1 else ""
+        lines.append(
+            f"pipeline {pp['schedule']}: {pp['stages']} stages x {pp['microbatches']} "
+            f"microbatches{trips}, {pp['ticks']} ticks, bubble {pp['bubble']:.1%} of stage time; "
+            f"per stage: parameters {_mib(pp['per_stage_bytes']['params'])} (layer stack "
+            f"{_mib(pp['per_stage_bytes']['layer_stack'])})"
+        )
     lines += [f"note: {r}" for r in p["replicated"]]
     return "\n".join(lines)

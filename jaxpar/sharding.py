@@ -1,14 +1,15 @@
 """Logical axis names -> mesh axes: the one rules table, and the shardings built from it.
 
 Models name the role of each parameter dimension (``embed``, ``hidden``, ``conv_in``...). The table
-below is the only place where those names meet the mesh axes. Because every mesh has all three axes
-(size 1 where unused), data, FSDP, tensor and 2D-grid parallelism are the same table on meshes of
-different shapes:
+below is the only place where those names meet the mesh axes. Because every mesh has all four axes
+(size 1 where unused), pipeline, data, FSDP, tensor and 2D-grid parallelism are the same table on
+meshes of different shapes:
 
 =========  ==========================  =============================================
 logical    mesh axes                   meaning
 =========  ==========================  =============================================
-batch      data, fsdp                  the batch is split over every data-like axis
+batch      stage, data, fsdp           a batch is split over every axis but model
+microbatch data, fsdp                  examples inside a layer stack: each stage's share
 embed      fsdp                        dense input features: FSDP (ZeRO-3) shards them
 hidden     model                       Megatron MLP: column-parallel out, row-parallel in
 conv_in    fsdp                        conv input channels: FSDP shards them
@@ -17,14 +18,14 @@ heads      model                       attention heads: q/k/v column-, output ro
 head_dim   (replicated)                each head's features stay together
 mlp        model                       transformer MLP: in column-, out row-parallel
 seq        (replicated)                token positions (position embeddings)
-layers     (replicated)                stacked blocks' leading axis (a stage axis later)
+layers     stage                       stacked blocks: stage s holds a contiguous run
 classes    (replicated)                logits stay whole so the loss needs no gather
 =========  ==========================  =============================================
 
 A dimension whose size the mesh axes do not divide is replicated instead, and reported.
 
 >>> from jax.sharding import AbstractMesh
->>> mesh = AbstractMesh((2, 2, 4), ("data", "fsdp", "model"))  # shapes only, no devices
+>>> mesh = AbstractMesh((1, 2, 2, 4), ("stage", "data", "fsdp", "model"))  # no devices
 >>> partition_spec(("embed", "hidden"), (64, 512), mesh)
 P('fsdp', 'model')
 >>> partition_spec(("embed", "hidden"), (5, 512), mesh)  # 5 rows do not split 2 ways
@@ -40,7 +41,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxpar.errors import UserError
 
 RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("stage", "data", "fsdp"),
+    "microbatch": ("data", "fsdp"),
     "embed": ("fsdp",),
     "hidden": ("model",),
     "conv_in": ("fsdp",),
@@ -49,7 +51,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "head_dim": (),
     "mlp": ("model",),
     "seq": (),
-    "layers": (),
+    "layers": ("stage",),
     "classes": (),
 }
 

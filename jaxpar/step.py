@@ -259,9 +259,11 @@ def compile_steps(
     ins = (shardings, train_batch)
     if signals:
         step, ins = with_signals(step), (*ins, signal_sharding(mesh))
+    # Traced under the mesh: models pin activations, and pipelines place stages, by logical names.
+    step = under_mesh(step, mesh)
     train = jax.jit(step, in_shardings=ins, out_shardings=(shardings, replicated), donate_argnums=0)
     evaluate = jax.jit(
-        partial(eval_step, graphdef=graphdef, prepare=prepare),
+        under_mesh(partial(eval_step, graphdef=graphdef, prepare=prepare), mesh),
         in_shardings=(shardings, eval_batch),
         out_shardings=replicated,
     )

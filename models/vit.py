@@ -17,8 +17,12 @@ own key (`models.dropout`): call ``model(images, train=True, rngs=keys)`` with `
 ``(batch,)``, ``keys[i] = fold_in(step_key, global position of example i)``. A single key is
 taken as the key of a whole global batch (example ``i`` gets ``fold_in(key, i)``).
 
-Trace the train step inside ``jax.set_mesh(mesh)``: the blocks then pin the residual stream to
-the ``batch`` sharding (`constrain`), which FSDP needs to gather weights inside the scan.
+Trace the train step under its mesh (`jaxpar.step.under_mesh`, or ``jax.set_mesh(mesh)``): the
+blocks then pin the residual stream to the ``microbatch`` sharding (`constrain`), which FSDP
+needs to gather weights inside the scan.
+
+How the stacked blocks run is the ``stack`` argument: `scan_layers` (default), or a pipeline
+schedule over the ``stage`` mesh axis (`jaxpar.pipeline.Schedule`), which computes the same.
 """
 
 from functools import partial
@@ -151,6 +155,28 @@ def cudnn_attention(q, k, v):
     return y[:, :tokens]
 
 
+def scan_layers(block, params, x, keys, remat=False, first=0, pin=True):
+    """Apply stacked layers one after another (one ``lax.scan``): the unpipelined stack.
+
+    `block(params, x, keys, layer)` applies one layer; `params` hold the layers on a leading
+    axis; `keys` are the examples' dropout keys (or None); `first` is the global index of the
+    first layer; `remat` keeps only each layer's input and recomputes the rest in the backward
+    pass; `pin` pins the residual stream to the ``microbatch`` sharding (`constrain`). A pipeline
+    (`jaxpar.pipeline.Schedule`) is another function of the first five arguments.
+    """
+    depth = jax.tree.leaves(params)[0].shape[0]
+
+    def one(x, params_and_index):
+        params, index = params_and_index
+        if pin:  # the residual stream: split over the examples
+            x = constrain(x, "microbatch", None, None)
+        return block(params, x, keys, index), None
+
+    if remat:
+        one = jax.checkpoint(one, prevent_cse=False)
+    return jax.lax.scan(one, x, (params, first + jnp.arange(depth)))[0]
+
+
 class Block(nnx.Module):
     """One pre-LayerNorm encoder block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``.
 
@@ -224,6 +250,7 @@ class ViT(nnx.Module):
         attention_dropout=0.0,
         attention="auto",
         remat=False,
+        stack=None,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -238,6 +265,7 @@ class ViT(nnx.Module):
         self.patch = patch = check_patch_size(image_shape, patch_size)
         tokens = (height // patch) * (wide // patch) + (pool == "cls")
         self.pool, self.depth, self.remat, self.dtype = pool, depth, remat, dtype
+        self.stack = stack
         self.dropout = dropout
 
         self.embed = nnx.Conv(
@@ -301,14 +329,10 @@ class ViT(nnx.Module):
 
         graphdef, stacked = nnx.split(self.blocks)
 
-        def block(x, params_and_index):
-            params, index = params_and_index
-            x = constrain(x, "batch", None, None)  # the residual stream: split over the batch
-            return nnx.merge(graphdef, params)(x, keys, index), None
+        def block(params, x, keys, index):
+            return nnx.merge(graphdef, params)(x, keys, index)
 
-        if self.remat:  # keep only each block's input; recompute the rest in the backward pass
-            block = jax.checkpoint(block, prevent_cse=False)
-        x, _ = jax.lax.scan(block, x, (stacked, jnp.arange(self.depth)))
+        x = (self.stack or scan_layers)(block, stacked, x, keys, remat=self.remat)
 
         x = self.norm(x)
         x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)

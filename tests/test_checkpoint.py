@@ -238,8 +238,8 @@ def test_checkpoints_are_listed(tmp_path, capsys):
     assert list_checkpoints([str(tmp_path)]) == 0
     listing = capsys.readouterr().out
     assert (
-        "step 3: model mlp on digits [8, 8, 1], batch 128, saved on mesh data=8,fsdp=1,model=1"
-        in listing
+        "step 3: model mlp on digits [8, 8, 1], batch 128, saved on mesh "
+        "stage=1,data=8,fsdp=1,model=1" in listing
     )
 
 

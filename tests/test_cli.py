@@ -37,7 +37,7 @@ def read_metrics(workdir):
 def test_default_run_reaches_95_percent_on_2x2(tmp_path):
     proc = run("--mesh", "2x2", "--workdir", str(tmp_path / "w"))
     assert proc.returncode == 0, proc.stderr
-    assert "mesh data=2 x fsdp=1 x model=2 (4 cpu devices)" in proc.stdout
+    assert "mesh stage=1 x data=2 x fsdp=1 x model=2 (4 cpu devices)" in proc.stdout
     assert "final test accuracy" in proc.stdout
     lines = read_metrics(tmp_path / "w")
     for line in lines:
@@ -55,8 +55,11 @@ def test_default_run_reaches_95_percent_on_2x2(tmp_path):
 
 @pytest.mark.parametrize("layout", [n for n in layout_names() if not parse_mesh(n).dcn])
 def test_every_layout_trains(layout, tmp_path):
-    """Single-host layouts; the multi-host ones run in test_multiprocess.py."""
-    proc = run("--mesh", layout, "--steps", "3", "--batch-size", "32", "--workdir", str(tmp_path))
+    """Single-host layouts; the multi-host ones run in test_multiprocess.py. Layouts with
+    pipeline stages train a ViT (the MLP cannot pipeline)."""
+    model = ["--model", "vit-tiny"] if parse_mesh(layout).stage > 1 else []
+    proc = run("--mesh", layout, *model, "--steps", "3", "--batch-size", "32",
+               "--workdir", str(tmp_path))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert read_metrics(tmp_path)[-1]["step"] == 3
 
@@ -87,7 +90,7 @@ BAD = {
     "--seed -1": "--seed must be in [0, 2**32)",
     "--seed 4294967296": "--seed must be in [0, 2**32)",
     # decided from the mesh's sizes, before any device is emulated
-    "--mesh 20000": "not divisible by the 20000 batch shards (data x fsdp); use a multiple of",
+    "--mesh 20000": "not divisible by the 20000 batch shards (stage x data x fsdp); use a multiple",
     "--mesh 4096 --batch-size 4096": "at most 2048 CPU devices are emulated per process",
     "--mesh hosts2-hybrid": "rehearse it on one machine with python -m jaxpar.launch -n 2 --",
     "--schedule cosine --warmup-steps 10": "--warmup-steps 10 leaves no step of the cosine decay",
@@ -98,6 +101,19 @@ BAD = {
     "--grad-accum 0": "--grad-accum must be at least 1",
     "--grad-accum 3 --batch-size 128": "--grad-accum 3 does not split the batch of 128",
     "--grad-accum 32 --mesh 8": "microbatches of 4, which do not divide over the 8 batch shards",
+    # pipelines
+    "--model vit-lite --mesh stage=2": "vit-lite has 7 blocks, which do not split into 2 stages",
+    "--model vit-tiny --mesh stage=2 --microbatches 3": "--microbatches 3 is not a multiple of",
+    "--model vit-tiny --mesh stage=2 --microbatches 6 --batch-size 64": "--microbatches 6 does "
+    "not divide the batch of 64",
+    "--model vit-tiny --mesh stage=2,data=4 --microbatches 32 --batch-size 64": "makes "
+    "microbatches of 2, which do not divide over the 4 batch shards",
+    "--model vit-tiny --mesh stage=4 --pipeline circular:2": "12 blocks, which do not split "
+    "into 4 stages x 2 trips",
+    "--model vit-tiny --pipeline circular:0": "--pipeline circular:0: use gpipe, or circular:R",
+    "--model resnet18 --mesh stage=2": "--model resnet18 cannot pipeline",
+    "--microbatches 4": "--model mlp cannot pipeline",
+    "--microbatches -1": "--microbatches must be >= 0",
 }
 
 

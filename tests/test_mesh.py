@@ -10,16 +10,20 @@ from jaxpar.mesh import MeshSpec, draw_mesh, layout_names, make_mesh, parse_mesh
 @pytest.mark.parametrize(
     "text, shape",
     [
-        ("2x2", (2, 1, 2)),
-        ("4x1", (4, 1, 1)),
-        ("1x8", (1, 1, 8)),
-        ("8", (8, 1, 1)),
-        ("data=2,fsdp=2,model=2", (2, 2, 2)),
-        ("fsdp=8", (1, 8, 1)),
-        (" model=4 , data=2 ", (2, 1, 4)),
-        ("cpu8", (2, 2, 2)),
-        ("laptop4", (2, 1, 2)),
-        ("gpu8-fsdp", (1, 8, 1)),
+        ("2x2", (1, 2, 1, 2)),
+        ("4x1", (1, 4, 1, 1)),
+        ("1x8", (1, 1, 1, 8)),
+        ("8", (1, 8, 1, 1)),
+        ("data=2,fsdp=2,model=2", (1, 2, 2, 2)),
+        ("fsdp=8", (1, 1, 8, 1)),
+        (" model=4 , data=2 ", (1, 2, 1, 4)),
+        ("stage=2,data=2", (2, 2, 1, 1)),
+        ("stage=2,fsdp=2,model=2", (2, 1, 2, 2)),
+        ("stage=8", (8, 1, 1, 1)),
+        ("cpu8", (1, 2, 2, 2)),
+        ("cpu8-pipeline", (2, 2, 2, 1)),
+        ("laptop4", (1, 2, 1, 2)),
+        ("gpu8-fsdp", (1, 1, 8, 1)),
     ],
 )
 def test_grammar(text, shape):
@@ -68,9 +72,9 @@ def test_every_layout_parses():
 
 def test_make_mesh_pins_auto_axes_and_uses_subset():
     mesh = make_mesh(parse_mesh("2x2"))
-    assert mesh.axis_names == ("data", "fsdp", "model")
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "model": 2}
-    assert mesh.axis_types == (AxisType.Auto,) * 3
+    assert mesh.axis_names == ("stage", "data", "fsdp", "model")
+    assert dict(mesh.shape) == {"stage": 1, "data": 2, "fsdp": 1, "model": 2}
+    assert mesh.axis_types == (AxisType.Auto,) * 4
     assert sorted(d.id for d in mesh.devices.flat) == [0, 1, 2, 3]
 
 
@@ -79,14 +83,18 @@ def test_mesh_larger_than_devices_is_refused():
         make_mesh(parse_mesh("16"))
 
 
-def test_draw_mesh_shows_every_device_at_its_coordinates():
-    mesh = make_mesh(parse_mesh("data=2,fsdp=2,model=2"))
+@pytest.mark.parametrize("text", ["data=2,fsdp=2,model=2", "stage=2,data=2,model=2"])
+def test_draw_mesh_shows_every_device_at_its_coordinates(text):
+    mesh = make_mesh(parse_mesh(text))
     picture = draw_mesh(mesh)
     lines = picture.splitlines()
-    assert lines[0] == "mesh data=2 x fsdp=2 x model=2 (8 cpu devices)"
+    sizes = " x ".join(f"{a}={n}" for a, n in mesh.shape.items())
+    assert lines[0] == f"mesh {sizes} (8 cpu devices)"
+    assert sizes.startswith("stage=")  # every mesh has all four axes, stage outermost
     rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
-    for (d, f, m), device in np.ndenumerate(mesh.devices):
-        assert rows[f"{d},{f}"][m] == str(device.id)
+    assert len(rows) == 8 // mesh.shape["model"]
+    for (s, d, f, m), device in np.ndenumerate(mesh.devices):
+        assert rows[f"{s},{d},{f}"][m] == str(device.id)
 
 
 def test_request_devices_after_start_keeps_devices():
@@ -101,7 +109,7 @@ def test_batch_is_checked_from_the_sizes_alone():
     check_batch_spec(3, parse_mesh("1x8"))  # model does not split the batch
     with pytest.raises(jaxpar.UserError, match="not divisible by the 3 batch shards"):
         check_batch_spec(128, parse_mesh("3x1"))
-    with pytest.raises(jaxpar.UserError, match=r"the 24 batch shards \(data x fsdp\)"):
+    with pytest.raises(jaxpar.UserError, match=r"the 24 batch shards \(stage x data x fsdp\)"):
         check_batch_spec(128, parse_mesh("data=3,fsdp=8,model=2"))
 
 
