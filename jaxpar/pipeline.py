@@ -121,10 +121,12 @@ class Schedule:
         def run_stage(params, x, keys, item, s):
             """Stage s: its chunk of trip item // M, on (a replica's share of) its microbatch."""
             trip = jnp.clip(item, 0, R * M - 1) // M
-            # A one-hot sum, not a[trip]: indexing by a per-stage value becomes a gather whose
-            # gradient XLA all-reduces over the stages, for every layer at every tick.
-            pick = jax.nn.one_hot(trip, R, dtype=x.dtype)
-            params = jax.tree.map(lambda a: jnp.tensordot(pick.astype(a.dtype), a, 1), params)
+            if R == 1:
+                params = jax.tree.map(lambda a: a[0], params)
+            else:  # A one-hot sum, not a[trip]: indexing by a per-stage value becomes a gather
+                # whose gradient XLA all-reduces over the stages, every layer at every tick.
+                pick = jax.nn.one_hot(trip, R, dtype=x.dtype)
+                params = jax.tree.map(lambda a: jnp.tensordot(pick.astype(a.dtype), a, 1), params)
             first = (trip * S + s) * chunk
             return scan_layers(block, params, x, keys, first=first, pin=False)
 
@@ -152,11 +154,18 @@ class Schedule:
             held = constrain(held, stage, micro)
             # The last stage's output goes back to the buffer (the next trip, or the result).
             last = item[-1]
-            done = jnp.where((last >= 0) & (last < R * M), held[-1], outputs[m[-1]])
-            return (held, outputs.at[m[-1]].set(done)), None
+            # A masked sum over the stages (an all-reduce of one microbatch), not held[-1]: XLA
+            # replicates the whole of `held` to slice it.
+            out = jnp.sum(jnp.where(_column(stage_ids == S - 1, held), held, 0), axis=0)
+            done = jnp.where((last >= 0) & (last < R * M), out, outputs[m[-1]])
+            outputs = constrain(outputs.at[m[-1]].set(done), None, micro)  # on every stage
+            return (held, outputs), None
 
         held = jnp.full((S, *inputs.shape[1:]), self.fill, inputs.dtype)
         (_, outputs), _ = jax.lax.scan(tick, (held, inputs), jnp.arange(self.ticks))
+        # Pinned here too, or the batch sharding of what follows leaks into the loop's buffer
+        # and XLA all-gathers the whole buffer at every tick.
+        outputs = constrain(outputs, None, micro)
         return outputs.swapaxes(0, 1).reshape(x.shape)  # rows back in batch order
 
 

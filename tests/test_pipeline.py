@@ -6,6 +6,7 @@ gives the one-device losses and parameters. Tolerances are float32 reassociation
 outputs, gradients and losses, 1e-4 for parameters after three AdamW steps.
 """
 
+import dataclasses
 import json
 from functools import partial
 
@@ -184,10 +185,16 @@ def test_layer_stack_is_split_over_stages():
     assert shardings["head"]["kernel"].spec == jax.sharding.PartitionSpec(None, None)
 
 
-def test_plan_shows_the_pipeline():
-    text = format_plan(plan(Config(model=MODEL, mesh="stage=4,data=2", batch_size=16,
-                                   microbatches=8, steps=1)))  # fmt: skip
+def test_plan_shows_the_pipeline_and_remat_bounds_its_memory():
+    cfg = Config(model=MODEL, mesh="stage=4,data=2", batch_size=64, microbatches=8, steps=1)
+    planned = plan(cfg)
+    text = format_plan(planned)
     assert "pipeline gpipe: 4 stages x 8 microbatches, 11 ticks, bubble 27.3%" in text
     line = next(x for x in text.splitlines() if x.startswith("collectives per step"))
     permutes = int(line.split("collective-permute x")[1].split()[0])
     assert permutes >= 11  # at least one per tick forward: activations move between stages
+    stage = planned["pipeline"]["per_stage_bytes"]
+    assert 0 < stage["layer_stack"] < stage["params"]  # embedding and head are not staged
+    # --remat block keeps only each tick's stage inputs for the backward pass
+    remat = plan(dataclasses.replace(cfg, remat="block"))["per_device"]
+    assert remat["compiled_temporaries"] < 0.8 * planned["per_device"]["compiled_temporaries"]
