@@ -2,7 +2,7 @@
 
 Parts, chosen with ``--parts``:
 
-- ``bubble``: train-step time of ``vit-small`` (digits-shaped 8x8 images, patch 2, batch 32) on
+- ``bubble``: train-step time of ``vit-small`` (digits: 8x8 images, patch 2; batch 128) on
   ``stage=4`` with M = 4, 8, 16, 32 microbatches against the same model on ``data=4``, in
   alternating rounds in this one process. The emulated devices share this machine's cores, so a
   pipeline cannot run its stages at the same time here: what the ratio shows is the work of the
@@ -16,7 +16,8 @@ Parts, chosen with ``--parts``:
 
     python benchmarks/pipeline.py                       # both parts, about 5 minutes here
     python benchmarks/pipeline.py --parts fsdp
-    python benchmarks/pipeline.py --parts bubble --rounds 3 --steps 2
+    python benchmarks/pipeline.py --parts bubble --rounds 2 --steps 1
+    python benchmarks/pipeline.py --parts bubble --dataset synthetic:32x32x3:10 --batch 64
 """
 
 import argparse
@@ -31,14 +32,14 @@ MICROBATCHES = (4, 8, 16, 32)
 STAGES = 4
 
 
-def step_for(mesh_text: str, schedule, batch: int):
-    """``(compiled train step, state, batch)`` for vit-small on digits under `mesh_text`."""
+def step_for(mesh_text: str, schedule, batch: int, dataset: str = "digits"):
+    """``(compiled train step, state, batch)`` for vit-small on `dataset` under `mesh_text`."""
     from jaxpar.data import load_dataset, preprocess, train_batches
     from jaxpar.mesh import make_mesh, parse_mesh
     from jaxpar.step import compile_steps, create_state, make_optimizer
     from models import MODELS
 
-    ds = load_dataset("digits")
+    ds = load_dataset(dataset)
     mesh = make_mesh(parse_mesh(mesh_text))
     model_fn = partial(MODELS["vit-small"], ds.image_shape, ds.num_classes, stack=schedule)
     graphdef, state, shardings, _ = create_state(model_fn, make_optimizer(), mesh, seed=0)
@@ -50,9 +51,9 @@ def step_for(mesh_text: str, schedule, batch: int):
 def bubble(a) -> dict:
     from jaxpar.pipeline import Schedule
 
-    contenders = {"data=4": step_for("data=4", None, a.batch)}
+    contenders = {"data=4": step_for("data=4", None, a.batch, a.dataset)}
     for m in MICROBATCHES:
-        contenders[f"M={m}"] = step_for(f"stage={STAGES}", Schedule(STAGES, m), a.batch)
+        contenders[f"M={m}"] = step_for(f"stage={STAGES}", Schedule(STAGES, m), a.batch, a.dataset)
     times = {name: [] for name in contenders}
     for _ in range(a.rounds):  # alternate, so the machine's noise falls on every contender
         for name, (step, state, data) in contenders.items():
@@ -95,7 +96,8 @@ def fsdp(a) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="bubble,fsdp")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--dataset", default="digits", help="of the bubble part (patch: default)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
     a = parser.parse_args()

@@ -71,7 +71,7 @@ def sequential():
 
 @pytest.mark.parametrize(
     "stages, microbatches, repeats",
-    [(2, 2, 1), (2, 4, 1), (4, 4, 1), (4, 8, 1), (8, 8, 1), (2, 4, 2), (4, 4, 2)],
+    [(2, 2, 1), (2, 4, 1), (4, 4, 1), (4, 8, 1), (8, 8, 1), (2, 4, 2), (4, 4, 2), (1, 4, 1)],
 )
 def test_pipelined_forward_equals_sequential_per_example(stages, microbatches, repeats,
                                                          sequential):  # fmt: skip
