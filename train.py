@@ -50,6 +50,14 @@ FLAGS = [  # (flag, type, or a list of choices, help); defaults come from jaxpar
     ("--remat", ["none", "block"], "ViT: recompute each block's (pipeline: tick's) activations"),
     ("--microbatches", int, "pipeline microbatches per step (0: one per stage of the mesh)"),
     ("--pipeline", str, "pipeline schedule over the stage axis: gpipe, or circular:R (R trips)"),
+    (
+        "--sync",
+        str,
+        "data-parallel replicas: every-step, local:H (average every H steps), "
+        "diloco:H (DiLoCo), stale:T (gradients T steps old)",
+    ),  # fmt: skip
+    ("--outer-lr", float, "DiLoCo's outer Nesterov SGD learning rate"),
+    ("--outer-momentum", float, "DiLoCo's outer Nesterov momentum"),
     ("--patch-size", int, "ViT patch size (None: 2 up to 16 px, 4 up to 64 px, 16 above)"),
     ("--profile-steps", str, "A:B: write a JAX profiler trace of steps A to B to WORKDIR/profile"),
     (

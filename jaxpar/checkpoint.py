@@ -29,21 +29,25 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
 
 from jaxpar.errors import UserError
 from jaxpar.sharding import placed
 
 # Fields of the manifest that define the run: a checkpoint resumes only into the same ones.
 IDENTITY = ("model", "dataset", "image_shape", "num_classes", "batch_size", "optimizer", "seed",
-            "patch_size")  # fmt: skip
+            "patch_size", "sync")  # fmt: skip
 # The layout of the saved state. 2: the optimizer state always holds a step count (schedules).
 FORMAT = 2
 
 
+# Names of the train state's parts in a checkpoint: ``{0: model, 1: optimizer}``, and what a
+# `jaxpar.sync` mode adds (DiLoCo's global copy and outer momentum, stale SGD's ring).
+ITEMS = {0: "model", 1: "optimizer", 2: "held_params", 3: "outer_optimizer"}
+
+
 def _items(state) -> dict:
-    """The train state ``{0: model, 1: optimizer}`` under readable names."""
-    return {"model": state[0], "optimizer": state[1]}
+    """The train state under readable names."""
+    return {ITEMS[k]: v for k, v in state.items()}
 
 
 class Checkpoints:
@@ -96,9 +100,9 @@ class Checkpoints:
     def restore(self, step: int, abstract, shardings):
         """Restore `step` into the current mesh's `shardings` (any mesh, device or process count).
 
-        `abstract` is the abstract NNX state of ``(model, optimizer)`` (shapes and dtypes).
+        `abstract`: the state's shapes and dtypes (a pure dict, as `shardings`).
         """
-        target = placed(_items(nnx.to_pure_dict(abstract)), _items(shardings))
+        target = placed(_items(abstract), _items(shardings))
         path = self.directory / str(step)
         _quiet_closed_loop()
         try:
@@ -112,7 +116,7 @@ class Checkpoints:
                 f"checkpoint step {step} at {path} does not fit this run or is corrupt ({first}); "
                 "use another --workdir, or --restart to move the old run aside"
             ) from None
-        return {0: restored["model"], 1: restored["optimizer"]}
+        return {k: restored[name] for k, name in ITEMS.items() if name in restored}
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -37,6 +37,9 @@ class Config:
     remat: str = "none"  # "block": recompute each transformer block in the backward pass
     microbatches: int = 0  # pipeline microbatches per step (0: one per stage)
     pipeline: str = "gpipe"  # pipeline schedule: gpipe or circular:R
+    sync: str = "every-step"  # data-parallel replicas: every-step, local:H, diloco:H, stale:T
+    outer_lr: float = 0.7  # DiLoCo's outer Nesterov SGD
+    outer_momentum: float = 0.9
     patch_size: int | None = None  # ViT patch size (None: from the image size)
     profile_steps: str | None = None  # "A:B": JAX profiler trace of steps A to B
     dry_run: bool = False  # print the plan (placement, memory, collectives) and stop
@@ -47,6 +50,7 @@ class Config:
     def validate(self) -> "Config":
         from jaxpar.data import DATASETS, known
         from jaxpar.pipeline import parse_pipeline
+        from jaxpar.sync import parse_sync
         from models import MODELS
 
         def need(ok, message):
@@ -101,6 +105,10 @@ class Config:
         need(self.remat in ("none", "block"), f"unknown --remat '{self.remat}'; use none or block")
         need(self.microbatches >= 0, f"--microbatches must be >= 0, got {self.microbatches}")
         parse_pipeline(self.pipeline)
+        parse_sync(self.sync)
+        need(self.outer_lr > 0, f"--outer-lr must be positive, got {self.outer_lr}")
+        need(0 <= self.outer_momentum < 1,
+             f"--outer-momentum must be in [0, 1), got {self.outer_momentum}")  # fmt: skip
         need(
             self.patch_size is None or self.patch_size >= 1,
             f"--patch-size must be at least 1, got {self.patch_size}",

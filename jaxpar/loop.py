@@ -11,6 +11,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
@@ -28,7 +29,8 @@ from jaxpar.data import (
 from jaxpar.errors import Diverged, Preempted, UserError
 from jaxpar.mesh import MeshSpec, draw_mesh, make_mesh, parse_mesh
 from jaxpar.pipeline import schedule_for
-from jaxpar.sharding import RULES, check_batch, spec_table, state_shardings
+from jaxpar.plan import collectives
+from jaxpar.sharding import RULES, check_batch, placed, spec_table, state_shardings
 from jaxpar.signals import Stop, stop_on_signals
 from jaxpar.step import (
     abstract_state,
@@ -37,7 +39,9 @@ from jaxpar.step import (
     init_state,
     make_optimizer,
     make_schedule,
+    under_mesh,
 )
+from jaxpar.sync import mode_for, param_mask
 from jaxpar.workdir import MetricsLog, move_aside, resolve, used, write_config
 from models import MODELS
 from models.vit import check_patch_size
@@ -72,13 +76,33 @@ class Run:
     total: int
     schedule: object  # step -> learning rate
     init: object  # () -> fresh state in its shardings
-    abstract: object  # abstract NNX state (restore target)
+    abstract: object  # the state's shapes and dtypes, a pure dict (restore target)
     shardings: object
     replicated: list
     train_step: object
     eval_step: object
     train_steps: object  # several steps in one program: batches stacked on a leading axis
     compile: object  # (stacked=, signals=) -> (train_step, eval_step) jitted for this run
+    mode: object  # how data-parallel replicas agree (`jaxpar.sync`)
+    sync: object  # the mode's jitted every-H-steps program, or None
+
+    def comm_bytes_per_step(self, train_program, steps: int) -> float:
+        """Collective bytes per optimizer step and device, from the compiled programs: a
+        dispatch of `steps` steps, plus the mode's sync program over its period."""
+        total = sum(c["bytes"] for c in collectives(train_program.as_text()).values()) / steps
+        if self.sync is not None:
+            program = self.sync.lower(placed(self.abstract, self.shardings)).compile()
+            total += sum(c["bytes"] for c in collectives(program.as_text()).values()) / (
+                self.mode.period
+            )
+        return total
+
+    def synced(self, state, done: int):
+        """`state` after the mode's periodic sync when step `done` ends a period (local SGD's
+        average, DiLoCo's outer step), else as it is."""
+        if self.sync is None or done % self.mode.period:
+            return state
+        return self.sync(state)
 
     @functools.cached_property
     def about(self) -> dict:
@@ -107,6 +131,7 @@ class Run:
             "optimizer": c.optimizer,
             "seed": c.seed,
             "patch_size": self.patch_size,
+            "sync": None if self.cfg.sync == "every-step" else self.cfg.sync,
         }
 
     @property
@@ -136,16 +161,24 @@ def setup(cfg: Config) -> Run:
         cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule, cfg.warmup_steps, total
     )
     graphdef, abstract = abstract_state(model_fn, tx, cfg.seed)
-    shardings, replicated = state_shardings(abstract, mesh)
+    base, replicated = state_shardings(abstract, mesh)
+    mode = mode_for(cfg, spec.data)
+    abstract, shardings = mode.layout(nnx.to_pure_dict(abstract), base, mesh, param_mask(abstract))
     ndim = 1 + len(ds.image_shape)
     check_microbatches(cfg.batch_size, cfg.grad_accum, mesh)
     compile = partial(compile_steps, graphdef, shardings, mesh, cfg.seed, ndim, preprocess(ds),
-                      accum=cfg.grad_accum)  # fmt: skip
-    init = partial(init_state, model_fn, tx, shardings, cfg.seed)
+                      accum=cfg.grad_accum, step=mode.step, view=mode.view)  # fmt: skip
+    fresh = partial(init_state, model_fn, tx, base, cfg.seed)
+    laid = jax.jit(mode.init, out_shardings=shardings)
+    init = lambda: laid(fresh())  # noqa: E731
+    sync = None
+    if mode.sync is not None:  # every H steps, its own program: the loop calls it (`synced`)
+        sync = jax.jit(under_mesh(mode.sync, mesh), in_shardings=(shardings,),
+                       out_shardings=shardings, donate_argnums=0)  # fmt: skip
     schedule = make_schedule(cfg.lr, cfg.schedule, cfg.warmup_steps, total)
     return Run(
         cfg, spec, mesh, ds, per_epoch, total, schedule, init, abstract, shardings, replicated,
-        *compile(), compile(stacked=True)[0], compile,
+        *compile(), compile(stacked=True)[0], compile, mode, sync,
     )  # fmt: skip
 
 
@@ -330,6 +363,10 @@ class Steps:
             with self.window.paused():
                 jitted = self.run.compile(stacked=n > 1, signals=self.stop.shared)[0]
                 self.compiled[n] = jitted.lower(state, batch, *self.stop.args()).compile()
+                if self.run.cfg.sync != "every-step":  # a mode that changes communication
+                    self.window.extra["comm_bytes_per_step"] = self.run.comm_bytes_per_step(
+                        self.compiled[n], n
+                    )
         return self.compiled[n]
 
 
@@ -340,8 +377,8 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", prof
     profile = Profile(cfg.profile_range(), profile_dir, run.total)
     # Performance is decided here for tiny models: one dispatch per step costs more host time
     # than their step computes; --steps-per-dispatch K runs K steps as one program.
-    plan = dispatches(first, run.total, cfg.steps_per_dispatch, (eval_every, cfg.checkpoint_every),
-                      profile.marks)  # fmt: skip
+    every = (eval_every, cfg.checkpoint_every, run.mode.period)
+    plan = dispatches(first, run.total, cfg.steps_per_dispatch, every, profile.marks)
     batches = prefetch(train_batches(run.ds, cfg.batch_size, cfg.seed, plan, run.mesh))
     bar = tqdm(
         initial=first, total=run.total, disable=not sys.stderr.isatty() or jax.process_index()
@@ -355,6 +392,7 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", prof
             profile.before(steps.start)
             state, metrics = train(state, batch, *stop.args())
             done = steps.stop
+            state = run.synced(state, done)
             profile.after(done, state)
             window.push(done, metrics)  # Sync point: reads the previous dispatch's metrics.
             bar.update(len(steps))
@@ -441,6 +479,7 @@ class Window:
     def __init__(self, log: MetricsLog, cfg: Config, total: int, losses: list, schedule):
         self.log, self.cfg, self.total, self.schedule = log, cfg, total, schedule
         self.losses, self.logged, self.pending = list(losses), float("nan"), None
+        self.extra = {}  # keys a mode adds to training lines (comm_bytes_per_step)
         self.stop = 0  # the largest signal number pending in any process, as the steps saw it
         self.start()
 
@@ -495,6 +534,7 @@ class Window:
                 grad_norm=grad_norm,
                 lr=float(self.schedule(step - 1)),  # the rate this step applied
                 examples_per_s=self.timed * self.cfg.batch_size / (now - self.since - self.idle),
+                **self.extra,
             )
             self.since, self.timed, self.idle = now, 0, 0.0
             if step % self.cfg.log_every == 0:  # a run's last, partial window stays open

@@ -11,7 +11,6 @@ import re
 
 import jax
 import numpy as np
-from flax import nnx
 
 from jaxpar.config import Config
 from jaxpar.mesh import draw_mesh
@@ -76,7 +75,7 @@ def plan(cfg: Config) -> dict:
 
     run = setup(cfg.validate())
     sizes = dict(run.mesh.shape)
-    abstract = nnx.to_pure_dict(run.abstract)
+    abstract = run.abstract
     rows, totals = [], {"params": 0, "optimizer": 0}
     per_stage = {"params": 0, "layer_stack": 0}  # what one stage holds, over its devices
     for (path, a), (_, s) in zip(
@@ -103,6 +102,7 @@ def plan(cfg: Config) -> dict:
         "label": jax.ShapeDtypeStruct((b,), np.int32, sharding=batch_sharding(run.mesh)),
     }  # fmt: skip
     compiled = run.train_step.lower(args, batch).compile()
+    comm = run.comm_bytes_per_step(compiled, 1)
     mem = compiled.memory_analysis()
     memory = {
         "arguments": mem.argument_size_in_bytes,
@@ -122,6 +122,7 @@ def plan(cfg: Config) -> dict:
         "collectives": collectives(compiled.as_text()),
         "replicated": [str(r) for r in run.replicated],
         "pipeline": pipeline_plan(run, per_stage),
+        "sync": {"mode": run.cfg.sync, "comm_bytes_per_step": comm},
     }
 
 
@@ -175,5 +176,8 @@ def format_plan(p: dict) -> str:
             f"per stage: parameters {_mib(pp['per_stage_bytes']['params'])} (layer stack "
             f"{_mib(pp['per_stage_bytes']['layer_stack'])})"
         )
+    sync = p["sync"]
+    lines.append(f"--sync {sync['mode']}: {_mib(sync['comm_bytes_per_step'])} of collectives per "
+                 "optimizer step and device (periodic syncs spread over their period)")  # fmt: skip
     lines += [f"note: {r}" for r in p["replicated"]]
     return "\n".join(lines)

@@ -32,6 +32,8 @@ P('fsdp', 'model')
 P(None, 'model')
 """
 
+import contextlib
+import contextvars
 import dataclasses
 
 import jax
@@ -106,6 +108,32 @@ def partition_spec(
             if replicated is not None:
                 replicated.append(Replicated(path, dim, name, size, axes, ways))
             axes = ()
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+# Mesh axes that a `jax.vmap(..., spmd_axis_name=...)` being traced already maps over (e.g. the
+# replicas of `jaxpar.sync`): an activation's layout inside may not name them again.
+_MAPPED: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("mapped", default=())
+
+
+@contextlib.contextmanager
+def mapped_over(*axes: str):
+    """Trace inside this block what a vmap over `axes` (its ``spmd_axis_name``) applies."""
+    token = _MAPPED.set(_MAPPED.get() + axes)
+    try:
+        yield
+    finally:
+        _MAPPED.reset(token)
+
+
+def activation_spec(names, shape, mesh) -> PartitionSpec:
+    """`partition_spec` for an activation, leaving out the axes an enclosing vmap maps over."""
+    mapped = set(_MAPPED.get())
+    spec = []
+    for entry in partition_spec(names, shape, mesh):
+        axes = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if
+                     a not in mapped)  # fmt: skip
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*spec)
 

@@ -113,25 +113,34 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def step_inputs(step, batch, keys, prepare):
+    """``(images, labels, example_keys)`` of a step's global batch: inputs prepared (augmented)
+    on the devices, and one dropout key per example from its position in the global batch."""
+    dropout_key, augment_key = (jax.random.fold_in(k, step) for k in keys)
+    images = prepare(batch["image"], augment_key)  # augmented whole: per example already
+    labels = batch["label"]
+    example_keys = jax.vmap(partial(jax.random.fold_in, dropout_key))(jnp.arange(len(labels)))
+    return images, labels, example_keys
+
+
+def loss_fn(model, images, labels, keys):
+    logits = model(images, train=True, rngs=keys)
+    return cross_entropy(logits, labels).mean()
+
+
+def gradients(model, data, accum: int = 1):
+    """Mean loss and its gradient over `data` (`step_inputs`), in `accum` microbatches."""
+    if accum == 1:  # BatchNorm statistics update in place
+        return nnx.value_and_grad(loss_fn)(model, *data)
+    return accumulate(loss_fn, model, data, accum)
+
+
 def train_step(state, batch, *, graphdef, keys, prepare, accum: int = 1):
     """One optimizer step. Random keys depend on (seed, step, example position) only, never on
     the mesh or on `accum`: the gradient of ``accum`` microbatches is that of the whole batch."""
     model, optimizer = nnx.merge(graphdef, state)
-    dropout_key, augment_key = (jax.random.fold_in(k, optimizer.step[...]) for k in keys)
-    images = prepare(batch["image"], augment_key)  # augmented whole: per example already
-    labels = batch["label"]
-    # One dropout key per example, from its position in the global batch.
-    example_keys = jax.vmap(partial(jax.random.fold_in, dropout_key))(jnp.arange(len(labels)))
-
-    def loss_fn(model, images, labels, keys):
-        logits = model(images, train=True, rngs=keys)
-        return cross_entropy(logits, labels).mean()
-
-    data = (images, labels, example_keys)
-    if accum == 1:  # BatchNorm statistics update in place
-        loss, grads = nnx.value_and_grad(loss_fn)(model, *data)
-    else:
-        loss, grads = accumulate(loss_fn, model, data, accum)
+    data = step_inputs(optimizer.step[...], batch, keys, prepare)
+    loss, grads = gradients(model, data, accum)
     optimizer.update(model, grads)
     metrics = {"train_loss": loss, "grad_norm": optax.tree.norm(grads)}
     return nnx.to_pure_dict(nnx.state((model, optimizer))), metrics
@@ -181,9 +190,9 @@ def eval_step(state, batch, *, graphdef, prepare):
     }
 
 
-def train_steps(state, batches, **step_args):
-    """`train_step` for each of a stack of batches (leading axis: steps), in one program."""
-    return jax.lax.scan(partial(train_step, **step_args), state, batches)
+def train_steps(state, batches, step=train_step):
+    """`step` for each of a stack of batches (leading axis: steps), in one program."""
+    return jax.lax.scan(step, state, batches)
 
 
 def with_signals(step):
@@ -235,6 +244,8 @@ def compile_steps(
     stacked=False,
     signals=False,
     accum=1,
+    step=train_step,
+    view=None,
 ):
     """``(train_step, eval_step)`` jitted with explicit in/out shardings.
 
@@ -243,27 +254,25 @@ def compile_steps(
     optimizer state in place. With `stacked`, the train step is `train_steps`: batches stacked on
     a leading steps axis, metrics returned per step. With `signals`, it takes a third argument
     (see `with_signals`). `accum`: the batch is processed as that many microbatches
-    (`accumulate`).
+    (`accumulate`). `step` is one optimizer step, `view(state)` the ``{0: model, 1: optimizer}``
+    that evaluation sees: a `jaxpar.sync` mode's (default: `train_step` and the state itself).
     """
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     train_batch = _batch_shardings(mesh, {"image": image_ndim, "label": 1}, stacked)
     eval_batch = _batch_shardings(mesh, {"image": image_ndim, "label": 1, "mask": 1})
     keys = tuple(_keys(seed)[1:])  # computed outside jit: the step holds them as constants
-    step = partial(
-        train_steps if stacked else train_step,
-        graphdef=graphdef,
-        keys=keys,
-        prepare=prepare,
-        accum=accum,
-    )
+    step = partial(step, graphdef=graphdef, keys=keys, prepare=prepare, accum=accum)
+    if stacked:
+        step = partial(train_steps, step=step)
     ins = (shardings, train_batch)
     if signals:
         step, ins = with_signals(step), (*ins, signal_sharding(mesh))
     # Traced under the mesh: models pin activations, and pipelines place stages, by logical names.
     step = under_mesh(step, mesh)
     train = jax.jit(step, in_shardings=ins, out_shardings=(shardings, replicated), donate_argnums=0)
+    view = view or (lambda state: state)
     evaluate = jax.jit(
-        under_mesh(partial(eval_step, graphdef=graphdef, prepare=prepare), mesh),
+        under_mesh(lambda s, b: eval_step(view(s), b, graphdef=graphdef, prepare=prepare), mesh),
         in_shardings=(shardings, eval_batch),
         out_shardings=replicated,
     )

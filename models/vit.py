@@ -61,9 +61,9 @@ def constrain(x, *names):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not {"data", "fsdp", "model"} <= set(mesh.axis_names):
         return x
-    from jaxpar.sharding import partition_spec  # here: jaxpar imports the models
+    from jaxpar.sharding import activation_spec  # here: jaxpar imports the models
 
-    return jax.lax.with_sharding_constraint(x, partition_spec(names, x.shape, mesh))
+    return jax.lax.with_sharding_constraint(x, activation_spec(names, x.shape, mesh))
 
 
 def default_patch_size(image_shape) -> int:
@@ -153,6 +153,19 @@ def cudnn_attention(q, k, v):
     except NotImplementedError:  # a shape or version cuDNN does not support: XLA's attention
         return None
     return y[:, :tokens]
+
+
+def embed_patches(conv: nnx.Conv, x, patch: int):
+    """`conv` (kernel = stride = `patch`, no padding) applied as what it computes: one matrix
+    product of every flattened patch with the flattened kernel. Correctness is decided here: on
+    jax 0.10.2 XLA's partitioner miscompiles that strided convolution when it is vmapped over
+    replicas (`jaxpar.sync`) with the kernel's output channels FSDP-sharded (4x4 patches, 64
+    channels: logits off by 3); the matrix product partitions correctly."""
+    batch, height, width, channels = x.shape
+    x = x.reshape(batch, height // patch, patch, width // patch, patch, channels)
+    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height // patch, width // patch, -1)
+    kernel = conv.kernel[...].astype(x.dtype).reshape(-1, conv.kernel.shape[-1])  # (p p c, out)
+    return x @ kernel + conv.bias[...].astype(x.dtype)
 
 
 def scan_layers(block, params, x, keys, remat=False, first=0, pin=True):
@@ -318,7 +331,7 @@ class ViT(nnx.Module):
         """`rngs`: one key per example, shape ``(batch,)`` (see `models.dropout`); used when
         `train` is true and a dropout rate is set."""
         keys = example_keys(rngs, x.shape[0]) if train else None
-        x = self.embed(x.astype(self.dtype))  # (batch, h/patch, w/patch, width)
+        x = embed_patches(self.embed, x.astype(self.dtype), self.patch)  # (b, h/p, w/p, width)
         batch, width = x.shape[0], x.shape[-1]
         x = x.reshape(batch, -1, width)
         if self.cls_token is not None:

@@ -114,6 +114,13 @@ BAD = {
     "--model resnet18 --mesh stage=2": "--model resnet18 cannot pipeline",
     "--microbatches 4": "--model mlp cannot pipeline",
     "--microbatches -1": "--microbatches must be >= 0",
+    # low-communication data parallelism
+    "--sync local:0": "--sync local:0: use every-step, local:H or diloco:H with H >= 1",
+    "--sync diloco:x": "--sync diloco:x: use every-step",
+    "--sync sometimes": "--sync sometimes: use every-step",
+    "--sync stale:-1": "--sync stale:-1: use every-step",
+    "--outer-lr -1": "--outer-lr must be positive",
+    "--sync local:8 --mesh 1": "the mesh has data=1: nothing to average",
 }
 
 
@@ -293,7 +300,6 @@ STATE_DTYPES = {"float32", "uint32", "int32"}
 
 
 def test_bf16_computes_matmuls_in_bf16_and_keeps_fp32_parameters():
-    from flax import nnx
 
     from jaxpar import Config
     from jaxpar.data import train_batches
@@ -301,7 +307,7 @@ def test_bf16_computes_matmuls_in_bf16_and_keeps_fp32_parameters():
 
     run = setup(Config(precision="bf16", mesh="2"))
     state = run.init()
-    assert {x.dtype.name for x in jax.tree.leaves(nnx.to_pure_dict(run.abstract))} <= STATE_DTYPES
+    assert {x.dtype.name for x in jax.tree.leaves(run.abstract)} <= STATE_DTYPES
     batch = next(train_batches(run.ds, 128, 0, range(1), run.mesh))
     # The program jaxpar asks for (the CPU compiler then upcasts bf16 dots; GPUs run them).
     program = run.train_step.lower(state, batch).as_text()

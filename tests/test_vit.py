@@ -360,3 +360,13 @@ def test_fused_attention_only_where_cudnn_runs():
     assert fused_attention("cudnn", jnp.float32, False) and not fused_attention("xla", None, 0)
     with pytest.raises(jaxpar.UserError, match="attention must be auto, xla or cudnn"):
         fused_attention("flash", jnp.bfloat16, False)
+
+
+@pytest.mark.parametrize("patch, channels", [(2, 1), (4, 3), (16, 3)])
+def test_patch_embedding_is_the_strided_convolution(patch, channels):
+    from models.vit import embed_patches
+
+    conv = nnx.Conv(channels, 8, (patch, patch), strides=(patch, patch), padding="VALID",
+                    rngs=nnx.Rngs(0))  # fmt: skip
+    x = jax.random.normal(jax.random.key(1), (2, 4 * patch, 2 * patch, channels))
+    np.testing.assert_allclose(embed_patches(conv, x, patch), conv(x), atol=1e-5)

@@ -1,0 +1,157 @@
+"""Low-communication data parallelism (`--sync`): each mode reduces to synchronous SGD.
+
+The seed's MLP on the digits through the real loop (`jaxpar.train`), SGD without momentum unless
+said; stale SGD also against a few lines of NumPy on a linear model.
+"""
+
+import json
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxpar
+from jaxpar.checkpoint import Checkpoints
+from jaxpar.config import Config
+from jaxpar.data import train_batches
+from jaxpar.loop import setup
+from jaxpar.mesh import make_mesh, parse_mesh
+from jaxpar.sharding import path_str
+from jaxpar.step import compile_steps, create_state, make_optimizer
+from jaxpar.sync import Stale
+from models import MODELS
+from models.vit import ViT
+
+
+def train(workdir, mesh="data=4", steps=8, **flags):
+    """Losses per step, the last line's comm_bytes_per_step, and the final model's arrays."""
+    flags = {"momentum": 0.0, **flags}
+    cfg = Config(mesh=mesh, steps=steps, log_every=1, workdir=str(workdir), **flags)
+    jaxpar.train(cfg)
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if "train_loss" in x]
+    run = setup(cfg)
+    ckpts = Checkpoints(workdir)
+    state = run.mode.view(ckpts.restore(ckpts.latest(), run.abstract, run.shardings))
+    ckpts.close()
+    model = {path_str(k): np.asarray(a) for k, a in jax.tree_util.tree_leaves_with_path(state[0])}
+    return np.array([x["train_loss"] for x in train_lines]), train_lines[-1], model
+
+
+@pytest.fixture(scope="module")
+def every_step(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("every-step"))
+
+
+def assert_same(a, b, rtol=1e-6, atol=1e-6):
+    np.testing.assert_allclose(a[0], b[0], rtol=rtol)
+    for path, value in b[2].items():
+        np.testing.assert_allclose(a[2][path], value, atol=atol, err_msg=path)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"sync": "local:1"},
+        {"sync": "diloco:1", "outer_lr": 1.0, "outer_momentum": 0.0},
+        {"sync": "stale:0"},
+    ],
+)
+def test_each_mode_reduces_to_every_step(flags, every_step, tmp_path):
+    assert_same(train(tmp_path, **flags), every_step)
+
+
+def test_local_sgd_drifts_and_diloco_with_plain_outer_sgd_is_local_sgd(every_step, tmp_path):
+    local = train(tmp_path / "local", sync="local:4")
+    diloco = train(tmp_path / "diloco", sync="diloco:4", outer_lr=1.0, outer_momentum=0.0)
+    assert not np.allclose(local[0], every_step[0], rtol=1e-4)  # the replicas did drift apart
+    assert_same(diloco, local)  # outer SGD at rate 1 without momentum takes the replicas' mean
+
+
+@pytest.mark.parametrize("sync", ["local:3", "diloco:3"])
+def test_same_data_size_other_splits_give_the_same_run(sync, tmp_path):
+    a = train(tmp_path / "a", mesh="data=4", sync=sync)
+    b = train(tmp_path / "b", mesh="data=4,model=2", sync=sync)
+    assert_same(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_comm_bytes_per_step_fall_by_h(every_step, tmp_path):
+    h = 4
+    line = train(tmp_path, sync=f"local:{h}")[1]
+    plain = train(tmp_path / "plain", sync="stale:0")[1]  # every-step's traffic, reported
+    assert line["comm_bytes_per_step"] == pytest.approx(plain["comm_bytes_per_step"] / h, rel=0.05)
+    assert "comm_bytes_per_step" not in every_step[1]  # every-step lines keep their schema
+
+
+def test_resume_mid_round_on_another_mesh_equals_uninterrupted(tmp_path):
+    flags = {"sync": "diloco:4", "momentum": 0.9}  # outer and inner momentum in the checkpoint
+    whole = train(tmp_path / "whole", steps=10, **flags)
+    cut = tmp_path / "cut"
+    train(cut, steps=6, **flags)  # stops in the middle of the second round
+    resumed = train(cut, mesh="data=4,fsdp=2", steps=10, **flags)
+    assert_same(resumed, whole, rtol=1e-5, atol=1e-5)
+
+
+class Linear(nnx.Module):
+    """logits = x w, for the NumPy comparison."""
+
+    def __init__(self, features, classes, *, rngs, dtype=None):
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (features, classes)) * 0.5)
+
+    def __call__(self, x, train=False, rngs=None):
+        return x @ self.w[...]
+
+
+def test_stale_gradients_match_numpy():
+    T, lr, steps = 2, 0.5, 7
+    rng = np.random.default_rng(0)
+    xs = rng.normal(size=(steps, 8, 4)).astype(np.float32)
+    ys = rng.integers(0, 3, size=(steps, 8))
+    mesh = make_mesh(parse_mesh("1"))
+    tx = make_optimizer("sgd", lr, momentum=0.0)
+    graphdef, state, shardings, _ = create_state(partial(Linear, 4, 3), tx, mesh, seed=0)
+    mode = Stale(T)
+    _, shardings = mode.layout(jax.eval_shape(lambda: state), shardings, mesh, None)
+    state = jax.jit(mode.init, out_shardings=shardings)(state)
+    step, _ = compile_steps(graphdef, shardings, mesh, 0, 2, step=mode.step, view=mode.view)
+
+    w = [np.asarray(state[0]["w"])]  # NumPy: w_{t+1} = w_t - lr * grad(w_{max(t-T, 0)})
+    for t in range(steps):
+        x, y = xs[t], ys[t]
+        old = w[max(t - T, 0)]
+        z = x @ old
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        want_loss = -np.log(p[np.arange(8), y]).mean()
+        p[np.arange(8), y] -= 1
+        w.append(w[-1] - lr * x.T @ p / 8)
+        state, metrics = step(state, {"image": jnp.asarray(x), "label": jnp.asarray(y)})
+        assert float(metrics["train_loss"]) == pytest.approx(want_loss, rel=1e-5)
+    np.testing.assert_allclose(np.asarray(state[0]["w"]), w[-1], atol=1e-5)
+
+
+@pytest.fixture
+def small_vit():
+    """A ViT with 4x4 patches and 64 channels: the shape that XLA's partitioner got wrong as a
+    vmapped convolution under FSDP (`models.vit.embed_patches`)."""
+    MODELS["vit-synctest"] = partial(ViT, width=64, depth=2, heads=2, mlp_dim=64, patch_size=4)
+    yield "vit-synctest"
+    del MODELS["vit-synctest"]
+
+
+def test_local_sgd_replicas_of_a_vit_under_fsdp(small_vit):
+    losses = {}
+    for sync in ("every-step", "local:1"):
+        cfg = Config(model=small_vit, mesh="data=2,fsdp=2", sync=sync, momentum=0.0, steps=2,
+                     batch_size=16, optimizer="sgd")  # fmt: skip
+        run = setup(cfg.validate())
+        state, out = run.init(), []
+        for step, batch in enumerate(train_batches(run.ds, 16, 0, range(2), run.mesh)):
+            state, metrics = run.train_step(state, batch)
+            state = run.synced(state, step + 1)
+            out.append(float(metrics["train_loss"]))
+        losses[sync] = out
+    np.testing.assert_allclose(losses["local:1"], losses["every-step"], rtol=1e-5)
