@@ -162,7 +162,7 @@ def setup(cfg: Config) -> Run:
     )
     graphdef, abstract = abstract_state(model_fn, tx, cfg.seed)
     base, replicated = state_shardings(abstract, mesh)
-    mode = mode_for(cfg, spec.data)
+    mode = mode_for(cfg, spec)
     abstract, shardings = mode.layout(nnx.to_pure_dict(abstract), base, mesh, param_mask(abstract))
     ndim = 1 + len(ds.image_shape)
     check_microbatches(cfg.batch_size, cfg.grad_accum, mesh)

@@ -57,13 +57,19 @@ def parse_sync(text: str) -> tuple[str, int]:
     )
 
 
-def mode_for(cfg, replicas: int):
-    """The `--sync` mode of a run whose mesh has `replicas` data groups."""
+def mode_for(cfg, spec):
+    """The `--sync` mode of a run on the mesh sizes `spec` (its ``data`` groups: the replicas)."""
     kind, n = parse_sync(cfg.sync)
+    replicas = spec.data
     if kind in ("local", "diloco") and replicas == 1:
         raise UserError(
             f"--sync {cfg.sync} averages data-parallel replicas, but the mesh has data=1: nothing "
             "to average; use a mesh with data > 1 (e.g. --mesh data=4)"
+        )
+    if kind in ("local", "diloco") and spec.stage > 1:
+        raise UserError(
+            f"--sync {cfg.sync} with pipeline stages (stage={spec.stage}) is not supported yet; "
+            "use --sync every-step or stale:T with stage > 1"
         )
     if kind == "local":
         return Local(replicas, n)

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import trained
+from flax import nnx
 
 import train as cli
 from jaxpar import Config
@@ -58,7 +59,7 @@ def restore_on(mesh_text, directory, step, optimizer="adamw"):
     model_fn = partial(MODELS["mlp"], (8, 8, 1), 10)
     _, abstract = abstract_state(model_fn, make_optimizer(optimizer, 1e-3, weight_decay=1e-4))
     shardings, _ = state_shardings(abstract, mesh)
-    return Checkpoints(directory).restore(step, abstract, shardings), shardings
+    return Checkpoints(directory).restore(step, nnx.to_pure_dict(abstract), shardings), shardings
 
 
 @pytest.mark.parametrize("mesh", ["4x1", "1x4", "1", "fsdp=8"])

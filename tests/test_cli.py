@@ -121,6 +121,8 @@ BAD = {
     "--sync stale:-1": "--sync stale:-1: use every-step",
     "--outer-lr -1": "--outer-lr must be positive",
     "--sync local:8 --mesh 1": "the mesh has data=1: nothing to average",
+    "--model vit-tiny --mesh stage=2,data=2 --sync diloco:2": "with pipeline stages (stage=2) is "
+    "not supported yet",
 }
 
 
