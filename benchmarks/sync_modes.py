@@ -66,9 +66,9 @@ def step_cost(a) -> dict:
             state, _ = fn(state, batch)  # warm
             jax.block_until_ready(state)
             start = time.perf_counter()
-            for _ in range(a.steps):
+            for _ in range(a.steps):  # one at a time: emulated devices deadlock on long queues
                 state, _ = fn(state, batch)
-            jax.block_until_ready(state)
+                jax.block_until_ready(state)
             times[name].append((time.perf_counter() - start) / a.steps)
             c[1] = state
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
