@@ -2,10 +2,11 @@
 
 Parts, chosen with ``--parts``:
 
-- ``accuracy``: the seed's MLP on the digits (30 epochs, batch 128, SGD lr 0.01 momentum 0.9, seed
-  0) on ``data=4`` (4 replicas) with every-step, local:H, diloco:H (outer Nesterov SGD, lr 0.7,
-  momentum 0.9) and stale:T, through the real loop. Bytes communicated = collective bytes per
-  optimizer step and device (from the compiled programs, as ``--dry-run`` reports them) x steps.
+- ``accuracy``: the seed's MLP (or ``--model``, with its recipe) on the digits (30 epochs, batch
+  128, SGD lr 0.01 momentum 0.9, seed 0) on ``data=4`` (4 replicas) with every-step, local:H,
+  diloco:H (outer Nesterov SGD, lr 0.7, momentum 0.9) and stale:T, through the real loop. Bytes
+  communicated = collective bytes per optimizer step and device (from the compiled programs, as
+  ``--dry-run`` reports them) x steps.
   Writes a table, ``--png`` (accuracy against bytes) and a JSON line.
 - ``step``: the compiled train step of ``local:H`` (replicas step on their own: no gradient
   all-reduce) against every-step's, and local SGD's averaging program, in alternating rounds in
@@ -13,6 +14,7 @@ Parts, chosen with ``--parts``:
 
     python benchmarks/sync_modes.py                      # both parts, about 3 minutes here
     python benchmarks/sync_modes.py --parts step --rounds 9
+    python benchmarks/sync_modes.py --parts accuracy --model vit-lite --epochs 10 --png vit.png
 """
 
 import argparse
@@ -31,10 +33,14 @@ def accuracy(a) -> dict:
     import jaxpar
     from jaxpar.config import Config
     from jaxpar.plan import plan
+    from models import recipe_for
 
     out = {}
+    # The model's recipe (the ViTs: AdamW, warmup, cosine), as train.py applies it.
+    recipe = {**recipe_for(a.model), **({"patch_size": 4} if a.model.startswith("vit") else {})}
     for mode in a.modes.split(","):
-        cfg = Config(mesh="data=4", sync=mode, epochs=a.epochs, workdir=tempfile.mkdtemp())
+        cfg = Config(model=a.model, mesh="data=4", sync=mode, epochs=a.epochs,
+                     workdir=tempfile.mkdtemp(), **recipe)  # fmt: skip
         last = jaxpar.train(cfg)
         per_step = plan(cfg)["sync"]["comm_bytes_per_step"]
         steps = last["step"]
@@ -79,6 +85,7 @@ def main():
     parser.add_argument("--parts", default="accuracy,step")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--model", default="mlp", help="e.g. vit-lite (patch 4, its recipe)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=50, help="timed steps per round")
     parser.add_argument("--png", default="sync_modes.png")
@@ -104,7 +111,7 @@ def main():
         ax.set_xscale("log")
         ax.set_xlabel("MiB communicated per device (whole run)")
         ax.set_ylabel("final test accuracy")
-        ax.set_title("seed MLP on digits, 4 replicas, same examples")
+        ax.set_title(f"{a.model} on digits, 4 replicas, same examples")
         fig.tight_layout()
         fig.savefig(Path(a.png), dpi=100)
     if "step" in a.parts:
