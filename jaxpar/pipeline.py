@@ -40,6 +40,7 @@ from flax import nnx
 
 from jaxpar.errors import UserError
 from jaxpar.sharding import RULES, partition_spec
+from jaxpar.step import microbatches
 from models.vit import scan_layers
 
 
@@ -114,8 +115,8 @@ class Schedule:
             return a.reshape(S, D, a.shape[1] // D, *a.shape[2:])
 
         micro = RULES["microbatch"]
-        inputs = constrain(_microbatches(x, M), None, micro)  # (M, B/M, ...), on every stage
-        micro_keys = None if keys is None else _microbatches(keys, M)
+        inputs = constrain(microbatches(x, M), None, micro)  # (M, B/M, ...), on every stage
+        micro_keys = None if keys is None else microbatches(keys, M)
         stage_ids = jnp.arange(S)
 
         def run_stage(params, x, keys, item, s):
@@ -179,11 +180,6 @@ def _without_fsdp(entry):
 def _column(mask, like):
     """`mask` (one entry per stage) shaped to broadcast against `like` (stage-major)."""
     return mask.reshape(-1, *([1] * (like.ndim - 1)))
-
-
-def _microbatches(x, k: int):
-    """Rows ``j, j + k, ...`` as microbatch ``j`` (see `jaxpar.step.microbatches`)."""
-    return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
 
 
 def parse_pipeline(text: str) -> int:
