@@ -14,67 +14,93 @@ from jaxpar.errors import Diverged, Preempted, UserError
 from jaxpar.mesh import check_batch_spec, check_hosts, parse_mesh, request_devices, set_gpu_flags
 from models import RECIPES, recipe_for
 
-FLAGS = [  # (flag, type, or a list of choices, help); defaults come from jaxpar.Config
-    (
-        "--mesh",
-        str,
-        "DxM, N, stage=2,data=2,fsdp=2,model=2, or a layout from meshes/ (None: all on data)",
-    ),  # fmt: skip
-    ("--model", str, "mlp, resnet8, resnet18, resnet34, resnet50"),
-    (
-        "--dataset",
-        str,
-        "digits (embedded), mnist, fashion_mnist, cifar10, cifar100, imagenet2012, "
-        "synthetic[:HxWxC:K]",
-    ),  # fmt: skip
-    ("--data-dir", str, "directory of the dataset's files"),
-    ("--epochs", int, "passes over the training set"),
-    ("--steps", int, "optimizer steps in all (overrides --epochs)"),
-    ("--batch-size", int, "global batch size, over all devices and processes"),
-    ("--optimizer", ["sgd", "adamw"], "optimizer"),
-    ("--lr", float, "(peak) learning rate"),
-    ("--momentum", float, "SGD momentum"),
-    ("--weight-decay", float, "weight decay (coupled L2 for SGD, decoupled for AdamW)"),
-    ("--schedule", ["constant", "cosine"], "learning-rate schedule"),
-    ("--warmup-steps", int, "linear warmup steps"),
-    ("--seed", int, "seed of initialisation, data order and dropout"),
-    ("--workdir", str, "where the run writes (None: runs/DATE-TIME)"),
-    ("--precision", ["fp32", "bf16"], "compute precision (parameters stay float32)"),
-    ("--checkpoint-every", int, "steps between checkpoints (0: at the end only)"),
-    ("--keep", int, "checkpoints to keep"),
-    ("--restart", bool, "start over in a used workdir, moving its run into previous-DATE/"),
-    ("--eval-every", int, "steps between evaluations (0: every epoch)"),
-    ("--log-every", int, "steps per training line of metrics.jsonl"),
-    ("--steps-per-dispatch", int, "steps run as one XLA program: >1 speeds up tiny models"),
-    ("--grad-accum", int, "microbatches per step, gradients summed: less activation memory"),
-    ("--remat", ["none", "block"], "ViT: recompute each block's (pipeline: tick's) activations"),
-    ("--microbatches", int, "pipeline microbatches per step (0: one per stage of the mesh)"),
-    ("--pipeline", str, "pipeline schedule over the stage axis: gpipe, or circular:R (R trips)"),
-    (
-        "--sync",
-        str,
-        "data-parallel replicas: every-step, local:H (average every H steps), "
-        "diloco:H (DiLoCo), stale:T (gradients T steps old)",
-    ),  # fmt: skip
-    ("--outer-lr", float, "DiLoCo's outer Nesterov SGD learning rate"),
-    ("--outer-momentum", float, "DiLoCo's outer Nesterov momentum"),
-    ("--patch-size", int, "ViT patch size (None: 2 up to 16 px, 4 up to 64 px, 16 above)"),
-    ("--profile-steps", str, "A:B: write a JAX profiler trace of steps A to B to WORKDIR/profile"),
-    (
-        "--dry-run",
-        bool,
-        "print the plan (parameter placement, per-device memory, collectives), "
-        "then stop without training",
-    ),  # fmt: skip
-    (
-        "--coordinator",
-        str,
-        "HOST:PORT of process 0 of a multi-process job (or JAX_COORDINATOR_"
-        "ADDRESS); SLURM and Open MPI are detected",
-    ),  # fmt: skip
-    ("--num-processes", int, "processes in the job (or JAX_NUM_PROCESSES)"),
-    ("--process-id", int, "this process's index in the job (or JAX_PROCESS_ID)"),
-]
+FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxpar.Config
+    "mesh and parallelism": [
+        (
+            "--mesh",
+            str,
+            "DxM, N, stage=2,data=2,fsdp=2,model=2, or a layout from meshes/ (None: all on data)",
+        ),  # fmt: skip
+        ("--steps-per-dispatch", int, "steps run as one XLA program: >1 speeds up tiny models"),
+        ("--grad-accum", int, "microbatches per step, gradients summed: less activation memory"),
+        (
+            "--remat",
+            ["none", "block"],
+            "ViT: recompute each block's (pipeline: tick's) activations",
+        ),
+        ("--microbatches", int, "pipeline microbatches per step (0: one per stage of the mesh)"),
+        (
+            "--pipeline",
+            str,
+            "pipeline schedule over the stage axis: gpipe, or circular:R (R trips)",
+        ),
+        (
+            "--sync",
+            str,
+            "data-parallel replicas: every-step, local:H (average every H steps), "
+            "diloco:H (DiLoCo), stale:T (gradients T steps old)",
+        ),  # fmt: skip
+        ("--outer-lr", float, "DiLoCo's outer Nesterov SGD learning rate"),
+        ("--outer-momentum", float, "DiLoCo's outer Nesterov momentum"),
+    ],
+    "model": [
+        ("--model", str, "mlp, resnet8/18/34/50, vit-tiny, vit-lite, vit-small, vit-base"),
+        ("--patch-size", int, "ViT patch size (None: 2 up to 16 px, 4 up to 64 px, 16 above)"),
+        ("--precision", ["fp32", "bf16"], "compute precision (parameters stay float32)"),
+    ],
+    "data": [
+        (
+            "--dataset",
+            str,
+            "digits (embedded), mnist, fashion_mnist, cifar10, cifar100, imagenet2012, "
+            "synthetic[:HxWxC:K]",
+        ),  # fmt: skip
+        ("--data-dir", str, "directory of the dataset's files"),
+    ],
+    "optimization": [
+        ("--epochs", int, "passes over the training set"),
+        ("--steps", int, "optimizer steps in all (overrides --epochs)"),
+        ("--batch-size", int, "global batch size, over all devices and processes"),
+        ("--optimizer", ["sgd", "adamw"], "optimizer"),
+        ("--lr", float, "(peak) learning rate"),
+        ("--momentum", float, "SGD momentum"),
+        ("--weight-decay", float, "weight decay (coupled L2 for SGD, decoupled for AdamW)"),
+        ("--schedule", ["constant", "cosine"], "learning-rate schedule"),
+        ("--warmup-steps", int, "linear warmup steps"),
+        ("--seed", int, "seed of initialisation, data order and dropout"),
+    ],
+    "workdir and checkpoints": [
+        ("--workdir", str, "where the run writes (None: runs/DATE-TIME)"),
+        ("--restart", bool, "start over in a used workdir, moving its run into previous-DATE/"),
+        ("--checkpoint-every", int, "steps between checkpoints (0: at the end only)"),
+        ("--keep", int, "checkpoints to keep"),
+    ],
+    "jobs (several processes or hosts)": [
+        (
+            "--coordinator",
+            str,
+            "HOST:PORT of process 0 of a multi-process job (or JAX_COORDINATOR_"
+            "ADDRESS); SLURM and Open MPI are detected",
+        ),  # fmt: skip
+        ("--num-processes", int, "processes in the job (or JAX_NUM_PROCESSES)"),
+        ("--process-id", int, "this process's index in the job (or JAX_PROCESS_ID)"),
+    ],
+    "observing": [
+        ("--eval-every", int, "steps between evaluations (0: every epoch)"),
+        ("--log-every", int, "steps per training line of metrics.jsonl"),
+        (
+            "--profile-steps",
+            str,
+            "A:B: write a JAX profiler trace of steps A to B to WORKDIR/profile",
+        ),
+        (
+            "--dry-run",
+            bool,
+            "print the plan (parameter placement, per-device memory, collectives), "
+            "then stop without training",
+        ),  # fmt: skip
+    ],
+}
 
 
 class Parser(argparse.ArgumentParser):
@@ -87,17 +113,19 @@ def parse_args(argv) -> Config:
     with warmup and cosine decay for the ViTs), else `Config`'s default."""
     defaults = Config()
     parser = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for flag, kind, help in FLAGS:
-        name = flag[2:].replace("-", "_")
-        default = getattr(defaults, name)
-        vit = RECIPES["vit"].get(name)
-        help = help if vit is None else f"{help}; ViTs: {vit}"
-        if kind is bool:
-            parser.add_argument(flag, action="store_true", help=help)
-        elif isinstance(kind, list):
-            parser.add_argument(flag, choices=kind, default=default, help=help)
-        else:
-            parser.add_argument(flag, type=kind, default=default, help=help)
+    for group_name, flags in FLAGS.items():  # --help lists the flags by concern
+        group = parser.add_argument_group(group_name)
+        for flag, kind, help in flags:
+            name = flag[2:].replace("-", "_")
+            default = getattr(defaults, name)
+            vit = RECIPES["vit"].get(name)
+            help = help if vit is None else f"{help}; ViTs: {vit}"
+            if kind is bool:
+                group.add_argument(flag, action="store_true", help=help)
+            elif isinstance(kind, list):
+                group.add_argument(flag, choices=kind, default=default, help=help)
+            else:
+                group.add_argument(flag, type=kind, default=default, help=help)
     given = vars(parser.parse_args(argv))
     explicit = vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(given, UNSET))))
     recipe = dict(recipe_for(given["model"]))

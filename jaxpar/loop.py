@@ -380,9 +380,8 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", prof
     every = (eval_every, cfg.checkpoint_every, run.mode.period)
     plan = dispatches(first, run.total, cfg.steps_per_dispatch, every, profile.marks)
     batches = prefetch(train_batches(run.ds, cfg.batch_size, cfg.seed, plan, run.mesh))
-    bar = tqdm(
-        initial=first, total=run.total, disable=not sys.stderr.isatty() or jax.process_index()
-    )
+    bar = tqdm(initial=first, total=run.total, unit="step",
+               disable=not sys.stderr.isatty() or jax.process_index())  # fmt: skip
     last_eval = log.last("eval_accuracy")
     window.start()
     with stop_on_signals(run.mesh) as stop, profile:

@@ -290,6 +290,11 @@ def test_help_lists_every_flag_with_default():
                  "--workdir", "--precision", "--checkpoint-every", "--eval-every"]:  # fmt: skip
         assert flag in proc.stdout
     assert "(default: 128)" in proc.stdout and "(default: 0.01)" in proc.stdout
+    # grouped by concern, each flag under its group's heading
+    headings = [x[:-1] for x in proc.stdout.splitlines() if x.endswith(":") and x[0] != " "]
+    assert headings[1:] == list(cli.FLAGS), headings
+    section = proc.stdout.split("mesh and parallelism:")[1].split("\nmodel:")[0]
+    assert "--sync" in section and "--microbatches" in section and "--lr " not in section
 
 
 def test_bf16_trains_as_well_as_fp32(tmp_path, capsys):

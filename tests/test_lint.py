@@ -2,13 +2,15 @@
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def ruff(*args):
-    exe = shutil.which("ruff")
+    # Beside the running interpreter first: a virtual environment's python need not be activated.
+    exe = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
     assert exe, "ruff is missing: install the test extra (pip install -e '.[test]')"
     return subprocess.run([exe, *args], cwd=ROOT, capture_output=True, text=True)
 
