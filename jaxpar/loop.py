@@ -89,13 +89,17 @@ class Run:
     def comm_bytes_per_step(self, train_program, steps: int) -> float:
         """Collective bytes per optimizer step and device, from the compiled programs: a
         dispatch of `steps` steps, plus the mode's sync program over its period."""
-        total = sum(c["bytes"] for c in collectives(train_program.as_text()).values()) / steps
-        if self.sync is not None:
-            program = self.sync.lower(placed(self.abstract, self.shardings)).compile()
-            total += sum(c["bytes"] for c in collectives(program.as_text()).values()) / (
-                self.mode.period
-            )
-        return total
+        train = sum(c["bytes"] for c in collectives(train_program.as_text()).values()) / steps
+        return train + self.sync_bytes / (self.mode.period or 1)
+
+    @functools.cached_property
+    def sync_bytes(self) -> float:
+        """Collective bytes of one run of the mode's sync program (0 without one); compiled
+        for this once per run, not once per dispatch length."""
+        if self.sync is None:
+            return 0.0
+        program = self.sync.lower(placed(self.abstract, self.shardings)).compile()
+        return sum(c["bytes"] for c in collectives(program.as_text()).values())
 
     def synced(self, state, done: int):
         """`state` after the mode's periodic sync when step `done` ends a period (local SGD's
