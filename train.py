@@ -47,6 +47,18 @@ FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxp
         ("--model", str, "mlp, resnet8/18/34/50, vit-tiny, vit-lite, vit-small, vit-base"),
         ("--patch-size", int, "ViT patch size (None: 2 up to 16 px, 4 up to 64 px, 16 above)"),
         ("--precision", ["fp32", "bf16"], "compute precision (parameters stay float32)"),
+        (
+            "--init-from",
+            str,
+            "start from these weights: a workdir (its latest checkpoint, e.g. one written by "
+            "python -m jaxpar.weights import) or a .safetensors/.pth file; a fresh head when the "
+            "classes differ",
+        ),  # fmt: skip
+        (
+            "--freeze",
+            ["backbone"],
+            "train only the classifier head (no optimizer state for the rest)",
+        ),
     ],
     "data": [
         (

@@ -32,10 +32,13 @@ import orbax.checkpoint as ocp
 
 from jaxpar.errors import UserError
 from jaxpar.sharding import placed
+from models import REVISIONS, revision
 
 # Fields of the manifest that define the run: a checkpoint resumes only into the same ones.
 IDENTITY = ("model", "dataset", "image_shape", "num_classes", "batch_size", "optimizer", "seed",
-            "patch_size", "sync")  # fmt: skip
+            "patch_size", "sync", "revision", "freeze")  # fmt: skip
+# What a manifest written before a field existed means by its absence.
+ABSENT = {"revision": 1, "freeze": None}
 # The layout of the saved state. 2: the optimizer state always holds a step count (schedules).
 FORMAT = 2
 
@@ -118,6 +121,16 @@ class Checkpoints:
             ) from None
         return {k: restored[name] for k, name in ITEMS.items() if name in restored}
 
+    def restore_partial(self, step: int, target: dict) -> dict:
+        """The parts of `step` that `target` names (abstract arrays with their shardings)."""
+        _quiet_closed_loop()
+        args = ocp.args.PyTreeRestore(
+            target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        )
+        return self.manager.restore(step, args=ocp.args.Composite(state=args)).state
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
@@ -145,20 +158,38 @@ def _quiet_closed_loop() -> None:
 
 def check_fits(manifest: dict, identity: dict, step: int, directory: Path) -> None:
     """Refuse a checkpoint saved for another run, or in another layout, naming each mismatch."""
+    if "imported" in manifest:
+        raise UserError(
+            f"{directory} holds weights imported from {manifest['imported']['file']}, not a run to "
+            f"resume: start one from them with --init-from {directory.parent} and a new --workdir"
+        )
     if (saved := manifest.get("format", 1)) != FORMAT:
         raise UserError(
             f"checkpoint step {step} in {directory} has layout {saved} and this jaxpar reads "
             f"layout {FORMAT}; --restart to train anew (the old run is moved aside, not deleted)"
         )
+    check_revision(manifest, identity["model"], f"checkpoint step {step} in {directory}")
     diffs = [
-        f"{k}={manifest.get(k)!r} there, {identity[k]!r} here"
+        f"{k}={manifest.get(k, ABSENT.get(k))!r} there, {identity[k]!r} here"
         for k in IDENTITY
-        if manifest.get(k) != identity[k]
+        if manifest.get(k, ABSENT.get(k)) != identity[k]
     ]
     if diffs:
         raise UserError(
             f"checkpoint step {step} in {directory} is from another run ({'; '.join(diffs)}); "
             "use another --workdir, or --restart to move the old run aside"
+        )
+
+
+def check_revision(manifest: dict, model: str, what: str) -> None:
+    """Refuse weights saved by a `model` that computed differently (`models.REVISIONS`)."""
+    saved, now = manifest.get("revision", ABSENT["revision"]), revision(model)
+    if manifest.get("model") == model and saved != now:
+        family = REVISIONS[model.rstrip("0123456789").split("-")[0]][1]
+        raise UserError(
+            f"{what} holds {model} weights of revision {saved}, and this jaxpar's {model} is "
+            f"revision {now} ({family}): they would compute other logits; train anew (--restart "
+            "moves the old run aside), or use the jaxpar that trained it"
         )
 
 
@@ -181,6 +212,11 @@ def describe(found: list[dict]) -> str:
     """One block per checkpoint: step, mesh, model and where it lives."""
     lines = []
     for m in found:
+        if "imported" in m:
+            lines.append(f"step 0: model {m['model']} {m['image_shape']}, {m['num_classes']} "
+                         f"classes, imported from {m['imported']['file']}")  # fmt: skip
+            lines.append(f"  {m['path']}")
+            continue
         lines.append(
             f"step {m['step']}: model {m['model']} on {m['dataset']} {m['image_shape']}, batch "
             f"{m['batch_size']}, saved on mesh {m['mesh']} ({m['processes']} process(es)), "

@@ -41,6 +41,10 @@ class Config:
     outer_lr: float = 0.7  # DiLoCo's outer Nesterov SGD
     outer_momentum: float = 0.9
     patch_size: int | None = None  # ViT patch size (None: from the image size)
+    init_from: str | None = (
+        None  # a workdir (its latest checkpoint) or a weights file to start from
+    )
+    freeze: str | None = None  # "backbone": only the classifier head trains
     profile_steps: str | None = None  # "A:B": JAX profiler trace of steps A to B
     dry_run: bool = False  # print the plan (placement, memory, collectives) and stop
     coordinator: str | None = None  # HOST:PORT of process 0 in a multi-process job
@@ -113,6 +117,18 @@ class Config:
             self.patch_size is None or self.patch_size >= 1,
             f"--patch-size must be at least 1, got {self.patch_size}",
         )
+        need(
+            self.freeze in (None, "backbone"),
+            f"unknown --freeze {self.freeze!r}; the one choice is backbone (all but the head)",
+        )
+        if self.init_from is not None:
+            source = Path(self.init_from)
+            need(source.exists(), f"--init-from {source} does not exist")
+            need(
+                source.is_file() or (source / "checkpoints").is_dir(),
+                f"--init-from {source} has no checkpoints/ folder; name a workdir with a "
+                "checkpoint, or a weights file (.safetensors, .pth)",
+            )
         vit = self.model.startswith("vit-")
         for flag, given in (("--patch-size", self.patch_size is not None),
                             ("--remat", self.remat != "none")):  # fmt: skip

@@ -36,14 +36,16 @@ from jaxpar.step import (
     abstract_state,
     all_finite,
     compile_steps,
+    frozen,
     init_state,
     make_optimizer,
     make_schedule,
     under_mesh,
 )
 from jaxpar.sync import mode_for, param_mask
+from jaxpar.weights import weights_from, with_weights
 from jaxpar.workdir import MetricsLog, move_aside, resolve, used, write_config
-from models import MODELS
+from models import MODELS, revision
 from models.vit import check_patch_size
 
 
@@ -115,6 +117,11 @@ class Run:
             **self.identity(),
             "format": FORMAT,
             "precision": self.cfg.precision,
+            "normalization": {
+                "mean": [float(m) for m in self.ds.mean],
+                "std": [float(s) for s in self.ds.std],
+                "uint8": np.dtype(self.ds.train_images.dtype) == np.uint8,
+            },  # fmt: skip
             "mesh": str(self.spec),
             "devices": jax.device_count(),
             "processes": jax.process_count(),
@@ -136,6 +143,8 @@ class Run:
             "seed": c.seed,
             "patch_size": self.patch_size,
             "sync": None if self.cfg.sync == "every-step" else self.cfg.sync,
+            "revision": revision(c.model),
+            "freeze": c.freeze,
         }
 
     @property
@@ -164,15 +173,19 @@ def setup(cfg: Config) -> Run:
     tx = make_optimizer(
         cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule, cfg.warmup_steps, total
     )
+    tx = frozen(tx) if cfg.freeze else tx  # --freeze backbone: only the head trains
     graphdef, abstract = abstract_state(model_fn, tx, cfg.seed)
     base, replicated = state_shardings(abstract, mesh)
     mode = mode_for(cfg, spec)
-    abstract, shardings = mode.layout(nnx.to_pure_dict(abstract), base, mesh, param_mask(abstract))
+    plain, mask = nnx.to_pure_dict(abstract), param_mask(abstract)
+    abstract, shardings = mode.layout(plain, base, mesh, mask)
     ndim = 1 + len(ds.image_shape)
     check_microbatches(cfg.batch_size, cfg.grad_accum, mesh)
     compile = partial(compile_steps, graphdef, shardings, mesh, cfg.seed, ndim, preprocess(ds),
                       accum=cfg.grad_accum, step=mode.step, view=mode.view)  # fmt: skip
     fresh = partial(init_state, model_fn, tx, base, cfg.seed)
+    if cfg.init_from:  # random weights, then those of --init-from (a fresh head if it differs)
+        fresh = starting_from(cfg, ds.image_shape, fresh, plain[0], base[0])
     laid = jax.jit(mode.init, out_shardings=shardings)
     init = lambda: laid(fresh())  # noqa: E731
     sync = None
@@ -184,6 +197,19 @@ def setup(cfg: Config) -> Run:
         cfg, spec, mesh, ds, per_epoch, total, schedule, init, abstract, shardings, replicated,
         *compile(), compile(stacked=True)[0], compile, mode, sync,
     )  # fmt: skip
+
+
+def starting_from(cfg: Config, image_shape, fresh, abstract: dict, shardings: dict):
+    """`fresh` (a new state) with the model weights of ``cfg.init_from``: checked now, before
+    the workdir is touched; loaded when the run starts fresh (a resume reads its own)."""
+    load, notes = weights_from(cfg.init_from, cfg.model, image_shape, abstract)
+
+    def init():
+        for note in notes:
+            say(note)
+        return with_weights(fresh(), load(shardings))
+
+    return init
 
 
 def model_options(cfg: Config, spec: MeshSpec) -> dict:

@@ -37,6 +37,7 @@ import contextvars
 import dataclasses
 
 import jax
+import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -153,6 +154,8 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh):
     replicated: list[Replicated] = []
 
     def one(path, var):
+        if isinstance(var.get_raw_value(), optax.MaskedNode):  # no state (a frozen parameter)
+            return optax.MaskedNode()
         names = var.get_metadata().get("out_sharding")
         # Optimizer state repeats its parameter's names: report each parameter once.
         report = None if isinstance(var, nnx.OptState) else replicated

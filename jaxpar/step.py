@@ -65,6 +65,26 @@ def make_optimizer(
     return optax.chain(decay, optax.sgd(lr, momentum=momentum or None))
 
 
+def frozen(tx, trains=("head",)):
+    """`tx` for the parameters under `trains` (top-level names) only: the others get no update
+    and `tx` keeps no state for them (``optax.multi_transform``; ``--freeze backbone``).
+
+    >>> import jax.numpy as jnp
+    >>> params = {"head": {"w": jnp.zeros(2)}, "body": {"w": jnp.zeros(3)}}
+    >>> state = frozen(optax.adam(1e-3)).init(params)
+    >>> [x.shape for x in jax.tree.leaves(state) if x.ndim]  # Adam's moments: head only
+    [(2,), (2,)]
+    """
+
+    def labels(params):
+        top = lambda path: str(getattr(path[0], "key", path[0]))  # noqa: E731
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "train" if top(path) in trains else "frozen", params
+        )
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
 def _keys(seed: int):
     """Independent streams for initialisation, dropout and augmentation, from the seed alone."""
     return jax.random.split(jax.random.key(seed), 3)

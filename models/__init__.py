@@ -29,6 +29,23 @@ RECIPES = {
 }
 
 
+# What each model family computes, numbered: a checkpoint resumes only into the revision that
+# trained it (its manifest's "revision"; manifests without one are revision 1).
+REVISIONS = {
+    "resnet": (2, "symmetric (PyTorch) padding; revision 1 padded stride-2 layers SAME"),
+    "vit": (2, "exact GELU (as PyTorch and timm); revision 1 used the tanh approximation"),
+}
+
+
+def revision(model: str) -> int:
+    """The revision of `model`'s family (`REVISIONS`); 1 for families never changed.
+
+    >>> revision("resnet18"), revision("mlp")
+    (2, 1)
+    """
+    return REVISIONS.get(model.rstrip("0123456789").split("-")[0], (1,))[0]
+
+
 def recipe_for(model: str) -> dict:
     """The flag defaults of `model`'s family (`RECIPES`), or {}.
 
@@ -43,6 +60,8 @@ __all__ = [
     "MODELS",
     "RECIPES",
     "recipe_for",
+    "REVISIONS",
+    "revision",
     "ResNet",
     "ResNet8",
     "ResNet18",

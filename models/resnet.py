@@ -5,6 +5,11 @@ their channels (``conv_out``). Under jit with a batch sharded over the mesh, Bat
 global batch statistics: XLA inserts the cross-device reduction, so no ``axis_name`` is needed.
 Inputs of at most 32 pixels get the small-image stem (3x3 conv, no pooling); larger ones the
 ImageNet stem (7x7 stride-2 conv and max pooling).
+
+Convolutions and the max pooling pad symmetrically, ``(k - 1) // 2`` on each side, as
+torchvision's ResNets do, so published PyTorch weights compute the same logits here
+(`jaxpar.weights`). ``SAME`` padding, which jaxpar used before (revision 1, `REVISIONS`), pads a
+stride-2 layer 0 before and 1 after: the same shapes, other numbers.
 """
 
 from functools import partial
@@ -22,7 +27,7 @@ def _conv(cin, cout, k, stride, dtype, rngs):
         cout,
         (k, k),
         strides=stride,
-        padding="SAME",
+        padding=[((k - 1) // 2, (k - 1) // 2)] * 2,  # symmetric, as PyTorch (not SAME's 0, 1)
         use_bias=False,
         dtype=dtype,
         kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
@@ -146,7 +151,7 @@ class ResNet(nnx.Module):
     def __call__(self, x, *, train: bool = False, rngs: jax.Array | nnx.Rngs | None = None):
         x = jax.nn.relu(self.stem_bn(self.stem(x), use_running_average=not train))
         if not self.small_stem:
-            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for block in self.blocks:
             x = block(x, train)
         x = jnp.mean(x, axis=(1, 2))

@@ -1,10 +1,11 @@
 """Vision Transformer (ViT) in Flax NNX, with logical axis names and stacked, scanned blocks.
 
 Patches (a conv with kernel = stride = patch) -> class token or mean pooling -> learned position
-embeddings -> ``depth`` pre-LayerNorm encoder blocks (multi-head self-attention, MLP with GELU)
--> final LayerNorm -> classifier. Under tensor parallelism (``heads`` and ``mlp`` on ``model``)
-the query/key/value projections are column-parallel and the attention output projection
-row-parallel, and likewise the MLP's two layers (Megatron): a block costs two all-reduces.
+embeddings -> ``depth`` pre-LayerNorm encoder blocks (multi-head self-attention, MLP with exact
+GELU) -> final LayerNorm -> classifier. Under tensor parallelism (``heads`` and ``mlp`` on
+``model``) the query/key/value projections are column-parallel and the attention output
+projection row-parallel, and likewise the MLP's two layers (Megatron): a block costs two
+all-reduces.
 
 The blocks are created stacked: every block parameter has a leading ``layers`` axis (one
 ``nnx.vmap`` over the layer's constructor) and the forward pass is one ``jax.lax.scan`` over it,
@@ -228,7 +229,7 @@ class Block(nnx.Module):
             y = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         y = self.attn_out(y)
         x = x + drop(y, self.dropout, keys, layer, ATTN_SITE)
-        y = jax.nn.gelu(self.mlp_in(self.mlp_norm(x)))
+        y = jax.nn.gelu(self.mlp_in(self.mlp_norm(x)), approximate=False)  # as torch and timm
         y = self.mlp_out(drop(y, self.dropout, keys, layer, HIDDEN_SITE))
         return x + drop(y, self.dropout, keys, layer, MLP_SITE)
 

@@ -1,0 +1,131 @@
+"""Batched inference from any checkpoint on any mesh: ``python -m jaxpar.predict WORKDIR --input
+X.npy [--output LOGITS.npy] [--mesh M]``.
+
+`X.npy` holds NHWC images of the run's image shape: ``uint8`` pixels are normalised as the run's
+dataset was in training (its checkpoint manifest records how); ``float32`` arrays are taken as
+model inputs already normalised. Logits (float32, ``(N, classes)``) go to ``--output``, and the
+top-1 labels are printed. The model is restored from the latest checkpoint straight into the
+mesh's shardings; the batch is split over the mesh's batch axes (padded to fill them).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from jaxpar.errors import UserError
+
+
+def model_of(manifest: dict):
+    """The model a checkpoint's manifest describes, unbuilt: ``(model_fn, image_shape)``."""
+    import jax.numpy as jnp
+
+    from models import MODELS
+
+    shape = tuple(manifest["image_shape"])
+    options = {"patch_size": manifest["patch_size"]} if manifest["model"].startswith("vit-") else {}
+    dtype = jnp.bfloat16 if manifest.get("precision") == "bf16" else jnp.float32
+    fn = MODELS[manifest["model"]]
+    return lambda rngs: fn(shape, manifest["num_classes"], dtype=dtype, rngs=rngs, **options), shape
+
+
+def inputs(images: np.ndarray, manifest: dict, shape) -> np.ndarray:
+    """`images` as the model's float32 inputs, or a `UserError` saying what is wrong."""
+    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape):
+        raise UserError(
+            f"--input holds an array of shape {images.shape}; this model takes NHWC images of "
+            f"shape (N, {', '.join(map(str, shape))})"
+        )
+    if images.dtype == np.float32:
+        return images
+    if images.dtype != np.uint8:
+        raise UserError(f"--input holds {images.dtype}; give uint8 pixels or float32 inputs")
+    norm = manifest.get("normalization")
+    if norm is None or not norm["uint8"]:
+        why = "predates recorded normalisation" if norm is None else "trained on float data"
+        raise UserError(f"this checkpoint {why}: give float32 inputs, normalised as in training")
+    mean, std = np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32)
+    return (images.astype(np.float32) / 255.0 - mean) / std
+
+
+def predict(workdir, images: np.ndarray, mesh: str | None = None, batch_size: int = 256):
+    """Logits of `images` (see `inputs`) from `workdir`'s latest checkpoint, as numpy."""
+    import jax
+    from flax import nnx
+
+    from jaxpar.checkpoint import Checkpoints, check_revision
+    from jaxpar.mesh import make_mesh, parse_mesh
+    from jaxpar.sharding import RULES, batch_sharding, state_shardings
+
+    ckpts = Checkpoints(Path(workdir))
+    try:
+        step = ckpts.latest()
+        if step is None:
+            raise UserError(f"{workdir} holds no complete checkpoint")
+        manifest = ckpts.manifest(step)
+        check_revision(manifest, manifest["model"], f"{workdir} step {step}")
+        build, shape = model_of(manifest)
+        x = inputs(images, manifest, shape)
+        device_mesh = make_mesh(parse_mesh(mesh, jax.device_count()))
+        abstract = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract)
+        shardings = state_shardings(state, device_mesh)[0]
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            nnx.to_pure_dict(state), shardings,
+        )  # fmt: skip
+        params = ckpts.restore_partial(step, {"model": target})["model"]
+    finally:
+        ckpts.close()
+    ways = int(np.prod([device_mesh.shape[a] for a in RULES["batch"]]))
+    batch = -(-min(batch_size, len(x)) // ways) * ways  # a multiple of the batch shards
+    rows = batch_sharding(device_mesh, 4)
+    forward = jax.jit(
+        lambda p, x: nnx.merge(graphdef, p)(x, train=False),
+        in_shardings=(shardings, rows),
+        out_shardings=batch_sharding(device_mesh, 2),
+    )
+    out = []
+    for start in range(0, len(x), batch):
+        chunk = x[start : start + batch]
+        padded = np.concatenate([chunk, np.zeros((batch - len(chunk), *shape), np.float32)])
+        out.append(np.asarray(forward(params, jax.device_put(padded, rows)))[: len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0, manifest["num_classes"]), np.float32)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workdir", help="a workdir with a checkpoint (trained or imported)")
+    parser.add_argument("--input", required=True, help=".npy of NHWC images (uint8 or float32)")
+    parser.add_argument("--output", help="where to write the logits (.npy)")
+    parser.add_argument("--mesh", help="as train.py's --mesh (default: every device on data)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    args = parser.parse_args(argv)
+    try:
+        if not (Path(args.workdir) / "checkpoints").is_dir():
+            raise UserError(f"{args.workdir} has no checkpoints/ folder")
+        if args.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+        try:
+            images = np.load(args.input, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--input {args.input} is not a readable .npy array ({e})") from None
+        if args.mesh:  # emulate the mesh's devices on a CPU, before JAX starts
+            from jaxpar.mesh import parse_mesh, request_devices
+
+            request_devices(parse_mesh(args.mesh).size)
+        logits = predict(args.workdir, images, args.mesh, args.batch_size)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.output:
+        np.save(args.output, logits)
+    labels = logits.argmax(-1)
+    shown = " ".join(map(str, labels[:100])) + (" ..." if len(labels) > 100 else "")
+    print(f"top-1 labels of {len(labels)} images: {shown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,458 @@
+"""Pretrained PyTorch weights (torchvision, timm) as jaxpar checkpoints, and runs started from them.
+
+    python -m jaxpar.weights import resnet50.safetensors --model resnet50 --out runs/r50
+    python train.py --init-from runs/r50 --model resnet50 --dataset imagenet2012 ...
+
+`read_tensors` takes ``.safetensors`` (no pickle: the preferred format) or, where PyTorch is
+installed, a ``.pth``/``.pt`` state dict (``torch.load(weights_only=True)``). `convert` maps the
+names onto jaxpar's parameters, kernels transposed from PyTorch's ``(out, in, h, w)`` and
+``(out, in)`` to jaxpar's ``(h, w, in, out)`` and ``(in, out)``:
+
+- ResNets (torchvision and timm name them alike): ``conv1``/``bn1`` -> ``stem``/``stem_bn``;
+  ``layerS.J.convK``/``bnK`` -> ``blocks/I/convK``/``bnK`` (blocks counted over the stages);
+  ``downsample.0``/``.1`` -> ``shortcut``/``shortcut_bn``; ``fc`` -> ``head``; BatchNorm's
+  ``running_mean``/``running_var`` -> ``mean``/``var``.
+- ViTs, torchvision (``vit_b_16``) or timm (``vit_base_patch16_224``) names: the patch
+  projection, class token, position embeddings, each layer's norms, fused query/key/value
+  (split into jaxpar's ``query``, ``key``, ``value``, heads apart), output projection and MLP,
+  stacked on jaxpar's leading ``layers`` axis; final norm and head.
+
+Every tensor of the file is used, except BatchNorm's ``num_batches_tracked`` counters; a missing,
+unused or misshapen tensor is an error that names it. The padding and GELU that make these
+weights compute PyTorch's logits are `models.REVISIONS` 2.
+"""
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxpar.checkpoint import FORMAT, Checkpoints, check_revision, versions
+from jaxpar.errors import UserError
+from jaxpar.sharding import path_str
+from models import MODELS, revision
+
+IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # of pixels in [0, 1]
+IGNORED = ("num_batches_tracked",)  # BatchNorm's step counters: no part of the computation
+TORCH_FIX = (
+    "pip install torch (then it is read with weights_only=True), or convert it where torch is: "
+    "python -c \"import torch, safetensors.torch as s; s.save_file(torch.load('F.pth', "
+    "weights_only=True), 'F.safetensors')\""
+)
+
+
+def read_tensors(path) -> dict[str, np.ndarray]:
+    """Every tensor of a ``.safetensors`` file or PyTorch state dict, as float32 numpy arrays."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: 8-byte header size, then JSON
+        from safetensors import safe_open
+
+        with safe_open(path, framework="np") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    elif head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save's zip archive, or a bare pickle
+        tensors = _torch_state_dict(path)
+    else:
+        raise UserError(f"{path} is neither a .safetensors file nor a PyTorch state dict")
+    prefix = "module."  # nn.DataParallel's
+    if tensors and all(k.startswith(prefix) for k in tensors):
+        tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
+    return {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+
+
+def _torch_state_dict(path: Path) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise UserError(
+            f"{path} is a PyTorch pickle and torch is not installed: {TORCH_FIX}"
+        ) from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever torch says, it is not a plain state dict
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+        raise UserError(
+            f"{path} is not a PyTorch state dict torch can read safely ({first})"
+        ) from None
+    for key in ("state_dict", "model"):  # training scripts' checkpoints wrap the state dict
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise UserError(f"{path} holds a {type(obj).__name__} of other things, not a state dict")
+    return {k: v.float().numpy() for k, v in obj.items()}
+
+
+def _from_torch(a: np.ndarray) -> np.ndarray:
+    """A PyTorch kernel in jaxpar's layout: convolutions HWIO, linear layers (in, out)."""
+    return a.transpose(2, 3, 1, 0) if a.ndim == 4 else a.T if a.ndim == 2 else a
+
+
+LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+          "var": "running_var"}  # fmt: skip
+
+
+def resnet_sources(path: str, stage_sizes) -> tuple[list[str], object]:
+    """The torchvision tensor behind jaxpar ResNet parameter `path`, and how to convert it."""
+    parts = path.split("/")
+    if parts[0] == "blocks":
+        index, stage = int(parts[1]), 0
+        while index >= stage_sizes[stage]:
+            index, stage = index - stage_sizes[stage], stage + 1
+        layer = {"shortcut": "downsample.0", "shortcut_bn": "downsample.1"}.get(parts[2], parts[2])
+        prefix = f"layer{stage + 1}.{index}.{layer}"
+    else:
+        prefix = {"stem": "conv1", "stem_bn": "bn1", "head": "fc"}[parts[0]]
+    return [f"{prefix}.{LEAVES[parts[-1]]}"], lambda a: _from_torch(a[0])
+
+
+VIT_NAMES = {  # jaxpar name: (torchvision name, timm name)
+    "embed": ("conv_proj", "patch_embed.proj"),
+    "cls_token": ("class_token", "cls_token"),
+    "pos_embed": ("encoder.pos_embedding", "pos_embed"),
+    "norm": ("encoder.ln", "norm"),
+    "head": ("heads.head", "head"),
+    "layer": ("encoder.layers.encoder_layer_{}.", "blocks.{}."),
+    "attn_norm": ("ln_1", "norm1"),
+    "qkv": ("self_attention.in_proj_", "attn.qkv."),
+    "attn_out": ("self_attention.out_proj", "attn.proj"),
+    "mlp_norm": ("ln_2", "norm2"),
+    "mlp_in": ("mlp.0", "mlp.fc1"),
+    "mlp_out": ("mlp.3", "mlp.fc2"),
+}
+
+
+def vit_sources(path: str, depth: int, timm: bool) -> tuple[list[str], object]:
+    """The tensors behind jaxpar ViT parameter `path` (one per layer for the stacked blocks)."""
+    name = lambda key: VIT_NAMES[key][timm]  # noqa: E731
+    parts = path.split("/")
+    if parts[0] != "blocks":
+        if parts[0] == "cls_token":  # (1, 1, width)
+            return [name(parts[0])], lambda a: a[0][0, 0]
+        if parts[0] == "pos_embed":  # (1, tokens, width)
+            return [name(parts[0])], lambda a: a[0][0]
+        return [f"{name(parts[0])}.{LEAVES[parts[-1]]}"], lambda a: _from_torch(a[0])
+    module, leaf = parts[1], parts[-1]
+    layers = [name("layer").format(i) for i in range(depth)]
+    if module in ("query", "key", "value"):  # rows [q; k; v] of the fused projection
+        part = ("query", "key", "value").index(module)
+        sources = [f"{p}{name('qkv')}{'weight' if leaf == 'kernel' else 'bias'}" for p in layers]
+
+        def split(arrays):
+            thirds = [np.split(a, 3)[part] for a in arrays]
+            return np.stack([_from_torch(t) for t in thirds])
+
+        return sources, split
+    sources = [f"{p}{name(module)}.{LEAVES[leaf]}" for p in layers]
+    return sources, lambda arrays: np.stack([_from_torch(a) for a in arrays])
+
+
+# ViT parameters whose heads jaxpar keeps on a dimension of their own: PyTorch's (width, width)
+# projections reshape to (heads, head_dim) on the width's side.
+HEADS_APART = {
+    f"blocks/{m}/{leaf}" for m in ("query", "key", "value") for leaf in ("kernel", "bias")
+}
+HEADS_APART.add("blocks/attn_out/kernel")
+
+
+def _torch_shape(shape) -> tuple:
+    """A jaxpar kernel's shape as PyTorch lays it out (for messages)."""
+    shape = tuple(shape)
+    if len(shape) == 4:
+        return (shape[3], shape[2], shape[0], shape[1])
+    return shape[::-1] if len(shape) == 2 else shape
+
+
+def model_for(tensors: dict, model: str, image_shape) -> tuple[object, dict, int]:
+    """``(model_fn, options, classes)`` for `tensors`: the ViT's patch size and the number of
+    classes are read off the weights (the patch projection, the head)."""
+    vit = model.startswith("vit-")
+    head = (
+        ("head.weight" if "head.weight" in tensors else "heads.head.weight") if vit else "fc.weight"
+    )
+    if head not in tensors:
+        raise UserError(
+            f"the weights hold no {head} (the classifier); they are not --model {model}"
+        )
+    options = {}
+    if vit:
+        embed = tensors.get("conv_proj.weight", tensors.get("patch_embed.proj.weight"))
+        if embed is None:
+            raise UserError(
+                f"the weights hold neither conv_proj.weight (torchvision) nor "
+                f"patch_embed.proj.weight (timm): they are not --model {model}"
+            )
+        options["patch_size"] = int(embed.shape[-1])
+    classes = int(tensors[head].shape[0])
+    return MODELS[model], options, classes
+
+
+def convert(tensors: dict, model: str, image_shape) -> tuple[dict, dict]:
+    """PyTorch `tensors` as the parameters of jaxpar `model` for `image_shape`.
+
+    Returns ``(params, about)``: a pure dict of float32 numpy arrays (`nnx.to_pure_dict` layout)
+    and what was read (``num_classes``, ``patch_size``, ``names``: torchvision or timm).
+    """
+    if "mlp.linear_1.weight" in str(list(tensors)):  # torchvision's names before 0.13
+        tensors = {k.replace("mlp.linear_1", "mlp.0").replace("mlp.linear_2", "mlp.3"): v
+                   for k, v in tensors.items()}  # fmt: skip
+    fn, options, classes = model_for(tensors, model, image_shape)
+    abstract = nnx.eval_shape(lambda: fn(tuple(image_shape), classes, rngs=nnx.Rngs(0), **options))
+    target = nnx.to_pure_dict(nnx.state(abstract))
+    timm = "patch_embed.proj.weight" in tensors
+    if model.startswith("vit-"):
+        sources = lambda p: vit_sources(p, fn.keywords["depth"], timm)  # noqa: E731
+    else:
+        sources = lambda p: resnet_sources(p, fn.keywords["stage_sizes"])  # noqa: E731
+    used, missing, wrong = set(), [], []
+
+    def one(path, leaf):
+        names, combine = sources(path_str(path))
+        if absent := [n for n in names if n not in tensors]:
+            missing.extend(absent)
+            return None
+        used.update(names)
+        value = combine([tensors[n] for n in names])
+        if value.shape != leaf.shape:
+            shape = tensors[names[0]].shape
+            needs = _torch_shape(leaf.shape[1:] if len(names) > 1 else leaf.shape)
+            if value.size == leaf.size and path_str(path) in HEADS_APART:
+                return value.reshape(leaf.shape)
+            wrong.append(f"{names[0]} has shape {tuple(shape)}, --model {model} needs {needs}")
+        return value
+
+    params = jax.tree_util.tree_map_with_path(one, target)
+    unused = sorted(k for k in tensors if k not in used and not k.endswith(IGNORED))
+    where = f"--model {model} at {'x'.join(map(str, image_shape))}"
+    if missing or unused:
+        raise UserError(
+            f"the weights do not fit {where}: {len(missing)} tensor(s) missing "
+            f"({', '.join(missing[:3]) or '-'}), {len(unused)} not used "
+            f"({', '.join(unused[:3]) or '-'})"
+        )
+    if wrong:
+        small = (
+            " (images of at most 32 pixels use the 3x3 stem)" if "conv1.weight" in wrong[0] else ""
+        )
+        raise UserError(f"{wrong[0]}{small}; check --model and --image-shape")
+    about = {"num_classes": classes, "patch_size": options.get("patch_size"),
+             "names": "timm" if timm else "torchvision"}  # fmt: skip
+    return params, about
+
+
+def sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def normalization(mean, std, channels: int) -> dict | None:
+    """How uint8 pixels become the weights' inputs: `mean`, `std` (per channel or one for all,
+    of pixels in [0, 1]), ImageNet's for RGB when not given; None (unknown) otherwise."""
+    if mean is None and std is None:
+        if channels != 3:
+            return None
+        mean, std = IMAGENET["mean"], IMAGENET["std"]
+    for name, values in (("--mean", mean), ("--std", std)):
+        if values is None or len(values) not in (1, channels):
+            raise UserError(f"{name} needs 1 or {channels} values (one per channel) with the other")
+    if min(std) <= 0:
+        raise UserError(f"--std must be positive, got {std}")
+    return {"mean": list(mean), "std": list(std), "uint8": True}
+
+
+def import_weights(file, model: str, out, image_shape=(224, 224, 3), classes=None,
+                   mean=None, std=None) -> dict:  # fmt: skip
+    """Write `file`'s weights as a jaxpar checkpoint (step 0, model only) in the new folder
+    `out`; returns its manifest. `mean`/`std`: the normalisation the weights were trained with
+    (per channel, of pixels in [0, 1]; default ImageNet's, as torchvision's and timm's ResNets)."""
+    if model not in MODELS or model == "mlp":
+        names = ", ".join(m for m in MODELS if m != "mlp")
+        raise UserError(f"--model {model} has no PyTorch counterpart to import; use one of {names}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} is not empty; name a new folder (nothing is overwritten)")
+    params, about = convert(read_tensors(file), model, image_shape)
+    if classes is not None and classes != about["num_classes"]:
+        raise UserError(
+            f"the weights' head has {about['num_classes']} classes, not --classes {classes}; "
+            "import without --classes: a run with --init-from and other classes starts a fresh head"
+        )
+    manifest = {
+        "step": 0,
+        "format": FORMAT,
+        "model": model,
+        "revision": revision(model),
+        "image_shape": list(image_shape),
+        "num_classes": about["num_classes"],
+        "patch_size": about["patch_size"],
+        "normalization": normalization(mean, std, image_shape[-1]),
+        "imported": {
+            "file": str(Path(file).resolve()),
+            "sha256": sha256(file),
+            "names": about["names"],
+        },  # fmt: skip
+        "versions": versions(),
+    }
+    ckpts = Checkpoints(out)
+    try:
+        ckpts.save(0, {0: jax.tree.map(jax.numpy.asarray, params)}, manifest, wait=True)
+    finally:
+        ckpts.close()
+    return manifest
+
+
+def _flat(tree) -> dict:
+    """A pure dict's leaves by key path (tuples of dict keys)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(k.key for k in path): leaf for path, leaf in leaves}
+
+
+def _nest(flat: dict) -> dict:
+    tree = {}
+    for path, leaf in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = leaf
+    return tree
+
+
+def _matching(saved: dict, abstract: dict, model: str, source) -> tuple[list, list[str]]:
+    """The paths of `abstract` (a model's pure dict) that `saved` (path -> shape) provides, and
+    notes. A classifier head of another shape stays out (the run starts it fresh); any other
+    parameter missing or of another shape is an error naming it."""
+    paths, notes = [], []
+    saved = {tuple(map(str, path)): shape for path, shape in saved.items()}  # Orbax: "0", not 0
+    for path, leaf in _flat(abstract).items():
+        name, there = "/".join(map(str, path)), saved.get(tuple(map(str, path)))
+        if there is None:
+            raise UserError(f"--init-from {source} has no {name} for --model {model}")
+        if tuple(there) == tuple(leaf.shape):
+            paths.append(path)
+        elif path[0] == "head":  # one note for the head: its class counts
+            note = (
+                f"a fresh classifier head ({there[-1]} classes in {source}, {leaf.shape[-1]} here)"
+            )
+            notes += [note] if note not in notes else []
+        else:
+            raise UserError(
+                f"--init-from {source}: {name} is {tuple(there)} there, {tuple(leaf.shape)} "
+                "here (another image shape or model size?)"
+            )
+    return paths, notes
+
+
+def weights_from(source, model: str, image_shape, abstract: dict):
+    """Check now that `source` (a workdir's latest checkpoint, or a PyTorch weights file) holds
+    weights for `model` at `image_shape`; load them later, when a run starts fresh.
+
+    `abstract`: the model's pure dict of shapes. Returns ``(load, notes)``: ``load(shardings)``
+    gives a pure dict of the parameters `source` provides (all but a fresh head), each placed in
+    its `NamedSharding` (any mesh, any process count); `notes` say what will be used.
+    """
+    source = Path(source)
+    if source.is_file():
+        params, _ = convert(read_tensors(source), model, image_shape)
+        flat = _flat(params)
+        paths, notes = _matching({p: v.shape for p, v in flat.items()}, abstract, model, source)
+
+        def from_file(shardings):
+            places = _flat(shardings)
+            return _nest({
+                p: jax.make_array_from_callback(flat[p].shape, places[p], lambda i, a=flat[p]: a[i])
+                for p in paths
+            })  # fmt: skip
+
+        return from_file, [f"initialised from {source} (sha256 {sha256(source)[:12]})", *notes]
+    ckpts = Checkpoints(source)
+    try:
+        step = ckpts.latest()
+        if step is None:
+            raise UserError(f"--init-from {source} holds no complete checkpoint")
+        manifest = ckpts.manifest(step)
+        if manifest.get("model") != model:
+            raise UserError(
+                f"--init-from {source} holds {manifest.get('model')} weights, not --model {model}"
+            )
+        check_revision(manifest, model, f"--init-from {source}")
+        meta = ckpts.manager.item_metadata(step)["state"]["model"]
+        saved = {path: m.shape for path, m in _flat(meta).items()}
+        paths, notes = _matching(saved, abstract, model, source)
+    finally:
+        ckpts.close()
+
+    def from_checkpoint(shardings):
+        flat, places = _flat(abstract), _flat(shardings)
+        target = _nest({p: jax.ShapeDtypeStruct(flat[p].shape, flat[p].dtype, sharding=places[p])
+                        for p in paths})  # fmt: skip
+        ckpts = Checkpoints(source)
+        try:
+            return ckpts.restore_partial(step, {"model": target})["model"]
+        finally:
+            ckpts.close()
+
+    return from_checkpoint, [f"initialised from {source} (step {step})", *notes]
+
+
+def with_weights(state: dict, weights: dict) -> dict:
+    """`state` (``{0: model, 1: optimizer}``) with the model's leaves that `weights` holds."""
+    flat = _flat(weights)
+    model = jax.tree_util.tree_map_with_path(
+        lambda path, x: flat.get(tuple(k.key for k in path), x), state[0]
+    )
+    return {**state, 0: model}
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """``HxWxC`` -> ``(H, W, C)``.
+
+    >>> parse_shape("224x224x3")
+    (224, 224, 3)
+    """
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise UserError(
+            f"--image-shape must be HxWxC with positive sizes, e.g. 224x224x3, not {text!r}"
+        )
+    return tuple(int(p) for p in parts)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Import PyTorch weights as a jaxpar checkpoint.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="write FILE's weights to a new workdir (step 0)")
+    imp.add_argument("file", help=".safetensors (preferred) or .pth/.pt state dict")
+    imp.add_argument("--model", required=True, help="resnet18/34/50, resnet8, vit-...")
+    imp.add_argument("--out", required=True, help="a new folder: the workdir to write")
+    imp.add_argument("--image-shape", default="224x224x3", help="HxWxC the weights will see")
+    imp.add_argument("--classes", type=int, help="check the head has this many classes")
+    imp.add_argument("--mean", type=float, nargs="+", help="normalisation (default ImageNet's)")
+    imp.add_argument("--std", type=float, nargs="+", help="normalisation (default ImageNet's)")
+    args = parser.parse_args(argv)
+    try:
+        shape = parse_shape(args.image_shape)
+        manifest = import_weights(args.file, args.model, args.out, shape, args.classes,
+                                  args.mean, args.std)  # fmt: skip
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: manifest[k] for k in ("model", "image_shape", "num_classes", "imported")}))
+    print(
+        f"wrote {args.out}/checkpoints/0; start a run from it: python train.py --init-from "
+        f"{args.out} --model {args.model} ..."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
