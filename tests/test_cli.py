@@ -64,12 +64,6 @@ def test_every_layout_trains(layout, tmp_path):
     assert read_metrics(tmp_path)[-1]["step"] == 3
 
 
-def test_resnet18_on_digits(tmp_path):
-    proc = run("--model", "resnet18", "--mesh", "2x2", "--steps", "2", "--workdir", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr
-    assert 0 <= read_metrics(tmp_path)[-1]["eval_accuracy"] <= 1
-
-
 BAD = {
     "--mesh 2x": "invalid mesh '2x'",
     "--mesh 0x4": "positive integer",

@@ -43,8 +43,8 @@ def torch_logits(net, x_nhwc: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "model,side,mesh",
-    [("resnet8", 16, "1"), ("resnet18", 64, "1"), ("resnet50", 64, "fsdp=2"),
-     ("resnet50", 224, "2x2")],
+    [("resnet8", 16, "1"), ("resnet18", 64, "1"), ("resnet18", 224, "model=2"),
+     ("resnet50", 64, "fsdp=2"), ("resnet50", 224, "2x2")],
 )  # fmt: skip
 def test_imported_resnet_computes_pytorchs_logits(model, side, mesh, tmp_path):
     net = ref.randomize(ref.resnet(model, 7, small_stem=side <= 32), seed=side)
