@@ -170,7 +170,7 @@ def _torch_shape(shape) -> tuple:
     return shape[::-1] if len(shape) == 2 else shape
 
 
-def model_for(tensors: dict, model: str, image_shape) -> tuple[object, dict, int]:
+def model_for(tensors: dict, model: str) -> tuple[object, dict, int]:
     """``(model_fn, options, classes)`` for `tensors`: the ViT's patch size and the number of
     classes are read off the weights (the patch projection, the head)."""
     vit = model.startswith("vit-")
@@ -203,7 +203,7 @@ def convert(tensors: dict, model: str, image_shape) -> tuple[dict, dict]:
     if "mlp.linear_1.weight" in str(list(tensors)):  # torchvision's names before 0.13
         tensors = {k.replace("mlp.linear_1", "mlp.0").replace("mlp.linear_2", "mlp.3"): v
                    for k, v in tensors.items()}  # fmt: skip
-    fn, options, classes = model_for(tensors, model, image_shape)
+    fn, options, classes = model_for(tensors, model)
     abstract = nnx.eval_shape(lambda: fn(tuple(image_shape), classes, rngs=nnx.Rngs(0), **options))
     target = nnx.to_pure_dict(nnx.state(abstract))
     timm = "patch_embed.proj.weight" in tensors
