@@ -200,7 +200,7 @@ def convert(tensors: dict, model: str, image_shape) -> tuple[dict, dict]:
     Returns ``(params, about)``: a pure dict of float32 numpy arrays (`nnx.to_pure_dict` layout)
     and what was read (``num_classes``, ``patch_size``, ``names``: torchvision or timm).
     """
-    if "mlp.linear_1.weight" in str(list(tensors)):  # torchvision's names before 0.13
+    if any(".mlp.linear_1." in k for k in tensors):  # torchvision's names before 0.13
         tensors = {k.replace("mlp.linear_1", "mlp.0").replace("mlp.linear_2", "mlp.3"): v
                    for k, v in tensors.items()}  # fmt: skip
     fn, options, classes = model_for(tensors, model)
@@ -219,13 +219,18 @@ def convert(tensors: dict, model: str, image_shape) -> tuple[dict, dict]:
             missing.extend(absent)
             return None
         used.update(names)
-        value = combine([tensors[n] for n in names])
+        needs = _torch_shape(leaf.shape[1:] if len(names) > 1 else leaf.shape)
+        odd = next((n for n in names if tensors[n].shape != tensors[names[0]].shape), names[0])
+        problem = f"{odd} has shape {tuple(tensors[odd].shape)}, --model {model} needs {needs}"
+        try:  # layers of unequal shapes, or a fused projection that does not split in three
+            value = combine([tensors[n] for n in names])
+        except ValueError:
+            wrong.append(problem)
+            return None
         if value.shape != leaf.shape:
-            shape = tensors[names[0]].shape
-            needs = _torch_shape(leaf.shape[1:] if len(names) > 1 else leaf.shape)
             if value.size == leaf.size and path_str(path) in HEADS_APART:
                 return value.reshape(leaf.shape)
-            wrong.append(f"{names[0]} has shape {tuple(shape)}, --model {model} needs {needs}")
+            wrong.append(problem)
         return value
 
     params = jax.tree_util.tree_map_with_path(one, target)
