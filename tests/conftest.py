@@ -29,6 +29,17 @@ def eight_devices():
     )
 
 
+@pytest.fixture
+def tiny_vit():
+    """A 2-block ViT registered as ``vit-test`` for this test: stacked, scanned layers at a
+    fraction of the named ViTs' compile and step time."""
+    from models import ViT
+
+    MODELS["vit-test"] = partial(ViT, width=32, depth=2, heads=2, mlp_dim=64, patch_size=2)
+    yield "vit-test"
+    del MODELS["vit-test"]
+
+
 @functools.cache
 def digits():
     return load_digits()
