@@ -96,6 +96,7 @@ FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxp
         ),  # fmt: skip
         ("--num-processes", int, "processes in the job (or JAX_NUM_PROCESSES)"),
         ("--process-id", int, "this process's index in the job (or JAX_PROCESS_ID)"),
+        ("--init-timeout", float, "seconds the job's processes wait for each other to start"),
     ],
     "observing": [
         ("--eval-every", int, "steps between evaluations (0: every epoch)"),
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
             raise UserError(f"mesh of {devices} devices does not split over {processes} processes")
         request_devices(devices // processes)  # refuses more CPU devices than it can emulate
         set_gpu_flags()
-        join(*job)
+        join(*job, timeout=cfg.init_timeout)
         if cfg.dry_run:
             from jaxpar.plan import format_plan, plan
 

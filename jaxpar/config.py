@@ -50,6 +50,7 @@ class Config:
     coordinator: str | None = None  # HOST:PORT of process 0 in a multi-process job
     num_processes: int | None = None
     process_id: int | None = None
+    init_timeout: float = 120.0  # seconds the processes of a job wait for each other to start
 
     def validate(self) -> "Config":
         from jaxpar.data import DATASETS, known
@@ -129,6 +130,7 @@ class Config:
                 f"--init-from {source} has no checkpoints/ folder; name a workdir with a "
                 "checkpoint, or a weights file (.safetensors, .pth)",
             )
+        need(self.init_timeout > 0, f"--init-timeout must be positive, got {self.init_timeout:g}")
         vit = self.model.startswith("vit-")
         for flag, given in (("--patch-size", self.patch_size is not None),
                             ("--remat", self.remat != "none")):  # fmt: skip

@@ -3,12 +3,18 @@
 A process is part of a job when it is given a coordinator (``--coordinator HOST:PORT
 --num-processes N --process-id I``, or the ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
 ``JAX_PROCESS_ID`` environment variables, as `jaxpar.launch` sets them), or when it runs under
-SLURM or Open MPI with more than one task, where JAX finds the coordinator itself. Everything must
-happen before the JAX backend starts.
+SLURM or Open MPI with more than one task, where JAX's cluster detection finds the coordinator.
+Everything must happen before the JAX backend starts.
+
+Before JAX's runtime starts, every process checks in with process 0 (`roll_call`), within
+``--init-timeout`` seconds: JAX itself aborts a process whose peer never connects, with a C++
+stack trace and no word of which peer it was.
 """
 
 import os
 import re
+import socket
+import time
 
 import jax
 
@@ -16,7 +22,16 @@ from jaxpar.errors import UserError
 
 # A dead peer is noticed by the coordination service within this time (JAX's default is 100 s).
 HEARTBEAT_TIMEOUT_S = 20
-MANAGED = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")  # task counts set by SLURM and Open MPI
+INIT_TIMEOUT_S = 120  # --init-timeout's default: how long processes wait for each other to start
+# The variables JAX's cluster detection reads (jax/_src/clusters/slurm_cluster.py and
+# ompi_cluster.py), the task count first: SLURM's srun and Open MPI's mpirun set them per task.
+CLUSTERS = {
+    "SLURM": ("SLURM_NTASKS", "SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID",
+              "SLURM_LOCALID"),
+    "Open MPI": ("OMPI_COMM_WORLD_SIZE", "OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_RANK",
+                 "OMPI_COMM_WORLD_LOCAL_RANK"),
+}  # fmt: skip
+STARTER = {"SLURM": "srun", "Open MPI": "mpirun"}
 
 
 def _env_int(name: str) -> int | None:
@@ -48,8 +63,7 @@ def job_size(coordinator=None, num_processes=None, process_id=None) -> tuple:
     if num_processes is not None and num_processes < 1:
         raise UserError(f"{n_given.format(num_processes)}: the process count must be at least 1")
     if coordinator is None:
-        managed = max((_env_int(v) for v in MANAGED if os.environ.get(v)), default=1)
-        if managed > 1:
+        if managed := managed_job():
             return None, managed, None
         if (num_processes or 1) > 1:
             raise UserError(
@@ -78,18 +92,111 @@ def job_size(coordinator=None, num_processes=None, process_id=None) -> tuple:
     return coordinator, num_processes, process_id
 
 
-def join(coordinator=None, num_processes=None, process_id=None) -> int:
-    """Join the job this process belongs to, if any; returns the number of processes."""
+def managed_job() -> int | None:
+    """The task count of a SLURM or Open MPI job of several tasks this process is one of, else
+    None; a `UserError` naming what is missing when the environment says so only in part (e.g.
+    ``SLURM_NTASKS`` in an allocation, outside ``srun``)."""
+    for name, (count, *rest) in CLUSTERS.items():
+        tasks = _env_int(count)
+        if tasks is None or tasks <= 1:
+            continue
+        if missing := [v for v in rest if v not in os.environ]:
+            raise UserError(
+                f"{count}={tasks} makes this one of {tasks} {name} tasks, but {', '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not set, so the job's coordinator cannot "
+                f"be found: start every task with {STARTER[name]}, pass --coordinator HOST:PORT "
+                f"--num-processes N --process-id I, or unset {count} to train in one process"
+            )
+        return tasks
+    return None
+
+
+def detect_cluster() -> tuple[str, int, int, list | None]:
+    """``(coordinator, num_processes, process_id, local_device_ids)`` of this SLURM or Open MPI
+    task, by JAX's own cluster detection (what ``jax.distributed.initialize()`` would use)."""
+    from jax._src.clusters import ClusterEnv
+
+    found = ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, None, None)
+    if found[0] is None:
+        raise UserError("this looks like a SLURM or Open MPI job, but JAX does not detect it")
+    return found
+
+
+def roll_call(coordinator: str, num_processes: int, process_id: int, timeout: float) -> None:
+    """Wait until every process of the job has checked in with process 0 at `coordinator`, at
+    most `timeout` seconds; else a `UserError` naming who never arrived. Process 0 listens on the
+    coordinator's port before JAX's coordination service takes it over."""
+    host, port = coordinator.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    flag = f"--init-timeout {timeout:g}"
+    if process_id == 0:
+        waiting, arrived = set(range(1, num_processes)), []
+        with socket.create_server(("", int(port))) as server:
+            server.settimeout(0.2)
+            while waiting:
+                if time.monotonic() > deadline:
+                    names = ", ".join(map(str, sorted(waiting)))
+                    raise UserError(
+                        f"process{'es' if len(waiting) > 1 else ''} {names} of {num_processes} "
+                        f"never arrived at {coordinator} within {flag} s: check that "
+                        f"{'they were' if len(waiting) > 1 else 'it was'} started with the same "
+                        "job settings and can reach this host"
+                    )
+                try:
+                    conn, _ = server.accept()
+                    conn.settimeout(5)
+                    said = conn.recv(64).decode(errors="replace").split()
+                except OSError:  # nobody yet (timeout), or a connection that broke
+                    continue
+                if len(said) == 2 and said[0] == "jaxpar" and said[1].isdigit():
+                    waiting.discard(int(said[1]))
+                    arrived.append(conn)
+            for conn in arrived:  # everyone is here: start
+                conn.sendall(b"go\n")
+                conn.close()
+        return
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise UserError(
+                f"process 0 of the job was not reachable at {coordinator} within {flag} s "
+                f"(this is process {process_id}): start it, or check the coordinator address"
+            )
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(left, 2)) as conn:
+                conn.sendall(f"jaxpar {process_id}\n".encode())
+                conn.settimeout(max(left, 0.1))
+                answer = conn.recv(16)
+        except OSError:
+            time.sleep(0.2)
+            continue
+        if answer.startswith(b"go"):
+            return
+        raise UserError(
+            f"process 0 at {coordinator} gave up before the job formed (this is process "
+            f"{process_id}): another process never arrived; process 0's error names it"
+        )
+
+
+def join(coordinator=None, num_processes=None, process_id=None, timeout=INIT_TIMEOUT_S) -> int:
+    """Join the job this process belongs to, if any; returns the number of processes. Every
+    process must arrive within `timeout` seconds (`roll_call`)."""
     coordinator, num_processes, process_id = job_size(coordinator, num_processes, process_id)
     if num_processes == 1 and coordinator is None:
         return 1
+    local = None
+    if coordinator is None:  # SLURM or Open MPI: JAX's detection, done here to know the address
+        coordinator, num_processes, process_id, local = detect_cluster()
+    roll_call(coordinator, num_processes, process_id, timeout)
     # CPU processes exchange collectives over gloo (TCP); GPUs keep NCCL, TPUs their ICI.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator,
-        num_processes if coordinator else None,
+        num_processes,
         process_id,
+        local_device_ids=local,
         heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+        initialization_timeout=int(timeout) + 1,
     )
     return num_processes
 

@@ -13,6 +13,7 @@ import pytest
 
 import train as cli
 from jaxpar.config import Config
+from jaxpar.distributed import CLUSTERS, detect_cluster, job_size
 from jaxpar.mesh import layout_names, parse_mesh
 from jaxpar.plan import plan
 
@@ -81,6 +82,7 @@ BAD = {
     "--optimizer lamb": "invalid choice: 'lamb'",
     "--batch-size 4096": "larger than the 1437 training examples",
     "--steps-per-dispatch 0": "--steps-per-dispatch must be at least 1",
+    "--init-timeout 0": "--init-timeout must be positive, got 0",
     "--seed -1": "--seed must be in [0, 2**32)",
     "--seed 4294967296": "--seed must be in [0, 2**32)",
     # decided from the mesh's sizes, before any device is emulated
@@ -157,8 +159,8 @@ def test_paths_that_are_files_are_refused_before_anything_is_written(tmp_path, c
         cli.Config(workdir=str(file)).validate()
 
 
-JOB_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
-           "OMPI_COMM_WORLD_SIZE")  # fmt: skip
+JOB_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_COORDINATOR_PORT",
+           *(v for names in CLUSTERS.values() for v in names))  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -186,13 +188,54 @@ def test_process_flags_without_a_coordinator_are_refused(args, env, words, tmp_p
     assert not workdir.exists()
 
 
+SLURM_TASK = {"SLURM_NTASKS": "4", "SLURM_JOB_ID": "8195", "SLURM_STEP_NODELIST": "gpu[007-010]",
+              "SLURM_PROCID": "2", "SLURM_LOCALID": "0", "SLURM_STEP_NUM_NODES": "4"}  # fmt: skip
+OMPI_TASK = {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1",
+             "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+             "OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.96.0.1,10.148.0.1:34911"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "env, detected",
+    [  # JAX's port: the job id mod 4096, above 61439 (Open MPI: the job id / 4096 first)
+        (SLURM_TASK, ("gpu007:61443", 4, 2, [0])),
+        (OMPI_TASK, ("10.96.0.1:62624", 2, 1, [1])),
+    ],
+)
+def test_slurm_and_open_mpi_tasks_are_detected(env, detected, monkeypatch):
+    """What JAX's cluster detection makes of a task's environment (a real 2-process SLURM job:
+    tests/test_multiprocess.py)."""
+    for name in JOB_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert job_size() == (None, detected[1], None)
+    assert tuple(detect_cluster()) == detected
+
+
+@pytest.mark.parametrize("env", [SLURM_TASK, OMPI_TASK])
+def test_a_partial_cluster_environment_is_refused_in_one_line(env, monkeypatch, tmp_path, capsys):
+    """SLURM_NTASKS alone is what an allocation gives a script run outside srun."""
+    for name in JOB_ENV:
+        monkeypatch.delenv(name, raising=False)
+    count = next(iter(env))
+    monkeypatch.setenv(count, env[count])
+    assert cli.main(["--steps", "1", "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    starter = "srun" if count.startswith("SLURM") else "mpirun"
+    assert err.count("\n") == 1 and f"{count}={env[count]} makes this one of" in err, err
+    assert f"start every task with {starter}" in err and "are not set" in err, err
+    assert not (tmp_path / "w").exists()
+
+
 def test_one_process_flags_are_a_single_process_run(monkeypatch):
     from jaxpar.distributed import job_size
 
     for name in JOB_ENV:
         monkeypatch.delenv(name, raising=False)
     assert job_size(None, 1, 0) == job_size() == (None, 1, None)
-    monkeypatch.setenv("SLURM_NTASKS", "4")  # JAX finds the coordinator under SLURM
+    for name, value in SLURM_TASK.items():  # JAX finds the coordinator under SLURM
+        monkeypatch.setenv(name, value)
     assert job_size(None, 4, 2) == (None, 4, None)
 
 

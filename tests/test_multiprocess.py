@@ -59,6 +59,64 @@ def test_two_processes_give_the_losses_of_one(one_process, tmp_path):
     assert_same(losses(tmp_path), one_process)
 
 
+def start(args, env, cwd=ROOT):
+    """`python train.py ARGS` in a new process with `env` added to this one's environment (job
+    variables removed first)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "OMPI_"))}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args], env={**clean, **env}, cwd=cwd,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def test_a_slurm_job_forms_without_a_coordinator(one_process, tmp_path):
+    """Two tasks with the environment srun gives each (JAX's SLURM detection reads it): no
+    --coordinator, the same losses as one process."""
+    job = str(os.getpid() % 4096)  # the coordinator's port: 61440 + job id mod 4096
+    tasks = [
+        start(
+            [*RUN, "--steps", "14", "--workdir", str(tmp_path)],
+            {
+                "SLURM_JOB_ID": job,
+                "SLURM_STEP_NODELIST": "localhost",
+                "SLURM_NTASKS": "2",
+                "SLURM_PROCID": str(i),
+                "SLURM_LOCALID": str(i),
+                "SLURM_STEP_NUM_NODES": "1",
+            },
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outputs = [task.communicate(timeout=300) for task in tasks]
+    assert [t.returncode for t in tasks] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert_same(losses(tmp_path), one_process)
+
+
+def test_a_missing_process_is_named_within_the_init_timeout(tmp_path):
+    """Process 0 alone, and process 1 alone, of 2-process jobs: one line each, exit status 2,
+    nothing written, within --init-timeout (plus start-up), instead of JAX's abort."""
+    began = time.monotonic()
+    lone = [
+        start(
+            ["--mesh", "2", "--init-timeout", "3", "--workdir", str(tmp_path / f"w{i}")],
+            {
+                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{29300 + os.getpid() % 500 + i}",
+                "JAX_NUM_PROCESSES": "2",
+                "JAX_PROCESS_ID": str(i),
+            },
+        )  # fmt: skip
+        for i in (0, 1)
+    ]
+    errors = [task.communicate(timeout=120)[1] for task in lone]
+    assert time.monotonic() - began < 60
+    assert [t.returncode for t in lone] == [2, 2], errors
+    assert all(e.count("\n") == 1 for e in errors), errors
+    assert errors[0].startswith("error: process 1 of 2 never arrived at 127.0.0.1:"), errors[0]
+    assert "within --init-timeout 3 s" in errors[0]
+    assert errors[1].startswith("error: process 0 of the job was not reachable"), errors[1]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_checkpoint_moves_between_process_counts(one_process, tmp_path):
     two_then_one, one_then_two = tmp_path / "a", tmp_path / "b"
     assert launch(2, *RUN, "--steps", "8", "--workdir", str(two_then_one)).returncode == 0
