@@ -24,6 +24,7 @@ List a workdir's checkpoints with ``python -m jaxpar.checkpoint WORKDIR``.
 
 import json
 import sys
+import threading
 from importlib.metadata import version
 from pathlib import Path
 
@@ -71,22 +72,61 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_handlers=handlers
         )
+        self._handing = None  # the thread handing the last save to Orbax
+        self._failed = None  # what it raised, re-raised by the next call that waits for it
 
     def latest(self) -> int | None:
+        self._handed()
         return self.manager.latest_step()
 
     def save(self, step: int, state, manifest: dict, wait: bool = False) -> None:
-        """Start an asynchronous save (device-to-host copy now, file writes in the background).
+        """Start an asynchronous save; returns once a copy of `state` is dispatched on the
+        devices, so the caller may donate `state` right after.
 
-        The copy happens before `save` returns, so the caller may donate `state` right after.
+        Performance is decided here: Orbax's own `save` copies every array to the host before it
+        returns (the blocking part of an asynchronous save: 42 ms of 357 ms for ResNet-18 on a
+        2x2 CPU mesh, benchmarks/checkpoint_blocking.py). Here a device-side copy is dispatched
+        (XLA runs it after the step that produced `state`, before the next one reuses its
+        buffers) and a background thread hands the copy to Orbax, which copies it to the host and
+        writes the files; saves stay in order, one handed over at a time. The copy costs device
+        memory the size of the state until Orbax has it on the host: where a device reports less
+        free memory than that (`has_room_for`), Orbax copies to the host before `save` returns.
         """
-        args = ocp.args.Composite(
-            state=ocp.args.PyTreeSave(_items(state)),
-            manifest=ocp.args.JsonSave(manifest),
-        )
-        self.manager.save(step, args=args, force=True)
+        self._handed()
+        items = _items(state)
+        if not has_room_for(items):
+            self.manager.save(step, args=self._args(items, manifest), force=True)
+            if wait:
+                self.wait()
+            return
+        copy = _device_copy(items)
+        args = self._args(copy, manifest)
+
+        def hand_over():
+            try:
+                self.manager.save(step, args=args, force=True)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
+                self._failed = e
+
+        self._handing = threading.Thread(target=hand_over, name="jaxpar-save", daemon=True)
+        self._handing.start()
         if wait:
-            self.manager.wait_until_finished()
+            self.wait()
+
+    @staticmethod
+    def _args(items, manifest: dict):
+        return ocp.args.Composite(
+            state=ocp.args.PyTreeSave(items), manifest=ocp.args.JsonSave(manifest)
+        )
+
+    def _handed(self) -> None:
+        """Wait until the last save is in Orbax's hands; raise what handing it over raised."""
+        if self._handing is not None:
+            self._handing.join()
+            self._handing = None
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            raise failed
 
     def manifest(self, step: int) -> dict:
         path = self.directory / str(step)
@@ -132,10 +172,36 @@ class Checkpoints:
         return self.manager.restore(step, args=ocp.args.Composite(state=args)).state
 
     def wait(self) -> None:
+        self._handed()
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self._handed()
+        finally:
+            self.manager.close()
+
+
+def has_room_for(tree, headroom: float = 0.9) -> bool:
+    """Whether every local device has room for another copy of its shards of `tree` within
+    `headroom` of its memory limit. Devices that report no memory statistics (CPUs) have."""
+    need: dict = {}
+    for x in jax.tree.leaves(tree):
+        for shard in x.addressable_shards:
+            need[shard.device] = need.get(shard.device, 0) + shard.data.nbytes
+    for device, nbytes in need.items():
+        stats = device.memory_stats() or {}
+        limit = stats.get("bytes_limit")
+        if limit and stats.get("bytes_in_use", 0) + nbytes > headroom * limit:
+            return False
+    return True
+
+
+@jax.jit
+def _device_copy(tree):
+    """A copy of every array of `tree` in new buffers, in the same shardings (not donated, so
+    XLA cannot alias them to the input)."""
+    return jax.tree.map(lambda x: x.copy(), tree)
 
 
 def _quiet_closed_loop() -> None:

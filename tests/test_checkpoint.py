@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import trained
@@ -74,6 +75,31 @@ def test_save_on_2x2_restore_anywhere(mesh, tmp_path):
     for a, b, s in zip(saved_leaves, new_leaves, jax.tree.leaves(shardings), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         assert b.sharding == s  # laid out for the new mesh, not the saved one
+
+
+@pytest.mark.parametrize("room", [True, False])
+def test_a_save_returns_before_the_state_is_donated_and_saves_it_whole(room, tmp_path,
+                                                                      monkeypatch):  # fmt: skip
+    """`save` hands a device copy to Orbax in a background thread; with no device memory for
+    the copy (`has_room_for` false) Orbax copies to the host before `save` returns. Either way
+    the state given to `save` is what is on disk, though the caller overwrites it right after."""
+    import jaxpar.checkpoint
+
+    monkeypatch.setattr(jaxpar.checkpoint, "has_room_for", lambda tree: room)
+    _, state, *_ = trained("mlp", "adamw", "2x2")
+    expected = jax.tree.map(np.asarray, state)
+    mutated = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)
+    mutated(jax.tree.map(jnp.copy, state))  # compiled now: below it runs right after `save`
+    ckpts = Checkpoints(tmp_path)
+    given = jax.tree.map(jnp.copy, state)
+    ckpts.save(6, given, {"step": 6})
+    ckpts.save(7, mutated(given), {"step": 7})  # `given` donated at once, as by the next step
+    ckpts.wait()
+    assert ckpts.latest() == 7
+    ckpts.close()
+    restored, _ = restore_on("1", tmp_path, 6)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
 
 
 CASES = {
