@@ -371,10 +371,24 @@ def dispatches(first: int, total: int, most: int, every=(), marks=()) -> list[ra
     return plan
 
 
+def eval_batch_size(batch_size: int, examples: int, rows: int = 1024) -> int:
+    """The evaluation batch: a whole multiple of the training batch (so it splits over the
+    batch shards and pipeline microbatches as training's does) of about `rows` rows, no larger
+    than the test split needs. Performance is decided here: evaluating 10,000 MNIST-size images
+    in batches of 128 costs 79 dispatches and host syncs, which took 16% of a Fashion-MNIST
+    run's time with per-epoch evaluation.
+
+    >>> eval_batch_size(128, 10_000), eval_batch_size(128, 360), eval_batch_size(4096, 10_000)
+    (1024, 384, 4096)
+    """
+    return batch_size * max(1, min(-(-examples // batch_size), rows // batch_size))
+
+
 def evaluation_batches(run: Run):
     """``() -> batches`` of the test split: built once and kept on the devices when the split is
     in host memory, else read again for each evaluation (ImageNet's 50,000 crops are 7.5 GB)."""
-    batches = partial(eval_batches, run.ds, run.cfg.batch_size, run.mesh)
+    size = eval_batch_size(run.cfg.batch_size, len(run.ds.test_labels))
+    batches = partial(eval_batches, run.ds, size, run.mesh)
     if isinstance(run.ds.test_images, np.ndarray):
         kept = list(batches())
         return lambda: kept
