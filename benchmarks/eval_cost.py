@@ -2,7 +2,7 @@
 MNIST-size data (50,000 training and 10,000 test images, synthetic), batch 128, 1 device.
 
 An evaluation over the test split is timed with evaluation batches of the training batch's size
-(as jaxpar did) and of `jaxpar.loop.eval_batch_size`'s (as it does now), in alternating rounds in
+(as jaxpar did) and of `jaxpar.data.eval_batch_size`'s (as it does now), in alternating rounds in
 this process; the training epoch is 391 train steps timed the same way (at most 2 in flight, as
 jaxpar's loop). A forward pass over 10,000 images is a fifth of the forward work of 50,000, and a
 forward pass is about a third of a training step's work: about 7% of an epoch is the floor.
@@ -19,8 +19,8 @@ import jax
 import numpy as np
 
 from jaxpar.config import Config
-from jaxpar.data import eval_batches
-from jaxpar.loop import eval_batch_size, evaluate, setup
+from jaxpar.data import eval_batch_size, eval_batches
+from jaxpar.loop import evaluate, setup
 from jaxpar.mesh import parse_mesh, request_devices
 from jaxpar.sharding import batch_sharding
 

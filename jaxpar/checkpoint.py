@@ -94,30 +94,21 @@ class Checkpoints:
         """
         self._handed()
         items = _items(state)
-        if not has_room_for(items):
-            self.manager.save(step, args=self._args(items, manifest), force=True)
-            if wait:
-                self.wait()
-            return
-        copy = _device_copy(items)
-        args = self._args(copy, manifest)
+        if has_room_for(items):
+            args = _save_args(_device_copy(items), manifest)
 
-        def hand_over():
-            try:
-                self.manager.save(step, args=args, force=True)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
-                self._failed = e
+            def hand_over():
+                try:
+                    self.manager.save(step, args=args, force=True)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
+                    self._failed = e
 
-        self._handing = threading.Thread(target=hand_over, name="jaxpar-save", daemon=True)
-        self._handing.start()
+            self._handing = threading.Thread(target=hand_over, name="jaxpar-save", daemon=True)
+            self._handing.start()
+        else:
+            self.manager.save(step, args=_save_args(items, manifest), force=True)
         if wait:
             self.wait()
-
-    @staticmethod
-    def _args(items, manifest: dict):
-        return ocp.args.Composite(
-            state=ocp.args.PyTreeSave(items), manifest=ocp.args.JsonSave(manifest)
-        )
 
     def _handed(self) -> None:
         """Wait until the last save is in Orbax's hands; raise what handing it over raised."""
@@ -180,6 +171,12 @@ class Checkpoints:
             self._handed()
         finally:
             self.manager.close()
+
+
+def _save_args(items, manifest: dict):
+    return ocp.args.Composite(
+        state=ocp.args.PyTreeSave(items), manifest=ocp.args.JsonSave(manifest)
+    )
 
 
 def has_room_for(tree, headroom: float = 0.9) -> bool:

@@ -19,6 +19,7 @@ from jaxpar.checkpoint import FORMAT, Checkpoints, check_fits, versions
 from jaxpar.config import Config
 from jaxpar.data import (
     Dataset,
+    eval_batch_size,
     eval_batches,
     load_dataset,
     prefetch,
@@ -43,7 +44,7 @@ from jaxpar.step import (
     under_mesh,
 )
 from jaxpar.sync import mode_for, param_mask
-from jaxpar.weights import weights_from, with_weights
+from jaxpar.weights import starting_from
 from jaxpar.workdir import MetricsLog, move_aside, resolve, used, write_config
 from models import MODELS, revision
 from models.vit import check_patch_size
@@ -185,7 +186,8 @@ def setup(cfg: Config) -> Run:
                       accum=cfg.grad_accum, step=mode.step, view=mode.view)  # fmt: skip
     fresh = partial(init_state, model_fn, tx, base, cfg.seed)
     if cfg.init_from:  # random weights, then those of --init-from (a fresh head if it differs)
-        fresh = starting_from(cfg, ds.image_shape, fresh, plain[0], base[0])
+        fresh = starting_from(cfg.init_from, cfg.model, ds.image_shape, fresh, plain[0], base[0],
+                              say)  # fmt: skip
     laid = jax.jit(mode.init, out_shardings=shardings)
     init = lambda: laid(fresh())  # noqa: E731
     sync = None
@@ -197,19 +199,6 @@ def setup(cfg: Config) -> Run:
         cfg, spec, mesh, ds, per_epoch, total, schedule, init, abstract, shardings, replicated,
         *compile(), compile(stacked=True)[0], compile, mode, sync,
     )  # fmt: skip
-
-
-def starting_from(cfg: Config, image_shape, fresh, abstract: dict, shardings: dict):
-    """`fresh` (a new state) with the model weights of ``cfg.init_from``: checked now, before
-    the workdir is touched; loaded when the run starts fresh (a resume reads its own)."""
-    load, notes = weights_from(cfg.init_from, cfg.model, image_shape, abstract)
-
-    def init():
-        for note in notes:
-            say(note)
-        return with_weights(fresh(), load(shardings))
-
-    return init
 
 
 def model_options(cfg: Config, spec: MeshSpec) -> dict:
@@ -369,19 +358,6 @@ def dispatches(first: int, total: int, most: int, every=(), marks=()) -> list[ra
         plan.append(range(step, end))
         step = end
     return plan
-
-
-def eval_batch_size(batch_size: int, examples: int, rows: int = 1024) -> int:
-    """The evaluation batch: a whole multiple of the training batch (so it splits over the
-    batch shards and pipeline microbatches as training's does) of about `rows` rows, no larger
-    than the test split needs. Performance is decided here: evaluating 10,000 MNIST-size images
-    in batches of 128 costs 79 dispatches and host syncs, which took 16% of a Fashion-MNIST
-    run's time with per-epoch evaluation.
-
-    >>> eval_batch_size(128, 10_000), eval_batch_size(128, 360), eval_batch_size(4096, 10_000)
-    (1024, 384, 4096)
-    """
-    return batch_size * max(1, min(-(-examples // batch_size), rows // batch_size))
 
 
 def evaluation_batches(run: Run):

@@ -219,19 +219,18 @@ def convert(tensors: dict, model: str, image_shape) -> tuple[dict, dict]:
             missing.extend(absent)
             return None
         used.update(names)
-        needs = _torch_shape(leaf.shape[1:] if len(names) > 1 else leaf.shape)
-        odd = next((n for n in names if tensors[n].shape != tensors[names[0]].shape), names[0])
-        problem = f"{odd} has shape {tuple(tensors[odd].shape)}, --model {model} needs {needs}"
         try:  # layers of unequal shapes, or a fused projection that does not split in three
             value = combine([tensors[n] for n in names])
         except ValueError:
-            wrong.append(problem)
-            return None
-        if value.shape != leaf.shape:
-            if value.size == leaf.size and path_str(path) in HEADS_APART:
-                return value.reshape(leaf.shape)
-            wrong.append(problem)
-        return value
+            value = None
+        if value is not None and value.shape == leaf.shape:
+            return value
+        if value is not None and value.size == leaf.size and path_str(path) in HEADS_APART:
+            return value.reshape(leaf.shape)
+        needs = _torch_shape(leaf.shape[1:] if len(names) > 1 else leaf.shape)
+        odd = next((n for n in names if tensors[n].shape != tensors[names[0]].shape), names[0])
+        wrong.append(f"{odd} has shape {tuple(tensors[odd].shape)}, --model {model} needs {needs}")
+        return None
 
     params = jax.tree_util.tree_map_with_path(one, target)
     unused = sorted(k for k in tensors if k not in used and not k.endswith(IGNORED))
@@ -407,6 +406,20 @@ def weights_from(source, model: str, image_shape, abstract: dict):
             ckpts.close()
 
     return from_checkpoint, [f"initialised from {source} (step {step})", *notes]
+
+
+def starting_from(source, model: str, image_shape, fresh, abstract: dict, shardings: dict, say):
+    """`fresh` (``() -> a new state``) with the model weights of `source` (``--init-from``):
+    checked now, before the workdir is touched; loaded, and `say`-ing what is used, when the
+    run starts fresh (a resume reads its own checkpoint)."""
+    load, notes = weights_from(source, model, image_shape, abstract)
+
+    def init():
+        for note in notes:
+            say(note)
+        return with_weights(fresh(), load(shardings))
+
+    return init
 
 
 def with_weights(state: dict, weights: dict) -> dict:
