@@ -6,6 +6,7 @@ and one line on stderr; SIGTERM/SIGINT save a checkpoint and exit with 128 + the
 """
 
 import argparse
+import json
 import sys
 
 from jaxpar.config import Config
@@ -112,6 +113,13 @@ FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxp
             "print the plan (parameter placement, per-device memory, collectives), "
             "then stop without training",
         ),  # fmt: skip
+        (
+            "--project",
+            str,
+            "with --dry-run: the step's time on CHIP[xN][:nodes=K] (a100, h100, h200, tpu-v5e, "
+            "tpu-v5p; e.g. h100x8:nodes=4), a roofline per kernel and collective",
+        ),  # fmt: skip
+        ("--json", bool, "with --dry-run: print the plan as one JSON object"),
     ],
 }
 
@@ -171,7 +179,8 @@ def main(argv=None) -> int:
         if cfg.dry_run:
             from jaxpar.plan import format_plan, plan
 
-            print(format_plan(plan(cfg)))
+            p = plan(cfg)
+            print(json.dumps(p, indent=1) if cfg.json else format_plan(p))
             return 0
         from jaxpar.loop import train
 

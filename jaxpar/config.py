@@ -47,6 +47,8 @@ class Config:
     freeze: str | None = None  # "backbone": only the classifier head trains
     profile_steps: str | None = None  # "A:B": JAX profiler trace of steps A to B
     dry_run: bool = False  # print the plan (placement, memory, collectives) and stop
+    project: str | None = None  # with dry_run: CHIP[xN][:nodes=K], the step's time on that
+    json: bool = False  # with dry_run: the plan as one JSON object
     coordinator: str | None = None  # HOST:PORT of process 0 in a multi-process job
     num_processes: int | None = None
     process_id: int | None = None
@@ -131,10 +133,22 @@ class Config:
                 "checkpoint, or a weights file (.safetensors, .pth)",
             )
         need(self.init_timeout > 0, f"--init-timeout must be positive, got {self.init_timeout:g}")
+        if self.project is not None:
+            from jaxpar.mesh import parse_mesh
+            from jaxpar.projection import parse_hardware
+
+            chips = parse_hardware(self.project).chips
+            devices = parse_mesh(self.mesh).size if self.mesh else chips
+            need(devices == chips, f"--mesh {self.mesh} has {devices} devices but --project "
+                 f"{self.project} has {chips} chips; make them equal")  # fmt: skip
+        for flag, given in (("--project", self.project is not None), ("--json", self.json)):
+            need(self.dry_run or not given, f"{flag} goes with --dry-run (a plan, no training)")
         vit = self.model.startswith("vit-")
         for flag, given in (("--patch-size", self.patch_size is not None),
                             ("--remat", self.remat != "none")):  # fmt: skip
             need(vit or not given, f"{flag} applies to the ViT models only (--model vit-...)")
+        if self.project is not None and self.mesh is None:  # all the chips on the data axis
+            return dataclasses.replace(self, mesh=str(chips))
         return self
 
     def profile_range(self) -> tuple[int, int] | None:

@@ -15,29 +15,26 @@ import numpy as np
 from jaxpar.config import Config
 from jaxpar.mesh import draw_mesh
 from jaxpar.pipeline import schedule_for
+from jaxpar.projection import array_bytes
 from jaxpar.sharding import batch_sharding, path_str, placed
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _OP = re.compile(r"= (\(.*?\)|\S+) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
-_SHAPE = re.compile(r"(pred|[a-z]+\d+)\[([\d,]*)\]")
 
 
 def _nbytes(hlo_type: str, started: bool = False) -> int:
     """Bytes of an HLO result type such as ``f32[512,256]`` or a tuple of them (a combined
     collective): the sum, or for an async ``-start`` op, whose tuple also holds its operands, the
     largest element."""
-    sizes = [  # f32 -> 4 bytes, bf16 -> 2, pred -> 1
-        max(int(re.sub(r"\D", "", t) or 8) // 8, 1)
-        * math.prod(int(d) for d in dims.split(",") if d)
-        for t, dims in _SHAPE.findall(hlo_type)
-    ]
+    sizes = array_bytes(hlo_type)
     return max(sizes, default=0) if started else sum(sizes)
 
 
-def collectives(hlo_text: str) -> dict:
-    """``{kind: {"count", "bytes"}}`` of the collectives one run of a compiled HLO module performs
-    (per device): an op inside a loop (a scan over layers, a pipeline's ticks) counts once per
-    iteration, from XLA's ``known_trip_count``."""
+def collective_ops(hlo_text: str) -> list[dict]:
+    """The collectives one run of a compiled HLO module performs (per device), each as
+    ``{"kind", "bytes", "count", "groups"}`` (`groups`: the HLO's replica-group text): an op inside
+    a loop (a scan over layers, a pipeline's ticks) counts once per iteration, from XLA's
+    ``known_trip_count``."""
     computations, entry, name = {}, None, None
     for line in hlo_text.splitlines():
         if head := _COMPUTATION.match(line):
@@ -46,18 +43,19 @@ def collectives(hlo_text: str) -> dict:
             entry = name if head[1] else entry
         elif name is not None:
             ops, calls = computations[name]
-            ops += _OP.findall(line)
+            if op := _OP.search(line):
+                groups = _GROUPS.search(line)
+                ops.append((*op.groups(), groups[1] if groups else ""))
             trips = _TRIPS.search(line)
             calls += [(callee, int(trips[1]) if trips and kind == "body" else 1)
                       for kind, callee in _CALLS.findall(line)]  # fmt: skip
-    out = {}
+    out = []
 
     def add(name: str, times: int) -> None:
         ops, calls = computations.get(name, ((), ()))
-        for hlo_type, kind, started in ops:
-            entry = out.setdefault(kind, {"count": 0, "bytes": 0})
-            entry["count"] += times
-            entry["bytes"] += times * _nbytes(hlo_type, bool(started))
+        for hlo_type, kind, started, groups in ops:
+            out.append({"kind": kind, "bytes": _nbytes(hlo_type, bool(started)), "count": times,
+                        "groups": groups})  # fmt: skip
         for callee, n in calls:
             add(callee, times * n)
 
@@ -65,6 +63,21 @@ def collectives(hlo_text: str) -> dict:
     return out
 
 
+def collectives(hlo_text: str) -> dict:
+    """``{kind: {"count", "bytes"}}`` of the collectives one run of a compiled HLO module
+    performs per device (`collective_ops`, summed by kind)."""
+    out = {}
+    for op in collective_ops(hlo_text):
+        entry = out.setdefault(op["kind"], {"count": 0, "bytes": 0})
+        entry["count"] += op["count"]
+        entry["bytes"] += op["count"] * op["bytes"]
+    return out
+
+
+_GROUPS = re.compile(  # the three spellings of `jaxpar.projection.replica_groups`
+    r"(?:replica_groups|source_target_pairs)=(mesh\[[^\]]*\](?:, device_ids=\(\S+\))? \{[^}]*\}"
+    r"|\{[\d,{}]*\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)"
+)
 _COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) .*\{$")
 _CALLS = re.compile(r"\b(body|calls|to_apply|true_computation|false_computation)=%([\w.-]+)")
 _TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
@@ -101,7 +114,8 @@ def plan(cfg: Config) -> dict:
                                       sharding=batch_sharding(run.mesh, 1 + len(shape))),
         "label": jax.ShapeDtypeStruct((b,), np.int32, sharding=batch_sharding(run.mesh)),
     }  # fmt: skip
-    compiled = run.train_step.lower(args, batch).compile()
+    lowered = run.train_step.lower(args, batch)
+    compiled = lowered.compile()
     comm = run.comm_bytes_per_step(compiled, 1)
     mem = compiled.memory_analysis()
     memory = {
@@ -123,7 +137,26 @@ def plan(cfg: Config) -> dict:
         "replicated": [str(r) for r in run.replicated],
         "pipeline": pipeline_plan(run, per_stage),
         "sync": {"mode": run.cfg.sync, "comm_bytes_per_step": comm},
+        "projection": projection(run, lowered, compiled, memory["peak"]) if cfg.project else None,
     }
+
+
+def projection(run, lowered, compiled, peak_bytes: int) -> dict:
+    """The step projected onto ``--project``'s hardware (`jaxpar.projection`): kernels from the
+    program before optimisation, collectives from the compiled one."""
+    from jaxpar.projection import kernels, parse_hardware, project
+
+    schedule = schedule_for(run.cfg, run.spec)
+    return project(
+        kernels(lowered.as_text(dialect="hlo")),
+        collective_ops(compiled.as_text()),
+        dict(run.mesh.shape),
+        parse_hardware(run.cfg.project),
+        run.cfg.batch_size,
+        run.cfg.precision,
+        schedule.bubble if schedule else 0.0,
+        peak_bytes,
+    )
 
 
 def pipeline_plan(run, per_stage: dict) -> dict | None:
@@ -180,4 +213,41 @@ def format_plan(p: dict) -> str:
     lines.append(f"--sync {sync['mode']}: {_mib(sync['comm_bytes_per_step'])} of collectives per "
                  "optimizer step and device (periodic syncs spread over their period)")  # fmt: skip
     lines += [f"note: {r}" for r in p["replicated"]]
+    if p["projection"]:
+        lines += ["", format_projection(p["projection"])]
+    return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.2f} ms"
+
+
+def format_projection(q: dict) -> str:
+    e, mem = q["efficiency"], q["memory_per_chip"]
+    lines = [
+        f"projection on {q['hardware']}: {q['chips']} x {q['chip']} ({q['source']})",
+        f"  assumed: matrix products at {e['matmul']:.0%} of peak FLOP/s, memory at "
+        f"{e['memory']:.0%} of its bandwidth, links at {e['link']:.0%}; collectives hidden "
+        f"behind up to {e['overlap']:.0%} of the computation",
+        f"  per chip: {q['flops_per_chip'] / 1e12:,.3f} TFLOP and {q['bytes_per_chip'] / 1e9:,.2f}"
+        f" GB of memory traffic in {q['kernels']:,} kernels",
+        f"  computation: {_ms(q['compute_s'])} in compute-bound kernels + {_ms(q['memory_s'])} "
+        "in memory-bound ones" + (f" (pipeline bubble {q['bubble']:.0%} included)"
+                                  if q["bubble"] else ""),
+    ]  # fmt: skip
+    for c in q["collectives"]:
+        lines.append(
+            f"  {c['kind']} over {c['axes'] or '-'} ({c['devices']} devices, {c['link']}): "
+            f"x{c['count']}, {_mib(c['bytes'])}, {_ms(c['seconds'])}"
+        )
+    lines += [
+        f"  communication: {_ms(q['communication_s'])}, of which {_ms(q['hidden_s'])} hidden "
+        "behind computation",
+        f"  step: {_ms(q['step_s'])}, {q['images_per_s']:,.0f} images/s "
+        f"({q['images_per_s_per_chip']:,.0f} per chip), MFU {q['mfu']:.1%}, "
+        f"{q['bound']}-bound",
+        f"  memory per chip: compiled peak {mem['peak_bytes'] / 2**30:,.2f} GiB of "
+        f"{mem['hbm_bytes'] / 2**30:,.0f} GiB"
+        + ("" if mem["fits"] else " - DOES NOT FIT: shard more (fsdp, model) or use --grad-accum"),
+    ]
     return "\n".join(lines)

@@ -83,6 +83,11 @@ BAD = {
     "--batch-size 4096": "larger than the 1437 training examples",
     "--steps-per-dispatch 0": "--steps-per-dispatch must be at least 1",
     "--init-timeout 0": "--init-timeout must be positive, got 0",
+    "--dry-run --project h100x0": "--project 'h100x0': chips per node and nodes must be at least 1",
+    "--dry-run --project unknown-chip": "expected CHIP[xN][:nodes=K], CHIP one of a100, h100",
+    "--project h100": "--project goes with --dry-run",
+    "--json": "--json goes with --dry-run",
+    "--dry-run --project h100x8 --mesh 4": "--mesh 4 has 4 devices but --project h100x8 has 8",
     "--seed -1": "--seed must be in [0, 2**32)",
     "--seed 4294967296": "--seed must be in [0, 2**32)",
     # decided from the mesh's sizes, before any device is emulated

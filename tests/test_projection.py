@@ -1,0 +1,92 @@
+"""`--dry-run --project`: the kernel and collective model behind the projection, and the CLI."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import train as cli
+from jaxpar.projection import (
+    CHIPS,
+    LINK_EFFICIENCY,
+    MATMUL_EFFICIENCY,
+    MEMORY_EFFICIENCY,
+    OVERLAP,
+    Hardware,
+    Kernel,
+    kernels,
+    project,
+)
+
+
+def hlo(f, *args) -> str:
+    return jax.jit(f).lower(*args).as_text(dialect="hlo")
+
+
+def test_elementwise_work_fuses_into_the_reduction_that_reads_a_product():
+    a, b = jnp.ones((64, 32)), jnp.ones((32, 16))
+    ks = kernels(hlo(lambda a, b: (jax.nn.relu(a @ b) * 2).sum(), a, b))
+    assert [k.op for k in ks] == ["dot", "reduce"]
+    dot, reduce = ks
+    assert dot.flops == 2 * 64 * 32 * 16 and dot.dtype == "f32"
+    assert dot.bytes == 4 * (64 * 32 + 32 * 16 + 64 * 16)  # reads a and b, writes a @ b
+    assert reduce.bytes == 4 * (64 * 16 + 1)  # reads a @ b once, writes the sum
+
+
+def test_a_scan_counts_its_body_once_per_iteration():
+    x, ws = jnp.ones((8, 16), jnp.bfloat16), jnp.ones((5, 16, 16), jnp.bfloat16)
+    ks = kernels(hlo(lambda x, ws: jax.lax.scan(lambda c, w: (c @ w, None), x, ws)[0], x, ws))
+    dots = [k for k in ks if k.op == "dot"]
+    assert len(dots) == 1 and dots[0].dtype == "bf16"
+    assert dots[0].flops == 5 * 2 * 8 * 16 * 16
+    # each iteration reads its own slice of the stacked weights, not all of them
+    assert dots[0].bytes == 5 * 2 * (8 * 16 + 16 * 16 + 8 * 16)
+
+
+def test_reductions_of_one_tensor_share_its_read():
+    x = jnp.ones((256, 64))
+    ks = kernels(hlo(lambda x: (x.sum(0), (x * x).sum(0)), x))
+    assert sum(k.bytes for k in ks) == 4 * (256 * 64 + 2 * 64)
+
+
+def test_projection_arithmetic():
+    chip = CHIPS["h100"]
+    hw = Hardware(chip, "h100", per_node=2, nodes=2)
+    mesh = {"stage": 1, "data": 2, "fsdp": 2, "model": 1}  # fsdp within a node, data across
+    flops, nbytes = 4 * 1e12, 4 * 2e9  # over 4 devices
+    ks = [Kernel("dot", flops, 0.0, "bf16"), Kernel("add", 0.0, nbytes, "")]
+    ops = [
+        {"kind": "all-reduce", "bytes": 1e9, "count": 1, "groups": "{{0,2},{1,3}}"},
+        {"kind": "all-gather", "bytes": 1e8, "count": 3, "groups": "[2,2]<=[4]"},
+    ]
+    q = project(ks, ops, mesh, hw, batch=64, precision="bf16")
+    compute = 1e12 / (chip.bf16 * MATMUL_EFFICIENCY)
+    memory = 2e9 / (chip.hbm_bw * MEMORY_EFFICIENCY)
+    assert q["compute_s"] == pytest.approx(compute) and q["memory_s"] == pytest.approx(memory)
+    across, within = q["collectives"]
+    assert (across["axes"], across["link"], across["devices"]) == ("data", "between nodes", 2)
+    assert across["seconds"] == pytest.approx(2 * 1 / 2 * 1e9 / (chip.inter_bw * LINK_EFFICIENCY))
+    assert (within["axes"], within["link"], within["count"]) == ("fsdp", "within a node", 3)
+    assert within["seconds"] == pytest.approx(3 * 1 / 2 * 1e8 / (chip.intra_bw * LINK_EFFICIENCY))
+    comm = across["seconds"] + within["seconds"]
+    assert q["hidden_s"] == pytest.approx(min(comm, OVERLAP * (compute + memory)))
+    assert q["step_s"] == pytest.approx(compute + memory + comm - q["hidden_s"])
+    assert q["images_per_s_per_chip"] == pytest.approx(64 / q["step_s"] / 4)
+    assert q["mfu"] == pytest.approx(1e12 / q["step_s"] / chip.bf16)
+    parts = {"compute": compute, "memory": memory, "communication": comm - q["hidden_s"]}
+    assert q["bound"] == max(parts, key=parts.get)
+
+
+def test_dry_run_json_projects_onto_two_nodes(capsys):
+    args = ["--dry-run", "--json", "--mesh", "data=2,fsdp=2", "--project", "h100x2:nodes=2"]
+    assert cli.main(args) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert {"params", "per_device", "collectives", "projection"} <= set(plan)
+    q = plan["projection"]
+    assert q["chips"] == 4 and q["bound"] in ("compute", "memory", "communication")
+    assert q["step_s"] > 0 and 0 < q["mfu"] < 1
+    assert q["images_per_s_per_chip"] == pytest.approx(128 / q["step_s"] / 4)
+    links = {(c["axes"], c["link"]) for c in q["collectives"]}
+    assert ("fsdp", "within a node") in links  # parameters gathered within a node
+    assert any("data" in axes and link == "between nodes" for axes, link in links)
