@@ -53,6 +53,19 @@ class Config:
     num_processes: int | None = None
     process_id: int | None = None
     init_timeout: float = 120.0  # seconds the processes of a job wait for each other to start
+    # Federated learning (`jaxpar.federated`): None clients is not federated.
+    clients: int | None = None
+    clients_per_round: int | None = None  # None: 10, or every client when fewer
+    local_epochs: int = 1
+    local_batch: int = 10
+    rounds: int | None = None  # sets steps: one step is one round
+    partition: str = "iid"  # iid, shards:K, dirichlet:ALPHA
+    server_optimizer: str = "fedavg"  # fedavg, fedavgm, fedadam, fedyogi
+    server_lr: float | None = None  # None: the server optimizer's usual rate
+    prox_mu: float = 0.0  # FedProx's proximal term
+    dp_clip: float | None = None  # DP-FedAvg: each client's update clipped to this norm
+    dp_noise: float = 0.0  # DP-FedAvg: noise multiplier
+    secure_agg: bool = False  # simulate secure aggregation's fixed-point sums
 
     def validate(self) -> "Config":
         from jaxpar.data import DATASETS, known
@@ -147,9 +160,58 @@ class Config:
         for flag, given in (("--patch-size", self.patch_size is not None),
                             ("--remat", self.remat != "none")):  # fmt: skip
             need(vit or not given, f"{flag} applies to the ViT models only (--model vit-...)")
+        self.check_federated(need)
+        changes = {}
         if self.project is not None and self.mesh is None:  # all the chips on the data axis
-            return dataclasses.replace(self, mesh=str(chips))
-        return self
+            changes["mesh"] = str(chips)
+        if self.rounds is not None:
+            changes["steps"] = self.rounds
+        if self.clients is not None and self.clients_per_round is None:
+            changes["clients_per_round"] = min(10, self.clients)
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def check_federated(self, need) -> None:
+        if self.clients is None:
+            given = [f for f in ("rounds", "prox_mu", "dp_clip", "dp_noise", "secure_agg")
+                     if getattr(self, f) != getattr(Config, f)]  # fmt: skip
+            need(not given, f"--{given[0].replace('_', '-') if given else ''} goes with --clients "
+                 "(federated learning)")  # fmt: skip
+            return
+        from jaxpar.federated import parse_partition, server_optimizer
+
+        need(self.clients >= 1, f"--clients must be at least 1, got {self.clients}")
+        need(self.clients_per_round is None or 1 <= self.clients_per_round <= self.clients,
+             f"--clients-per-round {self.clients_per_round} must be between 1 and --clients "
+             f"{self.clients}")  # fmt: skip
+        for flag in ("local_epochs", "local_batch", "rounds"):
+            value = getattr(self, flag)
+            need(value is None or value >= 1,
+                 f"--{flag.replace('_', '-')} must be at least 1, got {value}")  # fmt: skip
+        parse_partition(self.partition)
+        server_optimizer(self.server_optimizer, self.server_lr)
+        need(self.server_lr is None or self.server_lr > 0,
+             f"--server-lr must be positive, got {self.server_lr}")  # fmt: skip
+        need(self.prox_mu >= 0, f"--prox-mu must be >= 0, got {self.prox_mu}")
+        need(self.dp_clip is None or self.dp_clip > 0,
+             f"--dp-clip must be positive (a norm), got {self.dp_clip}")  # fmt: skip
+        need(self.dp_noise >= 0, f"--dp-noise must be >= 0, got {self.dp_noise}")
+        need(
+            not self.dp_noise or self.dp_clip is not None,
+            "--dp-noise needs --dp-clip: the noise is a multiple of the clipping norm",
+        )
+        alone = {"--sync": self.sync == "every-step", "--grad-accum": self.grad_accum == 1,
+                 "--steps-per-dispatch": self.steps_per_dispatch == 1,
+                 "--freeze": self.freeze is None}  # fmt: skip
+        for flag, ok in alone.items():
+            need(ok, f"{flag} does not apply to federated runs (--clients): a round is one step")
+
+    def federated(self) -> dict | None:
+        """The settings a federated checkpoint must match to resume (None: not federated)."""
+        if self.clients is None:
+            return None
+        keys = ("clients", "clients_per_round", "local_epochs", "local_batch", "partition",
+                "server_optimizer", "prox_mu", "dp_clip", "dp_noise", "secure_agg")  # fmt: skip
+        return {k: getattr(self, k) for k in keys}
 
     def profile_range(self) -> tuple[int, int] | None:
         a, _, b = (self.profile_steps or "").partition(":")

@@ -24,8 +24,6 @@ from jaxpar.data import (
     load_dataset,
     prefetch,
     preprocess,
-    steps_per_epoch,
-    train_batches,
 )
 from jaxpar.errors import Diverged, Preempted, UserError
 from jaxpar.mesh import MeshSpec, draw_mesh, make_mesh, parse_mesh
@@ -39,7 +37,6 @@ from jaxpar.step import (
     compile_steps,
     frozen,
     init_state,
-    make_optimizer,
     make_schedule,
     under_mesh,
 )
@@ -88,6 +85,7 @@ class Run:
     compile: object  # (stacked=, signals=) -> (train_step, eval_step) jitted for this run
     mode: object  # how data-parallel replicas agree (`jaxpar.sync`)
     sync: object  # the mode's jitted every-H-steps program, or None
+    batches: object  # plan -> the device batch of each dispatch (`jaxpar.sync.Mode.batches`)
 
     def comm_bytes_per_step(self, train_program, steps: int) -> float:
         """Collective bytes per optimizer step and device, from the compiled programs: a
@@ -146,6 +144,7 @@ class Run:
             "sync": None if self.cfg.sync == "every-step" else self.cfg.sync,
             "revision": revision(c.model),
             "freeze": c.freeze,
+            "federated": c.federated(),
         }
 
     @property
@@ -161,7 +160,8 @@ def setup(cfg: Config) -> Run:
     mesh = make_mesh(spec)
     check_batch(cfg.batch_size, mesh)
     ds = load_dataset(cfg.dataset, cfg.data_dir)
-    per_epoch = steps_per_epoch(ds, cfg.batch_size)
+    mode = mode_for(cfg, spec, ds)
+    per_epoch = mode.steps_per_epoch(ds, cfg.batch_size)
     total = cfg.steps or cfg.epochs * per_epoch
     if cfg.schedule == "cosine" and cfg.warmup_steps >= total:
         raise UserError(
@@ -171,19 +171,17 @@ def setup(cfg: Config) -> Run:
     dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
     model_fn = partial(MODELS[cfg.model], ds.image_shape, ds.num_classes, dtype=dtype,
                        **model_options(cfg, spec))  # fmt: skip
-    tx = make_optimizer(
-        cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule, cfg.warmup_steps, total
-    )
+    tx = mode.optimizer(cfg, total)
     tx = frozen(tx) if cfg.freeze else tx  # --freeze backbone: only the head trains
     graphdef, abstract = abstract_state(model_fn, tx, cfg.seed)
     base, replicated = state_shardings(abstract, mesh)
-    mode = mode_for(cfg, spec)
     plain, mask = nnx.to_pure_dict(abstract), param_mask(abstract)
     abstract, shardings = mode.layout(plain, base, mesh, mask)
     ndim = 1 + len(ds.image_shape)
     check_microbatches(cfg.batch_size, cfg.grad_accum, mesh)
     compile = partial(compile_steps, graphdef, shardings, mesh, cfg.seed, ndim, preprocess(ds),
-                      accum=cfg.grad_accum, step=mode.step, view=mode.view)  # fmt: skip
+                      accum=cfg.grad_accum, step=mode.step, view=mode.view,
+                      batch_ndims=mode.batch_ndims(ndim))  # fmt: skip
     fresh = partial(init_state, model_fn, tx, base, cfg.seed)
     if cfg.init_from:  # random weights, then those of --init-from (a fresh head if it differs)
         fresh = starting_from(cfg.init_from, cfg.model, ds.image_shape, fresh, plain[0], base[0],
@@ -195,9 +193,10 @@ def setup(cfg: Config) -> Run:
         sync = jax.jit(under_mesh(mode.sync, mesh), in_shardings=(shardings,),
                        out_shardings=shardings, donate_argnums=0)  # fmt: skip
     schedule = make_schedule(cfg.lr, cfg.schedule, cfg.warmup_steps, total)
+    batches = partial(mode.batches, ds, cfg.batch_size, cfg.seed, mesh=mesh)
     return Run(
         cfg, spec, mesh, ds, per_epoch, total, schedule, init, abstract, shardings, replicated,
-        *compile(), compile(stacked=True)[0], compile, mode, sync,
+        *compile(), compile(stacked=True)[0], compile, mode, sync, batches,
     )  # fmt: skip
 
 
@@ -256,7 +255,7 @@ def open_workdir(run: Run, start: float):
             f"workdir {workdir} already holds a run with no complete checkpoint "
             f"({', '.join(runs_there)}); choose a new --workdir, or --restart to move it aside"
         )
-    log = MetricsLog(workdir / "metrics.jsonl", start)
+    log = MetricsLog(workdir / "metrics.jsonl", start, run.mode.stamp)
     if step is None:
         write_config(workdir, cfg, 0)
         return workdir, Checkpoints(workdir, cfg.keep), log, run.init(), 0, []
@@ -318,8 +317,13 @@ def train(cfg: Config) -> dict:
     say(draw_mesh(run.mesh))
     for r in run.replicated:
         say(f"note: {r}")
+    for line in run.mode.announce(workdir):
+        say(line)
     try:
-        window = Window(log, cfg, run.total, losses, run.schedule)
+        window = Window(log, cfg, run.total, losses, run.schedule,
+                        run.mode.examples_per_step(cfg.batch_size))  # fmt: skip
+        model_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(run.abstract[0]))
+        window.extra.update(run.mode.traffic(model_bytes))
         last_eval = loop(run, state, first, ckpts, window, workdir / "profile")
     except Diverged as e:
         saved = ckpts.latest()
@@ -399,7 +403,7 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", prof
     # than their step computes; --steps-per-dispatch K runs K steps as one program.
     every = (eval_every, cfg.checkpoint_every, run.mode.period)
     plan = dispatches(first, run.total, cfg.steps_per_dispatch, every, profile.marks)
-    batches = prefetch(train_batches(run.ds, cfg.batch_size, cfg.seed, plan, run.mesh))
+    batches = prefetch(run.batches(plan))
     bar = tqdm(initial=first, total=run.total, unit="step",
                disable=not sys.stderr.isatty() or jax.process_index())  # fmt: skip
     last_eval = log.last("eval_accuracy")
@@ -495,8 +499,10 @@ class Window:
     compilation, evaluation and checkpoints).
     """
 
-    def __init__(self, log: MetricsLog, cfg: Config, total: int, losses: list, schedule):
+    def __init__(self, log: MetricsLog, cfg: Config, total: int, losses: list, schedule,
+                 examples_per_step: float | None = None):  # fmt: skip
         self.log, self.cfg, self.total, self.schedule = log, cfg, total, schedule
+        self.per_step = examples_per_step or cfg.batch_size
         self.losses, self.logged, self.pending = list(losses), float("nan"), None
         self.extra = {}  # keys a mode adds to training lines (comm_bytes_per_step)
         self.stop = 0  # the largest signal number pending in any process, as the steps saw it
@@ -552,7 +558,7 @@ class Window:
                 train_loss=self.logged,
                 grad_norm=grad_norm,
                 lr=float(self.schedule(step - 1)),  # the rate this step applied
-                examples_per_s=self.timed * self.cfg.batch_size / (now - self.since - self.idle),
+                examples_per_s=self.timed * self.per_step / (now - self.since - self.idle),
                 **self.extra,
             )
             self.since, self.timed, self.idle = now, 0, 0.0

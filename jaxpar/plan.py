@@ -16,7 +16,7 @@ from jaxpar.config import Config
 from jaxpar.mesh import draw_mesh
 from jaxpar.pipeline import schedule_for
 from jaxpar.projection import array_bytes
-from jaxpar.sharding import batch_sharding, path_str, placed
+from jaxpar.sharding import path_str, placed
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _OP = re.compile(r"= (\(.*?\)|\S+) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
@@ -108,12 +108,7 @@ def plan(cfg: Config) -> dict:
             rows.append({"path": key[2:], "shape": list(a.shape), "spec": str(s.spec),
                          "bytes_per_device": per_device, "sharded_ways": ways})  # fmt: skip
     args = placed(abstract, run.shardings)
-    b, shape = cfg.batch_size, run.ds.image_shape
-    batch = {
-        "image": jax.ShapeDtypeStruct((b, *shape), run.ds.train_images.dtype,
-                                      sharding=batch_sharding(run.mesh, 1 + len(shape))),
-        "label": jax.ShapeDtypeStruct((b,), np.int32, sharding=batch_sharding(run.mesh)),
-    }  # fmt: skip
+    batch = run.mode.abstract_batch(run.ds, cfg.batch_size, run.mesh)
     lowered = run.train_step.lower(args, batch)
     compiled = lowered.compile()
     comm = run.comm_bytes_per_step(compiled, 1)

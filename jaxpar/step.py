@@ -266,6 +266,7 @@ def compile_steps(
     accum=1,
     step=train_step,
     view=None,
+    batch_ndims=None,
 ):
     """``(train_step, eval_step)`` jitted with explicit in/out shardings.
 
@@ -275,10 +276,12 @@ def compile_steps(
     a leading steps axis, metrics returned per step. With `signals`, it takes a third argument
     (see `with_signals`). `accum`: the batch is processed as that many microbatches
     (`accumulate`). `step` is one optimizer step, `view(state)` the ``{0: model, 1: optimizer}``
-    that evaluation sees: a `jaxpar.sync` mode's (default: `train_step` and the state itself).
+    that evaluation sees: a `jaxpar.sync` mode's (default: `train_step` and the state itself);
+    `batch_ndims` the dimensions of each array of the mode's batch (default: image and label).
     """
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    train_batch = _batch_shardings(mesh, {"image": image_ndim, "label": 1}, stacked)
+    batch_ndims = batch_ndims or {"image": image_ndim, "label": 1}
+    train_batch = _batch_shardings(mesh, batch_ndims, stacked)
     eval_batch = _batch_shardings(mesh, {"image": image_ndim, "label": 1, "mask": 1})
     keys = tuple(_keys(seed)[1:])  # computed outside jit: the step holds them as constants
     step = partial(step, graphdef=graphdef, keys=keys, prepare=prepare, accum=accum)

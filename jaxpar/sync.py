@@ -15,7 +15,9 @@ The replicas are the ``data`` axis groups; each is itself sharded over ``fsdp``/
   versions in the state), so a run is reproducible and shows what staleness does.
 
 Each mode tells the one loop how its state is laid out (`layout`), what one step does (`step`),
-what it does every H steps (`sync`, None without) and which model evaluation sees (`view`). The
+what it does every H steps (`sync`, None without) and which model evaluation sees (`view`);
+`Mode` holds what all of these share, and what a mode whose step is not a batch of examples
+(`jaxpar.federated`, whose step is a round) replaces: its optimizer, data and metrics. The
 checkpoint holds the whole state, replica axis, global copy, outer momentum and ring included.
 Reductions: ``local:1`` with SGD without momentum and ``diloco:1`` with inner SGD and an outer SGD
 of learning rate 1 without momentum are ``every-step``; so is ``stale:0``.
@@ -33,9 +35,10 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxpar.data import steps_per_epoch, train_batches
 from jaxpar.errors import UserError
-from jaxpar.sharding import mapped_over, path_str
-from jaxpar.step import gradients, step_inputs, train_step
+from jaxpar.sharding import batch_sharding, mapped_over, path_str
+from jaxpar.step import gradients, make_optimizer, step_inputs, train_step
 
 REPLICAS = "data"  # the mesh axis whose groups are the replicas
 
@@ -57,8 +60,13 @@ def parse_sync(text: str) -> tuple[str, int]:
     )
 
 
-def mode_for(cfg, spec):
-    """The `--sync` mode of a run on the mesh sizes `spec` (its ``data`` groups: the replicas)."""
+def mode_for(cfg, spec, ds=None):
+    """The `--sync` mode of a run on the mesh sizes `spec` (its ``data`` groups: the replicas),
+    or with ``--clients`` the federated mode over `ds`'s training set."""
+    if cfg.clients is not None:
+        from jaxpar.federated import make_mode
+
+        return make_mode(cfg, spec, ds)
     kind, n = parse_sync(cfg.sync)
     replicas = spec.data
     if kind in ("local", "diloco") and replicas == 1:
@@ -90,7 +98,51 @@ def param_mask(abstract) -> dict:
     )
 
 
-class EveryStep:
+class Mode:
+    """What a run's mode decides besides its step; here, what every `--sync` mode shares."""
+
+    def optimizer(self, cfg, total: int) -> optax.GradientTransformation:
+        """The optimizer the state holds (a schedule over `total` steps)."""
+        return make_optimizer(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,
+                              cfg.schedule, cfg.warmup_steps, total)  # fmt: skip
+
+    def steps_per_epoch(self, ds, batch_size: int) -> int:
+        return steps_per_epoch(ds, batch_size)
+
+    def batch_ndims(self, image_ndim: int) -> dict[str, int]:
+        """Dimensions of each array of a step's batch (the leading one is sharded)."""
+        return {"image": image_ndim, "label": 1}
+
+    def batches(self, ds, batch_size: int, seed: int, plan, mesh):
+        """The device batch of each dispatch in `plan`."""
+        return train_batches(ds, batch_size, seed, plan, mesh)
+
+    def abstract_batch(self, ds, batch_size: int, mesh) -> dict:
+        """Shapes, dtypes and shardings of one step's batch (for `--dry-run`)."""
+        image = (batch_size, *ds.image_shape)
+        return {"image": jax.ShapeDtypeStruct(image, ds.train_images.dtype,
+                                              sharding=batch_sharding(mesh, len(image))),
+                "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32,
+                                              sharding=batch_sharding(mesh))}  # fmt: skip
+
+    def examples_per_step(self, batch_size: int) -> float:
+        """Training examples one step computes on (``examples_per_s`` in metrics)."""
+        return batch_size
+
+    def stamp(self, step: int) -> dict:
+        """Keys every line of ``metrics.jsonl`` at `step` carries besides ``step``."""
+        return {}
+
+    def traffic(self, param_bytes: int) -> dict:
+        """Constant keys of every training line (a federated round's bytes)."""
+        return {}
+
+    def announce(self, workdir) -> list[str]:
+        """Lines to print when a run starts (and files to write in `workdir`)."""
+        return []
+
+
+class EveryStep(Mode):
     """Synchronous data parallelism: the state as it is, `jaxpar.step.train_step`."""
 
     period = 0  # steps between syncs (0: none)
@@ -121,7 +173,7 @@ def _on_replicas(shardings):
 
 
 @dataclasses.dataclass
-class Local:
+class Local(Mode):
     """``local:H``: per-replica models and optimizers, averaged every H steps."""
 
     replicas: int
@@ -223,7 +275,7 @@ def _like_params(opt_state, param_shardings, mesh):
 
 
 @dataclasses.dataclass(frozen=True)
-class Stale:
+class Stale(Mode):
     """``stale:T``: gradients computed on the parameters of T steps ago (state key 2: a ring of
     the last T model states, slot ``step % T`` holding step ``step - T``'s)."""
 
@@ -260,4 +312,4 @@ class Stale:
         return {0: state[0], 1: state[1]}
 
 
-__all__ = ["DiLoCo", "EveryStep", "Local", "Stale", "mode_for", "parse_sync"]
+__all__ = ["DiLoCo", "EveryStep", "Local", "Mode", "Stale", "mode_for", "parse_sync"]

@@ -279,8 +279,8 @@ def import_weights(file, model: str, out, image_shape=(224, 224, 3), classes=Non
     """Write `file`'s weights as a jaxpar checkpoint (step 0, model only) in the new folder
     `out`; returns its manifest. `mean`/`std`: the normalisation the weights were trained with
     (per channel, of pixels in [0, 1]; default ImageNet's, as torchvision's and timm's ResNets)."""
-    if model not in MODELS or model == "mlp":
-        names = ", ".join(m for m in MODELS if m != "mlp")
+    if model not in MODELS or model in ("mlp", "2nn"):
+        names = ", ".join(m for m in MODELS if m not in ("mlp", "2nn"))
         raise UserError(f"--model {model} has no PyTorch counterpart to import; use one of {names}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):

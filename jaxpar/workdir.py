@@ -98,8 +98,8 @@ class MetricsLog:
     continues the clock from the last kept line.
     """
 
-    def __init__(self, path: Path, start: float):
-        self.path, self.start = path, start
+    def __init__(self, path: Path, start: float, stamp=lambda step: {}):
+        self.path, self.start, self.stamp = path, start, stamp  # stamp: step -> more keys
         self.file = self.events = None
 
     def rewind(self, step: int, keep=lambda line: True) -> None:
@@ -127,7 +127,12 @@ class MetricsLog:
         return next((line for line in reversed(lines) if key in line), {})
 
     def write(self, step: int, **values) -> dict:
-        line = {"step": step, "time": round(time.time() - self.start, 3), **values}
+        line = {
+            "step": step,
+            **self.stamp(step),
+            "time": round(time.time() - self.start, 3),
+            **values,
+        }
         if jax.process_index() == 0:
             if self.file is None:
                 from tensorboardX import SummaryWriter

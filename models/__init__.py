@@ -1,11 +1,12 @@
 """Flax NNX models. They name logical axes only; `jaxpar.sharding.RULES` maps them to the mesh."""
 
-from models.mlp import MLP
+from models.mlp import MLP, TwoNN
 from models.resnet import ResNet, ResNet8, ResNet18, ResNet34, ResNet50
 from models.vit import ViT, ViTBase, ViTLite, ViTSmall, ViTTiny
 
 MODELS = {
     "mlp": MLP,
+    "2nn": TwoNN,  # the FedAvg paper's MLP: 2 hidden layers of 200, ReLU
     "resnet8": ResNet8,  # CIFAR-style ResNet-8 (3 stages of one basic block, width 16)
     "resnet18": ResNet18,
     "resnet34": ResNet34,
@@ -57,6 +58,7 @@ def recipe_for(model: str) -> dict:
 
 __all__ = [
     "MLP",
+    "TwoNN",
     "MODELS",
     "RECIPES",
     "recipe_for",

@@ -1,6 +1,10 @@
 """Every test runs on 8 CPU-emulated devices, set once before the JAX backend starts."""
 
+import atexit
 import functools
+import os
+import shutil
+import tempfile
 from functools import partial
 
 import jax
@@ -9,6 +13,16 @@ import pytest
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
+
+# Compile each distinct program once per session: tests build the same steps many times, here
+# and in the processes they start (which read these variables). A fresh folder each session.
+CACHE = {"JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="jaxpar-tests-xla-"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}  # fmt: skip
+os.environ.update(CACHE)
+for name, value in CACHE.items():
+    jax.config.update(name.lower(), value if name.endswith("DIR") else int(value))
+atexit.register(shutil.rmtree, CACHE["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 from jaxpar.data import device_batch, load_digits, train_indices  # noqa: E402
 from jaxpar.mesh import make_mesh, parse_mesh  # noqa: E402

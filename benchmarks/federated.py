@@ -1,0 +1,148 @@
+"""Federated learning (issue #14): how fast rounds run, and what FedAvg reaches on digits.
+
+``--part speed``: client updates per second of 100 clients of the FedAvg paper's 2NN (E=1, B=10)
+on the embedded digits: jaxpar's round (every client in one program: ``vmap`` over clients of a
+``lax.scan`` over local steps) against a plain Python loop over clients calling the same local
+training, jitted once per client shape (the way most simulators run), then averaging. Both in
+this process, alternating, medians of ``--rounds`` rounds.
+
+``--part accuracy``: 20 clients, 10 per round, E=1, B=10, lr 0.05: FedAvg over IID and over
+``shards:2`` (pathological non-IID) clients against centralized SGD (batch 10, lr 0.05) given the
+same number of example visits; test accuracy against rounds in ``--png``.
+
+    python benchmarks/federated.py --part speed
+    python benchmarks/federated.py --part accuracy --png benchmarks/federated.png
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+
+def speed(rounds: int) -> dict:
+    from functools import partial
+
+    from flax import nnx
+
+    from jaxpar.config import Config
+    from jaxpar.data import preprocess
+    from jaxpar.loop import setup
+    from jaxpar.step import _keys
+
+    cfg = Config(model="2nn", clients=100, clients_per_round=100, local_batch=10, lr=0.05,
+                 rounds=1, mesh="1").validate()  # fmt: skip
+    run = setup(cfg)
+    mode, ds, graphdef = run.mode, run.ds, run.compile.args[0]
+    keys, prepare = tuple(_keys(0)[1:]), preprocess(ds)
+    host = mode.round_rows(0)
+    batch = {"image": ds.train_images[host["rows"]], "label": ds.train_labels[host["rows"]],
+             **{k: host[k] for k in ("mask", "weight", "client")}}  # fmt: skip
+    batch = jax.device_put(batch)
+    whole = jax.jit(partial(mode.step, graphdef=graphdef, keys=keys, prepare=prepare))
+    state = jax.device_get(run.init())
+
+    @jax.jit
+    def one_client(state, client, images, labels, mask):  # the same local training, one client
+        model, _ = nnx.merge(graphdef, state)
+        graph, start, rest = nnx.split(model, nnx.Param, ...)
+        round_keys = tuple(jax.random.fold_in(k, 0) for k in keys)
+        params, _, loss = mode.local(graph, start, rest, round_keys, prepare, client, images,
+                                     labels, mask)  # fmt: skip
+        return jax.tree.map(jnp.subtract, params, start), loss
+
+    def loop():
+        total, summed = 0.0, None
+        for c in range(mode.slots):
+            delta, _ = one_client(state, batch["client"][c], batch["image"][c],
+                                  batch["label"][c], batch["mask"][c])  # fmt: skip
+            weighted = jax.tree.map(partial(jnp.multiply, batch["weight"][c]), delta)
+            summed = weighted if summed is None else jax.tree.map(jnp.add, summed, weighted)
+            total += float(batch["weight"][c])
+        return jax.block_until_ready(jax.tree.map(lambda s: s / total, summed))
+
+    jax.block_until_ready(whole(state, batch))  # compile both
+    loop()
+    times = {"jaxpar": [], "loop": []}
+    for _ in range(rounds):
+        start = time.perf_counter()
+        jax.block_until_ready(whole(state, batch))
+        times["jaxpar"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        loop()
+        times["loop"].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"clients": mode.slots, "local_steps": mode.local_steps,
+            "jaxpar_client_updates_per_s": mode.slots / med["jaxpar"],
+            "loop_client_updates_per_s": mode.slots / med["loop"],
+            "ratio": med["loop"] / med["jaxpar"]}  # fmt: skip
+
+
+def accuracy(rounds: int, png: str | None) -> dict:
+    import train as cli
+
+    curves = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        common = ["--model", "2nn", "--lr", "0.05", "--log-every", "1000"]
+        fed = [*common, "--clients", "20", "--clients-per-round", "10", "--local-epochs", "1",
+               "--local-batch", "10", "--rounds", str(rounds), "--eval-every", "5"]  # fmt: skip
+        # a round visits half the examples once: centralized SGD gets as many (batch 10)
+        per_round = 1437 // 2 // 10
+        central = [*common, "--batch-size", "10", "--momentum", "0", "--steps",
+                   str(rounds * per_round), "--eval-every", str(5 * per_round)]  # fmt: skip
+        for name, args in (("centralized", central), ("fedavg iid", [*fed, "--partition", "iid"]),
+                           ("fedavg shards:2", [*fed, "--partition", "shards:2"])):  # fmt: skip
+            workdir = Path(tmp) / name.replace(" ", "-").replace(":", "")
+            assert cli.main([*args, "--workdir", str(workdir)]) == 0
+            lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+            evals = [x for x in lines if "eval_accuracy" in x]
+            scale = per_round if name == "centralized" else 1
+            curves[name] = [(x["step"] / scale, x["eval_accuracy"]) for x in evals]
+    if png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, points in curves.items():
+            ax.plot(*zip(*points, strict=True), label=name, marker=".")
+        ax.set_xlabel("round (centralized: the same example visits)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title("2NN on digits, 20 clients, 10 per round, E=1, B=10")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(png, dpi=100)
+    return {name: {"final": points[-1][1], "curve": points} for name, points in curves.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["speed", "accuracy"], default="speed")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--png")
+    a = parser.parse_args()
+    if a.part == "speed":
+        r = speed(a.rounds or 5)
+        print(f"{r['clients']} clients x {r['local_steps']} local steps: jaxpar "
+              f"{r['jaxpar_client_updates_per_s']:,.0f} client updates/s, Python loop over "
+              f"clients {r['loop_client_updates_per_s']:,.0f}/s: {r['ratio']:.1f}x")  # fmt: skip
+    else:
+        r = accuracy(a.rounds or 60, a.png)
+        for name, v in r.items():
+            print(
+                f"{name:16} final test accuracy {v['final']:.4f}  "
+                + " ".join(f"{s:g}:{acc:.3f}" for s, acc in v["curve"])
+            )
+    print(json.dumps({"benchmark": "federated", "part": a.part, "jax": jax.__version__,
+                      "result": r}, default=float))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
