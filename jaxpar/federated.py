@@ -212,15 +212,17 @@ class Federated(Mode):
             (workdir / "partition.json").write_text(json.dumps(self.about, indent=1))
         s, lines = self.about, []
         if self.dp_noise:
-            q, eps = self.per_round / self.clients, privacy_budget(
-                self.per_round / self.clients, self.dp_noise, self.rounds, DELTA)  # fmt: skip
+            q = self.per_round / self.clients
+            eps = privacy_budget(q, self.dp_noise, self.rounds, DELTA)
             lines.append(f"privacy: epsilon {eps:.3g} at delta {DELTA:g} after {self.rounds} "
                          f"rounds (noise multiplier {self.dp_noise:g}, clients sampled at rate "
                          f"{q:.3g}; dp-accounting's RDP accountant)")  # fmt: skip
-        return lines + [f"partition: {s['clients']} clients; examples per client min "
-                f"{s['examples']['min']} / median {s['examples']['median']:g} / max "
-                f"{s['examples']['max']}; labels per client min {s['labels']['min']} / median "
-                f"{s['labels']['median']:g} / max {s['labels']['max']}"]  # fmt: skip
+        examples, labels = s["examples"], s["labels"]
+        lines.append(f"partition: {s['clients']} clients; examples per client min "
+                     f"{examples['min']} / median {examples['median']:g} / max {examples['max']}; "
+                     f"labels per client min {labels['min']} / median {labels['median']:g} / max "
+                     f"{labels['max']}")  # fmt: skip
+        return lines
 
     def traffic(self, param_bytes: int) -> dict:
         """Bytes a real deployment sends per round: the model down and an update up, per client
@@ -457,7 +459,8 @@ def make_mode(cfg, spec, ds) -> Federated:
     return Federated(
         parts, cfg.clients_per_round, cfg.local_epochs, cfg.local_batch, cfg.lr, cfg.seed,
         spec.data, cfg.prox_mu, cfg.dp_clip, cfg.dp_noise, cfg.secure_agg,
-        summary(parts, np.asarray(ds.train_labels)), cfg.steps or 0,
+        summary(parts, np.asarray(ds.train_labels)),
+        cfg.steps or cfg.epochs * max(1, cfg.clients // cfg.clients_per_round),  # setup's total
     )  # fmt: skip
 
 

@@ -83,7 +83,7 @@ class Run:
     eval_step: object
     train_steps: object  # several steps in one program: batches stacked on a leading axis
     compile: object  # (stacked=, signals=) -> (train_step, eval_step) jitted for this run
-    mode: object  # how data-parallel replicas agree (`jaxpar.sync`)
+    mode: object  # `jaxpar.sync.Mode`: how replicas agree, or federated rounds
     sync: object  # the mode's jitted every-H-steps program, or None
     batches: object  # plan -> the device batch of each dispatch (`jaxpar.sync.Mode.batches`)
 
@@ -461,7 +461,9 @@ class Profile:
 
     def before(self, step: int) -> None:
         if not self.active and self.first <= step < self.end:
-            jax.profiler.start_trace(self.directory)
+            # A folder per trace: the profiler names its own by the second, which a resumed
+            # run's trace can share with the stopped run's.
+            jax.profiler.start_trace(f"{self.directory}/from-step-{step}")
             self.active = True
 
     def after(self, done: int, state) -> None:
@@ -505,6 +507,7 @@ class Window:
         self.per_step = examples_per_step or cfg.batch_size
         self.losses, self.logged, self.pending = list(losses), float("nan"), None
         self.extra = {}  # keys a mode adds to training lines (comm_bytes_per_step)
+        self.latest = {}  # the last dispatch's other metrics (secure_agg_error)
         self.stop = 0  # the largest signal number pending in any process, as the steps saw it
         self.start()
 
@@ -539,6 +542,11 @@ class Window:
         norms = np.atleast_1d(fetch(metrics["grad_norm"]))
         if "stop" in metrics:
             self.stop = max(self.stop, int(fetch(metrics["stop"])))
+        self.latest = {
+            k: float(np.atleast_1d(fetch(v))[-1])
+            for k, v in metrics.items()
+            if k not in ("train_loss", "grad_norm", "stop")
+        }  # a mode's own metrics
         for step, loss, norm in zip(
             range(done - len(losses) + 1, done + 1), losses, norms, strict=True
         ):
@@ -560,6 +568,7 @@ class Window:
                 lr=float(self.schedule(step - 1)),  # the rate this step applied
                 examples_per_s=self.timed * self.per_step / (now - self.since - self.idle),
                 **self.extra,
+                **self.latest,
             )
             self.since, self.timed, self.idle = now, 0, 0.0
             if step % self.cfg.log_every == 0:  # a run's last, partial window stays open

@@ -190,6 +190,11 @@ def test_a_run_stopped_and_resumed_equals_the_uninterrupted_one(tmp_path):
     assert trained["bytes_per_round"] == 2 * trained["bytes_up_per_client"] * 3
     # another federated setting cannot resume it
     assert cli.main([*args, "--rounds", "6", "--clients", "9", "--workdir", str(parts)]) == 2
+    # with secure aggregation, training lines report its error against the float sum
+    secure = tmp_path / "secure"
+    assert cli.main([*args, "--rounds", "2", "--secure-agg", "--workdir", str(secure)]) == 0
+    errors = [r["secure_agg_error"] for r in lines(secure) if "train_loss" in r]
+    assert errors and all(0 <= e < 1e-4 for e in errors)
 
 
 def test_the_adaptive_server_optimizers_take_adam_and_yogi_steps():
