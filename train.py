@@ -60,6 +60,9 @@ FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxp
             ["backbone"],
             "train only the classifier head (no optimizer state for the rest)",
         ),
+        ("--prune-to", float, "magnitude pruning: sparsity of every weight matrix at the end"),
+        ("--prune-start", int, "step the pruned fraction starts rising (cubic schedule)"),
+        ("--prune-end", int, "step it reaches --prune-to (None: 3/4 of the run)"),
     ],
     "data": [
         (

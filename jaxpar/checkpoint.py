@@ -37,9 +37,9 @@ from models import REVISIONS, revision
 
 # Fields of the manifest that define the run: a checkpoint resumes only into the same ones.
 IDENTITY = ("model", "dataset", "image_shape", "num_classes", "batch_size", "optimizer", "seed",
-            "patch_size", "sync", "revision", "freeze", "federated")  # fmt: skip
+            "patch_size", "sync", "revision", "freeze", "prune_to", "federated")  # fmt: skip
 # What a manifest written before a field existed means by its absence.
-ABSENT = {"revision": 1, "freeze": None, "federated": None}
+ABSENT = {"revision": 1, "freeze": None, "prune_to": None, "federated": None}
 # The layout of the saved state. 2: the optimizer state always holds a step count (schedules).
 FORMAT = 2
 

@@ -45,6 +45,9 @@ class Config:
         None  # a workdir (its latest checkpoint) or a weights file to start from
     )
     freeze: str | None = None  # "backbone": only the classifier head trains
+    prune_to: float | None = None  # magnitude pruning to this sparsity (`jaxpar.prune`)
+    prune_start: int = 0  # step the sparsity starts rising
+    prune_end: int | None = None  # step it reaches --prune-to (None: 3/4 of the run)
     profile_steps: str | None = None  # "A:B": JAX profiler trace of steps A to B
     dry_run: bool = False  # print the plan (placement, memory, collectives) and stop
     project: str | None = None  # with dry_run: CHIP[xN][:nodes=K], the step's time on that
@@ -145,6 +148,15 @@ class Config:
                 f"--init-from {source} has no checkpoints/ folder; name a workdir with a "
                 "checkpoint, or a weights file (.safetensors, .pth)",
             )
+        need(self.prune_to is None or 0 <= self.prune_to < 1,
+             f"--prune-to must be a sparsity in [0, 1), got {self.prune_to}")  # fmt: skip
+        need(self.prune_start >= 0, f"--prune-start must be >= 0, got {self.prune_start}")
+        need(self.prune_end is None or self.prune_end > self.prune_start,
+             f"--prune-end {self.prune_end} must come after --prune-start "
+             f"{self.prune_start}")  # fmt: skip
+        for flag, given in (("--prune-start", self.prune_start != 0),
+                            ("--prune-end", self.prune_end is not None)):  # fmt: skip
+            need(self.prune_to is not None or not given, f"{flag} goes with --prune-to")
         need(self.init_timeout > 0, f"--init-timeout must be positive, got {self.init_timeout:g}")
         if self.project is not None:
             from jaxpar.mesh import parse_mesh
@@ -201,7 +213,7 @@ class Config:
         )
         alone = {"--sync": self.sync == "every-step", "--grad-accum": self.grad_accum == 1,
                  "--steps-per-dispatch": self.steps_per_dispatch == 1,
-                 "--freeze": self.freeze is None}  # fmt: skip
+                 "--freeze": self.freeze is None, "--prune-to": self.prune_to is None}  # fmt: skip
         for flag, ok in alone.items():
             need(ok, f"{flag} does not apply to federated runs (--clients): a round is one step")
 

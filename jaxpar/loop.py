@@ -11,6 +11,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
@@ -29,6 +30,7 @@ from jaxpar.errors import Diverged, Preempted, UserError
 from jaxpar.mesh import MeshSpec, draw_mesh, make_mesh, parse_mesh
 from jaxpar.pipeline import schedule_for
 from jaxpar.plan import collectives
+from jaxpar.prune import magnitude_pruning
 from jaxpar.sharding import RULES, check_batch, placed, spec_table, state_shardings
 from jaxpar.signals import Stop, stop_on_signals
 from jaxpar.step import (
@@ -144,6 +146,7 @@ class Run:
             "sync": None if self.cfg.sync == "every-step" else self.cfg.sync,
             "revision": revision(c.model),
             "freeze": c.freeze,
+            "prune_to": c.prune_to,
             "federated": c.federated(),
         }
 
@@ -173,6 +176,9 @@ def setup(cfg: Config) -> Run:
                        **model_options(cfg, spec))  # fmt: skip
     tx = mode.optimizer(cfg, total)
     tx = frozen(tx) if cfg.freeze else tx  # --freeze backbone: only the head trains
+    if cfg.prune_to is not None:  # masks in the optimizer state, applied after every update
+        end = cfg.prune_end or max(cfg.prune_start + 1, total * 3 // 4)
+        tx = optax.chain(tx, magnitude_pruning(cfg.prune_to, cfg.prune_start, end))
     graphdef, abstract = abstract_state(model_fn, tx, cfg.seed)
     base, replicated = state_shardings(abstract, mesh)
     plain, mask = nnx.to_pure_dict(abstract), param_mask(abstract)

@@ -87,6 +87,11 @@ BAD = {
     "--dry-run --project unknown-chip": "expected CHIP[xN][:nodes=K], CHIP one of a100, h100",
     "--project h100": "--project goes with --dry-run",
     "--json": "--json goes with --dry-run",
+    # pruning
+    "--prune-to -0.1": "--prune-to must be a sparsity in [0, 1), got -0.1",
+    "--prune-to 1.5": "--prune-to must be a sparsity in [0, 1), got 1.5",
+    "--prune-end 5": "--prune-end goes with --prune-to",
+    "--prune-to 0.5 --prune-start 8 --prune-end 4": "--prune-end 4 must come after --prune-start 8",
     # federated learning
     "--clients 0": "--clients must be at least 1, got 0",
     "--clients 5 --clients-per-round 6": "--clients-per-round 6 must be between 1 and --clients 5",

@@ -1,0 +1,87 @@
+"""Magnitude pruning while training (``--prune-to S``): an optax wrapper whose state holds masks.
+
+Zhu and Gupta's gradual schedule (2017): the sparsity of every weight matrix or kernel rises from 0
+at step ``--prune-start`` to S at ``--prune-end`` along ``S * (1 - (1 - t)**3)`` and stays there.
+Every `EVERY` steps while it rises, and at its end, each such parameter keeps its
+``n - round(sparsity * n)`` largest weights by magnitude; after every update the rest are set to
+exactly zero. A weight once pruned stays pruned (it ranks as zero).
+Vectors (biases, BatchNorm and LayerNorm scales, the PReLU slope) stay dense. The masks live in
+the optimizer state, so they are sharded like their parameters and saved in checkpoints: a
+resumed run prunes on from where it stopped.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+EVERY = 10  # steps between re-rankings while the sparsity rises
+
+
+class PruneState(NamedTuple):
+    mask: optax.Params  # 1 kept, 0 pruned; shaped like the parameters
+    count: jax.Array  # updates applied
+
+
+def sparsity(target: float, start: int, end: int, step) -> jax.Array:
+    """The sparsity after `step` updates: 0 up to `start`, `target` from `end` on, cubic between.
+
+    >>> [round(float(sparsity(0.9, 10, 20, s)), 4) for s in (0, 10, 15, 20, 99)]
+    [0.0, 0.0, 0.7875, 0.9, 0.9]
+    """
+    t = jnp.clip((step - start) / max(end - start, 1), 0.0, 1.0)
+    return target * (1 - (1 - t) ** 3)
+
+
+def _keep(weights: jax.Array, mask: jax.Array, fraction) -> jax.Array:
+    """The mask keeping all but ``round(fraction * n)`` of `weights`, the smallest in magnitude
+    (pruned ones count as zero; ties broken by position, so the count is exact)."""
+    magnitude = (jnp.abs(weights) * mask).ravel()
+    ranks = jnp.argsort(jnp.argsort(magnitude, stable=True), stable=True)
+    pruned = jnp.round(fraction * magnitude.size).astype(jnp.int32)
+    return (ranks >= pruned).reshape(weights.shape).astype(weights.dtype)
+
+
+def magnitude_pruning(target: float, start: int, end: int) -> optax.GradientTransformation:
+    """Chain it after an optimizer: its updates land pruned weights on exactly zero.
+
+    >>> params = {"w": jnp.arange(1.0, 11.0).reshape(2, 5), "b": jnp.ones(5)}
+    >>> tx = optax.chain(optax.sgd(0.0), magnitude_pruning(0.5, 0, 1))
+    >>> updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    >>> new = optax.apply_updates(params, updates)
+    >>> new["w"].tolist(), new["b"].tolist()  # half of the matrix, the smallest; vectors dense
+    ([[0.0, 0.0, 0.0, 0.0, 0.0], [6.0, 7.0, 8.0, 9.0, 10.0]], [1.0, 1.0, 1.0, 1.0, 1.0])
+    """
+
+    def init(params):
+        return PruneState(jax.tree.map(jnp.ones_like, params), jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params):
+        fraction = sparsity(target, start, end, state.count + 1)
+
+        def mask(p, u, m):
+            return _keep(p + u, m, fraction) if p.ndim >= 2 else m
+
+        # Ranking every weight costs two sorts per matrix: only every `EVERY` steps while the
+        # sparsity rises, and at its end (a pruned weight ranks as zero: at a constant sparsity
+        # the masks would not change).
+        step = state.count + 1
+        rising = (fraction != sparsity(target, start, end, state.count)) & (
+            (step % EVERY == 0) | (step >= end))  # fmt: skip
+        masks = jax.lax.cond(rising, lambda: jax.tree.map(mask, params, updates, state.mask),
+                             lambda: state.mask)  # fmt: skip
+        updates = jax.tree.map(lambda p, u, m: (p + u) * m - p, params, updates, masks)
+        return updates, PruneState(masks, state.count + 1)
+
+    return optax.GradientTransformation(init, update)
+
+
+def nonzeros(params) -> dict:
+    """``{"total", "nonzero", "layers": {path: [nonzero, size]}}`` of a pure dict of parameters."""
+    layers = {
+        "/".join(str(getattr(k, "key", k)) for k in path): [int(jnp.count_nonzero(a)), int(a.size)]
+        for path, a in jax.tree_util.tree_leaves_with_path(params)
+    }
+    return {"total": sum(s for _, s in layers.values()),
+            "nonzero": sum(n for n, _ in layers.values()), "layers": layers}  # fmt: skip
