@@ -60,6 +60,9 @@ FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxp
             ["backbone"],
             "train only the classifier head (no optimizer state for the rest)",
         ),
+        ("--teacher", str, "distil from this trained workdir (its latest checkpoint, frozen)"),
+        ("--distill-temperature", float, "distillation temperature T"),
+        ("--distill-weight", float, "A: loss = A T^2 KL(teacher/T || student/T) + (1-A) CE"),
         ("--prune-to", float, "magnitude pruning: sparsity of every weight matrix at the end"),
         ("--prune-start", int, "step the pruned fraction starts rising (cubic schedule)"),
         ("--prune-end", int, "step it reaches --prune-to (None: 3/4 of the run)"),
@@ -166,7 +169,8 @@ def parse_args(argv) -> Config:
                 group.add_argument(flag, type=kind, default=default, help=help)
     given = vars(parser.parse_args(argv))
     explicit = vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(given, UNSET))))
-    recipe = dict(recipe_for(given["model"]))
+    # A federated run's clients train with plain SGD at --lr: no model recipe (AdamW, warmup).
+    recipe = dict(recipe_for(given["model"])) if given["clients"] is None else {}
     if "warmup_steps" in recipe and given["steps"]:  # a short run: warm up for a tenth of it
         recipe["warmup_steps"] = min(recipe["warmup_steps"], given["steps"] // 10)
     return Config(**{k: recipe.get(k, v) if explicit[k] is UNSET else v for k, v in given.items()})
@@ -186,7 +190,8 @@ def main(argv=None) -> int:
         if cfg.mesh:  # what the sizes alone decide, before any device is emulated
             spec = parse_mesh(cfg.mesh)
             check_hosts(spec, processes)
-            check_batch_spec(cfg.batch_size, spec)
+            if cfg.clients is None:  # a federated round has no global batch
+                check_batch_spec(cfg.batch_size, spec)
             devices = spec.size
         if devices % processes:
             raise UserError(f"mesh of {devices} devices does not split over {processes} processes")

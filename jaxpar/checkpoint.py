@@ -37,16 +37,17 @@ from models import REVISIONS, revision
 
 # Fields of the manifest that define the run: a checkpoint resumes only into the same ones.
 IDENTITY = ("model", "dataset", "image_shape", "num_classes", "batch_size", "optimizer", "seed",
-            "patch_size", "sync", "revision", "freeze", "prune_to", "federated")  # fmt: skip
+            "patch_size", "sync", "revision", "freeze", "prune_to", "federated",
+            "teacher")  # fmt: skip
 # What a manifest written before a field existed means by its absence.
-ABSENT = {"revision": 1, "freeze": None, "prune_to": None, "federated": None}
+ABSENT = {"revision": 1, "freeze": None, "prune_to": None, "federated": None, "teacher": None}
 # The layout of the saved state. 2: the optimizer state always holds a step count (schedules).
 FORMAT = 2
 
 
 # Names of the train state's parts in a checkpoint: ``{0: model, 1: optimizer}``, and what a
 # `jaxpar.sync` mode adds (DiLoCo's global copy and outer momentum, stale SGD's ring).
-ITEMS = {0: "model", 1: "optimizer", 2: "held_params", 3: "outer_optimizer"}
+ITEMS = {0: "model", 1: "optimizer", 2: "held_params", 3: "outer_optimizer", 4: "teacher"}
 
 
 def _items(state) -> dict:

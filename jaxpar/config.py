@@ -6,6 +6,11 @@ from pathlib import Path
 
 from jaxpar.errors import UserError
 
+# The federated-learning fields: any of them given without --clients is refused.
+FEDERATED = ("clients_per_round", "local_epochs", "local_batch", "rounds", "partition",
+             "server_optimizer", "server_lr", "prox_mu", "dp_clip", "dp_noise",
+             "secure_agg")  # fmt: skip
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -45,6 +50,9 @@ class Config:
         None  # a workdir (its latest checkpoint) or a weights file to start from
     )
     freeze: str | None = None  # "backbone": only the classifier head trains
+    teacher: str | None = None  # a trained workdir distilled into this model (`jaxpar.distill`)
+    distill_temperature: float = 4.0
+    distill_weight: float = 0.9  # the distillation term's share of the loss
     prune_to: float | None = None  # magnitude pruning to this sparsity (`jaxpar.prune`)
     prune_start: int = 0  # step the sparsity starts rising
     prune_end: int | None = None  # step it reaches --prune-to (None: 3/4 of the run)
@@ -148,6 +156,12 @@ class Config:
                 f"--init-from {source} has no checkpoints/ folder; name a workdir with a "
                 "checkpoint, or a weights file (.safetensors, .pth)",
             )
+        need(self.distill_temperature > 0,
+             f"--distill-temperature must be positive, got {self.distill_temperature}")  # fmt: skip
+        need(0 <= self.distill_weight <= 1,
+             f"--distill-weight must be in [0, 1], got {self.distill_weight}")  # fmt: skip
+        need(self.teacher is None or self.sync == "every-step",
+             f"--teacher with --sync {self.sync} is not supported; use every-step")  # fmt: skip
         need(self.prune_to is None or 0 <= self.prune_to < 1,
              f"--prune-to must be a sparsity in [0, 1), got {self.prune_to}")  # fmt: skip
         need(self.prune_start >= 0, f"--prune-start must be >= 0, got {self.prune_start}")
@@ -166,6 +180,8 @@ class Config:
             devices = parse_mesh(self.mesh).size if self.mesh else chips
             need(devices == chips, f"--mesh {self.mesh} has {devices} devices but --project "
                  f"{self.project} has {chips} chips; make them equal")  # fmt: skip
+        need(self.project is None or self.clients is None,
+             "--project does not model federated rounds; plan them without --project")  # fmt: skip
         for flag, given in (("--project", self.project is not None), ("--json", self.json)):
             need(self.dry_run or not given, f"{flag} goes with --dry-run (a plan, no training)")
         vit = self.model.startswith("vit-")
@@ -184,14 +200,22 @@ class Config:
 
     def check_federated(self, need) -> None:
         if self.clients is None:
-            given = [f for f in ("rounds", "prox_mu", "dp_clip", "dp_noise", "secure_agg")
-                     if getattr(self, f) != getattr(Config, f)]  # fmt: skip
+            given = [f for f in FEDERATED if getattr(self, f) != getattr(Config, f)]
             need(not given, f"--{given[0].replace('_', '-') if given else ''} goes with --clients "
                  "(federated learning)")  # fmt: skip
             return
         from jaxpar.federated import parse_partition, server_optimizer
+        from jaxpar.mesh import parse_mesh
 
         need(self.clients >= 1, f"--clients must be at least 1, got {self.clients}")
+        spec = parse_mesh(self.mesh) if self.mesh else None
+        need(spec is None or (spec.stage == spec.fsdp == spec.model == 1),
+             f"--clients spreads clients over the data axis only; mesh {self.mesh} also uses "
+             "stage, fsdp or model: use --mesh data=N")  # fmt: skip
+        need(not self.model.startswith("resnet"),
+             f"--clients with --model {self.model} is not supported yet: BatchNorm would "
+             "normalise over the padding of the clients' last batches; use mlp, 2nn or a "
+             "ViT")  # fmt: skip
         need(self.clients_per_round is None or 1 <= self.clients_per_round <= self.clients,
              f"--clients-per-round {self.clients_per_round} must be between 1 and --clients "
              f"{self.clients}")  # fmt: skip
@@ -213,7 +237,8 @@ class Config:
         )
         alone = {"--sync": self.sync == "every-step", "--grad-accum": self.grad_accum == 1,
                  "--steps-per-dispatch": self.steps_per_dispatch == 1,
-                 "--freeze": self.freeze is None, "--prune-to": self.prune_to is None}  # fmt: skip
+                 "--freeze": self.freeze is None, "--prune-to": self.prune_to is None,
+                 "--teacher": self.teacher is None}  # fmt: skip
         for flag, ok in alone.items():
             need(ok, f"{flag} does not apply to federated runs (--clients): a round is one step")
 

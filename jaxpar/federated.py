@@ -18,9 +18,10 @@ Options: FedProx's proximal term ``mu / 2 * ||w - w_round||^2`` in each local lo
 DP-FedAvg (``--dp-clip S --dp-noise Z``, McMahan et al. 2018): each client's update clipped to
 norm S, the round's clients weighted equally, Gaussian noise of standard deviation Z * S / m on
 the mean of m clients; a simulation of secure aggregation's fixed-point arithmetic
-(``--secure-agg``): weighted updates in 32-bit integers with 16 fractional bits, summed modulo
-2**32 as a real protocol would, their result used in place of the float sum, and the largest
-difference between the two returned as ``secure_agg_error``.
+(``--secure-agg``): weighted updates, in units of a round's expected total weight, in 32-bit
+integers with 16 fractional bits (so a round's mean update must stay within +-32,768 and is
+exact to about 2**-16), summed modulo 2**32 as a real protocol would, their result used in place
+of the float sum, and the largest difference between the two returned as ``secure_agg_error``.
 
 Reductions (tests/test_federated.py): one client holding all the data with one local step is
 centralized SGD; ``--prox-mu 0`` is FedAvg; a client twice is a client of twice the weight;
@@ -160,6 +161,7 @@ class Federated(Mode):
     dp_noise: float = 0.0
     secure_agg: bool = False
     about: dict = dataclasses.field(default_factory=dict)  # the partition's summary
+    at_once: int | None = None  # slots a device trains together (None: 1 on CPUs, up to 8 else)
     rounds: int = 0  # of the run (for the privacy budget)
 
     period = 0  # no sync program: the round is the step
@@ -197,6 +199,9 @@ class Federated(Mode):
 
     def optimizer(self, cfg, total: int) -> optax.GradientTransformation:
         return server_optimizer(cfg.server_optimizer, cfg.server_lr)
+
+    def check(self, cfg, mesh) -> None:
+        """Nothing: a round has no global batch to split."""
 
     def examples_per_step(self, batch_size: int) -> float:
         """Client examples a round trains on, on average: its clients' mean size x epochs."""
@@ -302,14 +307,15 @@ class Federated(Mode):
         ``vmap`` sharded over it), each device adding up its own, then one sum over devices.
 
         Performance is decided here. Each device runs its slots one after another on a CPU and
-        all at once on an accelerator: a CPU computes a batch of small matrix products (one
-        per client) far slower than one at a time (100 clients of the 2NN on digits: 460-540
-        client updates/s all at once, 3,200-4,400 one at a time), and a client's parameters
-        stay in cache.
+        up to 8 at a time on an accelerator: a CPU computes a batch of small matrix products
+        (one per client) far slower than one at a time (100 clients of the 2NN on digits:
+        460-540 client updates/s all at once, 3,200-4,400 one at a time), and a client's
+        parameters stay in cache.
         Adding each slot's update as it comes, never holding all of them, keeps memory at a few
         copies of the model whatever the number of clients."""
         per_device = self.slots // self.shards
-        at_once = 1 if jax.default_backend() == "cpu" else per_device
+        at_once = self.at_once or (1 if jax.default_backend() == "cpu" else 8)
+        at_once = max(d for d in range(1, min(at_once, per_device) + 1) if per_device % d == 0)
 
         def slot(client, images, labels, mask, weight):
             params, rest, loss = local(client, images, labels, mask)
@@ -341,9 +347,18 @@ class Federated(Mode):
             scale = jnp.minimum(1.0, self.dp_clip / jnp.maximum(optax.tree.norm(delta), 1e-12))
             delta, weight = jax.tree.map(lambda d: d * scale, delta), (weight > 0) * 1.0
         sent = {"update": jax.tree.map(lambda d: weight * d, delta), "weight": weight}
-        if self.secure_agg:
-            sent["fixed"] = jax.tree.map(to_fixed, sent["update"])
+        if self.secure_agg:  # in units of the round's expected total weight: values near 1
+            sent["fixed"] = jax.tree.map(
+                lambda u: to_fixed(u / self.expected_weight), sent["update"]
+            )
         return sent
+
+    @property
+    def expected_weight(self) -> float:
+        """A round's total weight on average, which every client knows (the fixed point's unit
+        for secure aggregation): the round's clients, each of its mean examples (1 under DP)."""
+        mean = 1.0 if self.dp_clip is not None else float(np.mean([len(p) for p in self.parts]))
+        return self.per_round * mean
 
     def finish(self, sums, key):
         """The mean update from the round's sums: with secure aggregation the fixed-point sum
@@ -351,7 +366,7 @@ class Federated(Mode):
         plus Gaussian noise of std z * S / m for the m clients of the round."""
         metrics, total, summed = {}, sums["weight"], sums["update"]
         if self.secure_agg:
-            secure = jax.tree.map(from_fixed, sums["fixed"])
+            secure = jax.tree.map(lambda x: from_fixed(x) * self.expected_weight, sums["fixed"])
             gaps = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), secure, summed)
             metrics["secure_agg_error"] = jnp.max(jnp.stack(jax.tree.leaves(gaps))) / total
             summed = secure
@@ -435,19 +450,21 @@ def privacy_budget(q: float, noise: float, rounds: int, delta: float) -> float:
     >>> round(privacy_budget(0.1, 1.0, 100, 1e-5), 2)
     7.9
     """
-    from absl import logging
+    import logging
+
     from dp_accounting import dp_event
     from dp_accounting.rdp import rdp_privacy_accountant
 
     event = dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(noise))
     accountant = rdp_privacy_accountant.RdpAccountant()
     accountant.compose(dp_event.SelfComposedDpEvent(event, rounds))
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity(logging.ERROR)  # orders it cannot evaluate are skipped, each warned of
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # orders it cannot evaluate are skipped, each warned of
     try:
         return float(accountant.get_epsilon(delta))
     finally:
-        logging.set_verbosity(verbosity)
+        absl.setLevel(level)
 
 
 def make_mode(cfg, spec, ds) -> Federated:

@@ -26,12 +26,13 @@ from jaxpar.data import (
     prefetch,
     preprocess,
 )
+from jaxpar.distill import load_teacher, with_teacher
 from jaxpar.errors import Diverged, Preempted, UserError
 from jaxpar.mesh import MeshSpec, draw_mesh, make_mesh, parse_mesh
 from jaxpar.pipeline import schedule_for
 from jaxpar.plan import collectives
 from jaxpar.prune import magnitude_pruning
-from jaxpar.sharding import RULES, check_batch, placed, spec_table, state_shardings
+from jaxpar.sharding import RULES, placed, spec_table, state_shardings
 from jaxpar.signals import Stop, stop_on_signals
 from jaxpar.step import (
     abstract_state,
@@ -147,6 +148,7 @@ class Run:
             "revision": revision(c.model),
             "freeze": c.freeze,
             "prune_to": c.prune_to,
+            "teacher": c.teacher,
             "federated": c.federated(),
         }
 
@@ -161,9 +163,9 @@ class Run:
 def setup(cfg: Config) -> Run:
     spec = parse_mesh(cfg.mesh, jax.device_count())
     mesh = make_mesh(spec)
-    check_batch(cfg.batch_size, mesh)
     ds = load_dataset(cfg.dataset, cfg.data_dir)
     mode = mode_for(cfg, spec, ds)
+    mode.check(cfg, mesh)
     per_epoch = mode.steps_per_epoch(ds, cfg.batch_size)
     total = cfg.steps or cfg.epochs * per_epoch
     if cfg.schedule == "cosine" and cfg.warmup_steps >= total:
@@ -183,17 +185,19 @@ def setup(cfg: Config) -> Run:
     base, replicated = state_shardings(abstract, mesh)
     plain, mask = nnx.to_pure_dict(abstract), param_mask(abstract)
     abstract, shardings = mode.layout(plain, base, mesh, mask)
-    ndim = 1 + len(ds.image_shape)
-    check_microbatches(cfg.batch_size, cfg.grad_accum, mesh)
-    compile = partial(compile_steps, graphdef, shardings, mesh, cfg.seed, ndim, preprocess(ds),
-                      accum=cfg.grad_accum, step=mode.step, view=mode.view,
-                      batch_ndims=mode.batch_ndims(ndim))  # fmt: skip
     fresh = partial(init_state, model_fn, tx, base, cfg.seed)
     if cfg.init_from:  # random weights, then those of --init-from (a fresh head if it differs)
         fresh = starting_from(cfg.init_from, cfg.model, ds.image_shape, fresh, plain[0], base[0],
                               say)  # fmt: skip
     laid = jax.jit(mode.init, out_shardings=shardings)
-    init = lambda: laid(fresh())  # noqa: E731
+    init, step = (lambda: laid(fresh())), mode.step
+    if cfg.teacher:  # its parameters ride in the state, restored onto this mesh
+        abstract, shardings, init, step = with_teacher(load_teacher(cfg, ds, mesh), abstract,
+                                                       shardings, init, step)  # fmt: skip
+    ndim = 1 + len(ds.image_shape)
+    compile = partial(compile_steps, graphdef, shardings, mesh, cfg.seed, ndim, preprocess(ds),
+                      accum=cfg.grad_accum, step=step, view=mode.view,
+                      batch_ndims=mode.batch_ndims(ndim))  # fmt: skip
     sync = None
     if mode.sync is not None:  # every H steps, its own program: the loop calls it (`synced`)
         sync = jax.jit(under_mesh(mode.sync, mesh), in_shardings=(shardings,),

@@ -142,9 +142,14 @@ def projection(run, lowered, compiled, peak_bytes: int) -> dict:
     from jaxpar.projection import kernels, parse_hardware, project
 
     schedule = schedule_for(run.cfg, run.spec)
+    ops = collective_ops(compiled.as_text())
+    if run.sync is not None:  # local SGD's or DiLoCo's average, spread over its period
+        synced = run.sync.lower(placed(run.abstract, run.shardings)).compile()
+        period = run.mode.period
+        ops += [{**op, "count": op["count"] / period} for op in collective_ops(synced.as_text())]
     return project(
         kernels(lowered.as_text(dialect="hlo")),
-        collective_ops(compiled.as_text()),
+        ops,
         dict(run.mesh.shape),
         parse_hardware(run.cfg.project),
         run.cfg.batch_size,
@@ -227,13 +232,13 @@ def format_projection(q: dict) -> str:
         f"  per chip: {q['flops_per_chip'] / 1e12:,.3f} TFLOP and {q['bytes_per_chip'] / 1e9:,.2f}"
         f" GB of memory traffic in {q['kernels']:,} kernels",
         f"  computation: {_ms(q['compute_s'])} in compute-bound kernels + {_ms(q['memory_s'])} "
-        "in memory-bound ones" + (f" (pipeline bubble {q['bubble']:.0%} included)"
+        "in memory-bound ones" + (f" (a pipeline bubble of {q['bubble']:.0%} included)"
                                   if q["bubble"] else ""),
     ]  # fmt: skip
     for c in q["collectives"]:
         lines.append(
             f"  {c['kind']} over {c['axes'] or '-'} ({c['devices']} devices, {c['link']}): "
-            f"x{c['count']}, {_mib(c['bytes'])}, {_ms(c['seconds'])}"
+            f"x{c['count']:g}, {_mib(c['bytes'])}, {_ms(c['seconds'])}"
         )
     lines += [
         f"  communication: {_ms(q['communication_s'])}, of which {_ms(q['hidden_s'])} hidden "
@@ -241,8 +246,8 @@ def format_projection(q: dict) -> str:
         f"  step: {_ms(q['step_s'])}, {q['images_per_s']:,.0f} images/s "
         f"({q['images_per_s_per_chip']:,.0f} per chip), MFU {q['mfu']:.1%}, "
         f"{q['bound']}-bound",
-        f"  memory per chip: compiled peak {mem['peak_bytes'] / 2**30:,.2f} GiB of "
-        f"{mem['hbm_bytes'] / 2**30:,.0f} GiB"
+        f"  memory per chip: compiled peak {mem['peak_bytes'] / 2**30:,.2f} GiB (this CPU's "
+        f"compile: bf16 convolutions in float32) of {mem['hbm_bytes'] / 2**30:,.1f} GiB"
         + ("" if mem["fits"] else " - DOES NOT FIT: shard more (fsdp, model) or use --grad-accum"),
     ]
     return "\n".join(lines)

@@ -20,7 +20,8 @@ A roofline per kernel, from what XLA says about the step:
   runs collectives asynchronously on GPUs and TPUs: gradient reductions behind the backward pass).
 
 Work is divided evenly over the mesh's devices: per-device FLOPs and bytes are the program's
-divided by the mesh size (a pipeline's bubble adds its share).
+divided by the mesh size (a pipeline's idle slots are in the program: they compute on zeros,
+which takes time but is not counted as useful work in the MFU).
 """
 
 import dataclasses
@@ -44,22 +45,25 @@ class Chip:
 
 
 # Vendor figures. NVIDIA's fp32 is TF32 (JAX's default precision for float32 matrix products on
-# these GPUs); a TPU's float32 products run as bfloat16 passes at default precision.
+# these GPUs); a TPU's float32 products run as bfloat16 passes at default precision. Memory: what
+# nvidia-smi reported on the H100 and H200 lent to this project, 80 GiB for the A100, the
+# published 16 and 95 GB (read as GiB) for the TPUs. A TPU "node" is a slice of chips on one ICI
+# network (tpu-v5px256:nodes=2: two slices joined by the data-center network), not a host.
 CHIPS = {
-    "a100": Chip("NVIDIA A100 SXM 80GB", 312e12, 156e12, 80e9, 2.039e12, 300e9, 25e9, 8,
+    "a100": Chip("NVIDIA A100 SXM 80GB", 312e12, 156e12, 80 * 2**30, 2.039e12, 300e9, 25e9, 8,
                  "NVIDIA A100 datasheet (dense bf16/TF32, 2,039 GB/s, NVLink 600 GB/s both "
                  "ways); DGX A100: one 200 Gb/s HDR InfiniBand port per GPU"),
-    "h100": Chip("NVIDIA H100 SXM5 80GB", 989e12, 494e12, 80e9, 3.35e12, 450e9, 50e9, 8,
+    "h100": Chip("NVIDIA H100 SXM5 80GB", 989e12, 494e12, 81559 * 2**20, 3.35e12, 450e9, 50e9, 8,
                  "NVIDIA H100 datasheet (dense bf16/TF32, 3.35 TB/s, NVLink 900 GB/s both "
                  "ways); DGX H100: one 400 Gb/s NDR InfiniBand port per GPU"),
-    "h200": Chip("NVIDIA H200 SXM 141GB", 989e12, 494e12, 141e9, 4.8e12, 450e9, 50e9, 8,
+    "h200": Chip("NVIDIA H200 SXM 141GB", 989e12, 494e12, 143771 * 2**20, 4.8e12, 450e9, 50e9, 8,
                  "NVIDIA H200 datasheet (dense bf16/TF32, 4.8 TB/s, NVLink 900 GB/s both ways); "
                  "a 400 Gb/s NDR InfiniBand port per GPU as in DGX H200"),
-    "tpu-v5e": Chip("Google TPU v5e", 197e12, 197e12, 16e9, 819e9, 200e9, 6.25e9, 4,
+    "tpu-v5e": Chip("Google TPU v5e", 197e12, 197e12, 16 * 2**30, 819e9, 200e9, 6.25e9, 4,
                     "Google Cloud TPU v5e docs (197 TFLOP/s bf16, 16 GB at 819 GB/s, ICI 1,600 "
                     "Gb/s per chip); between slices (DCN) an assumed 200 Gb/s per 4-chip host: "
                     "Google publishes no per-chip figure"),
-    "tpu-v5p": Chip("Google TPU v5p", 459e12, 459e12, 95e9, 2.765e12, 600e9, 12.5e9, 4,
+    "tpu-v5p": Chip("Google TPU v5p", 459e12, 459e12, 95 * 2**30, 2.765e12, 600e9, 12.5e9, 4,
                     "Google Cloud TPU v5p docs (459 TFLOP/s bf16, 95 GB at 2,765 GB/s, ICI 4,800 "
                     "Gb/s per chip); between slices (DCN) an assumed 400 Gb/s per 4-chip host: "
                     "Google publishes no per-chip figure"),
@@ -324,7 +328,7 @@ def replica_groups(text: str, devices: int) -> list[list[int]]:
     """
     import numpy as np
 
-    if not text:
+    if not text or text == "{}":
         return [list(range(devices))]
     if text.startswith("{"):
         return [[int(i) for i in g.split(",") if i] for g in re.findall(r"\{([\d,]*)\}", text)]
@@ -338,6 +342,8 @@ def replica_groups(text: str, devices: int) -> list[list[int]]:
         return iota(m[2], m[3]).reshape([int(d) for d in m[1].split(",")]).tolist()
     m = re.match(r"mesh\[([^\]]*)\](?:, device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))? \{(.*)\}",
                  text)  # fmt: skip
+    if m is None:
+        raise UserError(f"--project cannot read the replica groups {text!r} of this XLA version")
     names = re.findall(r"'(\w+)'=\d+", m[1])
     sizes = [int(s) for s in re.findall(r"=(\d+)", m[1])]
     ids = (iota(m[2], m[3]) if m[2] else np.arange(math.prod(sizes))).reshape(sizes)
@@ -375,18 +381,19 @@ def project(kernel_list, ops, mesh_shape: dict, hw: Hardware, batch: int, precis
         m = k.bytes / devices / (chip.hbm_bw * MEMORY_EFFICIENCY)
         compute_s, memory_s = (compute_s + c, memory_s) if c > m else (compute_s, memory_s + m)
         flops, nbytes = flops + k.flops / devices, nbytes + k.bytes / devices
-    stretch = 1 / (1 - bubble)  # a pipeline stage idles for the bubble's share of the step
-    computation_s = (compute_s + memory_s) * stretch
+    # A pipeline's idle slots are in the program already: they compute on zeros. Their FLOPs
+    # take time but are not useful work (MFU).
+    computation_s = compute_s + memory_s
     names, sizes = list(mesh_shape), list(mesh_shape.values())
     links: dict[tuple, dict] = {}
     for op in ops:
-        group = replica_groups(op["groups"], devices)[0]
-        n = len(group) if op["kind"] != "collective-permute" else 2
+        groups = replica_groups(op["groups"], devices)
+        n = len(groups[0]) if op["kind"] != "collective-permute" else 2
         if n < 2:
             continue
-        coords = np.array(np.unravel_index(group, sizes))
+        coords = np.array(np.unravel_index(groups[0], sizes))
         axes = ",".join(a for a, c in zip(names, coords, strict=True) if len(set(c)) > 1)
-        inter = len({d // hw.per_node for d in group}) > 1
+        inter = any(len({d // hw.per_node for d in g}) > 1 for g in groups)  # the slowest link
         bw = (chip.inter_bw if inter else chip.intra_bw) * LINK_EFFICIENCY
         entry = links.setdefault(
             (op["kind"], axes, n, inter),
@@ -400,7 +407,7 @@ def project(kernel_list, ops, mesh_shape: dict, hw: Hardware, batch: int, precis
     communication_s = sum(e["seconds"] for e in links.values())
     hidden_s = min(communication_s, OVERLAP * computation_s)
     step_s = computation_s + communication_s - hidden_s
-    parts = {"compute": compute_s * stretch, "memory": memory_s * stretch,
+    parts = {"compute": compute_s, "memory": memory_s,
              "communication": communication_s - hidden_s}  # fmt: skip
     peak = chip.fp32 if precision == "fp32" else chip.bf16
     return {
@@ -413,8 +420,8 @@ def project(kernel_list, ops, mesh_shape: dict, hw: Hardware, batch: int, precis
         "flops_per_chip": flops,
         "bytes_per_chip": nbytes,
         "kernels": len(kernel_list),
-        "compute_s": parts["compute"],
-        "memory_s": parts["memory"],
+        "compute_s": compute_s,
+        "memory_s": memory_s,
         "bubble": bubble,
         "collectives": sorted(links.values(), key=lambda e: -e["seconds"]),
         "communication_s": communication_s,
@@ -422,7 +429,7 @@ def project(kernel_list, ops, mesh_shape: dict, hw: Hardware, batch: int, precis
         "step_s": step_s,
         "images_per_s": batch / step_s,
         "images_per_s_per_chip": batch / step_s / hw.chips,
-        "mfu": flops / step_s / peak,
+        "mfu": flops * (1 - bubble) / step_s / peak,
         "bound": max(parts, key=parts.get),
         "memory_per_chip": {"peak_bytes": peak_bytes, "hbm_bytes": chip.hbm_bytes,
                             "fits": peak_bytes is None or peak_bytes <= chip.hbm_bytes},

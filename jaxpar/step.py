@@ -148,22 +148,26 @@ def loss_fn(model, images, labels, keys):
     return cross_entropy(logits, labels).mean()
 
 
-def gradients(model, data, accum: int = 1):
-    """Mean loss and its gradient over `data` (`step_inputs`), in `accum` microbatches."""
+def gradients(model, data, accum: int = 1, loss=loss_fn):
+    """Mean `loss` and its gradient over `data` (`step_inputs`), in `accum` microbatches."""
     if accum == 1:  # BatchNorm statistics update in place
-        return nnx.value_and_grad(loss_fn)(model, *data)
-    return accumulate(loss_fn, model, data, accum)
+        return nnx.value_and_grad(loss)(model, *data)
+    return accumulate(loss, model, data, accum)
 
 
-def train_step(state, batch, *, graphdef, keys, prepare, accum: int = 1):
+def train_step(state, batch, *, graphdef, keys, prepare, accum: int = 1, teacher=None):
     """One optimizer step. Random keys depend on (seed, step, example position) only, never on
-    the mesh or on `accum`: the gradient of ``accum`` microbatches is that of the whole batch."""
-    model, optimizer = nnx.merge(graphdef, state)
-    data = step_inputs(optimizer.step[...], batch, keys, prepare)
-    loss, grads = gradients(model, data, accum)
+    the mesh or on `accum`: the gradient of ``accum`` microbatches is that of the whole batch.
+    With a `teacher` (`jaxpar.distill`), its logits on the same inputs join the data and the
+    loss is the distillation loss; its parameters, ``state[4]``, pass through unchanged."""
+    model, optimizer = nnx.merge(graphdef, {0: state[0], 1: state[1]})
+    data, loss = step_inputs(optimizer.step[...], batch, keys, prepare), loss_fn
+    if teacher is not None:
+        data, loss = (*data, teacher.logits(state[4], data[0])), teacher.loss
+    loss, grads = gradients(model, data, accum, loss)
     optimizer.update(model, grads)
     metrics = {"train_loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return nnx.to_pure_dict(nnx.state((model, optimizer))), metrics
+    return {**state, **nnx.to_pure_dict(nnx.state((model, optimizer)))}, metrics
 
 
 def microbatches(x, k: int):
@@ -200,7 +204,7 @@ def accumulate(loss_fn, model, data, k: int):
 
 def eval_step(state, batch, *, graphdef, prepare):
     """Sums of loss and correct predictions over the unmasked examples of a batch."""
-    model, _ = nnx.merge(graphdef, state)
+    model, _ = nnx.merge(graphdef, {0: state[0], 1: state[1]})
     logits = model(prepare(batch["image"]), train=False)
     mask = batch["mask"]
     return {

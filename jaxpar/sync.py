@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxpar.data import steps_per_epoch, train_batches
 from jaxpar.errors import UserError
-from jaxpar.sharding import batch_sharding, mapped_over, path_str
+from jaxpar.sharding import batch_sharding, check_batch, mapped_over, path_str
 from jaxpar.step import gradients, make_optimizer, step_inputs, train_step
 
 REPLICAS = "data"  # the mesh axis whose groups are the replicas
@@ -105,6 +105,13 @@ class Mode:
         """The optimizer the state holds (a schedule over `total` steps)."""
         return make_optimizer(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,
                               cfg.schedule, cfg.warmup_steps, total)  # fmt: skip
+
+    def check(self, cfg, mesh) -> None:
+        """Refuse a batch that does not split over the mesh's batch shards (or microbatches)."""
+        from jaxpar.loop import check_microbatches
+
+        check_batch(cfg.batch_size, mesh)
+        check_microbatches(cfg.batch_size, cfg.grad_accum, mesh)
 
     def steps_per_epoch(self, ds, batch_size: int) -> int:
         return steps_per_epoch(ds, batch_size)

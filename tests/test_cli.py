@@ -87,6 +87,10 @@ BAD = {
     "--dry-run --project unknown-chip": "expected CHIP[xN][:nodes=K], CHIP one of a100, h100",
     "--project h100": "--project goes with --dry-run",
     "--json": "--json goes with --dry-run",
+    # distillation
+    "--teacher /no/such/run": "--teacher /no/such/run has no checkpoints/ folder",
+    "--teacher /tmp --distill-temperature 0": "--distill-temperature must be positive, got 0.0",
+    "--teacher /tmp --distill-weight 2": "--distill-weight must be in [0, 1], got 2.0",
     # pruning
     "--prune-to -0.1": "--prune-to must be a sparsity in [0, 1), got -0.1",
     "--prune-to 1.5": "--prune-to must be a sparsity in [0, 1), got 1.5",
@@ -102,6 +106,9 @@ BAD = {
     "--clients 5 --dp-clip 0": "--dp-clip must be positive (a norm), got 0.0",
     "--clients 5 --server-optimizer fedsgd2": "unknown --server-optimizer 'fedsgd2'; choose from",
     "--rounds 3": "--rounds goes with --clients (federated learning)",
+    "--partition zipf": "--partition goes with --clients (federated learning)",
+    "--clients 4 --model resnet8": "BatchNorm would normalise over the padding",
+    "--clients 4 --dry-run --project h100x1": "--project does not model federated rounds",
     "--clients 4 --mesh fsdp=2": "--clients spreads clients over the data axis only",
     "--dry-run --project h100x8 --mesh 4": "--mesh 4 has 4 devices but --project h100x8 has 8",
     "--seed -1": "--seed must be in [0, 2**32)",

@@ -1,0 +1,113 @@
+"""Knowledge distillation (``--teacher WORKDIR``): a trained jaxpar model teaches the one training.
+
+The teacher (any model of a jaxpar checkpoint, its latest step) is restored straight into its
+shardings on the run's mesh, frozen, and run in the same jitted step on the same prepared
+(augmented) batch, in evaluation mode. The student's loss (Hinton et al. 2015):
+
+    A * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - A) * cross-entropy
+
+with T ``--distill-temperature`` and A ``--distill-weight``. The teacher's parameters ride in the
+train state (``state[TEACHER]``, saved in checkpoints as ``teacher``), so a resumed run has the
+same teacher whatever happens to its workdir. A = 0 is plain training, exactly.
+"""
+
+import dataclasses
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxpar.checkpoint import Checkpoints, check_revision
+from jaxpar.errors import UserError
+from jaxpar.sharding import state_shardings
+from jaxpar.step import cross_entropy
+from models import MODELS
+from models.vit import check_patch_size
+
+TEACHER = 4  # the train state's key of the teacher's parameters
+
+
+def distill_loss(student, teacher, labels, temperature: float, weight: float) -> jax.Array:
+    """The mean over the batch of ``A T^2 KL(p_teacher || p_student) + (1 - A) CE``, both
+    distributions at temperature T.
+
+    >>> s, t = jnp.array([[1.0, 0.0]]), jnp.array([[0.0, 1.0]])
+    >>> float(distill_loss(s, t, jnp.array([0]), 1.0, 0.0))  # A = 0: cross-entropy
+    0.31326...
+    """
+    log_s = jax.nn.log_softmax(student / temperature)
+    log_t = jax.nn.log_softmax(teacher / temperature)
+    kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
+    return jnp.mean(weight * temperature**2 * kl + (1 - weight) * cross_entropy(student, labels))
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    graphdef: object  # of the teacher's model
+    abstract: dict  # its model's shapes, a pure dict
+    shardings: dict  # their shardings on the run's mesh
+    source: Path
+    step: int
+    model: str
+    temperature: float
+    weight: float
+
+    def params(self) -> dict:
+        """The teacher's parameters, restored into their shardings."""
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              self.abstract, self.shardings)  # fmt: skip
+        ckpts = Checkpoints(self.source)
+        try:
+            return ckpts.restore_partial(self.step, {"model": target})["model"]
+        finally:
+            ckpts.close()
+
+    def logits(self, params, images) -> jax.Array:
+        model = nnx.merge(self.graphdef, params)
+        return jax.lax.stop_gradient(model(images, train=False))
+
+    def loss(self, model, images, labels, keys, teacher_logits) -> jax.Array:
+        student = model(images, train=True, rngs=keys)
+        return distill_loss(student, teacher_logits, labels, self.temperature, self.weight)
+
+
+def with_teacher(teacher: Teacher, abstract, shardings, init, step):
+    """A run's state shapes, shardings, initialiser and train step with `teacher` riding along
+    (``state[TEACHER]``)."""
+    abstract = {**abstract, TEACHER: teacher.abstract}
+    shardings = {**shardings, TEACHER: teacher.shardings}
+    return abstract, shardings, lambda: {**init(), TEACHER: teacher.params()}, partial(
+        step, teacher=teacher)  # fmt: skip
+
+
+def load_teacher(cfg, ds, mesh) -> Teacher:
+    """Check now that ``--teacher`` holds a checkpoint of a model for this data (image shape and
+    classes), and describe how to restore it onto `mesh`."""
+    source = Path(cfg.teacher)
+    if not (source / "checkpoints").is_dir():
+        raise UserError(f"--teacher {source} has no checkpoints/ folder; name a trained workdir")
+    ckpts = Checkpoints(source)
+    try:
+        step = ckpts.latest()
+        if step is None:
+            raise UserError(f"--teacher {source} holds no complete checkpoint")
+        manifest = ckpts.manifest(step)
+    finally:
+        ckpts.close()
+    for key, here in (("image_shape", list(ds.image_shape)), ("num_classes", ds.num_classes)):
+        if manifest.get(key) != here:
+            raise UserError(f"--teacher {source} was trained with {key} {manifest.get(key)}; "
+                            f"this run's data has {here}")  # fmt: skip
+    model = manifest["model"]
+    check_revision(manifest, model, f"--teacher {source}")
+    options = {}
+    if model.startswith("vit-"):
+        options["patch_size"] = check_patch_size(ds.image_shape, manifest.get("patch_size"))
+    dtype = jnp.bfloat16 if manifest.get("precision") == "bf16" else jnp.float32
+    model_fn = partial(MODELS[model], ds.image_shape, ds.num_classes, dtype=dtype, **options)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0))))
+    shardings, _ = state_shardings(abstract, mesh)
+    return Teacher(graphdef, nnx.to_pure_dict(abstract), shardings, source, step, model,
+                   cfg.distill_temperature, cfg.distill_weight)  # fmt: skip
