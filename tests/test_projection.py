@@ -76,6 +76,14 @@ def test_projection_arithmetic():
     assert q["mfu"] == pytest.approx(1e12 / q["step_s"] / chip.bf16)
     parts = {"compute": compute, "memory": memory, "communication": comm - q["hidden_s"]}
     assert q["bound"] == max(parts, key=parts.get)
+    # a pipeline's idle slots are in the program's FLOPs already: time as is, MFU without them
+    piped = project(ks, ops, mesh, hw, batch=64, precision="bf16", bubble=0.25)
+    assert piped["step_s"] == pytest.approx(q["step_s"])
+    assert piped["mfu"] == pytest.approx(0.75 * q["mfu"])
+    # a ring whose pairs cross nodes in any group goes over the link between nodes
+    ring = project(ks, [{"kind": "collective-permute", "bytes": 1e6, "count": 1,
+                         "groups": "{{0,1},{1,2},{2,3},{3,0}}"}], mesh, hw, 64, "bf16")  # fmt: skip
+    assert ring["collectives"][0]["link"] == "between nodes"
 
 
 def test_dry_run_json_projects_onto_two_nodes(capsys):
