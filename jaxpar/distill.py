@@ -50,7 +50,6 @@ class Teacher:
     shardings: dict  # their shardings on the run's mesh
     source: Path
     step: int
-    model: str
     temperature: float
     weight: float
 
@@ -109,5 +108,5 @@ def load_teacher(cfg, ds, mesh) -> Teacher:
     model_fn = partial(MODELS[model], ds.image_shape, ds.num_classes, dtype=dtype, **options)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0))))
     shardings, _ = state_shardings(abstract, mesh)
-    return Teacher(graphdef, nnx.to_pure_dict(abstract), shardings, source, step, model,
+    return Teacher(graphdef, nnx.to_pure_dict(abstract), shardings, source, step,
                    cfg.distill_temperature, cfg.distill_weight)  # fmt: skip
