@@ -3,7 +3,6 @@
 import contextlib
 import dataclasses
 import functools
-import math
 import sys
 import time
 from functools import partial
@@ -32,7 +31,7 @@ from jaxpar.mesh import MeshSpec, draw_mesh, make_mesh, parse_mesh
 from jaxpar.pipeline import schedule_for
 from jaxpar.plan import collectives
 from jaxpar.prune import magnitude_pruning
-from jaxpar.sharding import RULES, placed, spec_table, state_shardings
+from jaxpar.sharding import placed, spec_table, state_shardings
 from jaxpar.signals import Stop, stop_on_signals
 from jaxpar.step import (
     abstract_state,
@@ -217,22 +216,6 @@ def model_options(cfg: Config, spec: MeshSpec) -> dict:
     if not cfg.model.startswith("vit-"):
         return {}
     return {"patch_size": cfg.patch_size, "remat": cfg.remat == "block", "stack": stack}
-
-
-def check_microbatches(batch_size: int, accum: int, mesh) -> None:
-    """Each of the `accum` microbatches must be whole and split evenly over the batch shards."""
-    ways = math.prod(mesh.shape[a] for a in RULES["batch"])
-    if batch_size % accum:
-        raise UserError(
-            f"--grad-accum {accum} does not split the batch of {batch_size} into equal "
-            f"microbatches; use a divisor of {batch_size}"
-        )
-    if (batch_size // accum) % ways:
-        raise UserError(
-            f"--grad-accum {accum} makes microbatches of {batch_size // accum}, which do not "
-            f"divide over the {ways} batch shards; use a batch size that is a multiple of "
-            f"{accum * ways}"
-        )
 
 
 def manifest(run: Run, step: int, window: "Window") -> dict:

@@ -75,13 +75,3 @@ def magnitude_pruning(target: float, start: int, end: int) -> optax.GradientTran
         return updates, PruneState(masks, state.count + 1)
 
     return optax.GradientTransformation(init, update)
-
-
-def nonzeros(params) -> dict:
-    """``{"total", "nonzero", "layers": {path: [nonzero, size]}}`` of a pure dict of parameters."""
-    layers = {
-        "/".join(str(getattr(k, "key", k)) for k in path): [int(jnp.count_nonzero(a)), int(a.size)]
-        for path, a in jax.tree_util.tree_leaves_with_path(params)
-    }
-    return {"total": sum(s for _, s in layers.values()),
-            "nonzero": sum(n for n, _ in layers.values()), "layers": layers}  # fmt: skip

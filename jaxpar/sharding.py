@@ -35,6 +35,7 @@ P(None, 'model')
 import contextlib
 import contextvars
 import dataclasses
+import math
 
 import jax
 import optax
@@ -205,4 +206,20 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
         raise UserError(
             f"global batch size {batch_size} is not divisible by the {ways} batch shards "
             f"({' x '.join(RULES['batch'])}); use a multiple of {ways}"
+        )
+
+
+def check_microbatches(batch_size: int, accum: int, mesh) -> None:
+    """Each of the `accum` microbatches must be whole and split evenly over the batch shards."""
+    ways = math.prod(mesh.shape[a] for a in RULES["batch"])
+    if batch_size % accum:
+        raise UserError(
+            f"--grad-accum {accum} does not split the batch of {batch_size} into equal "
+            f"microbatches; use a divisor of {batch_size}"
+        )
+    if (batch_size // accum) % ways:
+        raise UserError(
+            f"--grad-accum {accum} makes microbatches of {batch_size // accum}, which do not "
+            f"divide over the {ways} batch shards; use a batch size that is a multiple of "
+            f"{accum * ways}"
         )

@@ -37,7 +37,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxpar.data import steps_per_epoch, train_batches
 from jaxpar.errors import UserError
-from jaxpar.sharding import batch_sharding, check_batch, mapped_over, path_str
+from jaxpar.sharding import (
+    batch_sharding,
+    check_batch,
+    check_microbatches,
+    mapped_over,
+    path_str,
+)
 from jaxpar.step import gradients, make_optimizer, step_inputs, train_step
 
 REPLICAS = "data"  # the mesh axis whose groups are the replicas
@@ -108,8 +114,6 @@ class Mode:
 
     def check(self, cfg, mesh) -> None:
         """Refuse a batch that does not split over the mesh's batch shards (or microbatches)."""
-        from jaxpar.loop import check_microbatches
-
         check_batch(cfg.batch_size, mesh)
         check_microbatches(cfg.batch_size, cfg.grad_accum, mesh)
 
