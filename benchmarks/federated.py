@@ -13,6 +13,7 @@ same number of example visits; test accuracy against rounds in ``--png``.
 
     python benchmarks/federated.py --part speed
     python benchmarks/federated.py --part accuracy --png benchmarks/federated.png
+    python benchmarks/federated.py --part at-once --at-once 1 8 100   # slots trained together
 """
 
 import argparse
@@ -93,6 +94,43 @@ def speed(rounds: int) -> dict:
             "ratio_sliced": rate["jaxpar"] / rate["sliced"]}  # fmt: skip
 
 
+def at_once(rounds: int, counts: list[int], dataset: str) -> dict:
+    """Client updates/s of one round of 100 clients with `count` slots trained together per
+    device, for each count: the choice `Federated.sum_over_slots` makes per backend."""
+    import dataclasses
+    from functools import partial
+
+    from jaxpar.config import Config
+    from jaxpar.data import preprocess
+    from jaxpar.loop import setup
+    from jaxpar.step import _keys
+
+    cfg = Config(model="2nn", dataset=dataset, clients=100, clients_per_round=100,
+                 local_batch=10, lr=0.05, rounds=1, mesh="1").validate()  # fmt: skip
+    run = setup(cfg)
+    host = run.mode.round_rows(0)
+    batch = jax.device_put({"image": run.ds.train_images[host["rows"]],
+                            "label": run.ds.train_labels[host["rows"]],
+                            **{k: host[k] for k in ("mask", "weight", "client")}})  # fmt: skip
+    state = jax.device_put(jax.device_get(run.init()))
+    rates = {}
+    for count in counts:
+        mode = dataclasses.replace(run.mode, at_once=count)
+        step = partial(mode.step, graphdef=run.compile.args[0], keys=tuple(_keys(0)[1:]),
+                       prepare=preprocess(run.ds))  # fmt: skip
+        compiled = jax.jit(step).lower(state, batch).compile()
+        jax.block_until_ready(compiled(state, batch))
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(state, batch))
+            times.append(time.perf_counter() - start)
+        rates[count] = mode.slots / statistics.median(times)
+        print(f"at_once {count}: {rates[count]:,.0f} client updates/s "
+              f"({mode.local_steps} local steps each)", flush=True)  # fmt: skip
+    return {"device": jax.devices()[0].device_kind, "rates": rates}
+
+
 def accuracy(rounds: int, png: str | None) -> dict:
     import train as cli
 
@@ -134,7 +172,9 @@ def accuracy(rounds: int, png: str | None) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["speed", "accuracy"], default="speed")
+    parser.add_argument("--part", choices=["speed", "accuracy", "at-once"], default="speed")
+    parser.add_argument("--at-once", type=int, nargs="+", default=[1, 2, 8, 25, 100])
+    parser.add_argument("--dataset", default="digits", help="the at-once part's data")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--png")
     a = parser.parse_args()
@@ -145,6 +185,8 @@ def main():
               f"jaxpar {rate['jaxpar']:,.0f}; a loop over clients, data placed "
               f"{rate['placed']:,.0f} ({r['ratio_placed']:.1f}x), data sliced per client "
               f"{rate['sliced']:,.0f} ({r['ratio_sliced']:.1f}x)")  # fmt: skip
+    elif a.part == "at-once":
+        r = at_once(a.rounds or 5, a.at_once, a.dataset)
     else:
         r = accuracy(a.rounds or 60, a.png)
         for name, v in r.items():

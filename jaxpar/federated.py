@@ -161,7 +161,7 @@ class Federated(Mode):
     dp_noise: float = 0.0
     secure_agg: bool = False
     about: dict = dataclasses.field(default_factory=dict)  # the partition's summary
-    at_once: int | None = None  # slots a device trains together (None: 1 on CPUs, up to 8 else)
+    at_once: int | None = None  # slots a device trains together (None: 1 on CPUs, all else)
     rounds: int = 0  # of the run (for the privacy budget)
 
     period = 0  # no sync program: the round is the step
@@ -307,14 +307,15 @@ class Federated(Mode):
         ``vmap`` sharded over it), each device adding up its own, then one sum over devices.
 
         Performance is decided here. Each device runs its slots one after another on a CPU and
-        up to 8 at a time on an accelerator: a CPU computes a batch of small matrix products
-        (one per client) far slower than one at a time (100 clients of the 2NN on digits:
-        460-540 client updates/s all at once, 3,200-4,400 one at a time), and a client's
-        parameters stay in cache.
-        Adding each slot's update as it comes, never holding all of them, keeps memory at a few
-        copies of the model whatever the number of clients."""
+        all at once on an accelerator. A CPU computes a batch of small matrix products (one per
+        client) far slower than one at a time (100 clients of the 2NN on digits: 460-540 client
+        updates/s all at once, 3,200-4,400 one at a time); an H200 the other way round (100
+        clients of the 2NN, 50 local steps each: 7,956 client updates/s all at once, 2,330 8 at
+        a time, 676 one at a time; benchmarks/federated.py --part at-once). One at a time, a
+        device holds a few copies of the model whatever its number of clients; all at once, a
+        copy per client."""
         per_device = self.slots // self.shards
-        at_once = self.at_once or (1 if jax.default_backend() == "cpu" else 8)
+        at_once = self.at_once or (1 if jax.default_backend() == "cpu" else per_device)
         at_once = max(d for d in range(1, min(at_once, per_device) + 1) if per_device % d == 0)
 
         def slot(client, images, labels, mask, weight):
@@ -472,11 +473,12 @@ def make_mode(cfg, spec, ds) -> Federated:
     if spec.stage > 1 or spec.fsdp > 1 or spec.model > 1:
         raise UserError(f"--clients spreads clients over the data axis only; mesh {spec} also "
                         "uses stage, fsdp or model: use --mesh data=N")  # fmt: skip
-    parts = partition(np.asarray(ds.train_labels), cfg.clients, cfg.partition, cfg.seed)
+    labels = np.asarray(ds.train_labels[np.arange(len(ds.train_labels))])  # also from a `Tiled`
+    parts = partition(labels, cfg.clients, cfg.partition, cfg.seed)
     return Federated(
         parts, cfg.clients_per_round, cfg.local_epochs, cfg.local_batch, cfg.lr, cfg.seed,
         spec.data, cfg.prox_mu, cfg.dp_clip, cfg.dp_noise, cfg.secure_agg,
-        summary(parts, np.asarray(ds.train_labels)),
+        summary(parts, labels),
         cfg.steps or cfg.epochs * max(1, cfg.clients // cfg.clients_per_round),  # setup's total
     )  # fmt: skip
 
