@@ -28,6 +28,8 @@ import dataclasses
 import math
 import re
 
+import numpy as np
+
 from jaxpar.errors import UserError
 
 
@@ -326,8 +328,6 @@ def replica_groups(text: str, devices: int) -> list[list[int]]:
     >>> replica_groups("mesh['axis_0'=2,'axis_1'=2] {'axis_0'}", 4)
     [[0, 2], [1, 3]]
     """
-    import numpy as np
-
     if not text or text == "{}":
         return [list(range(devices))]
     if text.startswith("{"):
@@ -371,8 +371,6 @@ def project(kernel_list, ops, mesh_shape: dict, hw: Hardware, batch: int, precis
     `kernel_list`: `kernels` of the whole program; `ops`: `jaxpar.plan.collective_ops` of the
     compiled, partitioned program (per device); `mesh_shape`: ``{axis: size}`` in mesh order.
     """
-    import numpy as np
-
     chip, devices = hw.chip, math.prod(mesh_shape.values())
     compute_s = memory_s = flops = nbytes = 0.0
     for k in kernel_list:
