@@ -224,7 +224,9 @@ def test_heads_are_split_over_model():
     assert {s.data.shape for s in out.addressable_shards} == {(2, 4, 4, 8)}
 
 
-@pytest.mark.parametrize("mesh", ["8x1", "1x8", "2x4", "fsdp=8", "fsdp=4,model=2"])
+# 2x4 splits the batch over data and the heads over model at once; the FSDP meshes gather
+# weights. (8x1 and 1x8 alone added 22 s to the suite and nothing these do not cover.)
+@pytest.mark.parametrize("mesh", ["2x4", "fsdp=8", "fsdp=4,model=2"])
 def test_sharded_training_with_dropout_matches_one_device(mesh):
     """Per-example dropout keys: the masks, hence the losses, do not depend on the mesh."""
     reference, ref_state = trained_vit("1")
