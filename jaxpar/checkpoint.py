@@ -174,6 +174,16 @@ class Checkpoints:
             self.manager.close()
 
 
+def restore_model(workdir, step: int, abstract: dict, shardings: dict) -> dict:
+    """The model weights of `workdir`'s checkpoint `step` that `abstract` (a pure dict of shapes,
+    possibly a part of the model) names, restored straight into `shardings` (any mesh)."""
+    ckpts = Checkpoints(workdir)
+    try:
+        return ckpts.restore_partial(step, {"model": placed(abstract, shardings)})["model"]
+    finally:
+        ckpts.close()
+
+
 def _save_args(items, manifest: dict):
     return ocp.args.Composite(
         state=ocp.args.PyTreeSave(items), manifest=ocp.args.JsonSave(manifest)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpar.checkpoint import Checkpoints, check_revision
+from jaxpar.checkpoint import Checkpoints, check_revision, restore_model
 from jaxpar.errors import UserError
 from jaxpar.sharding import state_shardings
 from jaxpar.step import cross_entropy
@@ -55,13 +55,7 @@ class Teacher:
 
     def params(self) -> dict:
         """The teacher's parameters, restored into their shardings."""
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              self.abstract, self.shardings)  # fmt: skip
-        ckpts = Checkpoints(self.source)
-        try:
-            return ckpts.restore_partial(self.step, {"model": target})["model"]
-        finally:
-            ckpts.close()
+        return restore_model(self.source, self.step, self.abstract, self.shardings)
 
     def logits(self, params, images) -> jax.Array:
         model = nnx.merge(self.graphdef, params)

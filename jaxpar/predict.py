@@ -49,14 +49,10 @@ def inputs(images: np.ndarray, manifest: dict, shape) -> np.ndarray:
     return (images.astype(np.float32) / 255.0 - mean) / std
 
 
-def predict(workdir, images: np.ndarray, mesh: str | None = None, batch_size: int = 256):
-    """Logits of `images` (see `inputs`) from `workdir`'s latest checkpoint, as numpy."""
-    import jax
-    from flax import nnx
-
+def latest(workdir) -> tuple[int, dict]:
+    """The step and manifest of `workdir`'s latest complete checkpoint, refused (`UserError`)
+    when there is none or this version's model computes differently."""
     from jaxpar.checkpoint import Checkpoints, check_revision
-    from jaxpar.mesh import make_mesh, parse_mesh
-    from jaxpar.sharding import RULES, batch_sharding, state_shardings
 
     ckpts = Checkpoints(Path(workdir))
     try:
@@ -64,20 +60,40 @@ def predict(workdir, images: np.ndarray, mesh: str | None = None, batch_size: in
         if step is None:
             raise UserError(f"{workdir} holds no complete checkpoint")
         manifest = ckpts.manifest(step)
-        check_revision(manifest, manifest["model"], f"{workdir} step {step}")
-        build, shape = model_of(manifest)
-        x = inputs(images, manifest, shape)
-        device_mesh = make_mesh(parse_mesh(mesh, jax.device_count()))
-        abstract = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
-        graphdef, state = nnx.split(abstract)
-        shardings = state_shardings(state, device_mesh)[0]
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            nnx.to_pure_dict(state), shardings,
-        )  # fmt: skip
-        params = ckpts.restore_partial(step, {"model": target})["model"]
     finally:
         ckpts.close()
+    check_revision(manifest, manifest["model"], f"{workdir} step {step}")
+    return step, manifest
+
+
+def restored(workdir, step: int, manifest: dict, mesh, **changes):
+    """``(graphdef, weights, shardings)`` of the model in checkpoint `step`, its weights (a pure
+    dict) restored straight into their shardings on `mesh`. `changes` replace manifest entries
+    (``precision="bf16"``: the same float32 weights in a model computing in bfloat16)."""
+    from flax import nnx
+
+    from jaxpar.checkpoint import restore_model
+    from jaxpar.sharding import state_shardings
+
+    build, _ = model_of({**manifest, **changes})
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
+    shardings = state_shardings(state, mesh)[0]
+    return graphdef, restore_model(workdir, step, nnx.to_pure_dict(state), shardings), shardings
+
+
+def predict(workdir, images: np.ndarray, mesh: str | None = None, batch_size: int = 256):
+    """Logits of `images` (see `inputs`) from `workdir`'s latest checkpoint, as numpy."""
+    import jax
+    from flax import nnx
+
+    from jaxpar.mesh import make_mesh, parse_mesh
+    from jaxpar.sharding import RULES, batch_sharding
+
+    step, manifest = latest(workdir)
+    x = inputs(images, manifest, tuple(manifest["image_shape"]))
+    shape = x.shape[1:]
+    device_mesh = make_mesh(parse_mesh(mesh, jax.device_count()))
+    graphdef, params, shardings = restored(workdir, step, manifest, device_mesh)
     ways = int(np.prod([device_mesh.shape[a] for a in RULES["batch"]]))
     batch = -(-min(batch_size, len(x)) // ways) * ways  # a multiple of the batch shards
     rows = batch_sharding(device_mesh, 4)

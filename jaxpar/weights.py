@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxpar.checkpoint import FORMAT, Checkpoints, check_revision, versions
+from jaxpar.checkpoint import FORMAT, Checkpoints, check_revision, restore_model, versions
 from jaxpar.errors import UserError
 from jaxpar.sharding import path_str
 from models import MODELS, revision
@@ -397,13 +397,8 @@ def weights_from(source, model: str, image_shape, abstract: dict):
 
     def from_checkpoint(shardings):
         flat, places = _flat(abstract), _flat(shardings)
-        target = _nest({p: jax.ShapeDtypeStruct(flat[p].shape, flat[p].dtype, sharding=places[p])
-                        for p in paths})  # fmt: skip
-        ckpts = Checkpoints(source)
-        try:
-            return ckpts.restore_partial(step, {"model": target})["model"]
-        finally:
-            ckpts.close()
+        part = lambda tree: _nest({p: tree[p] for p in paths})  # noqa: E731
+        return restore_model(source, step, part(flat), part(places))
 
     return from_checkpoint, [f"initialised from {source} (step {step})", *notes]
 
