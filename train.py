@@ -66,6 +66,7 @@ FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxp
         ("--prune-to", float, "magnitude pruning: sparsity of every weight matrix at the end"),
         ("--prune-start", int, "step the pruned fraction starts rising (cubic schedule)"),
         ("--prune-end", int, "step it reaches --prune-to (None: 3/4 of the run)"),
+        ("--qat", ["int8"], "quantization-aware training: weights rounded to int8 in the step"),
     ],
     "data": [
         (

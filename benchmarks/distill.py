@@ -10,10 +10,12 @@ temperature and weight given; test accuracy and test loss of each, in this proce
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
-import train as cli
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py is not installed
+import train as cli  # noqa: E402
 
 
 def final(workdir: Path) -> dict:

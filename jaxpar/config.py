@@ -56,6 +56,7 @@ class Config:
     prune_to: float | None = None  # magnitude pruning to this sparsity (`jaxpar.prune`)
     prune_start: int = 0  # step the sparsity starts rising
     prune_end: int | None = None  # step it reaches --prune-to (None: 3/4 of the run)
+    qat: str | None = None  # "int8": quantization-aware training (`jaxpar.quantize`)
     profile_steps: str | None = None  # "A:B": JAX profiler trace of steps A to B
     dry_run: bool = False  # print the plan (placement, memory, collectives) and stop
     project: str | None = None  # with dry_run: CHIP[xN][:nodes=K], the step's time on that
@@ -81,6 +82,7 @@ class Config:
     def validate(self) -> "Config":
         from jaxpar.data import DATASETS, known
         from jaxpar.pipeline import parse_pipeline
+        from jaxpar.quantize import QAT, unsupported
         from jaxpar.sync import parse_sync
         from models import MODELS
 
@@ -164,6 +166,9 @@ class Config:
              f"--teacher with --sync {self.sync} is not supported; use every-step")  # fmt: skip
         need(self.prune_to is None or 0 <= self.prune_to < 1,
              f"--prune-to must be a sparsity in [0, 1), got {self.prune_to}")  # fmt: skip
+        need(self.qat in (None, *QAT), f"--qat {self.qat} is not supported; choose "
+             f"{' or '.join(QAT)}")  # fmt: skip
+        need(not self.qat or unsupported(self.model) is None, f"--qat: {unsupported(self.model)}")
         need(self.prune_start >= 0, f"--prune-start must be >= 0, got {self.prune_start}")
         need(self.prune_end is None or self.prune_end > self.prune_start,
              f"--prune-end {self.prune_end} must come after --prune-start "
@@ -238,7 +243,7 @@ class Config:
         alone = {"--sync": self.sync == "every-step", "--grad-accum": self.grad_accum == 1,
                  "--steps-per-dispatch": self.steps_per_dispatch == 1,
                  "--freeze": self.freeze is None, "--prune-to": self.prune_to is None,
-                 "--teacher": self.teacher is None}  # fmt: skip
+                 "--teacher": self.teacher is None, "--qat": self.qat is None}  # fmt: skip
         for flag, ok in alone.items():
             need(ok, f"{flag} does not apply to federated runs (--clients): a round is one step")
 

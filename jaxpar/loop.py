@@ -31,6 +31,7 @@ from jaxpar.mesh import MeshSpec, draw_mesh, make_mesh, parse_mesh
 from jaxpar.pipeline import schedule_for
 from jaxpar.plan import collectives
 from jaxpar.prune import magnitude_pruning
+from jaxpar.quantize import aware
 from jaxpar.sharding import placed, spec_table, state_shardings
 from jaxpar.signals import Stop, stop_on_signals
 from jaxpar.step import (
@@ -147,6 +148,7 @@ class Run:
             "revision": revision(c.model),
             "freeze": c.freeze,
             "prune_to": c.prune_to,
+            "qat": c.qat,
             "teacher": c.teacher,
             "federated": c.federated(),
         }
@@ -175,6 +177,8 @@ def setup(cfg: Config) -> Run:
     dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
     model_fn = partial(MODELS[cfg.model], ds.image_shape, ds.num_classes, dtype=dtype,
                        **model_options(cfg, spec))  # fmt: skip
+    if cfg.qat:  # the model computes with int8-rounded weights; float ones are trained, saved
+        model_fn = aware(model_fn, ds.image_shape)
     tx = mode.optimizer(cfg, total)
     tx = frozen(tx) if cfg.freeze else tx  # --freeze backbone: only the head trains
     if cfg.prune_to is not None:  # masks in the optimizer state, applied after every update

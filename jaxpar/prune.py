@@ -34,7 +34,7 @@ def sparsity(target: float, start: int, end: int, step) -> jax.Array:
     return target * (1 - (1 - t) ** 3)
 
 
-def _keep(weights: jax.Array, mask: jax.Array, fraction) -> jax.Array:
+def keep_largest(weights: jax.Array, mask: jax.Array, fraction) -> jax.Array:
     """The mask keeping all but ``round(fraction * n)`` of `weights`, the smallest in magnitude
     (pruned ones count as zero; ties broken by position, so the count is exact)."""
     magnitude = (jnp.abs(weights) * mask).ravel()
@@ -61,7 +61,7 @@ def magnitude_pruning(target: float, start: int, end: int) -> optax.GradientTran
         fraction = sparsity(target, start, end, state.count + 1)
 
         def mask(p, u, m):
-            return _keep(p + u, m, fraction) if p.ndim >= 2 else m
+            return keep_largest(p + u, m, fraction) if p.ndim >= 2 else m
 
         # Ranking every weight costs two sorts per matrix: only every `EVERY` steps while the
         # sparsity rises, and at its end (a pruned weight ranks as zero: at a constant sparsity

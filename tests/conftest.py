@@ -54,6 +54,17 @@ def tiny_vit():
     del MODELS["vit-test"]
 
 
+@pytest.fixture(scope="session")
+def resnet8_run(tmp_path_factory):
+    """A workdir of ResNet-8 trained 6 steps on digits (a teacher, a model to compress)."""
+    import train as cli
+
+    workdir = tmp_path_factory.mktemp("resnet8")
+    args = ["--model", "resnet8", "--steps", "6", "--batch-size", "64", "--workdir", str(workdir)]
+    assert cli.main(args) == 0
+    return workdir
+
+
 @functools.cache
 def digits():
     return load_digits()

@@ -15,12 +15,9 @@ def losses(workdir):
     return [(x["step"], x.get("train_loss"), x.get("eval_loss")) for x in lines]
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("teacher")
-    args = ["--model", "resnet8", "--steps", "6", "--batch-size", "64", "--workdir", str(workdir)]
-    assert cli.main(args) == 0
-    return workdir
+@pytest.fixture
+def teacher(resnet8_run):
+    return resnet8_run
 
 
 def test_the_loss_is_hintons(teacher):

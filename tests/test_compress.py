@@ -1,0 +1,129 @@
+"""Compression of trained runs (`jaxpar.compress`): int8 quantization by qwix keeps accuracy and
+sharding at a quarter of the bytes, one-shot pruning is exact per matrix, results accumulate in
+compress.json, and bad requests exit with status 2."""
+
+import json
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import train as cli
+from jaxpar import compress
+from jaxpar.quantize import aware, post_training
+from jaxpar.sharding import spec_table
+from models import MODELS
+
+
+@pytest.fixture(scope="module")
+def mlp_run(tmp_path_factory):
+    """The seed's MLP trained 3 epochs of digits on a 2x2 mesh."""
+    workdir = tmp_path_factory.mktemp("mlp")
+    assert cli.main(["--epochs", "3", "--mesh", "2x2", "--workdir", str(workdir)]) == 0
+    return workdir
+
+
+def run(workdir, *flags):
+    return compress.main([str(workdir), *flags])
+
+
+def variants(workdir) -> dict:
+    saved = json.loads((workdir / "compress.json").read_text())
+    return saved["step"], {v["name"]: v for v in saved["variants"]}
+
+
+def test_mlp_int8_keeps_accuracy_at_a_quarter_of_the_bytes_and_pruning_is_exact(mlp_run):
+    assert run(mlp_run, "--quantize", "int8", "--activations", "int8", "--prune", "0.9",
+               "--finetune-epochs", "1") == 0  # fmt: skip
+    step, v = variants(mlp_run)
+    assert step == 33 and list(v) == ["float32", "int8", "int8-act", "pruned-0.90"]
+    base = v["float32"]
+    assert base["nonzero_params"] == 167_178 and base["test_accuracy"] > 0.9
+    for name in ("int8", "int8-act"):
+        assert 0.24 < v[name]["param_bytes"] / base["param_bytes"] < 0.27
+        assert abs(v[name]["test_accuracy"] - base["test_accuracy"]) <= 0.01, name
+    pruned = v["pruned-0.90"]
+    for layer, (nonzero, size) in pruned["layers"].items():
+        assert nonzero == size - round(0.9 * size), layer  # exactly 90% zeros, each matrix
+    assert pruned["finetune_epochs"] == 1
+    assert pruned["test_accuracy"] > pruned["test_accuracy_before_finetune"]
+    assert pruned["sparse_bytes"] < 0.2 * pruned["param_bytes"]
+
+    # A later call adds its variant and keeps the others; float32 stays first.
+    assert run(mlp_run, "--quantize", "bf16") == 0
+    _, again = variants(mlp_run)
+    assert list(again) == ["float32", "int8", "int8-act", "pruned-0.90", "bf16"]
+    assert again["int8"] == v["int8"] and again["bf16"]["param_bytes"] < base["param_bytes"] / 1.9
+
+
+def test_int8_weights_and_scales_are_sharded_like_their_channels(mlp_run):
+    cfg = compress.run_config(mlp_run, "2x2", None)
+    t = compress.restore(cfg)
+    q = compress.int8(t, False, compress.calibration_images(t, 1))
+    specs = spec_table(jax.tree.map(lambda a: a.sharding, nnx.to_pure_dict(nnx.state(q))))
+    column, row = P(None, "model"), P("model", None)  # Megatron's MLP on data=2, model=2
+    assert t.model.fc1.kernel[...].sharding.spec == column
+    assert specs["fc1/kernel/array/qvalue"] == column and specs["fc1/kernel/array/scale"] == column
+    assert specs["fc2/kernel/array/qvalue"] == row and specs["fc2/kernel/array/scale"] == P(
+        None, None
+    )
+    assert q.fc1.kernel.array.qvalue.dtype == jnp.int8
+
+
+def test_resnet8_int8_logits_stay_close_to_float(resnet8_run):
+    t = compress.restore(compress.run_config(resnet8_run, "1", None))
+    x = compress.calibration_images(t, 1)
+    q = compress.int8(t, False, x)
+    exact, quantized = np.asarray(t.model(x)), np.asarray(q(x))
+    assert np.abs(quantized - exact).max() < 0.05 * np.abs(exact).max()
+    assert (quantized.argmax(-1) == exact.argmax(-1)).mean() > 0.95
+    assert q.stem.kernel.array.qvalue.dtype == jnp.int8  # the convolutions are quantized too
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--quantize", "int4"], "--quantize int4 is not supported; choose int8 or bf16"),
+        (["--prune", "1.5"], "--prune must be a sparsity in (0, 1), got 1.5"),
+        (["--activations", "int8"], "--activations int8 goes with --quantize int8"),
+        (["--finetune-epochs", "2"], "--finetune-epochs goes with --prune"),
+    ],
+)
+def test_bad_requests_exit_2_with_one_line(tmp_path, capsys, flags, message):
+    assert run(tmp_path, *flags) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_a_workdir_without_a_checkpoint_is_refused(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert run(tmp_path, "--quantize", "int8") == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path} has no checkpoint to compress (no checkpoints/ folder)\n"
+
+
+def test_a_qat_model_computes_what_post_training_quantization_makes_of_its_weights(resnet8_run):
+    t = compress.restore(compress.run_config(resnet8_run, "1", None))
+    x = compress.calibration_images(t, 1)[:16]
+    build = aware(partial(MODELS["resnet8"], t.ds.image_shape, t.ds.num_classes), t.ds.image_shape)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build(rngs=nnx.Rngs(0))))
+    qat = nnx.merge(graphdef, nnx.state(t.model))
+    np.testing.assert_array_equal(qat(x), post_training(t.model, x)(x))
+    assert np.abs(np.asarray(qat(x)) - np.asarray(t.model(x))).max() > 1e-4  # rounded weights
+
+
+def test_qat_trains_float_weights_that_quantize_with_no_further_loss(tmp_path, capsys):
+    workdir = tmp_path / "qat"
+    args = ["--qat", "int8", "--epochs", "1", "--mesh", "2x2", "--workdir", str(workdir)]
+    assert cli.main(args) == 0
+    assert run(workdir, "--quantize", "int8") == 0
+    _, v = variants(workdir)
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert v["int8"]["test_accuracy"] == pytest.approx(lines[-1]["eval_accuracy"], abs=1e-6)
+    assert v["float32"]["param_bytes"] == 668_716  # the checkpoint holds float32 weights
+    capsys.readouterr()
+    assert cli.main(args[2:]) == 2  # resuming without --qat is refused
+    assert "qat='int8' there, None here" in capsys.readouterr().err
