@@ -49,16 +49,6 @@ def assert_same(got, want):
     np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-6, atol=1e-7)
 
 
-def test_two_processes_give_the_losses_of_one(one_process, tmp_path):
-    # with 3 steps per dispatch: each process builds its rows of the stacked batches
-    proc = launch(2, *RUN, "--steps", "14", "--steps-per-dispatch", "3", "--workdir", str(tmp_path))
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "[p0] final test accuracy" in proc.stdout
-    assert "[p1] final test accuracy" not in proc.stdout  # one voice: process 0 reports
-    assert "2048 p1" in proc.stdout  # the mesh picture shows which process owns which device
-    assert_same(losses(tmp_path), one_process)
-
-
 def start(args, env, cwd=ROOT):
     """`python train.py ARGS` in a new process with `env` added to this one's environment (job
     variables removed first)."""
@@ -117,15 +107,22 @@ def test_a_missing_process_is_named_within_the_init_timeout(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_checkpoint_moves_between_process_counts(one_process, tmp_path):
+def test_two_processes_give_the_losses_of_one_and_checkpoints_move_between_them(
+    one_process, tmp_path
+):
     two_then_one, one_then_two = tmp_path / "a", tmp_path / "b"
     assert launch(2, *RUN, "--steps", "8", "--workdir", str(two_then_one)).returncode == 0
     assert cli.main([*RUN, "--steps", "14", "--workdir", str(two_then_one)]) == 0
-    assert_same(losses(two_then_one, after=8), losses_after(one_process, 8))
+    assert_same(losses(two_then_one), one_process)  # steps 1-8 on two processes, 9-14 on one
     assert cli.main([*RUN, "--steps", "8", "--workdir", str(one_then_two)]) == 0
-    proc = launch(2, *RUN, "--steps", "14", "--workdir", str(one_then_two))
+    # with 3 steps per dispatch: each process builds its rows of the stacked batches
+    proc = launch(2, *RUN, "--steps", "14", "--steps-per-dispatch", "3",
+                  "--workdir", str(one_then_two))  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "resumed from step 8" in proc.stdout
+    assert "[p0] final test accuracy" in proc.stdout
+    assert "[p1] final test accuracy" not in proc.stdout  # one voice: process 0 reports
+    assert "2048 p1" in proc.stdout  # the mesh picture shows which process owns which device
     assert_same(losses(one_then_two, after=8), losses_after(one_process, 8))
 
 
