@@ -30,7 +30,7 @@ from jaxpar.errors import Diverged, Preempted, UserError
 from jaxpar.mesh import MeshSpec, draw_mesh, make_mesh, parse_mesh
 from jaxpar.pipeline import schedule_for
 from jaxpar.plan import collectives
-from jaxpar.prune import magnitude_pruning
+from jaxpar.prune import magnitude_pruning, stacked_paths
 from jaxpar.quantize import aware
 from jaxpar.sharding import placed, spec_table, state_shardings
 from jaxpar.signals import Stop, stop_on_signals
@@ -183,7 +183,9 @@ def setup(cfg: Config) -> Run:
     tx = frozen(tx) if cfg.freeze else tx  # --freeze backbone: only the head trains
     if cfg.prune_to is not None:  # masks in the optimizer state, applied after every update
         end = cfg.prune_end or max(cfg.prune_start + 1, total * 3 // 4)
-        tx = optax.chain(tx, magnitude_pruning(cfg.prune_to, cfg.prune_start, end))
+        model = nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0)))
+        stacked = stacked_paths(nnx.state(model, nnx.Param))  # a ViT's layers: one by one
+        tx = optax.chain(tx, magnitude_pruning(cfg.prune_to, cfg.prune_start, end, stacked))
     graphdef, abstract = abstract_state(model_fn, tx, cfg.seed)
     base, replicated = state_shardings(abstract, mesh)
     plain, mask = nnx.to_pure_dict(abstract), param_mask(abstract)

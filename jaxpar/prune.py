@@ -5,8 +5,10 @@ at step ``--prune-start`` to S at ``--prune-end`` along ``S * (1 - (1 - t)**3)``
 Every `EVERY` steps while it rises, and at its end, each such parameter keeps its
 ``n - round(sparsity * n)`` largest weights by magnitude; after every update the rest are set to
 exactly zero. A weight once pruned stays pruned (it ranks as zero).
-Vectors (biases, BatchNorm and LayerNorm scales, the PReLU slope) stay dense. The masks live in
-the optimizer state, so they are sharded like their parameters and saved in checkpoints: a
+Vectors (biases, BatchNorm and LayerNorm scales, the PReLU slope) stay dense. A parameter that
+stacks layers on its leading axis (logical name ``layers``: a ViT's blocks) is pruned layer by
+layer, each slice to the sparsity on its own, and a stack of vectors stays dense. The masks live
+in the optimizer state, so they are sharded like their parameters and saved in checkpoints: a
 resumed run prunes on from where it stopped.
 """
 
@@ -15,6 +17,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
+
+from jaxpar.sharding import path_str
 
 EVERY = 10  # steps between re-rankings while the sparsity rises
 
@@ -43,8 +48,39 @@ def keep_largest(weights: jax.Array, mask: jax.Array, fraction) -> jax.Array:
     return (ranks >= pruned).reshape(weights.shape).astype(weights.dtype)
 
 
-def magnitude_pruning(target: float, start: int, end: int) -> optax.GradientTransformation:
-    """Chain it after an optimizer: its updates land pruned weights on exactly zero.
+def _key(path) -> str:
+    return path_str(path).removesuffix("/.value")  # the optimizer sees `Variable` values
+
+
+def stacked_paths(params: nnx.State) -> frozenset[str]:
+    """The paths of the parameters (an abstract model's `nnx.Param` state) whose leading axis
+    stacks layers."""
+    found = set()
+
+    def one(path, var):
+        names = var.get_metadata().get("out_sharding")
+        if names and names[0] == "layers":
+            found.add(_key(path))
+
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    jax.tree_util.tree_map_with_path(one, params, is_leaf=is_var)
+    return frozenset(found)
+
+
+def prune_matrix(weights: jax.Array, mask: jax.Array, fraction, stacked: bool) -> jax.Array:
+    """The new mask of one parameter: `keep_largest` for a matrix or kernel, for each layer of a
+    stack of them, and `mask` unchanged for a vector or a stack of vectors."""
+    if weights.ndim - stacked < 2:
+        return mask
+    keep = jax.vmap(keep_largest, in_axes=(0, 0, None)) if stacked else keep_largest
+    return keep(weights, mask, fraction)
+
+
+def magnitude_pruning(
+    target: float, start: int, end: int, stacked: frozenset[str] = frozenset()
+) -> optax.GradientTransformation:
+    """Chain it after an optimizer: its updates land pruned weights on exactly zero. `stacked`:
+    the paths of parameters that stack layers (`stacked_paths`).
 
     >>> params = {"w": jnp.arange(1.0, 11.0).reshape(2, 5), "b": jnp.ones(5)}
     >>> tx = optax.chain(optax.sgd(0.0), magnitude_pruning(0.5, 0, 1))
@@ -60,8 +96,10 @@ def magnitude_pruning(target: float, start: int, end: int) -> optax.GradientTran
     def update(updates, state, params):
         fraction = sparsity(target, start, end, state.count + 1)
 
-        def mask(p, u, m):
-            return keep_largest(p + u, m, fraction) if p.ndim >= 2 else m
+        # Ranks the weights before this update: pruned at its first update, a trained
+        # checkpoint loses the weights a one-shot prune of it would (`jaxpar.compress`).
+        def mask(path, p, m):
+            return prune_matrix(p, m, fraction, _key(path) in stacked)
 
         # Ranking every weight costs two sorts per matrix: only every `EVERY` steps while the
         # sparsity rises, and at its end (a pruned weight ranks as zero: at a constant sparsity
@@ -69,8 +107,8 @@ def magnitude_pruning(target: float, start: int, end: int) -> optax.GradientTran
         step = state.count + 1
         rising = (fraction != sparsity(target, start, end, state.count)) & (
             (step % EVERY == 0) | (step >= end))  # fmt: skip
-        masks = jax.lax.cond(rising, lambda: jax.tree.map(mask, params, updates, state.mask),
-                             lambda: state.mask)  # fmt: skip
+        new = lambda: jax.tree_util.tree_map_with_path(mask, params, state.mask)  # noqa: E731
+        masks = jax.lax.cond(rising, new, lambda: state.mask)
         updates = jax.tree.map(lambda p, u, m: (p + u) * m - p, params, updates, masks)
         return updates, PruneState(masks, state.count + 1)
 

@@ -28,7 +28,7 @@ def mlp_run(tmp_path_factory):
 
 
 def run(workdir, *flags):
-    return compress.main([str(workdir), *flags])
+    return compress.main([str(workdir), "--time", "0", *flags])  # 3 timed passes, no more
 
 
 def variants(workdir) -> dict:
@@ -37,33 +37,39 @@ def variants(workdir) -> dict:
 
 
 def test_mlp_int8_keeps_accuracy_at_a_quarter_of_the_bytes_and_pruning_is_exact(mlp_run):
-    assert run(mlp_run, "--quantize", "int8", "--activations", "int8", "--prune", "0.9",
+    assert run(mlp_run, "--quantize", "int8,bf16", "--activations", "int8", "--prune", "0.9",
                "--finetune-epochs", "1") == 0  # fmt: skip
     step, v = variants(mlp_run)
-    assert step == 33 and list(v) == ["float32", "int8", "int8-act", "pruned-0.90"]
+    assert step == 33 and list(v) == ["float32", "int8", "int8-act", "bf16", "pruned-0.90"]
     base = v["float32"]
     assert base["nonzero_params"] == 167_178 and base["test_accuracy"] > 0.9
+    for name in ("int8", "int8-act", "bf16"):
+        assert abs(v[name]["test_accuracy"] - base["test_accuracy"]) <= 0.005, name
+        assert v[name]["eval_vs_float32"] > 0, name  # timed in the same call
     for name in ("int8", "int8-act"):
         assert 0.24 < v[name]["param_bytes"] / base["param_bytes"] < 0.27
-        assert abs(v[name]["test_accuracy"] - base["test_accuracy"]) <= 0.01, name
+    assert v["bf16"]["param_bytes"] < base["param_bytes"] / 1.9
     pruned = v["pruned-0.90"]
     for layer, (nonzero, size) in pruned["layers"].items():
         assert nonzero == size - round(0.9 * size), layer  # exactly 90% zeros, each matrix
     assert pruned["finetune_epochs"] == 1
     assert pruned["test_accuracy"] > pruned["test_accuracy_before_finetune"]
     assert pruned["sparse_bytes"] < 0.2 * pruned["param_bytes"]
+    assert (mlp_run / "compress" / "pruned-0.90-from-step-33-1-epochs" / "checkpoints").is_dir()
 
-    # A later call adds its variant and keeps the others; float32 stays first.
-    assert run(mlp_run, "--quantize", "bf16") == 0
+    # A later call adds its variant (one-shot, no fine-tuning) and keeps the others.
+    assert run(mlp_run, "--prune", "0.5") == 0
     _, again = variants(mlp_run)
-    assert list(again) == ["float32", "int8", "int8-act", "pruned-0.90", "bf16"]
-    assert again["int8"] == v["int8"] and again["bf16"]["param_bytes"] < base["param_bytes"] / 1.9
+    assert list(again) == ["float32", "int8", "int8-act", "bf16", "pruned-0.90", "pruned-0.50"]
+    assert again["int8"] == v["int8"] and again["pruned-0.50"]["finetune_epochs"] == 0
+    for layer, (nonzero, size) in again["pruned-0.50"]["layers"].items():
+        assert nonzero == size - round(0.5 * size), layer
 
 
 def test_int8_weights_and_scales_are_sharded_like_their_channels(mlp_run):
     cfg = compress.run_config(mlp_run, "2x2", None)
-    t = compress.restore(cfg)
-    q = compress.int8(t, False, compress.calibration_images(t, 1))
+    t = compress.restore_run(cfg)
+    q = compress.int8_model(t, False, compress.calibration_images(t, 1))
     specs = spec_table(jax.tree.map(lambda a: a.sharding, nnx.to_pure_dict(nnx.state(q))))
     column, row = P(None, "model"), P("model", None)  # Megatron's MLP on data=2, model=2
     assert t.model.fc1.kernel[...].sharding.spec == column
@@ -74,20 +80,18 @@ def test_int8_weights_and_scales_are_sharded_like_their_channels(mlp_run):
     assert q.fc1.kernel.array.qvalue.dtype == jnp.int8
 
 
-def test_resnet8_int8_logits_stay_close_to_float(resnet8_run):
-    t = compress.restore(compress.run_config(resnet8_run, "1", None))
-    x = compress.calibration_images(t, 1)
-    q = compress.int8(t, False, x)
-    exact, quantized = np.asarray(t.model(x)), np.asarray(q(x))
-    assert np.abs(quantized - exact).max() < 0.05 * np.abs(exact).max()
-    assert (quantized.argmax(-1) == exact.argmax(-1)).mean() > 0.95
-    assert q.stem.kernel.array.qvalue.dtype == jnp.int8  # the convolutions are quantized too
+def test_resnet8_int8_keeps_its_accuracy_at_a_quarter_of_the_bytes(resnet8_run):
+    assert run(resnet8_run, "--quantize", "int8", "--mesh", "1") == 0
+    _, v = variants(resnet8_run)
+    assert v["float32"]["test_accuracy"] > 0.5  # trained: a comparison at chance proves little
+    assert abs(v["int8"]["test_accuracy"] - v["float32"]["test_accuracy"]) <= 0.01
+    assert 0.24 < v["int8"]["param_bytes"] / v["float32"]["param_bytes"] < 0.27
 
 
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--quantize", "int4"], "--quantize int4 is not supported; choose int8 or bf16"),
+        (["--quantize", "int4"], "--quantize int4 is not supported; choose int8 or bf16 (or both)"),
         (["--prune", "1.5"], "--prune must be a sparsity in (0, 1), got 1.5"),
         (["--activations", "int8"], "--activations int8 goes with --quantize int8"),
         (["--finetune-epochs", "2"], "--finetune-epochs goes with --prune"),
@@ -99,14 +103,20 @@ def test_bad_requests_exit_2_with_one_line(tmp_path, capsys, flags, message):
 
 
 def test_a_workdir_without_a_checkpoint_is_refused(tmp_path, capsys):
-    (tmp_path / "config.json").write_text("{}")
     assert run(tmp_path, "--quantize", "int8") == 2
     err = capsys.readouterr().err
     assert err == f"error: {tmp_path} has no checkpoint to compress (no checkpoints/ folder)\n"
 
 
+def test_a_vit_is_refused_int8_with_the_reason(tmp_path, capsys):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps({"model": "vit-lite"}))
+    assert run(tmp_path, "--quantize", "int8") == 2
+    assert "vit-lite cannot be quantized to int8: qwix 0.1.8" in capsys.readouterr().err
+
+
 def test_a_qat_model_computes_what_post_training_quantization_makes_of_its_weights(resnet8_run):
-    t = compress.restore(compress.run_config(resnet8_run, "1", None))
+    t = compress.restore_run(compress.run_config(resnet8_run, "1", None))
     x = compress.calibration_images(t, 1)[:16]
     build = aware(partial(MODELS["resnet8"], t.ds.image_shape, t.ds.num_classes), t.ds.image_shape)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: build(rngs=nnx.Rngs(0))))
