@@ -196,8 +196,11 @@ def finetune_config(trained: Trained, sparsity: float, epochs: int):
 
 
 def variant_name(sparsity: float) -> str:
-    """>>> variant_name(0.9), variant_name(0.875)
-    ('pruned-0.90', 'pruned-0.875')"""
+    """The variant's name: the sparsity with two decimals, or as many as it has.
+
+    >>> variant_name(0.9), variant_name(0.875)
+    ('pruned-0.90', 'pruned-0.875')
+    """
     return f"pruned-{sparsity:.2f}" if round(sparsity, 2) == sparsity else f"pruned-{sparsity:g}"
 
 
