@@ -73,9 +73,10 @@ FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxp
             "--dataset",
             str,
             "digits (embedded), mnist, fashion_mnist, cifar10, cifar100, imagenet2012, "
-            "synthetic[:HxWxC:K]",
+            "synthetic[:HxWxC:K], or a mixture NAME=SHARE[@ordered],NAME=SHARE...",
         ),  # fmt: skip
-        ("--data-dir", str, "directory of the dataset's files"),
+        ("--data-dir", str, "directory of the dataset's files (a mixture: DIR/NAME/ each)"),
+        ("--labels", ["shared", "joint"], "a mixture's sources share labels, or join them"),
     ],
     "optimization": [
         ("--epochs", int, "passes over the training set"),

@@ -20,6 +20,7 @@ class Config:
     model: str = "mlp"
     dataset: str = "digits"
     data_dir: str | None = None
+    labels: str = "shared"  # a mixture's label space: shared, or joint (`jaxpar.mixture`)
     epochs: int = 30
     steps: int | None = None  # overrides epochs when set
     batch_size: int = 128  # global, over all devices and processes
@@ -81,6 +82,7 @@ class Config:
 
     def validate(self) -> "Config":
         from jaxpar.data import DATASETS, known
+        from jaxpar.mixture import LABELS, is_mixture, parse, rows_per_batch
         from jaxpar.pipeline import parse_pipeline
         from jaxpar.quantize import QAT, unsupported
         from jaxpar.sync import parse_sync
@@ -91,10 +93,18 @@ class Config:
                 raise UserError(message)
 
         need(self.model in MODELS, f"unknown model '{self.model}'; choose from {', '.join(MODELS)}")
-        need(
-            known(self.dataset),
-            f"unknown dataset '{self.dataset}'; choose from {', '.join(DATASETS)}",
-        )
+        if is_mixture(self.dataset):  # refuses a malformed mixture, or a share of no rows
+            rows_per_batch(parse(self.dataset), self.batch_size, self.dataset)
+            need(self.clients is None, "a federated run (--clients) reads one dataset, not a "
+                 "mixture")  # fmt: skip
+        else:
+            need(
+                known(self.dataset),
+                f"unknown dataset '{self.dataset}'; choose from {', '.join(DATASETS)}",
+            )
+        need(self.labels in LABELS, f"--labels {self.labels}: choose {' or '.join(LABELS)}")
+        need(self.labels == "shared" or is_mixture(self.dataset),
+             "--labels joint goes with a mixture (--dataset NAME=SHARE,...)")  # fmt: skip
         if self.data_dir is not None:
             need(
                 Path(self.data_dir).exists(),

@@ -47,6 +47,8 @@ class Dataset:
     mean: tuple = (0.0,)  # per channel, of images scaled to [0, 1]
     std: tuple = (1.0,)
     augment: bool = False  # random crop (4-pixel padding) and horizontal flip, as for CIFAR
+    shares: tuple = ()  # a mixture's sources and their shares of a batch (`jaxpar.mixture`)
+    parts: tuple = ()  # a mixture's ((source, Dataset), ...), each evaluated on its own
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -256,7 +258,12 @@ def known(name: str) -> bool:
     return name in DATASETS or name.startswith("synthetic:")
 
 
-def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
+def load_dataset(name: str, data_dir: str | None = None, labels: str = "shared") -> Dataset:
+    """A dataset by name, or a mixture of several (``NAME=SHARE,...``: `jaxpar.mixture`)."""
+    from jaxpar.mixture import is_mixture, load_mixture
+
+    if is_mixture(name):
+        return load_mixture(name, data_dir, labels)
     if not known(name):
         raise UserError(f"unknown dataset '{name}'; choose from {', '.join(DATASETS)}")
     return DATASETS[name.split(":")[0]](name, data_dir)
@@ -265,7 +272,16 @@ def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
 # --- order, batches, prefetching ----------------------------------------------------------
 
 
+def _sampler(ds: Dataset, batch_size: int, seed: int = 0):
+    from jaxpar.mixture import sampler
+
+    sizes = tuple(len(part.train_labels) for _, part in ds.parts)
+    return sampler(ds.shares, batch_size, sizes, seed)
+
+
 def steps_per_epoch(ds: Dataset, batch_size: int) -> int:
+    if ds.shares:
+        return _sampler(ds, batch_size).steps_per_epoch()
     n = len(ds.train_labels)
     if batch_size > n:
         raise UserError(f"--batch-size {batch_size} is larger than the {n} training examples")
@@ -279,6 +295,8 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 
 def train_indices(ds: Dataset, batch_size: int, seed: int, step: int) -> np.ndarray:
     """Rows of the global batch for optimizer step `step` (0-based)."""
+    if ds.shares:  # a mixture: each source's share, from its own stream
+        return _sampler(ds, batch_size, seed).indices(step)
     epoch, i = divmod(step, steps_per_epoch(ds, batch_size))
     return _permutation(seed, epoch, len(ds.train_labels))[i * batch_size : (i + 1) * batch_size]
 

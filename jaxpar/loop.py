@@ -164,7 +164,7 @@ class Run:
 def setup(cfg: Config) -> Run:
     spec = parse_mesh(cfg.mesh, jax.device_count())
     mesh = make_mesh(spec)
-    ds = load_dataset(cfg.dataset, cfg.data_dir)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.labels)
     mode = mode_for(cfg, spec, ds)
     mode.check(cfg, mesh)
     per_epoch = mode.steps_per_epoch(ds, cfg.batch_size)
@@ -294,8 +294,8 @@ def check_optimizer_flags(saved: dict, cfg: Config, step: int, directory) -> Non
         )
 
 
-def evaluate(eval_step, state, batches) -> dict:
-    """Loss and accuracy over every example of the test split."""
+def eval_sums(eval_step, state, batches) -> np.ndarray:
+    """Summed loss, correct predictions and count over every example of a test split."""
     keys = ("loss_sum", "correct", "count")
     read = lambda sums: np.array([fetch(sums[k]) for k in keys])  # noqa: E731
     total, previous = np.zeros(3), None
@@ -304,8 +304,25 @@ def evaluate(eval_step, state, batches) -> dict:
         if previous is not None:  # Sync point: at most 2 batches in flight, as in training.
             total += read(previous)
         previous = sums
-    loss_sum, correct, count = total + read(previous)
+    return total + read(previous)
+
+
+def evaluate(eval_step, state, batches) -> dict:
+    """Loss and accuracy over every example of the test split."""
+    loss_sum, correct, count = eval_sums(eval_step, state, batches)
     return {"eval_loss": float(loss_sum / count), "eval_accuracy": float(correct / count)}
+
+
+def evaluate_parts(eval_step, state, parts: dict) -> dict:
+    """`evaluate` over all the test splits in `parts` (``{source: batches}``) together, and over
+    each one (``eval_loss/<source>``, ``eval_accuracy/<source>``) when there are several."""
+    sums = {name: eval_sums(eval_step, state, batches) for name, batches in parts.items()}
+    loss_sum, correct, count = sum(sums.values())
+    out = {"eval_loss": float(loss_sum / count), "eval_accuracy": float(correct / count)}
+    for name, (loss_sum, correct, count) in sums.items() if len(sums) > 1 else ():
+        out[f"eval_loss/{name}"] = float(loss_sum / count)
+        out[f"eval_accuracy/{name}"] = float(correct / count)
+    return out
 
 
 def train(cfg: Config) -> dict:
@@ -363,15 +380,23 @@ def dispatches(first: int, total: int, most: int, every=(), marks=()) -> list[ra
     return plan
 
 
-def evaluation_batches(run: Run):
-    """``() -> batches`` of the test split: built once and kept on the devices when the split is
-    in host memory, else read again for each evaluation (ImageNet's 50,000 crops are 7.5 GB)."""
-    size = eval_batch_size(run.cfg.batch_size, len(run.ds.test_labels))
-    batches = partial(eval_batches, run.ds, size, run.mesh)
-    if isinstance(run.ds.test_images, np.ndarray):
+def evaluation_batches(run: Run, ds=None):
+    """``() -> batches`` of the test split (of `ds`, else the run's): built once and kept on the
+    devices when the split is in host memory, else read again for each evaluation (ImageNet's
+    50,000 crops are 7.5 GB)."""
+    ds = ds or run.ds
+    size = eval_batch_size(run.cfg.batch_size, len(ds.test_labels))
+    batches = partial(eval_batches, ds, size, run.mesh)
+    if isinstance(ds.test_images, np.ndarray):
         kept = list(batches())
         return lambda: kept
     return lambda: prefetch(batches())
+
+
+def evaluation_data(run: Run):
+    """``() -> {source: batches}``: the test split, or each source's of a mixture."""
+    parts = {name: evaluation_batches(run, ds) for name, ds in run.ds.parts or [("", run.ds)]}
+    return lambda: {name: batches() for name, batches in parts.items()}
 
 
 class Steps:
@@ -396,7 +421,7 @@ class Steps:
 def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", profile_dir) -> dict:
     cfg, log = run.cfg, window.log
     eval_every = cfg.eval_every or run.per_epoch
-    eval_data = evaluation_batches(run)
+    eval_data = evaluation_data(run)
     profile = Profile(cfg.profile_range(), profile_dir, run.total)
     # Performance is decided here for tiny models: one dispatch per step costs more host time
     # than their step computes; --steps-per-dispatch K runs K steps as one program.
@@ -421,7 +446,8 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", prof
             if done % eval_every == 0 or done == run.total:
                 window.flush()
                 with window.paused():
-                    last_eval = log.write(done, **evaluate(run.eval_step, state, eval_data()))
+                    last_eval = log.write(done, **evaluate_parts(run.eval_step, state,
+                                                                 eval_data()))  # fmt: skip
                 progress(bar, run, done, window.logged, last_eval)
             signum = stop.agreed(window)  # in a job, the same in every process
             final = done == run.total or bool(signum)

@@ -1,0 +1,103 @@
+"""Dataset mixtures (`jaxpar.mixture`): every batch holds each source's exact share, each source
+runs through its own epochs, per-source evaluation, the same run on any mesh and across a
+resume, and one-line refusals."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+import train as cli
+from jaxpar.data import load_dataset, steps_per_epoch, train_indices
+
+SIZES = {"mnist": 200, "fashion_mnist": 60}
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """MNIST-format files of two small learnable sources: a pattern per class plus noise."""
+    root = tmp_path_factory.mktemp("mixture")
+    for k, (name, n) in enumerate(SIZES.items()):
+        (root / name).mkdir()
+        rng = np.random.default_rng(k)
+        patterns = rng.integers(0, 128, (10, 28, 28))
+        for split, m in (("train", n), ("t10k", 40)):
+            labels = rng.integers(0, 10, m)
+            write_idx(root / name / f"{split}-images-idx3-ubyte.gz", patterns[labels]
+                      + rng.integers(0, 128, (m, 28, 28)))  # fmt: skip
+            write_idx(root / name / f"{split}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+def test_every_batch_holds_each_share_and_each_source_runs_its_own_epochs(data_dir):
+    ds = load_dataset("mnist=48,fashion_mnist=16@ordered", str(data_dir))
+    assert steps_per_epoch(ds, 64) == 4  # mnist's 200 rows pass once in 4 steps of 48
+    rows = np.stack([train_indices(ds, 64, 0, step) for step in range(15)])
+    mnist, fashion = rows[:, :48], rows[:, 48:] - 200
+    assert (mnist < 200).all() and ((fashion >= 0) & (fashion < 60)).all()  # exact shares
+    stream = mnist.ravel()  # shuffled: each epoch of 200 rows a permutation of its own
+    assert sorted(stream[:200]) == list(range(200)) and sorted(stream[200:400]) == list(range(200))
+    assert (stream[:200] != stream[200:400]).any() and (stream[:200] != np.arange(200)).any()
+    np.testing.assert_array_equal(fashion.ravel(), np.arange(15 * 16) % 60)  # @ordered: repeats
+    again = load_dataset("mnist=48,fashion_mnist=16@ordered", str(data_dir))
+    np.testing.assert_array_equal(train_indices(again, 64, 0, 7), rows[7])  # (seed, step) alone
+    assert (train_indices(ds, 64, 1, 0) != rows[0]).any()  # another seed, another order
+
+
+def test_fractions_round_by_largest_remainder_and_joint_labels_follow_each_other(data_dir):
+    ds = load_dataset("fashion_mnist=0.75,mnist=0.25", str(data_dir), labels="joint")
+    counts = np.bincount(train_indices(ds, 6, 0, 0) >= SIZES["fashion_mnist"], minlength=2)
+    assert counts.tolist() == [5, 1]  # 4.5 and 1.5 rows: the tie goes to the first source
+    assert ds.num_classes == 20
+    (_, fashion), (_, mnist) = ds.parts
+    assert fashion.test_labels.max() < 10 <= mnist.test_labels.min()
+    labels = ds.train_labels[np.arange(SIZES["fashion_mnist"], len(ds.train_labels))]
+    assert labels.min() >= 10
+
+
+def metrics(workdir):
+    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_mixture_trains_alike_on_every_mesh_and_across_a_resume(data_dir, tmp_path):
+    args = ["--dataset", "mnist=12,fashion_mnist=4", "--data-dir", str(data_dir), "--batch-size",
+            "16", "--log-every", "1", "--eval-every", "3"]  # fmt: skip
+    one, parts = tmp_path / "one", tmp_path / "parts"
+    assert cli.main([*args, "--steps", "6", "--mesh", "1", "--workdir", str(one)]) == 0
+    assert cli.main([*args, "--steps", "3", "--mesh", "fsdp=4", "--workdir", str(parts)]) == 0
+    assert cli.main([*args, "--steps", "6", "--mesh", "2x2", "--workdir", str(parts)]) == 0
+    a, b = metrics(one), metrics(parts)
+    keys = ("train_loss", "eval_loss", "eval_accuracy/mnist", "eval_loss/fashion_mnist")
+    pick = lambda lines: [(x["step"], k, x[k]) for x in lines for k in keys if k in x]  # noqa: E731
+    assert [x[:2] for x in pick(a)] == [x[:2] for x in pick(b)]
+    np.testing.assert_allclose([x[2] for x in pick(b)], [x[2] for x in pick(a)], rtol=1e-5)
+    evals = [x for x in a if "eval_accuracy" in x]
+    assert len(evals) == 2 and all("eval_accuracy/fashion_mnist" in x for x in evals)
+    last = evals[-1]  # the mixture's accuracy counts every test example of both sources
+    both = (last["eval_accuracy/mnist"] + last["eval_accuracy/fashion_mnist"]) / 2
+    assert last["eval_accuracy"] == pytest.approx(both)  # 40 test examples each
+
+
+@pytest.mark.parametrize(
+    "dataset, message",
+    [
+        ("mnist=0,fashion_mnist=1", "the share of mnist must be a positive number, got 0"),
+        ("mnist=1,mnist=2", "mnist is named twice"),
+        ("mnist=1,imagenet=1", "unknown source 'imagenet'"),
+        ("mnist=127,fashion_mnist=1", "fashion_mnist's share rounds to 0 of the 64 rows"),
+        ("mnist=1,digits=1", "digits has images of shape (8, 8, 1), mnist of (28, 28, 1)"),
+    ],
+)
+def test_bad_mixtures_exit_2_with_one_line(data_dir, tmp_path, capsys, dataset, message):
+    args = ["--dataset", dataset, "--data-dir", str(data_dir), "--batch-size", "64", "--steps",
+            "1", "--workdir", str(tmp_path / "w")]  # fmt: skip
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "w" / "metrics.jsonl").exists()
