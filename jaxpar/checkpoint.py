@@ -269,7 +269,7 @@ def check_revision(manifest: dict, model: str, what: str) -> None:
 
 
 def versions() -> dict:
-    names = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
+    names = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "qwix")
     return {n: version(n) for n in names}
 
 

@@ -36,17 +36,22 @@ def data_dir(tmp_path_factory):
 
 
 def test_every_batch_holds_each_share_and_each_source_runs_its_own_epochs(data_dir):
-    ds = load_dataset("mnist=48,fashion_mnist=16@ordered", str(data_dir))
+    from jaxpar.mixture import _epoch, sampler
+
+    ds = load_dataset("mnist=48@ordered,fashion_mnist=16", str(data_dir))
     assert steps_per_epoch(ds, 64) == 4  # mnist's 200 rows pass once in 4 steps of 48
     rows = np.stack([train_indices(ds, 64, 0, step) for step in range(15)])
-    mnist, fashion = rows[:, :48], rows[:, 48:] - 200
-    assert (mnist < 200).all() and ((fashion >= 0) & (fashion < 60)).all()  # exact shares
-    stream = mnist.ravel()  # shuffled: each epoch of 200 rows a permutation of its own
-    assert sorted(stream[:200]) == list(range(200)) and sorted(stream[200:400]) == list(range(200))
-    assert (stream[:200] != stream[200:400]).any() and (stream[:200] != np.arange(200)).any()
-    np.testing.assert_array_equal(fashion.ravel(), np.arange(15 * 16) % 60)  # @ordered: repeats
-    again = load_dataset("mnist=48,fashion_mnist=16@ordered", str(data_dir))
-    np.testing.assert_array_equal(train_indices(again, 64, 0, 7), rows[7])  # (seed, step) alone
+    is_mnist = rows < 200
+    assert (is_mnist.sum(1) == 48).all()  # exact shares in every batch ...
+    assert is_mnist[:, :16].sum(1).tolist() == [12] * 15  # ... and in each quarter of one
+    mnist, fashion = rows[is_mnist], rows[~is_mnist] - 200  # each stream in batch order
+    np.testing.assert_array_equal(mnist, np.arange(15 * 48) % 200)  # @ordered: repeats in order
+    epochs = [fashion[e * 60 : (e + 1) * 60] for e in range(4)]  # the small source: 4 epochs
+    assert all(sorted(e) == list(range(60)) for e in epochs)  # each a permutation of its own
+    assert (epochs[0] != epochs[1]).any() and (epochs[0] != np.arange(60)).any()
+    sampler.cache_clear(), _epoch.cache_clear()  # nothing kept: step 7 from (seed, step) alone
+    again = load_dataset("mnist=48@ordered,fashion_mnist=16", str(data_dir))
+    np.testing.assert_array_equal(train_indices(again, 64, 0, 7), rows[7])
     assert (train_indices(ds, 64, 1, 0) != rows[0]).any()  # another seed, another order
 
 
@@ -55,10 +60,12 @@ def test_fractions_round_by_largest_remainder_and_joint_labels_follow_each_other
     counts = np.bincount(train_indices(ds, 6, 0, 0) >= SIZES["fashion_mnist"], minlength=2)
     assert counts.tolist() == [5, 1]  # 4.5 and 1.5 rows: the tie goes to the first source
     assert ds.num_classes == 20
-    (_, fashion), (_, mnist) = ds.parts
-    assert fashion.test_labels.max() < 10 <= mnist.test_labels.min()
-    labels = ds.train_labels[np.arange(SIZES["fashion_mnist"], len(ds.train_labels))]
-    assert labels.min() >= 10
+    fashion, mnist = (load_dataset(n, str(data_dir / n)) for n in ("fashion_mnist", "mnist"))
+    np.testing.assert_array_equal(ds.train_labels[:60], fashion.train_labels)
+    np.testing.assert_array_equal(ds.train_labels[60:], mnist.train_labels + 10)
+    (_, fashion_part), (_, mnist_part) = ds.parts
+    np.testing.assert_array_equal(fashion_part.test_labels, fashion.test_labels)
+    np.testing.assert_array_equal(mnist_part.test_labels[np.arange(40)], mnist.test_labels + 10)
 
 
 def metrics(workdir):
@@ -70,7 +77,8 @@ def test_a_mixture_trains_alike_on_every_mesh_and_across_a_resume(data_dir, tmp_
             "16", "--log-every", "1", "--eval-every", "3"]  # fmt: skip
     one, parts = tmp_path / "one", tmp_path / "parts"
     assert cli.main([*args, "--steps", "6", "--mesh", "1", "--workdir", str(one)]) == 0
-    assert cli.main([*args, "--steps", "3", "--mesh", "fsdp=4", "--workdir", str(parts)]) == 0
+    assert cli.main([*args, "--steps", "3", "--mesh", "fsdp=4", "--steps-per-dispatch", "3",
+                     "--workdir", str(parts)]) == 0  # fmt: skip
     assert cli.main([*args, "--steps", "6", "--mesh", "2x2", "--workdir", str(parts)]) == 0
     a, b = metrics(one), metrics(parts)
     keys = ("train_loss", "eval_loss", "eval_accuracy/mnist", "eval_loss/fashion_mnist")
@@ -89,9 +97,11 @@ def test_a_mixture_trains_alike_on_every_mesh_and_across_a_resume(data_dir, tmp_
     [
         ("mnist=0,fashion_mnist=1", "the share of mnist must be a positive number, got 0"),
         ("mnist=1,mnist=2", "mnist is named twice"),
-        ("mnist=1,imagenet=1", "unknown source 'imagenet'"),
-        ("mnist=127,fashion_mnist=1", "fashion_mnist's share rounds to 0 of the 64 rows"),
-        ("mnist=1,digits=1", "digits has images of shape (8, 8, 1), mnist of (28, 28, 1)"),
+        ("mnist=0.5,imagenet=0.5", "unknown source 'imagenet'"),
+        ("mnist=48,fashion_mnist=32", "counts summing to the batch (64); these sum to 80"),
+        ("mnist=0.995,fashion_mnist=0.005", "fashion_mnist's share rounds to 0 of the 64 rows"),
+        ("mnist=0.5,digits=0.5", "digits has images of shape (8, 8, 1), mnist of (28, 28, 1)"),
+        ("digits=0.5,synthetic:8x8x1:10=0.5", "synthetic:8x8x1:10 stores uint8 images"),
     ],
 )
 def test_bad_mixtures_exit_2_with_one_line(data_dir, tmp_path, capsys, dataset, message):
@@ -101,3 +111,8 @@ def test_bad_mixtures_exit_2_with_one_line(data_dir, tmp_path, capsys, dataset, 
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "w" / "metrics.jsonl").exists()
+
+
+def test_joint_labels_need_a_mixture(capsys):
+    assert cli.main(["--labels", "joint", "--steps", "1"]) == 2
+    assert "--labels joint goes with a mixture" in capsys.readouterr().err
