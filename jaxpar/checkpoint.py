@@ -175,6 +175,19 @@ class Checkpoints:
             self.manager.close()
 
 
+def latest_manifest(workdir, what) -> tuple[int, dict]:
+    """The step and manifest of `workdir`'s latest complete checkpoint; a `UserError` naming
+    `what` (the flag or folder that pointed there) when there is none."""
+    ckpts = Checkpoints(workdir)
+    try:
+        step = ckpts.latest()
+        if step is None:
+            raise UserError(f"{what} holds no complete checkpoint")
+        return step, ckpts.manifest(step)
+    finally:
+        ckpts.close()
+
+
 def restore_model(workdir, step: int, abstract: dict, shardings: dict) -> dict:
     """The model weights of `workdir`'s checkpoint `step` that `abstract` (a pure dict of shapes,
     possibly a part of the model) names, restored straight into `shardings` (any mesh)."""

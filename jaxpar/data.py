@@ -315,7 +315,7 @@ def device_batch(arrays: dict, rows: np.ndarray, mesh, seeds=None) -> dict[str, 
     blocks = {spans(i): i for i in blocks.values()}
     read = {
         k: {
-            b: _read(source, rows[i], None if seeds is None else seeds[i])
+            b: read_rows(source, rows[i], None if seeds is None else seeds[i])
             for b, i in blocks.items()
         }
         for k, source in arrays.items()
@@ -329,7 +329,9 @@ def device_batch(arrays: dict, rows: np.ndarray, mesh, seeds=None) -> dict[str, 
     return {k: one(k) for k in arrays}
 
 
-def _read(source, rows, seeds):
+def read_rows(source, rows, seeds=None):
+    """`source`'s `rows`: ``source.read(rows, seeds)`` for sources that augment on the host
+    (ImageNet's crops, a mixture's), else ``source[rows]``."""
     return source.read(rows, seeds) if hasattr(source, "read") else source[rows]
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpar.checkpoint import Checkpoints, check_revision, restore_model
+from jaxpar.checkpoint import check_revision, latest_manifest, restore_model
 from jaxpar.errors import UserError
 from jaxpar.sharding import state_shardings
 from jaxpar.step import cross_entropy
@@ -81,14 +81,7 @@ def load_teacher(cfg, ds, mesh) -> Teacher:
     source = Path(cfg.teacher)
     if not (source / "checkpoints").is_dir():
         raise UserError(f"--teacher {source} has no checkpoints/ folder; name a trained workdir")
-    ckpts = Checkpoints(source)
-    try:
-        step = ckpts.latest()
-        if step is None:
-            raise UserError(f"--teacher {source} holds no complete checkpoint")
-        manifest = ckpts.manifest(step)
-    finally:
-        ckpts.close()
+    step, manifest = latest_manifest(source, f"--teacher {source}")
     for key, here in (("image_shape", list(ds.image_shape)), ("num_classes", ds.num_classes)):
         if manifest.get(key) != here:
             raise UserError(f"--teacher {source} was trained with {key} {manifest.get(key)}; "

@@ -35,6 +35,7 @@ from functools import cached_property
 
 import numpy as np
 
+from jaxpar.data import read_rows
 from jaxpar.errors import UserError
 
 LABELS = ("shared", "joint")
@@ -108,10 +109,6 @@ def rows_per_batch(shares: list[Share], batch_size: int, text: str = "") -> list
     return rows
 
 
-def _read(source, rows, seeds):
-    return source.read(rows, seeds) if hasattr(source, "read") else source[rows]
-
-
 class Joined:
     """The training (or test) rows of several sources as one array-like: row ids count through
     the sources in order; reading gathers from each source's own array (passing on the
@@ -139,7 +136,7 @@ class Joined:
         for i in np.unique(which):
             at = which == i
             part_seeds = None if flat_seeds is None else flat_seeds[at]
-            values = np.asarray(_read(self.parts[i], flat[at] - self.starts[i], part_seeds))
+            values = np.asarray(read_rows(self.parts[i], flat[at] - self.starts[i], part_seeds))
             out[at] = values + self.offsets[i] if self.offsets else values
         return out.reshape(*rows.shape, *self.shape[1:])
 

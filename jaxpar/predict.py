@@ -52,16 +52,9 @@ def inputs(images: np.ndarray, manifest: dict, shape) -> np.ndarray:
 def latest(workdir) -> tuple[int, dict]:
     """The step and manifest of `workdir`'s latest complete checkpoint, refused (`UserError`)
     when there is none or this version's model computes differently."""
-    from jaxpar.checkpoint import Checkpoints, check_revision
+    from jaxpar.checkpoint import check_revision, latest_manifest
 
-    ckpts = Checkpoints(Path(workdir))
-    try:
-        step = ckpts.latest()
-        if step is None:
-            raise UserError(f"{workdir} holds no complete checkpoint")
-        manifest = ckpts.manifest(step)
-    finally:
-        ckpts.close()
+    step, manifest = latest_manifest(Path(workdir), workdir)
     check_revision(manifest, manifest["model"], f"{workdir} step {step}")
     return step, manifest
 

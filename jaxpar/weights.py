@@ -32,7 +32,14 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxpar.checkpoint import FORMAT, Checkpoints, check_revision, restore_model, versions
+from jaxpar.checkpoint import (
+    FORMAT,
+    Checkpoints,
+    check_revision,
+    latest_manifest,
+    restore_model,
+    versions,
+)
 from jaxpar.errors import UserError
 from jaxpar.sharding import path_str
 from models import MODELS, revision
@@ -378,17 +385,14 @@ def weights_from(source, model: str, image_shape, abstract: dict):
             })  # fmt: skip
 
         return from_file, [f"initialised from {source} (sha256 {sha256(source)[:12]})", *notes]
+    step, manifest = latest_manifest(source, f"--init-from {source}")
+    if manifest.get("model") != model:
+        raise UserError(
+            f"--init-from {source} holds {manifest.get('model')} weights, not --model {model}"
+        )
+    check_revision(manifest, model, f"--init-from {source}")
     ckpts = Checkpoints(source)
     try:
-        step = ckpts.latest()
-        if step is None:
-            raise UserError(f"--init-from {source} holds no complete checkpoint")
-        manifest = ckpts.manifest(step)
-        if manifest.get("model") != model:
-            raise UserError(
-                f"--init-from {source} holds {manifest.get('model')} weights, not --model {model}"
-            )
-        check_revision(manifest, model, f"--init-from {source}")
         meta = ckpts.manager.item_metadata(step)["state"]["model"]
         saved = {path: m.shape for path, m in _flat(meta).items()}
         paths, notes = _matching(saved, abstract, model, source)
