@@ -77,6 +77,12 @@ FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxp
         ),  # fmt: skip
         ("--data-dir", str, "directory of the dataset's files (a mixture: DIR/NAME/ each)"),
         ("--labels", ["shared", "joint"], "a mixture's sources share labels, or join them"),
+        (
+            "--data-workers",
+            int,
+            "grain worker processes that read, decode and crop training batches (0: threads "
+            "in this process); for host-decoded data such as imagenet2012",
+        ),  # fmt: skip
     ],
     "optimization": [
         ("--epochs", int, "passes over the training set"),

@@ -8,19 +8,31 @@ training read (decode, random-resized crop, flip) and evaluation read (decode, c
 with 1 thread and with one thread per core. Divide a GPU's images/s by the per-core figure for
 the cores a host needs to keep it fed.
 
+Then the training input as the loop reads it (`jaxpar.data.train_batches`: rows of (seed, step),
+decode, crop, flip, onto the device) with ``--data-workers`` 1, 2, ... N grain worker
+processes (N: this machine's cores), and in this process with one thread (0 workers): crops/s
+after the first batches (worker start-up excluded), alternating rounds; the ratios are against
+1 worker. Alongside, the machine's own ceiling: the same decode-and-crop work in 1 and in 2
+independent processes (no jaxpar, no grain), since a virtual machine's cores may not scale.
+
     python benchmarks/imagenet_input.py              # 256 images, 3 rounds
+    python benchmarks/imagenet_input.py --steps 40 --batch 32
 """
 
 import argparse
 import io
 import json
+import multiprocessing
 import os
 import time
 
+import jax
 import numpy as np
 from PIL import Image
 
-from jaxpar.imagenet import Records
+from jaxpar.data import Dataset, train_batches
+from jaxpar.imagenet import Records, random_resized_crop
+from jaxpar.mesh import make_mesh, parse_mesh
 
 
 def photo_like(rng, h=375, w=500) -> bytes:
@@ -53,10 +65,43 @@ def images_per_s(fn, n) -> float:
     return n / (time.perf_counter() - start)
 
 
+def crop_all(blobs) -> float:
+    """Decode and crop `blobs` in this process, crops/s (the ceiling's work)."""
+    source, rng = JpegSource(blobs), np.random.default_rng(0)
+    start = time.perf_counter()
+    for i in range(len(blobs)):
+        random_resized_crop(source[i]["image"], rng)
+    return len(blobs) / (time.perf_counter() - start)
+
+
+def ceiling(blobs, pool) -> dict:
+    """Crops/s of 1 process, and of 2 independent processes together (same work each)."""
+    one = pool.map(crop_all, [blobs])[0]
+    start = time.perf_counter()
+    pool.map(crop_all, [blobs, blobs])
+    return {"1": one, "2": 2 * len(blobs) / (time.perf_counter() - start)}
+
+
+def crops_per_s(source, workers, batch, steps, threads=1) -> float:
+    """Training crops/s through `train_batches` with `workers` processes (0: this process, with
+    `threads` decoding threads), timed from the batch after the first ``workers + 1``."""
+    records = Records(source, threads)
+    ds = Dataset("jpegs", records.images, records.labels, records.images, records.labels, 1000)
+    skip = workers + 1
+    mesh = make_mesh(parse_mesh("1"))
+    for i, b in enumerate(train_batches(ds, batch, 0, range(steps + skip), mesh, workers)):
+        jax.block_until_ready(b)
+        if i == skip - 1:
+            start = time.perf_counter()
+    return steps * batch / (time.perf_counter() - start)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32, help="global batch of the worker runs")
+    parser.add_argument("--steps", type=int, default=30, help="timed batches per worker run")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     blobs = [photo_like(rng) for _ in range(args.images)]
@@ -82,12 +127,31 @@ def main():
         print(f"{name:>24} " + " ".join(f"{r[name]:>12.0f}" for r in results.values()))
     base = results[1]["decode only"]
     print(f"train read / decode alone, 1 thread: {results[1]['train read (crop+flip)'] / base:.2f}")
+    counts = sorted({0, 1, 2, cores})
+    runs, ceilings = {w: [] for w in counts}, []
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        for i in range(args.rounds):
+            ceilings.append(ceiling(blobs, pool))
+            for w in sorted(counts, reverse=i % 2 == 1):
+                runs[w].append(crops_per_s(source, w, args.batch, args.steps))
+    workers = {w: float(np.median(r)) for w, r in runs.items()}
+    machine = {k: float(np.median([c[k] for c in ceilings])) for k in ("1", "2")}
+    print(f"training crops/s through train_batches (batch {args.batch}, {args.steps} batches):")
+    for w, rate in workers.items():
+        label = "0 (this process, 1 thread)" if w == 0 else f"{w} worker process(es)"
+        print(f"{label:>28} {rate:>8.0f}  x{rate / workers[1]:.2f} of 1 worker")
+    print(f"machine ceiling: 2 independent processes crop {machine['2']:.0f}/s, "
+          f"x{machine['2'] / machine['1']:.2f} of one ({machine['1']:.0f}/s)")  # fmt: skip
     meta = {
         "cores": cores,
         "images": args.images,
         "mean_jpeg_bytes": float(np.mean([len(b) for b in blobs])),
+        "batch": args.batch,
+        "steps": args.steps,
     }
-    print(json.dumps({"benchmark": "imagenet_input", **meta, "images_per_s": results}))
+    print(json.dumps({"benchmark": "imagenet_input", **meta, "images_per_s": results,
+                      "crops_per_s_by_workers": workers, "runs_by_workers": runs,
+                      "ceiling": machine, "ceilings": ceilings}))  # fmt: skip
 
 
 if __name__ == "__main__":

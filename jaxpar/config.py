@@ -21,6 +21,7 @@ class Config:
     dataset: str = "digits"
     data_dir: str | None = None
     labels: str = "shared"  # a mixture's label space: shared, or joint (`jaxpar.mixture`)
+    data_workers: int = 0  # grain worker processes reading training batches (0: this process)
     epochs: int = 30
     steps: int | None = None  # overrides epochs when set
     batch_size: int = 128  # global, over all devices and processes
@@ -120,6 +121,7 @@ class Config:
         need(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
         need(self.steps is None or self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
         need(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        need(self.data_workers >= 0, f"--data-workers must be >= 0, got {self.data_workers}")
         need(self.optimizer in ("sgd", "adamw"), f"unknown optimizer '{self.optimizer}'")
         need(self.lr > 0, f"--lr must be positive, got {self.lr}")
         need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
@@ -252,6 +254,7 @@ class Config:
         )
         alone = {"--sync": self.sync == "every-step", "--grad-accum": self.grad_accum == 1,
                  "--steps-per-dispatch": self.steps_per_dispatch == 1,
+                 "--data-workers": self.data_workers == 0,
                  "--freeze": self.freeze is None, "--prune-to": self.prune_to is None,
                  "--teacher": self.teacher is None, "--qat": self.qat is None}  # fmt: skip
         for flag, ok in alone.items():

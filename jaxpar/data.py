@@ -4,7 +4,8 @@ The global batch of a step is a function of (seed, epoch, step) only: a permutat
 set drawn from ``(seed, epoch)``, cut into consecutive batches (the last partial batch is dropped).
 Each device then fetches just its own rows (`jax.make_array_from_callback`), so the order is the
 same on every mesh and process count, each process reads only the rows its devices hold, and
-resuming needs only the step.
+resuming needs only the step. Reading (and, for ImageNet, decoding and cropping) can run in grain
+worker processes (``--data-workers``, `in_order`): the batches are the same.
 
 Images stay in host memory as stored (uint8 for real datasets) and are converted, normalised with
 per-dataset statistics and augmented on the devices, inside the jitted step (`preprocess`).
@@ -288,6 +289,9 @@ def steps_per_epoch(ds: Dataset, batch_size: int) -> int:
     return n // batch_size
 
 
+# One dataset's order stays this NumPy permutation rather than grain's shuffle (which a mixture's
+# sources use, `jaxpar.mixture`): the runs, checkpoints and golden losses recorded before grain
+# came in resume onto the same batches. grain reads the batches (`in_order`), not their order.
 @functools.lru_cache(maxsize=2)
 def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng((seed, epoch)).permutation(n)
@@ -301,32 +305,55 @@ def train_indices(ds: Dataset, batch_size: int, seed: int, step: int) -> np.ndar
     return _permutation(seed, epoch, len(ds.train_labels))[i * batch_size : (i + 1) * batch_size]
 
 
+def local_blocks(mesh, shape: tuple) -> dict:
+    """``{spans: index}``: the row blocks of a batch of rows shaped `shape` (``(B,)``, or
+    ``(K, B)`` for K stacked steps) that this process's devices hold, each block once (devices
+    that differ only along ``model`` hold the same block). Plain tuples and slices: they travel
+    to worker processes."""
+    n = len(shape)
+    index = batch_sharding(mesh, n, stacked=n == 2).addressable_devices_indices_map(shape)
+    return {_spans(i, n): i for i in index.values()}
+
+
+def _spans(index, n: int) -> tuple:
+    return tuple((s.start, s.stop) for s in index[:n])  # a dict key
+
+
+def read_blocks(arrays: dict, rows: np.ndarray, blocks: dict, seeds=None) -> dict:
+    """The host side of a batch: ``{k: [arrays[k][rows[index]] for each block]}``, read in the
+    order of `arrays` (a source may read labels with its images). No JAX: runs in any process.
+    `seeds`, shaped like `rows` plus a last axis, seed the host-side augmentation of sources that
+    have one (``source.read(rows, seeds)``, e.g. ImageNet's crops)."""
+    return {
+        k: [
+            read_rows(source, rows[i], None if seeds is None else seeds[i]) for i in blocks.values()
+        ]
+        for k, source in arrays.items()
+    }
+
+
+def to_devices(read: dict, shape: tuple, mesh, blocks: dict) -> dict[str, jax.Array]:
+    """Global batch-sharded arrays from `read_blocks`' blocks of rows shaped `shape`."""
+    n, position = len(shape), {b: j for j, b in enumerate(blocks)}
+
+    def one(k):
+        full = (*shape, *read[k][0].shape[n:])
+        sharding = batch_sharding(mesh, len(full), stacked=n == 2)
+        return jax.make_array_from_callback(
+            full, sharding, lambda i: read[k][position[_spans(i, n)]]
+        )
+
+    return {k: one(k) for k in read}
+
+
 def device_batch(arrays: dict, rows: np.ndarray, mesh, seeds=None) -> dict[str, jax.Array]:
     """Global arrays of ``arrays[k][rows]``, batch-sharded over the mesh.
 
     `rows` is one batch's ``(B,)`` or a stack of batches' ``(K, B)``. Each process reads only the
-    row blocks of its own devices, each block once (devices that differ only along ``model`` hold
-    the same block). `seeds`, shaped like `rows` plus a last axis, seed the host-side augmentation
-    of sources that have one (``source.read(rows, seeds)``, e.g. ImageNet's crops).
+    row blocks of its own devices (`local_blocks`, `read_blocks`).
     """
-    n = rows.ndim
-    spans = lambda index: tuple((s.start, s.stop) for s in index[:n])  # noqa: E731 - a dict key
-    blocks = batch_sharding(mesh, n, stacked=n == 2).addressable_devices_indices_map(rows.shape)
-    blocks = {spans(i): i for i in blocks.values()}
-    read = {
-        k: {
-            b: read_rows(source, rows[i], None if seeds is None else seeds[i])
-            for b, i in blocks.items()
-        }
-        for k, source in arrays.items()
-    }  # in order: a source may read labels with its images
-
-    def one(k):
-        shape = (*rows.shape, *next(iter(read[k].values())).shape[n:])
-        sharding = batch_sharding(mesh, len(shape), stacked=n == 2)
-        return jax.make_array_from_callback(shape, sharding, lambda i: read[k][spans(i)])
-
-    return {k: one(k) for k in arrays}
+    blocks = local_blocks(mesh, rows.shape)
+    return to_devices(read_blocks(arrays, rows, blocks, seeds), rows.shape, mesh, blocks)
 
 
 def read_rows(source, rows, seeds=None):
@@ -335,23 +362,73 @@ def read_rows(source, rows, seeds=None):
     return source.read(rows, seeds) if hasattr(source, "read") else source[rows]
 
 
-def train_batches(ds: Dataset, batch_size: int, seed: int, steps, mesh):
+class TrainReads:
+    """The host side of `train_batches`, as a sequence: item i is the blocks of dispatch
+    ``plan[i]`` (a step, or a range of steps stacked) that this process's devices hold.
+
+    A function of (seed, step) alone, so it can be read in any process and any order: grain's
+    worker processes each get a copy (pickled) and read every N-th item.
+    """
+
+    def __init__(self, ds: Dataset, batch_size: int, seed: int, plan: list, mesh):
+        self.ds, self.batch_size, self.seed, self.plan = ds, batch_size, seed, plan
+        self.blocks = {shape: local_blocks(mesh, shape) for shape in map(self.shape, plan)}
+
+    def shape(self, item) -> tuple:
+        """The shape of `item`'s rows: ``(B,)`` for a step, ``(K, B)`` for K stacked steps."""
+        k = len(item) if isinstance(item, range) else 1
+        return (k, self.batch_size) if k > 1 else (self.batch_size,)
+
+    def rows_and_seeds(self, step: int):
+        """The step's rows, and the host-side augmentation seeds: (seed, position in the run's
+        sequence of examples), the same on every mesh and process count."""
+        seeds = np.stack([np.full(self.batch_size, self.seed),
+                          step * self.batch_size + np.arange(self.batch_size)], -1)  # fmt: skip
+        return train_indices(self.ds, self.batch_size, self.seed, step), seeds
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.plan[i]
+        steps = item if isinstance(item, range) else [item]
+        rows, seeds = (np.stack(x) for x in zip(*map(self.rows_and_seeds, steps), strict=True))
+        shape = self.shape(item)
+        rows, seeds = rows.reshape(shape), seeds.reshape(*shape, -1)
+        arrays = {"image": self.ds.train_images, "label": self.ds.train_labels}
+        return read_blocks(arrays, rows, self.blocks[shape], seeds)
+
+
+def in_order(reads, workers: int = 0):
+    """The items of the sequence `reads`, in order: read here (`workers` 0), or by `workers`
+    grain worker processes, worker j reading items j, j + N, ... ahead of their use (each with
+    its own copy of `reads`; the arrays come back through shared memory)."""
+    if not workers:
+        yield from (reads[i] for i in range(len(reads)))
+        return
+    import grain
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain 0.2.18 reads an absl flag (google/grain#1355)
+        flags.FLAGS.mark_as_parsed()
+    options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
+    items = iter(grain.MapDataset.source(reads).to_iter_dataset().mp_prefetch(options))
+    try:
+        yield from items
+    finally:
+        items.close()  # stops the worker processes now rather than at garbage collection
+
+
+def train_batches(ds: Dataset, batch_size: int, seed: int, steps, mesh, workers: int = 0):
     """The device batch of each step in `steps`; an item that is a range of several steps gives
     their batches stacked (leading axis: steps) for one multi-step dispatch. Host-side
-    augmentation is seeded by (seed, step, position in the global batch)."""
-    arrays = {"image": ds.train_images, "label": ds.train_labels}
-    position = np.arange(batch_size)
-
-    def rows_and_seeds(step):
-        seeds = np.stack([np.full(batch_size, seed), step * batch_size + position], -1)
-        return train_indices(ds, batch_size, seed, step), seeds
-
-    for s in steps:
-        if isinstance(s, range) and len(s) > 1:
-            rows, seeds = (np.stack(x) for x in zip(*map(rows_and_seeds, s), strict=True))
-        else:
-            rows, seeds = rows_and_seeds(s.start if isinstance(s, range) else s)
-        yield device_batch(arrays, rows, mesh, seeds)
+    augmentation is seeded by (seed, step, position in the global batch). With `workers`, the
+    host side (reading, decoding, cropping) runs in that many grain worker processes; the
+    batches are the same."""
+    reads = TrainReads(ds, batch_size, seed, list(steps), mesh)
+    for item, read in zip(reads.plan, in_order(reads, workers), strict=True):
+        shape = reads.shape(item)
+        yield to_devices(read, shape, mesh, reads.blocks[shape])
 
 
 def prefetch(batches, depth: int = 2):

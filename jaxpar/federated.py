@@ -262,8 +262,9 @@ class Federated(Mode):
     def batch_ndims(self, image_ndim: int) -> dict[str, int]:
         return {"image": image_ndim + 2, "label": 3, "mask": 3, "weight": 1, "client": 1}
 
-    def batches(self, ds, batch_size: int, seed: int, plan, mesh):
-        """The device arrays of each round in `plan` (ranges of one round)."""
+    def batches(self, ds, batch_size: int, seed: int, plan, mesh, workers: int = 0):
+        """The device arrays of each round in `plan` (ranges of one round). Read in this
+        process: the config refuses --data-workers with --clients."""
         arrays = {"image": ds.train_images, "label": ds.train_labels}
         for steps in plan:
             host = self.round_rows(steps.start)

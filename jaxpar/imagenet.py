@@ -74,6 +74,14 @@ class Records:
         self.images = Column(self.read_images, (len(source), SIZE, SIZE, 3), np.uint8)
         self.labels = Column(self.read_labels, (len(source),), np.int32)
 
+    def __getstate__(self):
+        """A copy for a worker process (`--data-workers`): the source, decoding in one thread
+        there, since the processes are the parallelism."""
+        return {"source": self.source, "threads": 1}
+
+    def __setstate__(self, state):
+        self.__init__(state["source"], state["threads"])
+
     def read_one(self, row: int, seed) -> np.ndarray:
         """One record's 224x224 image: a seeded training crop, or the central crop."""
         record = self.source[row]

@@ -208,7 +208,8 @@ def setup(cfg: Config) -> Run:
         sync = jax.jit(under_mesh(mode.sync, mesh), in_shardings=(shardings,),
                        out_shardings=shardings, donate_argnums=0)  # fmt: skip
     schedule = make_schedule(cfg.lr, cfg.schedule, cfg.warmup_steps, total)
-    batches = partial(mode.batches, ds, cfg.batch_size, cfg.seed, mesh=mesh)
+    batches = partial(mode.batches, ds, cfg.batch_size, cfg.seed, mesh=mesh,
+                      workers=cfg.data_workers)  # fmt: skip
     return Run(
         cfg, spec, mesh, ds, per_epoch, total, schedule, init, abstract, shardings, replicated,
         *compile(), compile(stacked=True)[0], compile, mode, sync, batches,

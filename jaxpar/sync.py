@@ -124,9 +124,9 @@ class Mode:
         """Dimensions of each array of a step's batch (the leading one is sharded)."""
         return {"image": image_ndim, "label": 1}
 
-    def batches(self, ds, batch_size: int, seed: int, plan, mesh):
-        """The device batch of each dispatch in `plan`."""
-        return train_batches(ds, batch_size, seed, plan, mesh)
+    def batches(self, ds, batch_size: int, seed: int, plan, mesh, workers: int = 0):
+        """The device batch of each dispatch in `plan` (read by `workers` processes)."""
+        return train_batches(ds, batch_size, seed, plan, mesh, workers)
 
     def abstract_batch(self, ds, batch_size: int, mesh) -> dict:
         """Shapes, dtypes and shardings of one step's batch (for `--dry-run`)."""

@@ -81,6 +81,8 @@ BAD = {
     "--optimizer lamb": "invalid choice: 'lamb'",
     "--batch-size 4096": "larger than the 1437 training examples",
     "--steps-per-dispatch 0": "--steps-per-dispatch must be at least 1",
+    "--data-workers -1": "--data-workers must be >= 0, got -1",
+    "--clients 4 --data-workers 2": "--data-workers does not apply to federated runs",
     "--init-timeout 0": "--init-timeout must be positive, got 0",
     "--dry-run --project h100x0": "--project 'h100x0': chips per node and nodes must be at least 1",
     "--dry-run --project unknown-chip": "expected CHIP[xN][:nodes=K], CHIP one of a100, h100",

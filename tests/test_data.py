@@ -195,6 +195,65 @@ def test_synthetic_pool_is_built_without_large_intermediates(tmp_path):
     assert int(grown) < 1.5 * int(nbytes), f"peak grew {int(grown) >> 20} MiB"
 
 
+class Jpegs:
+    """Records as tensorflow-datasets hands them out, decoded on access: generated JPEGs of
+    several sizes (picklable, so grain's worker processes can read them)."""
+
+    def __init__(self, n):
+        import io
+
+        from PIL import Image
+
+        rng, self.blobs = np.random.default_rng(0), []
+        for i in range(n):
+            out = io.BytesIO()
+            pixels = rng.integers(0, 256, (40 + 7 * i, 60 - 3 * i, 3), np.uint8)
+            Image.fromarray(pixels).save(out, "JPEG")
+            self.blobs.append(out.getvalue())
+
+    def __len__(self):
+        return len(self.blobs)
+
+    def __getitem__(self, i):
+        import io
+
+        from PIL import Image
+
+        with Image.open(io.BytesIO(self.blobs[i])) as image:
+            return {"image": np.asarray(image.convert("RGB")), "label": i % 7}
+
+
+def test_worker_processes_read_the_same_batches():
+    """--data-workers: grain's processes read (decode, crop) the batches this process would."""
+    from jaxpar.data import Dataset
+    from jaxpar.imagenet import Records
+
+    mesh, plan = make_mesh(parse_mesh("2x2")), [0, range(1, 3), 3]
+    records = Records(Jpegs(12), threads=2)
+    jpegs = Dataset("jpegs", records.images, records.labels, records.images, records.labels, 7)
+    for ds, batch in ((jpegs, 4), (digits(), 32)):
+        here = [jax.device_get(b) for b in train_batches(ds, batch, 5, plan, mesh)]
+        there = [jax.device_get(b) for b in train_batches(ds, batch, 5, plan, mesh, workers=2)]
+        for a, b in zip(here, there, strict=True):
+            for key in ("image", "label"):
+                np.testing.assert_array_equal(a[key], b[key])
+    assert here[1]["image"].shape == (2, 32, 8, 8, 1)  # stacked steps stay stacked
+
+
+def test_a_run_with_data_workers_writes_the_same_metrics(tmp_path):
+    import json
+
+    def losses(name, *extra):
+        args = ["--steps", "4", "--log-every", "1", "--workdir", str(tmp_path / name), *extra]
+        assert cli.main(args) == 0
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [
+            (m["step"], m.get("train_loss"), m.get("eval_loss")) for m in map(json.loads, lines)
+        ]
+
+    assert losses("workers", "--data-workers", "2") == losses("here")
+
+
 def test_global_batch_is_the_same_on_every_mesh():
     ds = digits()
     data = {"image": ds.train_images, "label": ds.train_labels}
