@@ -9,10 +9,11 @@ with 1 thread and with one thread per core. Divide a GPU's images/s by the per-c
 the cores a host needs to keep it fed.
 
 Then the training input as the loop reads it (`jaxpar.data.train_batches`: rows of (seed, step),
-decode, crop, flip, onto the device) with ``--data-workers`` 1, 2, ... N grain worker
-processes (N: this machine's cores), and in this process with one thread (0 workers): crops/s
-after the first batches (worker start-up excluded), alternating rounds; the ratios are against
-1 worker. Alongside, the machine's own ceiling: the same decode-and-crop work in 1 and in 2
+decode, crop, flip, onto the device) with ``--data-workers`` 1, 2 and N grain worker
+processes (N: this machine's cores), and in this process (``--data-workers 0``) with one thread
+and with one per core (the default): crops/s in the steady state (start-up and the workers'
+read-ahead excluded), alternating rounds; the ratios are against 1 worker. Alongside, the
+machine's own ceiling: the same decode-and-crop work in 1 and in 2
 independent processes (no jaxpar, no grain), since a virtual machine's cores may not scale.
 
     python benchmarks/imagenet_input.py              # 256 images, 3 rounds
@@ -84,16 +85,20 @@ def ceiling(blobs, pool) -> dict:
 
 def crops_per_s(source, workers, batch, steps, threads=1) -> float:
     """Training crops/s through `train_batches` with `workers` processes (0: this process, with
-    `threads` decoding threads), timed from the batch after the first ``workers + 1``."""
+    `threads` decoding threads), in the steady state: timed over `steps` batches between two
+    marks at which the workers' buffers are equally full (after start-up, before the end)."""
     records = Records(source, threads)
     ds = Dataset("jpegs", records.images, records.labels, records.images, records.labels, 1000)
-    skip = workers + 1
-    mesh = make_mesh(parse_mesh("1"))
-    for i, b in enumerate(train_batches(ds, batch, 0, range(steps + skip), mesh, workers)):
-        jax.block_until_ready(b)
-        if i == skip - 1:
-            start = time.perf_counter()
-    return steps * batch / (time.perf_counter() - start)
+    skip, mesh = 2 * workers + 2, make_mesh(parse_mesh("1"))
+    batches = train_batches(ds, batch, 0, range(skip + steps + 4 * workers), mesh, workers)
+    for _ in range(skip):
+        jax.block_until_ready(next(batches))
+    start = time.perf_counter()
+    for _ in range(steps):
+        jax.block_until_ready(next(batches))
+    seconds = time.perf_counter() - start
+    batches.close()  # stops the workers
+    return steps * batch / seconds
 
 
 def main():
@@ -127,19 +132,24 @@ def main():
         print(f"{name:>24} " + " ".join(f"{r[name]:>12.0f}" for r in results.values()))
     base = results[1]["decode only"]
     print(f"train read / decode alone, 1 thread: {results[1]['train read (crop+flip)'] / base:.2f}")
-    counts = sorted({0, 1, 2, cores})
-    runs, ceilings = {w: [] for w in counts}, []
+    cases = {  # name: (workers, threads in this process)
+        "this process, 1 thread": (0, 1),
+        f"this process, {cores} threads (default)": (0, cores),
+        **{f"{w} worker process(es)": (w, 1) for w in sorted({1, 2, cores})},
+    }
+    runs, ceilings = {name: [] for name in cases}, []
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         for i in range(args.rounds):
             ceilings.append(ceiling(blobs, pool))
-            for w in sorted(counts, reverse=i % 2 == 1):
-                runs[w].append(crops_per_s(source, w, args.batch, args.steps))
-    workers = {w: float(np.median(r)) for w, r in runs.items()}
+            for name in sorted(cases, reverse=i % 2 == 1):
+                w, threads = cases[name]
+                runs[name].append(crops_per_s(source, w, args.batch, args.steps, threads))
+    workers = {name: float(np.median(r)) for name, r in runs.items()}
     machine = {k: float(np.median([c[k] for c in ceilings])) for k in ("1", "2")}
     print(f"training crops/s through train_batches (batch {args.batch}, {args.steps} batches):")
-    for w, rate in workers.items():
-        label = "0 (this process, 1 thread)" if w == 0 else f"{w} worker process(es)"
-        print(f"{label:>28} {rate:>8.0f}  x{rate / workers[1]:.2f} of 1 worker")
+    one = workers["1 worker process(es)"]
+    for name, rate in workers.items():
+        print(f"{name:>34} {rate:>8.0f}  x{rate / one:.2f} of 1 worker")
     print(f"machine ceiling: 2 independent processes crop {machine['2']:.0f}/s, "
           f"x{machine['2'] / machine['1']:.2f} of one ({machine['1']:.0f}/s)")  # fmt: skip
     meta = {
@@ -150,7 +160,7 @@ def main():
         "steps": args.steps,
     }
     print(json.dumps({"benchmark": "imagenet_input", **meta, "images_per_s": results,
-                      "crops_per_s_by_workers": workers, "runs_by_workers": runs,
+                      "crops_per_s": workers, "runs": runs,
                       "ceiling": machine, "ceilings": ceilings}))  # fmt: skip
 
 

@@ -5,6 +5,12 @@ divide by, so the ceiling is measured in the same process: a large float32 matri
 (the operation the model's layers are made of) on one device, timed like the steps. MFU here is
 the step's FLOP/s over that product's FLOP/s, on one device.
 
+For the MLP a second, shape-matched ceiling: the step's own matrix products (three forward, five
+backward: the first layer's input gradient is not needed), each compiled and timed alone, at
+the shapes of batch 128. ``products alone`` is their total time and FLOP/s: the rate XLA's CPU
+dots reach at these shapes (each is its own call, so the total also holds eight dispatches that
+the step pays once).
+
     python benchmarks/throughput.py                  # MLP (MNIST size), ResNet-18 (CIFAR size)
 """
 
@@ -43,6 +49,21 @@ def matmul_flops_per_s(n=2048, calls=10) -> float:
     return 2 * n**3 / seconds_per_call(jax.jit(jnp.matmul), (a, a), calls)
 
 
+def mlp_products(batch=128, sizes=(784, 512, 256, 10), calls=200) -> dict:
+    """The MLP step's matrix products, each alone: (seconds, FLOPs) summed over them."""
+    key, seconds, flops = jax.random.key(0), 0.0, 0.0
+    for din, dout in zip(sizes, sizes[1:], strict=False):
+        x, w, g = (jax.random.normal(key, s) for s in ((batch, din), (din, dout), (batch, dout)))
+        products = [(lambda x, w: x @ w, (x, w)), (lambda x, g: x.T @ g, (x, g))]  # fwd, dW
+        if din != sizes[0]:
+            products.append((lambda g, w: g @ w.T, (g, w)))  # the input's gradient
+        for fn, args in products:
+            jitted = jax.jit(fn)
+            seconds += min(seconds_per_call(jitted, args, calls) for _ in range(3))
+            flops += jitted.lower(*args).compile().cost_analysis()["flops"]
+    return {"products_ms": seconds * 1e3, "products_flops_per_s": flops / seconds}
+
+
 def step_case(model, dataset, batch, steps, mesh) -> dict:
     ds = load_dataset(dataset)
     model_fn = partial(MODELS[model], ds.image_shape, ds.num_classes)
@@ -73,6 +94,8 @@ def main():
         for _ in range(args.rounds):  # alternate: the ceiling is measured next to each run
             peaks.append(matmul_flops_per_s())
             runs.append(step_case(*spec, mesh))
+            if name.startswith("mlp"):
+                runs[-1].update(mlp_products(spec[2]))
         run = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
         peak = float(np.median(peaks))
         rows.append({"case": name, **run, "matmul_flops_per_s": peak,
@@ -83,6 +106,12 @@ def main():
         print(f"{r['case']:>20} {r['step_ms']:>9.2f} {r['examples_per_s']:>11.0f} "
               f"{r['gflop_per_step']:>11.3f} {r['flops_per_s'] / 1e9:>8.1f} "
               f"{r['matmul_flops_per_s'] / 1e9:>15.1f} {r['mfu']:>6.1%}")  # fmt: skip
+    for r in rows:
+        if "products_ms" in r:
+            print(f"{r['case']}: its matrix products alone {r['products_ms']:.2f} ms, "
+                  f"{r['products_flops_per_s'] / 1e9:.1f} GFLOP/s = "
+                  f"{r['products_flops_per_s'] / r['matmul_flops_per_s']:.1%} of the large one; "
+                  f"the step takes {r['step_ms'] / r['products_ms']:.2f}x their time")  # fmt: skip
     meta = {"jax": jax.__version__, "platform": jax.default_backend(), "mesh": "1"}
     print(json.dumps({"benchmark": "throughput", **meta, "rows": rows}))
 

@@ -254,11 +254,12 @@ class Config:
         )
         alone = {"--sync": self.sync == "every-step", "--grad-accum": self.grad_accum == 1,
                  "--steps-per-dispatch": self.steps_per_dispatch == 1,
-                 "--data-workers": self.data_workers == 0,
                  "--freeze": self.freeze is None, "--prune-to": self.prune_to is None,
                  "--teacher": self.teacher is None, "--qat": self.qat is None}  # fmt: skip
         for flag, ok in alone.items():
             need(ok, f"{flag} does not apply to federated runs (--clients): a round is one step")
+        need(self.data_workers == 0, "--data-workers does not apply to federated runs (--clients): "
+             "their rounds are read in the training process")  # fmt: skip
 
     def federated(self) -> dict | None:
         """The settings a federated checkpoint must match to resume (None: not federated)."""

@@ -24,6 +24,7 @@ import gzip
 import logging
 import queue
 import re
+import signal
 import threading
 from pathlib import Path
 
@@ -372,7 +373,7 @@ class TrainReads:
 
     def __init__(self, ds: Dataset, batch_size: int, seed: int, plan: list, mesh):
         self.ds, self.batch_size, self.seed, self.plan = ds, batch_size, seed, plan
-        self.blocks = {shape: local_blocks(mesh, shape) for shape in map(self.shape, plan)}
+        self.blocks = {shape: local_blocks(mesh, shape) for shape in set(map(self.shape, plan))}
 
     def shape(self, item) -> tuple:
         """The shape of `item`'s rows: ``(B,)`` for a step, ``(K, B)`` for K stacked steps."""
@@ -401,22 +402,38 @@ class TrainReads:
 
 def in_order(reads, workers: int = 0):
     """The items of the sequence `reads`, in order: read here (`workers` 0), or by `workers`
-    grain worker processes, worker j reading items j, j + N, ... ahead of their use (each with
-    its own copy of `reads`; the arrays come back through shared memory)."""
+    grain worker processes, worker j reading items j, j + N, ... two ahead of their use (each with
+    its own copy of `reads`; the arrays come back through shared memory, ``/dev/shm``)."""
     if not workers:
         yield from (reads[i] for i in range(len(reads)))
         return
     import grain
     from absl import flags
 
-    if not flags.FLAGS.is_parsed():  # grain 0.2.18 reads an absl flag (google/grain#1355)
+    # grain 0.2.18 reads an absl flag, which fails unless flags were parsed (google/grain#1355).
+    # This marks absl's flags parsed, at their defaults, for the rest of the process; jaxpar
+    # reads none of them.
+    if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+    # One read at a time in each worker, none buffered beyond grain's two per worker: an item is
+    # a whole batch (38 MB for 256 ImageNet crops), and grain's default reads up to 500 ahead in
+    # 16 threads.
+    ds = grain.MapDataset.source(reads).to_iter_dataset(
+        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    )
     options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
-    items = iter(grain.MapDataset.source(reads).to_iter_dataset().mp_prefetch(options))
+    items = iter(ds.mp_prefetch(options, worker_init_fn=_leave_signals_to_the_trainer))
     try:
         yield from items
     finally:
         items.close()  # stops the worker processes now rather than at garbage collection
+
+
+def _leave_signals_to_the_trainer(worker: int, workers: int) -> None:
+    """Workers ignore Ctrl-C and SIGTERM (sent to the whole process group): the training process
+    saves its checkpoint, then stops them (grain kills those that do not stop)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def train_batches(ds: Dataset, batch_size: int, seed: int, steps, mesh, workers: int = 0):
@@ -426,30 +443,48 @@ def train_batches(ds: Dataset, batch_size: int, seed: int, steps, mesh, workers:
     host side (reading, decoding, cropping) runs in that many grain worker processes; the
     batches are the same."""
     reads = TrainReads(ds, batch_size, seed, list(steps), mesh)
-    for item, read in zip(reads.plan, in_order(reads, workers), strict=True):
-        shape = reads.shape(item)
-        yield to_devices(read, shape, mesh, reads.blocks[shape])
+    with contextlib.closing(in_order(reads, workers)) as host:  # closing this closes the workers
+        for item, read in zip(reads.plan, host, strict=True):
+            shape = reads.shape(item)
+            yield to_devices(read, shape, mesh, reads.blocks[shape])
 
 
 def prefetch(batches, depth: int = 2):
     """Build the next `depth` batches (host reads and host-to-device copies) in a thread, while
-    the devices compute."""
+    the devices compute. Closing this generator (or dropping it) stops the thread and closes
+    `batches` (which stops `--data-workers` processes)."""
     ready: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
+    done, stop = object(), threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                ready.put(item, timeout=0.1)
+                return True
+        return False
 
     def fill():
         try:
             for batch in batches:
-                ready.put(batch)
+                if not put(batch):
+                    return
+            put(done)
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            ready.put(e)
-        ready.put(done)
+            put(e)
+        finally:
+            if hasattr(batches, "close"):
+                batches.close()
 
-    threading.Thread(target=fill, daemon=True).start()
-    while (item := ready.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    thread = threading.Thread(target=fill, daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()  # `batches` closed (worker processes stopped) before the caller goes on
 
 
 def eval_batch_size(batch_size: int, examples: int, rows: int = 1024) -> int:

@@ -433,7 +433,8 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", prof
                disable=not sys.stderr.isatty() or jax.process_index())  # fmt: skip
     last_eval = log.last("eval_accuracy")
     window.start()
-    with stop_on_signals(run.mesh) as stop, profile:
+    # Closing the batches on the way out (a signal, an error) stops the input thread and workers.
+    with stop_on_signals(run.mesh) as stop, profile, contextlib.closing(batches):
         compiled = Steps(run, window, stop)
         for steps, batch in zip(plan, batches, strict=True):
             train = compiled(state, batch, steps)

@@ -191,13 +191,17 @@ def reference(tmp_path_factory):
 
 
 def test_sigterm_saves_and_the_same_command_resumes(reference, tmp_path):
-    proc = cli_run(*RUN, "--workdir", str(tmp_path))
+    """SIGTERM to the whole process group, as a terminal or a scheduler sends it, reaches the
+    --data-workers processes too: they leave it to the trainer, which saves. The resumed run
+    reads in its own process: the same batches."""
+    proc = cli_run(*RUN, "--data-workers", "2", "--workdir", str(tmp_path), start_new_session=True)
     wait_for_lines(tmp_path, 30, proc)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
     stopped = int(err.split("at step ")[1].split(";")[0])
     assert "checkpoint saved in" in err and (tmp_path / "checkpoints" / str(stopped)).is_dir()
+    assert "Traceback" not in err, err  # no worker died of the signal
     proc = cli_run(*RUN, "--workdir", str(tmp_path))
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err

@@ -4,6 +4,7 @@ import gzip
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -238,6 +239,37 @@ def test_worker_processes_read_the_same_batches():
             for key in ("image", "label"):
                 np.testing.assert_array_equal(a[key], b[key])
     assert here[1]["image"].shape == (2, 32, 8, 8, 1)  # stacked steps stay stacked
+
+
+class Pids:
+    """Items that say which process read them."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        return {"read": np.array([os.getpid(), i])}
+
+
+def test_data_workers_read_in_their_own_processes_in_order_and_stop_when_closed():
+    import multiprocessing
+
+    from jaxpar.data import in_order
+
+    reads = [item["read"] for item in in_order(Pids(), workers=2)]
+    assert [int(i) for _, i in reads] == list(range(6))
+    pids = {int(pid) for pid, _ in reads}
+    assert len(pids) == 2 and os.getpid() not in pids  # worker j read items j, j + 2, ...
+    assert not multiprocessing.active_children()  # stopped once read to the end
+    batches = prefetch(train_batches(digits(), 32, 0, range(1000), make_mesh(parse_mesh("1")), 2))
+    next(batches)
+    assert len(multiprocessing.active_children()) == 2
+    batches.close()  # as the training loop does on its way out (a signal, an error)
+    for _ in range(100):
+        if not multiprocessing.active_children():
+            break
+        time.sleep(0.1)
+    assert not multiprocessing.active_children(), "the workers outlived their batches"
 
 
 def test_a_run_with_data_workers_writes_the_same_metrics(tmp_path):
