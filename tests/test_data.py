@@ -25,6 +25,7 @@ from jaxpar.data import (
     train_indices,
 )
 from jaxpar.mesh import make_mesh, parse_mesh
+from jaxpar.sharding import batch_sharding
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -313,7 +314,8 @@ def test_stacked_batches_hold_each_steps_batch_sharded_by_rows():
     image = stacked["image"]
     assert image.shape == (3, 64, 8, 8, 1)
     assert image.sharding.shard_shape(image.shape) == (3, 32, 8, 8, 1)  # data=2 splits the rows
-    for i, single in enumerate(singles):
+    for i, single in enumerate(singles):  # read as one chunk, handed out as on-device slices
+        assert single["image"].sharding.is_equivalent_to(batch_sharding(mesh, 4), 4)
         np.testing.assert_array_equal(np.asarray(image[i]), np.asarray(single["image"]))
         np.testing.assert_array_equal(np.asarray(stacked["label"][i]), np.asarray(single["label"]))
 
