@@ -77,6 +77,7 @@ FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxp
         ),  # fmt: skip
         ("--data-dir", str, "directory of the dataset's files (a mixture: DIR/NAME/ each)"),
         ("--labels", ["shared", "joint"], "a mixture's sources share labels, or join them"),
+        ("--resize-sources", bool, "resize a mixture's sources to the first one's image shape"),
         (
             "--data-workers",
             int,

@@ -4,8 +4,8 @@ Each case trains in this process from two sources of batches, in short alternati
 steps: jaxpar's input pipeline (`prefetch(train_batches(...))`: row gathers, host-to-device
 arrays, two batches ahead, as the training loop reads them), and batches built before the clock
 started (already on the devices, a different one each step, cycled). The input-wait share is
-``1 - t_built / t_pipeline``, from the medians of the chunks' step times. Chunks of a few tens of
-milliseconds, alternated many times, keep this shared machine's slow swings in load out of the
+``1 - t_built / t_pipeline``, from the medians of the chunks' step times. Chunks of a fraction
+of a second, alternated many times, keep this shared machine's slow swings in load out of the
 ratio; a control case (``built`` against a second list of built batches) measures the method's
 own error and should read about 0%.
 
@@ -35,8 +35,10 @@ from jaxpar.mesh import make_mesh, parse_mesh  # noqa: E402
 from jaxpar.step import compile_steps, create_state, make_optimizer  # noqa: E402
 from models import MODELS  # noqa: E402
 
+# Steps per chunk: a multiple of the input's own runs (`jaxpar.data.CHUNK_STEPS`, 64 MLP steps
+# read and put at once), so every chunk holds the same share of that lumpy work.
 CASES = {  # model, dataset, global batch, steps per chunk, chunk pairs
-    "mlp/mnist-size": ("mlp", "synthetic:28x28x1:10", 128, 24, 60),
+    "mlp/mnist-size": ("mlp", "synthetic:28x28x1:10", 128, 64, 30),
     "resnet18/cifar-size": ("resnet18", "synthetic:32x32x3:10", 64, 1, 4),
 }
 

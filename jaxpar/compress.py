@@ -96,7 +96,7 @@ def restore_run(cfg) -> Trained:
 
     workdir = Path(cfg.workdir)
     step, manifest = latest(workdir)
-    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.labels)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.labels, cfg.resize_sources)
     spec = parse_mesh(cfg.mesh, jax.device_count())
     mesh = make_mesh(spec)
     graphdef, weights, _ = restored(workdir, step, manifest, mesh, precision="fp32")

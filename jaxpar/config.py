@@ -21,6 +21,7 @@ class Config:
     dataset: str = "digits"
     data_dir: str | None = None
     labels: str = "shared"  # a mixture's label space: shared, or joint (`jaxpar.mixture`)
+    resize_sources: bool = False  # a mixture's sources resized to the first one's image shape
     data_workers: int = 0  # grain worker processes reading training batches (0: this process)
     epochs: int = 30
     steps: int | None = None  # overrides epochs when set
@@ -106,6 +107,8 @@ class Config:
         need(self.labels in LABELS, f"--labels {self.labels}: choose {' or '.join(LABELS)}")
         need(self.labels == "shared" or is_mixture(self.dataset),
              "--labels joint goes with a mixture (--dataset NAME=SHARE,...)")  # fmt: skip
+        need(not self.resize_sources or is_mixture(self.dataset),
+             "--resize-sources goes with a mixture (--dataset NAME=SHARE,...)")  # fmt: skip
         if self.data_dir is not None:
             need(
                 Path(self.data_dir).exists(),

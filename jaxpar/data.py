@@ -260,12 +260,14 @@ def known(name: str) -> bool:
     return name in DATASETS or name.startswith("synthetic:")
 
 
-def load_dataset(name: str, data_dir: str | None = None, labels: str = "shared") -> Dataset:
+def load_dataset(
+    name: str, data_dir: str | None = None, labels: str = "shared", resize: bool = False
+) -> Dataset:
     """A dataset by name, or a mixture of several (``NAME=SHARE,...``: `jaxpar.mixture`)."""
     from jaxpar.mixture import is_mixture, load_mixture
 
     if is_mixture(name):
-        return load_mixture(name, data_dir, labels)
+        return load_mixture(name, data_dir, labels, resize)
     if not known(name):
         raise UserError(f"unknown dataset '{name}'; choose from {', '.join(DATASETS)}")
     return DATASETS[name.split(":")[0]](name, data_dir)
@@ -437,14 +439,14 @@ def _leave_signals_to_the_trainer(worker: int, workers: int) -> None:
 
 
 # Performance is decided here for small batches on CPUs: putting an array on a CPU device while
-# XLA's threads compute blocks the caller 0.4-0.7 ms (it waits for a thread of the busy pool,
-# holding the GIL), even for 512 bytes and even zero-copy; that cost the MLP's 2.7 ms step 7-10%.
-# So consecutive single steps are read as one stacked array of up to CHUNK_BYTES (one put per
-# chunk) and handed out as slices taken on the devices (`_step_of`: no transfer).
+# XLA's threads compute blocks the caller 0.4-0.7 ms (it waits for the busy pool), even for 512
+# bytes and even zero-copy; that cost the MLP's 2.7 ms step 7-10%. So consecutive single steps
+# are read as one stacked array of up to CHUNK_BYTES (one put per run) and cut into the steps'
+# batches on the devices (`_cut`: one dispatch per run, no transfer).
 CHUNK_BYTES, CHUNK_STEPS = 8 << 20, 64
 
 
-def _chunks(plan: list, steps: int) -> list[tuple[range | int, bool]]:
+def _chunks(plan: list, steps: int) -> list[tuple[range, bool]]:
     """``(item to read, handed out step by step)``: runs of consecutive single steps grouped
     into ranges of up to `steps`; multi-step dispatches kept as they are.
 
@@ -454,7 +456,7 @@ def _chunks(plan: list, steps: int) -> list[tuple[range | int, bool]]:
     """
     out: list = []
     for item in plan:
-        if isinstance(item, range) and len(item) > 1:
+        if isinstance(item, range) and len(item) != 1:
             out.append((item, False))
             continue
         step = item.start if isinstance(item, range) else item
@@ -466,12 +468,13 @@ def _chunks(plan: list, steps: int) -> list[tuple[range | int, bool]]:
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def _step_of(mesh, ndims: tuple, j: int):
-    """A jitted ``chunk -> chunk[j]`` of a batch dict (keys and array ranks in `ndims`), leaving
-    step j's batch sharded as a single step's: one dispatch, no transfer."""
-    out = {k: batch_sharding(mesh, n - 1) for k, n in ndims}
-    return jax.jit(lambda chunk: {k: a[j] for k, a in chunk.items()}, out_shardings=out)
+@functools.lru_cache(maxsize=16)
+def _cut(mesh, ndims: tuple, k: int):
+    """A jitted ``stacked batch -> [batch of step j for j < k]`` (keys and array ranks in
+    `ndims`), each sharded as a single step's batch: compiled once per run length."""
+    out = {key: batch_sharding(mesh, n - 1) for key, n in ndims}
+    cut = lambda stacked: [{key: a[j] for key, a in stacked.items()} for j in range(k)]  # noqa: E731
+    return jax.jit(cut, out_shardings=[out] * k)
 
 
 def train_batches(ds: Dataset, batch_size: int, seed: int, steps, mesh, workers: int = 0):
@@ -491,9 +494,7 @@ def train_batches(ds: Dataset, batch_size: int, seed: int, steps, mesh, workers:
             if not single or len(item) == 1:
                 yield batch
                 continue
-            ndims = tuple((k, a.ndim) for k, a in batch.items())
-            for j in range(len(item)):
-                yield _step_of(mesh, ndims, j)(batch)
+            yield from _cut(mesh, tuple((k, a.ndim) for k, a in batch.items()), len(item))(batch)
 
 
 def prefetch(batches, depth: int = 2):

@@ -164,7 +164,7 @@ class Run:
 def setup(cfg: Config) -> Run:
     spec = parse_mesh(cfg.mesh, jax.device_count())
     mesh = make_mesh(spec)
-    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.labels)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.labels, cfg.resize_sources)
     mode = mode_for(cfg, spec, ds)
     mode.check(cfg, mesh)
     per_epoch = mode.steps_per_epoch(ds, cfg.batch_size)

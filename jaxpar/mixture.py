@@ -17,7 +17,8 @@ mesh and process count, and a resume needs only the step (with the same grain: i
 decides the order). An epoch of the mixture is the steps in which its longest-running source
 passes once.
 
-Sources must share the image shape and storage type; with ``--data-dir DIR`` each is read from
+Sources must share the image shape (or be resized to the first one's: ``--resize-sources``,
+`resized`) and storage type; with ``--data-dir DIR`` each is read from
 ``DIR/<name>`` (or ``DIR`` where no such folder exists). ``--labels shared`` (the default) keeps
 each source's labels, so ``mnist`` and ``fashion_mnist`` share classes 0-9; ``--labels joint``
 offsets each source's labels past the previous ones' (20 classes). Images are normalised with the
@@ -164,6 +165,11 @@ class Sampler:
             out.append(ds.repeat())  # grain draws a new permutation each epoch (seed, epoch)
         return out
 
+    # The batch's composition is hand-written rather than grain's `MapDataset.mix`: mix picks the
+    # source element by element from the weights, so a batch cut from its stream holds a share
+    # only up to rounding that moves between batches (0.3 of 64 rows: 20, 19, 19, 19, 20, ...),
+    # where every batch here holds the same count (19) of each source. The sources' own streams
+    # are grain's (`streams`).
     @cached_property
     def order(self) -> np.ndarray:
         """Where the sources' rows go in a batch: interleaved by their place in their own share
@@ -214,7 +220,48 @@ def _pooled(weights, means, stds) -> tuple[tuple, tuple]:
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
-def load_mixture(text: str, data_dir: str | None, labels: str = "shared"):
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601: RGB to grey
+
+
+def resized(ds, shape: tuple, who: str):
+    """`ds` with its images resized (bilinear, PIL) to `shape` ``(H, W, C)``, for
+    ``--resize-sources``: one channel becomes three by repetition, three become one by ITU-R 601
+    luma (the statistics follow). uint8 images held in memory only.
+
+    >>> from jaxpar.data import Dataset
+    >>> grey = np.zeros((2, 4, 4, 1), np.uint8)
+    >>> ds = resized(Dataset("g", grey, np.zeros(2), grey, np.zeros(2), 10), (8, 8, 3), "g")
+    >>> ds.image_shape, ds.mean
+    ((8, 8, 3), (0.0, 0.0, 0.0))
+    """
+    from PIL import Image
+
+    h, w, c = shape
+    if hasattr(ds.train_images, "read") or np.dtype(ds.train_images.dtype) != np.uint8:
+        raise UserError(f"{who}: only uint8 images held in memory can be resized")
+    if {c, ds.image_shape[-1]} - {1, 3}:
+        raise UserError(f"{who}: images of {ds.image_shape[-1]} channels cannot become {c}")
+
+    def resize(images):
+        out = np.empty((len(images), h, w, c), np.uint8)
+        for i, image in enumerate(images[np.arange(len(images))]):  # synthetic sets: views
+            picture = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+            picture = picture.resize((w, h), Image.Resampling.BILINEAR)
+            out[i] = np.asarray(picture.convert("L" if c == 1 else "RGB")).reshape(h, w, c)
+        return out
+
+    def channels(stat):
+        stat = np.asarray(stat, float)
+        if len(stat) != c:
+            stat = np.repeat(stat, c) if c == 3 else np.array([LUMA @ stat])
+        return tuple(float(x) for x in stat)
+
+    return dataclasses.replace(ds, train_images=resize(ds.train_images),
+                               test_images=resize(ds.test_images), mean=channels(ds.mean),
+                               std=channels(ds.std))  # fmt: skip
+
+
+def load_mixture(text: str, data_dir: str | None, labels: str = "shared", resize: bool = False):
     """The `jaxpar.data.Dataset` of a mixture: sources read from ``DATA_DIR/<name>`` (or
     ``DATA_DIR`` itself where that folder does not exist, as tensorflow-datasets keeps each
     dataset in a folder of its own), joined; its `shares` say how batches draw from them, its
@@ -233,10 +280,13 @@ def load_mixture(text: str, data_dir: str | None, labels: str = "shared"):
 
     sources = [load_dataset(s.name, where(s)) for s in shares]
     first = sources[0]
-    for s, ds in zip(shares[1:], sources[1:], strict=True):
+    for i, (s, ds) in enumerate(zip(shares[1:], sources[1:], strict=True), 1):
+        if ds.image_shape != first.image_shape and resize:
+            sources[i] = ds = resized(ds, first.image_shape, f"--dataset {text}: {s.name}")
         if ds.image_shape != first.image_shape:
             raise UserError(f"--dataset {text}: {s.name} has images of shape {ds.image_shape}, "
-                            f"{shares[0].name} of {first.image_shape}; mix one shape")  # fmt: skip
+                            f"{shares[0].name} of {first.image_shape}; mix one shape, or add "
+                            f"--resize-sources to resize them to {shares[0].name}'s")  # fmt: skip
         if np.dtype(ds.train_images.dtype) != np.dtype(first.train_images.dtype):
             raise UserError(f"--dataset {text}: {s.name} stores {ds.train_images.dtype} images, "
                             f"{shares[0].name} {first.train_images.dtype}")  # fmt: skip

@@ -82,6 +82,7 @@ BAD = {
     "--batch-size 4096": "larger than the 1437 training examples",
     "--steps-per-dispatch 0": "--steps-per-dispatch must be at least 1",
     "--data-workers -1": "--data-workers must be >= 0, got -1",
+    "--resize-sources": "--resize-sources goes with a mixture",
     "--clients 4 --data-workers 2": "--data-workers does not apply to federated runs",
     "--init-timeout 0": "--init-timeout must be positive, got 0",
     "--dry-run --project h100x0": "--project 'h100x0': chips per node and nodes must be at least 1",

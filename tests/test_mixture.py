@@ -113,6 +113,27 @@ def test_bad_mixtures_exit_2_with_one_line(data_dir, tmp_path, capsys, dataset, 
     assert not (tmp_path / "w" / "metrics.jsonl").exists()
 
 
+def test_sources_of_other_shapes_are_refused_or_resized(data_dir, tmp_path, capsys):
+    """Refused, naming both shapes; with --resize-sources, resized (bilinear, RGB to grey) to the
+    first source's shape."""
+    from PIL import Image
+
+    mix = "mnist=48,synthetic:20x20x3:10=16"
+    args = ["--dataset", mix, "--data-dir", str(data_dir), "--batch-size", "64", "--steps", "2",
+            "--workdir", str(tmp_path / "w")]  # fmt: skip
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "synthetic:20x20x3:10 has images of shape (20, 20, 3), mnist of (28, 28, 1)" in err
+    assert "--resize-sources" in err and err.count("\n") == 1, err
+    assert cli.main([*args, "--resize-sources"]) == 0
+    ds = load_dataset(mix, str(data_dir), resize=True)
+    assert ds.image_shape == dict(ds.parts)["synthetic:20x20x3:10"].image_shape == (28, 28, 1)
+    original = load_dataset("synthetic:20x20x3:10").train_images[np.array([0])][0]
+    expected = Image.fromarray(original).resize((28, 28), Image.Resampling.BILINEAR).convert("L")
+    resized = ds.train_images[SIZES["mnist"], ..., 0]  # its first row
+    np.testing.assert_array_equal(resized, np.asarray(expected))
+
+
 def test_joint_labels_need_a_mixture(capsys):
     assert cli.main(["--labels", "joint", "--steps", "1"]) == 2
     assert "--labels joint goes with a mixture" in capsys.readouterr().err
