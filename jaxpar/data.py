@@ -439,7 +439,7 @@ def _leave_signals_to_the_trainer(worker: int, workers: int) -> None:
 
 
 # Performance is decided here for small batches on CPUs: putting an array on a CPU device while
-# XLA's threads compute blocks the caller 0.4-0.7 ms (it waits for the busy pool), even for 512
+# XLA's threads compute blocks the caller 0.4-0.7 ms (measured; why is not), even for 512
 # bytes and even zero-copy; that cost the MLP's 2.7 ms step 7-10%. So consecutive single steps
 # are read as one stacked array of up to CHUNK_BYTES (one put per run) and cut into the steps'
 # batches on the devices (`_cut`: one dispatch per run, no transfer).
