@@ -7,6 +7,8 @@ an example's masks. Each dropout site folds its own constants (a site number, a 
 the example's key, so sites and layers draw different masks.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -63,11 +65,41 @@ def dropout(x: jax.Array, rate: float, keys: jax.Array | None, *salt) -> jax.Arr
         return x
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+    words = jax.random.key_data(keys)  # (batch, 2) uint32: a threefry key per example
+    for s in salt:
+        words = jnp.stack(threefry2x32(words[:, 0], words[:, 1], 0, s), axis=-1)  # fold_in
+    keep = bernoulli(words, 1.0 - rate, x.shape[1:])
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
-    def one(key, row):
-        for s in salt:
-            key = jax.random.fold_in(key, s)
-        keep = jax.random.bernoulli(key, 1.0 - rate, row.shape)
-        return jnp.where(keep, row / (1.0 - rate), jnp.zeros_like(row))
 
-    return jax.vmap(one)(keys, x)
+# JAX lowers its threefry hash on the CPU as a loop of five iterations, each a few separate
+# passes over the (batch, features) words: on the MLP's CPU step that loop cost ~3% of the step
+# (benchmarks/RESULTS.md). Written out unrolled below it fuses with the dropout's one elementwise
+# pass. The words are JAX's own, bit for bit (tests/test_vit.py checks against jax.random).
+ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry2x32(k1, k2, x1, x2):
+    """Threefry-2x32, 20 rounds (Salmon et al. 2011), as `jax.random` computes it: key words
+    `k1`, `k2` and counter words `x1`, `x2` (uint32, broadcast together) to two hashed words."""
+    k1, k2, x1, x2 = (jnp.asarray(v, jnp.uint32) for v in (k1, k2, x1, x2))
+    ks = (k1, k2, k1 ^ k2 ^ jnp.uint32(0x1BD11BDA))
+    x1, x2 = x1 + ks[0], x2 + ks[1]
+    for i in range(5):
+        for r in ROTATIONS[i % 2]:
+            x1 = x1 + x2
+            x2 = x1 ^ ((x2 << jnp.uint32(r)) | (x2 >> jnp.uint32(32 - r)))
+        x1, x2 = x1 + ks[(i + 1) % 3], x2 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
+    return x1, x2
+
+
+def bernoulli(words, p: float, shape) -> jax.Array:
+    """``jax.random.bernoulli(key_i, p, shape)`` for each example's key words ``words[i]``:
+    shape ``(batch, *shape)``. Same bits: counters are the element positions, the 32 random bits
+    are the two hashed words xor-ed, and their top 23 make a float in [0, 1) compared with `p`."""
+    positions = jax.lax.broadcasted_iota(jnp.uint32, (1, math.prod(shape)), 1)
+    key = [w.reshape(-1, 1) for w in (words[:, 0], words[:, 1])]
+    bits = jnp.bitwise_xor(*threefry2x32(*key, 0, positions)).reshape(-1, *shape)
+    one = jnp.uint32(0x3F800000)  # 1.0f: a uniform float in [1, 2), then minus 1
+    uniform = jax.lax.bitcast_convert_type((bits >> jnp.uint32(9)) | one, jnp.float32) - 1.0
+    return uniform < jnp.float32(p)

@@ -23,6 +23,7 @@ from jaxpar.plan import collectives
 from jaxpar.sharding import batch_sharding, placed, spec_table, state_shardings
 from jaxpar.step import abstract_state, compile_steps, init_state, make_optimizer
 from models import MODELS
+from models.dropout import dropout as drop
 from models.vit import ViT, check_patch_size, default_patch_size
 
 IMAGE = (8, 8, 1)  # digits-shaped
@@ -285,6 +286,26 @@ def test_dropout_masks_are_per_example():
     np.testing.assert_allclose(apply(state, x[4:], keys[4:]), full[4:], rtol=1e-6, atol=1e-6)
     # Dropout is on: other keys give other outputs.
     assert not np.allclose(apply(state, x, jax.random.split(jax.random.key(1), 8)), full)
+
+
+@pytest.mark.parametrize(
+    "shape,rate,salt",
+    [((512,), 0.5, ()), ((7, 33), 0.1, (5, 2)), ((2, 3, 4), 0.25, (jnp.int32(3),))],
+)
+def test_dropout_draws_jax_randoms_bits(shape, rate, salt):
+    """`models.dropout` hashes its masks itself (fused, see there): they must stay the ones
+    `jax.random` gives each example's key, so recorded runs keep their losses."""
+    keys = jax.random.split(jax.random.key(3), 6)
+
+    def reference(key, row):
+        for s in salt:
+            key = jax.random.fold_in(key, s)
+        return jnp.where(jax.random.bernoulli(key, 1.0 - rate, row.shape), row / (1 - rate), 0.0)
+
+    x = jax.random.normal(jax.random.key(1), (6, *shape))
+    ours = jax.jit(lambda x, keys: drop(x, rate, keys, *salt))(x, keys)
+    np.testing.assert_array_equal(ours, jax.vmap(reference)(keys, x))
+    assert 0 < float((ours == 0).mean()) < 2 * rate
 
 
 def loss_and_grads(remat):
