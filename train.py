@@ -12,7 +12,7 @@ import sys
 from jaxpar.config import Config
 from jaxpar.distributed import job_size, join, peer_lost
 from jaxpar.errors import Diverged, Preempted, UserError
-from jaxpar.mesh import check_batch_spec, check_hosts, parse_mesh, request_devices, set_gpu_flags
+from jaxpar.mesh import check_batch_spec, check_hosts, parse_mesh, request_devices, set_xla_flags
 from models import RECIPES, recipe_for
 
 FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxpar.Config
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
         if devices % processes:
             raise UserError(f"mesh of {devices} devices does not split over {processes} processes")
         request_devices(devices // processes)  # refuses more CPU devices than it can emulate
-        set_gpu_flags()
+        set_xla_flags()
         join(*job, timeout=cfg.init_timeout)
         if cfg.dry_run:
             from jaxpar.plan import format_plan, plan

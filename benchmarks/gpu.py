@@ -285,9 +285,9 @@ def run_part(a) -> dict:
             batch = a.vit_batch if a.part == "torchvision_vit" else a.batch
             return {"batch": batch, **torch_model(a, batch, TORCH_MODELS[a.part])}
         return torch_mlp(a)
-    from jaxpar.mesh import set_gpu_flags
+    from jaxpar.mesh import set_xla_flags
 
-    set_gpu_flags()
+    set_xla_flags()
     import jax
 
     about = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}

@@ -36,9 +36,9 @@ CASES = {  # name: (model, batch, model options)
 
 
 def run_case(a, name: str) -> dict:
-    from jaxpar.mesh import set_gpu_flags
+    from jaxpar.mesh import set_xla_flags
 
-    set_gpu_flags()
+    set_xla_flags()
     import jax
     import jax.numpy as jnp
 

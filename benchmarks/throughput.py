@@ -24,9 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpar.data import load_dataset, preprocess, train_batches
-from jaxpar.mesh import make_mesh, parse_mesh
+from jaxpar.mesh import make_mesh, parse_mesh, set_xla_flags
 from jaxpar.step import compile_steps, create_state, make_optimizer
 from models import MODELS
+
+set_xla_flags()  # as train.py, before JAX starts
 
 CASES = {  # model, dataset, batch, timed steps
     "mlp/mnist-size": ("mlp", "synthetic:28x28x1:10", 128, 200),

@@ -11,7 +11,6 @@ objects for every output on every call (about 80 us per step here).
 """
 
 import functools
-import os
 from functools import partial
 
 import jax
@@ -259,21 +258,6 @@ def _as_float(images, key=None):
     return images.astype(jnp.float32)
 
 
-# XLA's CPU copy insertion copies every parameter that the backward pass reads after the forward
-# (5 of the MLP's 7 arrays, each step) before updating the donated buffers in place; with region
-# analysis it sees the reads come first and copies none: the MLP's CPU step ~2% faster, losses
-# bit for bit the same (benchmarks/RESULTS.md). A value the user gives in XLA_FLAGS wins.
-CPU_STEP_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
-
-
-def step_options(mesh) -> dict | None:
-    """XLA compiler options for the donated train step on `mesh`'s platform (CPU only)."""
-    if mesh.devices.flat[0].platform != "cpu":
-        return None
-    user = os.environ.get("XLA_FLAGS", "")
-    return {k: v for k, v in CPU_STEP_OPTIONS.items() if k not in user} or None
-
-
 def compile_steps(
     graphdef,
     shardings,
@@ -312,13 +296,7 @@ def compile_steps(
         step, ins = with_signals(step), (*ins, signal_sharding(mesh))
     # Traced under the mesh: models pin activations, and pipelines place stages, by logical names.
     step = under_mesh(step, mesh)
-    train = jax.jit(
-        step,
-        in_shardings=ins,
-        out_shardings=(shardings, replicated),
-        donate_argnums=0,
-        compiler_options=step_options(mesh),
-    )
+    train = jax.jit(step, in_shardings=ins, out_shardings=(shardings, replicated), donate_argnums=0)
     view = view or (lambda state: state)
     evaluate = jax.jit(
         under_mesh(lambda s, b: eval_step(view(s), b, graphdef=graphdef, prepare=prepare), mesh),

@@ -422,16 +422,24 @@ def test_bf16_resnet_convolves_in_bf16_and_keeps_fp32_statistics():
     assert y.dtype.name == "bfloat16" and net.stem_bn.mean.dtype.name == "float32"
 
 
-def test_gpu_flags_respect_the_user(monkeypatch):
+def test_xla_flags_respect_the_user(monkeypatch):
     import jaxpar.mesh as mesh
 
     monkeypatch.setattr(mesh.importlib.util, "find_spec", lambda name: name == "jax_cuda12_plugin")
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=false")
-    mesh.set_gpu_flags()
+    mesh.set_xla_flags()
     assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_latency_hiding_scheduler=false"
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
-    mesh.set_gpu_flags()
+    mesh.set_xla_flags()
     assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x " + mesh.GPU_XLA_FLAGS[0]
+    # no CUDA plugin: the CPU flags instead, and again the user's own value wins
+    monkeypatch.setattr(mesh.importlib.util, "find_spec", lambda name: False)
+    mesh.set_xla_flags()
+    assert os.environ["XLA_FLAGS"] == " ".join(["--xla_dump_to=/tmp/x", *mesh.GPU_XLA_FLAGS,
+                                                *mesh.CPU_XLA_FLAGS])  # fmt: skip
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_copy_insertion_use_region_analysis=false")
+    mesh.set_xla_flags()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_copy_insertion_use_region_analysis=false"
 
 
 def test_grad_accum_is_a_memory_knob_not_a_change_of_the_run(tmp_path):
