@@ -1,9 +1,11 @@
 """Throughput and model FLOPs utilisation of jaxpar's train step on this machine's devices.
 
-FLOPs per step come from XLA's cost analysis of the compiled step. A CPU has no vendor peak to
-divide by, so the ceiling is measured in the same process: a large float32 matrix product
-(the operation the model's layers are made of) on one device, timed like the steps. MFU here is
-the step's FLOP/s over that product's FLOP/s, on one device.
+FLOPs per step are the model's: for the MLP its eight matrix products (below; XLA's count of
+the whole step is ~7% higher, counting elementwise work, the dropout hash's integer operations
+included), for ResNet-18 XLA's cost analysis of the step (nearly all convolutions). A CPU has
+no vendor peak to divide by, so the ceiling is measured in the same process: a large float32
+matrix product (the operation the model's layers are made of) on one device, timed like the
+steps. MFU here is the step's FLOP/s over that product's FLOP/s, on one device.
 
 For the MLP a second, shape-matched ceiling: the step's own matrix products (three forward, five
 backward: the first layer's input gradient is not needed), each compiled and timed alone, at
@@ -63,7 +65,8 @@ def mlp_products(batch=128, sizes=(784, 512, 256, 10), calls=200) -> dict:
             jitted = jax.jit(fn)
             seconds += min(seconds_per_call(jitted, args, calls) for _ in range(3))
             flops += jitted.lower(*args).compile().cost_analysis()["flops"]
-    return {"products_ms": seconds * 1e3, "products_flops_per_s": flops / seconds}
+    return {"products_ms": seconds * 1e3, "products_flops": flops,
+            "products_flops_per_s": flops / seconds}  # fmt: skip
 
 
 def step_case(model, dataset, batch, steps, mesh) -> dict:
@@ -96,8 +99,10 @@ def main():
         for _ in range(args.rounds):  # alternate: the ceiling is measured next to each run
             peaks.append(matmul_flops_per_s())
             runs.append(step_case(*spec, mesh))
-            if name.startswith("mlp"):
+            if name.startswith("mlp"):  # the model's FLOPs: its matrix products
                 runs[-1].update(mlp_products(spec[2]))
+                flops, rate = runs[-1]["products_flops"], runs[-1]["examples_per_s"] / spec[2]
+                runs[-1].update(gflop_per_step=flops / 1e9, flops_per_s=flops * rate)
         run = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
         peak = float(np.median(peaks))
         rows.append({"case": name, **run, "matmul_flops_per_s": peak,
