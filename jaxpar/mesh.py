@@ -229,7 +229,7 @@ def request_devices(count: int) -> None:
 GPU_XLA_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",)
 # On the CPU, copy insertion with region analysis sees that a step reads its donated parameters
 # before updating them in place, and copies none of them first (without it the MLP's step copies
-# 5 of its 7 arrays: ~2% of the step; benchmarks/RESULTS.md). Same results, bit for bit.
+# 5 of its 7 arrays: 3-4% of the step, `benchmarks/cpu_step.py`). Same results, bit for bit.
 CPU_XLA_FLAGS = ("--xla_cpu_copy_insertion_use_region_analysis=true",)
 
 
