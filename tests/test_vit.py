@@ -288,24 +288,53 @@ def test_dropout_masks_are_per_example():
     assert not np.allclose(apply(state, x, jax.random.split(jax.random.key(1), 8)), full)
 
 
-@pytest.mark.parametrize(
-    "shape,rate,salt",
-    [((512,), 0.5, ()), ((7, 33), 0.1, (5, 2)), ((2, 3, 4), 0.25, (jnp.int32(3),))],
-)
-def test_dropout_draws_jax_randoms_bits(shape, rate, salt):
-    """`models.dropout` hashes its masks itself (fused, see there): they must stay the ones
-    `jax.random` gives each example's key, so recorded runs keep their losses."""
-    keys = jax.random.split(jax.random.key(3), 6)
-
-    def reference(key, row):
+def jax_random_reference(x, rate, keys, salt):
+    def one(key, row):
         for s in salt:
             key = jax.random.fold_in(key, s)
         return jnp.where(jax.random.bernoulli(key, 1.0 - rate, row.shape), row / (1 - rate), 0.0)
 
-    x = jax.random.normal(jax.random.key(1), (6, *shape))
-    ours = jax.jit(lambda x, keys: drop(x, rate, keys, *salt))(x, keys)
-    np.testing.assert_array_equal(ours, jax.vmap(reference)(keys, x))
+    return jax.vmap(one)(keys, x)
+
+
+@pytest.mark.parametrize(
+    "shape,rate,salt,dtype",
+    [
+        ((512,), 0.5, (), "float32"),
+        ((7, 33), 0.1, (5, 2), "bfloat16"),
+        ((2, 3, 4), 0.25, (3,), "float32"),
+        ((), 0.5, (1,), "float32"),
+    ],
+)
+def test_dropout_draws_jax_randoms_bits(shape, rate, salt, dtype):
+    """`models.dropout` hashes its masks itself (fused, see there): they must stay the ones
+    `jax.random` gives each example's key, so recorded runs keep their losses. Salts are traced
+    (as a scanned layer index is)."""
+    keys = jax.random.split(jax.random.key(3), 6)
+    x = jax.random.normal(jax.random.key(1), (6, *shape)).astype(dtype)
+    salt = tuple(jnp.int32(s) for s in salt)
+    ours = jax.jit(lambda x, keys, *salt: drop(x, rate, keys, *salt))(x, keys, *salt)
+    assert ours.dtype == x.dtype
+    np.testing.assert_array_equal(ours, jax_random_reference(x, rate, keys, salt))
     assert 0 < float((ours == 0).mean()) < 2 * rate
+
+
+def test_dropout_leaves_other_keys_and_settings_to_jax_random():
+    """Where its own hash would not give `jax.random`'s bits it uses `jax.random`: other key
+    implementations, JAX's original (non-partitionable) counters. Bad shapes are refused."""
+    x = jnp.ones((4, 50))
+    rbg = jax.random.split(jax.random.key(0, impl="rbg"), 4)
+    np.testing.assert_array_equal(drop(x, 0.5, rbg, 1), jax_random_reference(x, 0.5, rbg, (1,)))
+    keys = jax.random.split(jax.random.key(0), 4)
+    jax.config.update("jax_threefry_partitionable", False)
+    try:
+        np.testing.assert_array_equal(drop(x, 0.5, keys), jax_random_reference(x, 0.5, keys, ()))
+    finally:
+        jax.config.update("jax_threefry_partitionable", True)
+    with pytest.raises(ValueError, match="one key per example"):
+        drop(x, 0.5, keys[:1])
+    with pytest.raises(ValueError, match="scalar salts"):
+        drop(x, 0.5, keys, jnp.arange(2))
 
 
 def loss_and_grads(remat):
