@@ -425,21 +425,23 @@ def test_bf16_resnet_convolves_in_bf16_and_keeps_fp32_statistics():
 def test_xla_flags_respect_the_user(monkeypatch):
     import jaxpar.mesh as mesh
 
-    monkeypatch.setattr(mesh.importlib.util, "find_spec", lambda name: name == "jax_cuda12_plugin")
-    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=false")
-    mesh.set_xla_flags()
-    assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_latency_hiding_scheduler=false"
-    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
-    mesh.set_xla_flags()
-    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x " + mesh.GPU_XLA_FLAGS[0]
-    # no CUDA plugin: the CPU flags instead, and again the user's own value wins
-    monkeypatch.setattr(mesh.importlib.util, "find_spec", lambda name: False)
-    mesh.set_xla_flags()
-    assert os.environ["XLA_FLAGS"] == " ".join(["--xla_dump_to=/tmp/x", *mesh.GPU_XLA_FLAGS,
-                                                *mesh.CPU_XLA_FLAGS])  # fmt: skip
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_copy_insertion_use_region_analysis=false")
-    mesh.set_xla_flags()
-    assert os.environ["XLA_FLAGS"] == "--xla_cpu_copy_insertion_use_region_analysis=false"
+    def installed(cuda: bool, cpu: bool, user: str):
+        monkeypatch.setattr(mesh.importlib.util, "find_spec", lambda n: cuda and "cuda12" in n)
+        monkeypatch.setattr(mesh, "cpu_platform_expected", lambda: cpu)
+        monkeypatch.setenv("XLA_FLAGS", user)
+        mesh.set_xla_flags()
+        return os.environ["XLA_FLAGS"]
+
+    gpu, cpu = mesh.GPU_XLA_FLAGS[0], mesh.CPU_XLA_FLAGS[0]
+    assert installed(True, False, "--xla_dump_to=/tmp/x") == f"--xla_dump_to=/tmp/x {gpu}"
+    assert installed(False, True, "--xla_dump_to=/tmp/x") == f"--xla_dump_to=/tmp/x {cpu}"
+    assert installed(True, True, "") == f"{gpu} {cpu}"  # e.g. JAX_PLATFORMS=cpu beside CUDA
+    for flag in (gpu, cpu):  # the user's own value wins, matched flag by flag
+        mine = flag.replace("true", "false")
+        assert installed(True, True, mine) == " ".join([mine, *{gpu, cpu} - {flag}])
+    assert installed(False, True, f"--xla_dump_to=/tmp/{cpu[2:]}") == (
+        f"--xla_dump_to=/tmp/{cpu[2:]} {cpu}"
+    )  # a path that holds a flag's name is not that flag
 
 
 def test_grad_accum_is_a_memory_knob_not_a_change_of_the_run(tmp_path):
