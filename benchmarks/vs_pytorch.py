@@ -118,7 +118,7 @@ def main():
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: the first one includes compilation")
     spec = parse_mesh(args.mesh)
-    # As train.py: emulate the mesh's devices only (4 emulated devices slow a 1-device step ~10%)
+    # As train.py: emulate the mesh's devices only (4 made a 1-device step 6-34% slower)
     request_devices(spec.size)
     ds, mesh = load_dataset(args.dataset), make_mesh(spec)
     ds = as_float(ds) if ds.train_images.dtype == np.uint8 else ds
