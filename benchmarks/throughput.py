@@ -102,8 +102,8 @@ def main():
             if name.startswith("mlp"):  # the model's FLOPs: its matrix products
                 runs[-1].update(mlp_products(spec[2]))
                 flops, rate = runs[-1]["products_flops"], runs[-1]["examples_per_s"] / spec[2]
-                runs[-1].update(xla_gflop_per_step=runs[-1]["gflop_per_step"])  # the whole step
-                runs[-1].update(gflop_per_step=flops / 1e9, flops_per_s=flops * rate)
+                runs[-1].update(xla_gflop_per_step=runs[-1]["gflop_per_step"],  # whole step
+                                gflop_per_step=flops / 1e9, flops_per_s=flops * rate)  # fmt: skip
         run = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
         peak = float(np.median(peaks))
         rows.append({"case": name, **run, "matmul_flops_per_s": peak,

@@ -238,7 +238,7 @@ def set_xla_flags() -> None:
     """Add `GPU_XLA_FLAGS` (a CUDA plugin is installed) and `CPU_XLA_FLAGS` (JAX will compute on
     the CPU, `cpu_platform_expected`) to ``XLA_FLAGS``, before JAX starts. A flag the user
     already set keeps the user's value."""
-    gpu = any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))
+    gpu = any(_installed(p) for p in ACCELERATOR_PLUGINS if "cuda" in p)
     flags = os.environ.get("XLA_FLAGS", "")
     given = {token.split("=")[0] for token in flags.split()}
     extra = [*(GPU_XLA_FLAGS if gpu else ()), *(CPU_XLA_FLAGS if cpu_platform_expected() else ())]

@@ -426,7 +426,8 @@ def test_xla_flags_respect_the_user(monkeypatch):
     import jaxpar.mesh as mesh
 
     def installed(cuda: bool, cpu: bool, user: str):
-        monkeypatch.setattr(mesh.importlib.util, "find_spec", lambda n: cuda and "cuda12" in n)
+        found = lambda n: n if cuda and "cuda12" in n else None  # noqa: E731
+        monkeypatch.setattr(mesh.importlib.util, "find_spec", found)
         monkeypatch.setattr(mesh, "cpu_platform_expected", lambda: cpu)
         monkeypatch.setenv("XLA_FLAGS", user)
         mesh.set_xla_flags()
