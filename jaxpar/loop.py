@@ -267,10 +267,11 @@ def open_workdir(run: Run, start: float):
     except UserError:
         ckpts.close()  # stops Orbax's threads now, not noisily at interpreter exit
         raise
-    # Lines the stopped run wrote only because it ended at `step` (a partial logging window, a
-    # final evaluation) are not in an uninterrupted run: they move aside with the later ones.
-    log.rewind(step, keep=lambda line: scheduled(run, line))
-    write_config(workdir, cfg, step)
+    if step < run.total:  # a run with nothing left to train leaves its files as they are
+        # Lines the stopped run wrote only because it ended at `step` (a partial logging window,
+        # a final evaluation) are not in an uninterrupted run: they move aside with later ones.
+        log.rewind(step, keep=lambda line: scheduled(run, line))
+        write_config(workdir, cfg, step)
     say(f"resumed from step {step} (saved on mesh {saved['mesh']}) in {ckpts.directory}")
     return workdir, ckpts, log, state, step, saved["window_losses"]
 
