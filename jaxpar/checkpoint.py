@@ -23,6 +23,8 @@ List a workdir's checkpoints with ``python -m jaxpar.checkpoint WORKDIR``.
 """
 
 import json
+import logging
+import os
 import sys
 import threading
 from importlib.metadata import version
@@ -140,23 +142,24 @@ class Checkpoints:
         """
         target = placed(_items(abstract), _items(shardings))
         path = self.directory / str(step)
-        _quiet_closed_loop()
+        _quiet_failed_reads()
         try:
             args = ocp.args.PyTreeRestore(
                 target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)
             )
             restored = self.manager.restore(step, args=ocp.args.Composite(state=args)).state
         except Exception as e:  # noqa: BLE001
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            _RESTORE_FAILED.set()
             raise UserError(
-                f"checkpoint step {step} at {path} does not fit this run or is corrupt ({first}); "
+                f"checkpoint step {step} at {path} does not fit this run or is corrupt "
+                f"({_reason(e)}); "
                 "use another --workdir, or --restart to move the old run aside"
             ) from None
         return {k: restored[name] for k, name in ITEMS.items() if name in restored}
 
     def restore_partial(self, step: int, target: dict) -> dict:
         """The parts of `step` that `target` names (abstract arrays with their shardings)."""
-        _quiet_closed_loop()
+        _quiet_failed_reads()
         args = ocp.args.PyTreeRestore(
             target,
             restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -226,22 +229,51 @@ def _device_copy(tree):
     return jax.tree.map(lambda x: x.copy(), tree)
 
 
-def _quiet_closed_loop() -> None:
-    """After a failed restore, Orbax's remaining reads report "Event loop is closed" from their
-    threads as unraisable exceptions; drop those (only those) so the user sees one error line.
-    Installed before the restore: those reads may finish before the failure is handled."""
+_RESTORE_FAILED = threading.Event()
+
+
+def _quiet_failed_reads() -> None:
+    """When a restore fails, Orbax's other reads of that checkpoint still end, in its threads or
+    when they are collected: "Event loop is closed", or their own read errors reported as
+    unraisable exceptions and as asyncio's "exception was never retrieved". Once a restore has
+    failed, drop those (only those: raised in Orbax's code) so the user sees one error line.
+    Installed before the restore: those reads may end before the failure is handled."""
     previous = sys.unraisablehook
-    if getattr(previous, "quiet_closed_loop", False):
+    if getattr(previous, "quiet_failed_reads", False):
         return
 
     def hook(args):
-        if not (
-            isinstance(args.exc_value, RuntimeError) and "loop is closed" in str(args.exc_value)
-        ):
+        if not _is_failed_read(args.exc_value):
             previous(args)
 
-    hook.quiet_closed_loop = True
+    hook.quiet_failed_reads = True
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not (record.exc_info and _is_failed_read(record.exc_info[1]))
+    )
+
+
+def _is_failed_read(e) -> bool:
+    if isinstance(e, RuntimeError) and "loop is closed" in str(e):
+        return True
+    if not _RESTORE_FAILED.is_set():
+        return False
+    while e is not None:  # the exception, then what it was raised from
+        tb = e.__traceback__
+        while tb is not None:
+            if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+                return True
+            tb = tb.tb_next
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _reason(e: BaseException, limit: int = 160) -> str:
+    """The first line of the root cause (TensorStore's or Orbax's own words), cut at a word."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def check_fits(manifest: dict, identity: dict, step: int, directory: Path) -> None:
