@@ -113,7 +113,7 @@ FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxp
     ],
     "workdir and checkpoints": [
         ("--workdir", str, "where the run writes (None: runs/DATE-TIME)"),
-        ("--restart", bool, "start over in a used workdir, moving its run into previous-DATE/"),
+        ("--restart", bool, "start over in a used workdir, its run moved into previous-DATE-TIME/"),
         ("--checkpoint-every", int, "steps between checkpoints (0: at the end only)"),
         ("--keep", int, "checkpoints to keep"),
     ],

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from jaxpar.errors import UserError
@@ -126,7 +127,7 @@ class Config:
         need(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         need(self.data_workers >= 0, f"--data-workers must be >= 0, got {self.data_workers}")
         need(self.optimizer in ("sgd", "adamw"), f"unknown optimizer '{self.optimizer}'")
-        need(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        need(0 < self.lr < math.inf, f"--lr must be positive and finite, got {self.lr}")
         need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         need(self.schedule in ("constant", "cosine"), f"unknown schedule '{self.schedule}'")
@@ -154,7 +155,8 @@ class Config:
         need(self.microbatches >= 0, f"--microbatches must be >= 0, got {self.microbatches}")
         parse_pipeline(self.pipeline)
         parse_sync(self.sync)
-        need(self.outer_lr > 0, f"--outer-lr must be positive, got {self.outer_lr}")
+        need(0 < self.outer_lr < math.inf,
+             f"--outer-lr must be positive and finite, got {self.outer_lr}")  # fmt: skip
         need(0 <= self.outer_momentum < 1,
              f"--outer-momentum must be in [0, 1), got {self.outer_momentum}")  # fmt: skip
         need(
@@ -245,8 +247,8 @@ class Config:
                  f"--{flag.replace('_', '-')} must be at least 1, got {value}")  # fmt: skip
         parse_partition(self.partition)
         server_optimizer(self.server_optimizer, self.server_lr)
-        need(self.server_lr is None or self.server_lr > 0,
-             f"--server-lr must be positive, got {self.server_lr}")  # fmt: skip
+        need(self.server_lr is None or 0 < self.server_lr < math.inf,
+             f"--server-lr must be positive and finite, got {self.server_lr}")  # fmt: skip
         need(self.prox_mu >= 0, f"--prox-mu must be >= 0, got {self.prox_mu}")
         need(self.dp_clip is None or self.dp_clip > 0,
              f"--dp-clip must be positive (a norm), got {self.dp_clip}")  # fmt: skip

@@ -451,7 +451,7 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", prof
                 with window.paused():
                     last_eval = log.write(done, **evaluate_parts(run.eval_step, state,
                                                                  eval_data()))  # fmt: skip
-                progress(bar, run, done, window.logged, last_eval)
+                progress(bar, run, done, window.shown(), last_eval)
             signum = stop.agreed(window)  # in a job, the same in every process
             final = done == run.total or bool(signum)
             if final or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
@@ -558,6 +558,13 @@ class Window:
         queued steps) and logging never stalls the devices."""
         self.flush()
         self.pending = (step, metrics)
+
+    def shown(self) -> float:
+        """The train loss to print: the last logged window's, or before the first window is
+        logged, the mean of the steps since (not the nan of no window yet)."""
+        if np.isnan(self.logged) and self.losses:
+            return float(np.mean(self.losses))
+        return self.logged
 
     def flush(self) -> None:
         if self.pending:

@@ -143,7 +143,8 @@ def parse_mesh(text: str | None, device_count: int | None = None) -> MeshSpec:
     path = Path(text)
     if path.suffix == ".toml" or "/" in text:
         if not path.is_file():
-            raise UserError(f"mesh layout file {text} does not exist")
+            what = "is a directory, not a layout file" if path.is_dir() else "does not exist"
+            raise UserError(f"mesh layout file {text} {what}")
         return load_layout(path)
     if re.fullmatch(r"[A-Za-z][\w-]*", text) and (LAYOUTS_DIR / f"{text}.toml").is_file():
         return load_layout(LAYOUTS_DIR / f"{text}.toml")
@@ -173,7 +174,8 @@ def check_hosts(spec: MeshSpec, processes: int) -> None:
     if spec.dcn is not None and spec.hosts != processes:
         raise UserError(
             f"mesh layout {spec} is for {spec.hosts} hosts but this job has {processes} "
-            f"processes; launch one process per host, or rehearse it on one machine with "
+            f"process{'es' if processes != 1 else ''}; launch one process per host, or "
+            "rehearse it on one machine with "
             f"python -m jaxpar.launch -n {spec.hosts} -- python train.py ..."
         )
 
@@ -305,7 +307,8 @@ def draw_mesh(mesh: Mesh) -> str:
     many = jax.process_count() > 1
     sizes = dict(mesh.shape)
     head = " x ".join(f"{a}={sizes[a]}" for a in mesh.axis_names)
-    lines = [f"mesh {head} ({ids.size} {mesh.devices.flat[0].platform} devices)"]
+    noun = "device" if ids.size == 1 else "devices"
+    lines = [f"mesh {head} ({ids.size} {mesh.devices.flat[0].platform} {noun})"]
     label = "stage,data,fsdp"
     cells = [f"model={m}" for m in range(sizes["model"])]
     width = max(len(c) for c in cells)

@@ -289,7 +289,8 @@ def load_mixture(text: str, data_dir: str | None, labels: str = "shared", resize
                             f"--resize-sources to resize them to {shares[0].name}'s")  # fmt: skip
         if np.dtype(ds.train_images.dtype) != np.dtype(first.train_images.dtype):
             raise UserError(f"--dataset {text}: {s.name} stores {ds.train_images.dtype} images, "
-                            f"{shares[0].name} {first.train_images.dtype}")  # fmt: skip
+                            f"{shares[0].name} {first.train_images.dtype}; mix sources that store "
+                            "the same pixel type")  # fmt: skip
     shifts = [int(x) for x in np.cumsum([0] + [ds.num_classes for ds in sources[:-1]])]
     offsets = shifts if labels == "joint" else None
     classes = sum(ds.num_classes for ds in sources) if offsets else max(

@@ -137,8 +137,13 @@ BAD = {
     "--model vit-tiny --mesh stage=4 --pipeline circular:2": "12 blocks, which do not split "
     "into 4 stages x 2 trips",
     "--model vit-tiny --pipeline circular:0": "--pipeline circular:0: use gpipe, or circular:R",
-    "--model resnet18 --mesh stage=2": "--model resnet18 cannot pipeline",
-    "--microbatches 4": "--model mlp cannot pipeline",
+    "--model resnet18 --mesh stage=2": "--model resnet18 cannot pipeline (its layers are not "
+    "uniform), which stage=2 in the mesh asks for",
+    "--microbatches 4": "--model mlp cannot pipeline (its layers are not uniform), which "
+    "--microbatches 4 asks for",
+    "--model mlp --pipeline circular:2": "which --pipeline circular:2 asks for",
+    "--lr inf": "--lr must be positive and finite, got inf",
+    "--mesh /": "mesh layout file / is a directory, not a layout file",
     "--microbatches -1": "--microbatches must be >= 0",
     # low-communication data parallelism
     "--sync local:0": "--sync local:0: use every-step, local:H or diloco:H with H >= 1",
@@ -362,6 +367,13 @@ def test_help_lists_every_flag_with_default():
     assert headings[1:] == list(cli.FLAGS), headings
     section = proc.stdout.split("mesh and parallelism:")[1].split("\nmodel:")[0]
     assert "--sync" in section and "--microbatches" in section and "--lr " not in section
+
+
+def test_an_evaluation_before_the_first_logged_window_prints_the_loss_so_far(tmp_path, capsys):
+    args = ["--steps", "4", "--log-every", "4", "--eval-every", "2", "--mesh", "1"]
+    assert cli.main([*args, "--workdir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.split("step 2/4 ")[1].split("train_loss ")[1].split()[0]
+    assert 0 < float(printed) < 10, printed  # the mean of steps 1-2, not nan (no window yet)
 
 
 def test_bf16_trains_as_well_as_fp32(tmp_path, capsys):

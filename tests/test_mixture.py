@@ -101,7 +101,11 @@ def test_a_mixture_trains_alike_on_every_mesh_and_across_a_resume(data_dir, tmp_
         ("mnist=48,fashion_mnist=32", "counts summing to the batch (64); these sum to 80"),
         ("mnist=0.995,fashion_mnist=0.005", "fashion_mnist's share rounds to 0 of the 64 rows"),
         ("mnist=0.5,digits=0.5", "digits has images of shape (8, 8, 1), mnist of (28, 28, 1)"),
-        ("digits=0.5,synthetic:8x8x1:10=0.5", "synthetic:8x8x1:10 stores uint8 images"),
+        (
+            "digits=0.5,synthetic:8x8x1:10=0.5",
+            "synthetic:8x8x1:10 stores uint8 images, digits "
+            "float32; mix sources that store the same pixel type",
+        ),
     ],
 )
 def test_bad_mixtures_exit_2_with_one_line(data_dir, tmp_path, capsys, dataset, message):

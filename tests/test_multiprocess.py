@@ -167,7 +167,7 @@ def children_of(pid: int) -> list[int]:
 def test_hybrid_layout_needs_its_host_count():
     assert parse_mesh("hosts2-hybrid").dcn == (1, 2, 1, 1)
     # In this single process the two-host layout is refused with the reason.
-    with pytest.raises(UserError, match="is for 2 hosts but this job has 1 processes"):
+    with pytest.raises(UserError, match="is for 2 hosts but this job has 1 process;"):
         make_mesh(parse_mesh("hosts2-hybrid"))
 
 
