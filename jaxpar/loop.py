@@ -335,6 +335,8 @@ def train(cfg: Config) -> dict:
     say(draw_mesh(run.mesh))
     for r in run.replicated:
         say(f"note: {r}")
+    if cfg.freeze and not cfg.init_from and first == 0:
+        say("note: --freeze backbone without --init-from: the head trains on a random backbone")
     for line in run.mode.announce(workdir):
         say(line)
     try:

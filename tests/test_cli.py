@@ -376,6 +376,12 @@ def test_an_evaluation_before_the_first_logged_window_prints_the_loss_so_far(tmp
     assert 0 < float(printed) < 10, printed  # the mean of steps 1-2, not nan (no window yet)
 
 
+def test_freezing_a_random_backbone_is_noted(tmp_path, capsys):
+    args = ["--steps", "1", "--freeze", "backbone", "--mesh", "1", "--workdir", str(tmp_path)]
+    assert cli.main(args) == 0
+    assert "note: --freeze backbone without --init-from" in capsys.readouterr().out
+
+
 def test_bf16_trains_as_well_as_fp32(tmp_path, capsys):
     assert cli.main(["--precision", "bf16", "--mesh", "2x2", "--workdir", str(tmp_path)]) == 0
     assert read_metrics(tmp_path)[-1]["eval_accuracy"] >= 0.95  # fp32 reaches 0.98 (above)
