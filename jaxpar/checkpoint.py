@@ -165,7 +165,11 @@ class Checkpoints:
             restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True,
         )
-        return self.manager.restore(step, args=ocp.args.Composite(state=args)).state
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(state=args)).state
+        except Exception:
+            _RESTORE_FAILED.set()  # the caller reports it; Orbax's other reads stay quiet
+            raise
 
     def wait(self) -> None:
         self._handed()
@@ -229,24 +233,27 @@ def _device_copy(tree):
     return jax.tree.map(lambda x: x.copy(), tree)
 
 
-_RESTORE_FAILED = threading.Event()
+_RESTORE_FAILED = threading.Event()  # set by a failed restore, cleared by the next one
+_QUIET_INSTALLED = threading.Event()
 
 
 def _quiet_failed_reads() -> None:
     """When a restore fails, Orbax's other reads of that checkpoint still end, in its threads or
     when they are collected: "Event loop is closed", or their own read errors reported as
-    unraisable exceptions and as asyncio's "exception was never retrieved". Once a restore has
-    failed, drop those (only those: raised in Orbax's code) so the user sees one error line.
-    Installed before the restore: those reads may end before the failure is handled."""
-    previous = sys.unraisablehook
-    if getattr(previous, "quiet_failed_reads", False):
+    unraisable exceptions and as asyncio's "exception was never retrieved". Drop those so the
+    user sees one error line: "loop is closed" always, the others (raised in Orbax's code) only
+    after a failed restore and before the next restore. Installed before the restore: those
+    reads may end before the failure is handled."""
+    _RESTORE_FAILED.clear()
+    if _QUIET_INSTALLED.is_set():
         return
+    _QUIET_INSTALLED.set()
+    previous = sys.unraisablehook
 
     def hook(args):
         if not _is_failed_read(args.exc_value):
             previous(args)
 
-    hook.quiet_failed_reads = True
     sys.unraisablehook = hook
     logging.getLogger("asyncio").addFilter(
         lambda record: not (record.exc_info and _is_failed_read(record.exc_info[1]))

@@ -129,7 +129,8 @@ class Config:
         need(self.optimizer in ("sgd", "adamw"), f"unknown optimizer '{self.optimizer}'")
         need(0 < self.lr < math.inf, f"--lr must be positive and finite, got {self.lr}")
         need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
-        need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        need(0 <= self.weight_decay < math.inf,
+             f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")  # fmt: skip
         need(self.schedule in ("constant", "cosine"), f"unknown schedule '{self.schedule}'")
         need(
             0 <= self.seed < 2**32,
@@ -249,7 +250,8 @@ class Config:
         server_optimizer(self.server_optimizer, self.server_lr)
         need(self.server_lr is None or 0 < self.server_lr < math.inf,
              f"--server-lr must be positive and finite, got {self.server_lr}")  # fmt: skip
-        need(self.prox_mu >= 0, f"--prox-mu must be >= 0, got {self.prox_mu}")
+        need(0 <= self.prox_mu < math.inf,
+             f"--prox-mu must be a finite number >= 0, got {self.prox_mu}")  # fmt: skip
         need(self.dp_clip is None or self.dp_clip > 0,
              f"--dp-clip must be positive (a norm), got {self.dp_clip}")  # fmt: skip
         need(self.dp_noise >= 0, f"--dp-noise must be >= 0, got {self.dp_noise}")

@@ -434,7 +434,7 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", prof
     batches = prefetch(run.batches(plan))
     bar = tqdm(initial=first, total=run.total, unit="step",
                disable=not sys.stderr.isatty() or jax.process_index())  # fmt: skip
-    last_eval = log.last("eval_accuracy")
+    last_eval = log.last("eval_accuracy", upto=first)  # not lines past the checkpoint
     window.start()
     # Closing the batches on the way out (a signal, an error) stops the input thread and workers.
     with stop_on_signals(run.mesh) as stop, profile, contextlib.closing(batches):

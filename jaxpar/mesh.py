@@ -143,8 +143,9 @@ def parse_mesh(text: str | None, device_count: int | None = None) -> MeshSpec:
     path = Path(text)
     if path.suffix == ".toml" or "/" in text:
         if not path.is_file():
-            what = "is a directory, not a layout file" if path.is_dir() else "does not exist"
-            raise UserError(f"mesh layout file {text} {what}")
+            if path.is_dir():
+                raise UserError(f"mesh layout path {text} is a directory, not a .toml file")
+            raise UserError(f"mesh layout file {text} does not exist")
         return load_layout(path)
     if re.fullmatch(r"[A-Za-z][\w-]*", text) and (LAYOUTS_DIR / f"{text}.toml").is_file():
         return load_layout(LAYOUTS_DIR / f"{text}.toml")

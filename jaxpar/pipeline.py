@@ -221,11 +221,12 @@ def check_pipeline(model: str, depth: int | None, stages: int, microbatches: int
     """Exit-2 errors for a pipeline the model, batch or mesh cannot run (one line each)."""
     if depth is None:
         asked = [f"stage={stages} in the mesh"] if stages > 1 else []
-        asked += [f"--microbatches {microbatches}"] if stages == 1 and microbatches > 1 else []
+        asked += [f"--microbatches {microbatches}"] if microbatches not in (1, stages) else []
         asked += [f"--pipeline circular:{repeats}"] if repeats > 1 else []
         raise UserError(
             f"--model {model} cannot pipeline (its layers are not uniform), which "
-            f"{' and '.join(asked)} asks for: drop that, or use a model that can, the ViTs "
+            f"{' and '.join(asked)} ask{'s' if len(asked) == 1 else ''} for: drop that, or use a "
+            "model that can, the ViTs "
             "(vit-tiny, vit-lite, vit-small, vit-base)"
         )
     if depth % (stages * repeats):

@@ -119,12 +119,13 @@ class MetricsLog:
         if times := [x["time"] for x, k in zip(parsed, kept, strict=True) if k]:
             self.start -= times[-1]
 
-    def last(self, key: str) -> dict:
-        """The last line holding `key` (e.g. the last evaluation), or {}."""
+    def last(self, key: str, upto: float = float("inf")) -> dict:
+        """The last line holding `key` (e.g. the last evaluation) at step `upto` or before, or
+        {}."""
         if not self.path.exists():
             return {}
         lines = [json.loads(line) for line in self.path.read_text().splitlines()]
-        return next((line for line in reversed(lines) if key in line), {})
+        return next((x for x in reversed(lines) if key in x and x["step"] <= upto), {})
 
     def write(self, step: int, **values) -> dict:
         line = {

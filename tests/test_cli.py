@@ -143,7 +143,8 @@ BAD = {
     "--microbatches 4 asks for",
     "--model mlp --pipeline circular:2": "which --pipeline circular:2 asks for",
     "--lr inf": "--lr must be positive and finite, got inf",
-    "--mesh /": "mesh layout file / is a directory, not a layout file",
+    "--mesh /": "mesh layout path / is a directory, not a .toml file",
+    "--weight-decay inf": "--weight-decay must be a finite number >= 0, got inf",
     "--microbatches -1": "--microbatches must be >= 0",
     # low-communication data parallelism
     "--sync local:0": "--sync local:0: use every-step, local:H or diloco:H with H >= 1",
