@@ -22,6 +22,7 @@ mid-save leaves the previous complete step as the latest; temporary folders are 
 List a workdir's checkpoints with ``python -m jaxpar.checkpoint WORKDIR``.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -142,14 +143,13 @@ class Checkpoints:
         """
         target = placed(_items(abstract), _items(shardings))
         path = self.directory / str(step)
-        _quiet_failed_reads()
         try:
             args = ocp.args.PyTreeRestore(
                 target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)
             )
-            restored = self.manager.restore(step, args=ocp.args.Composite(state=args)).state
+            with _quiet_if_failed():
+                restored = self.manager.restore(step, args=ocp.args.Composite(state=args)).state
         except Exception as e:  # noqa: BLE001
-            _RESTORE_FAILED.set()
             raise UserError(
                 f"checkpoint step {step} at {path} does not fit this run or is corrupt "
                 f"({_reason(e)}); "
@@ -159,17 +159,13 @@ class Checkpoints:
 
     def restore_partial(self, step: int, target: dict) -> dict:
         """The parts of `step` that `target` names (abstract arrays with their shardings)."""
-        _quiet_failed_reads()
         args = ocp.args.PyTreeRestore(
             target,
             restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True,
         )
-        try:
+        with _quiet_if_failed():  # the caller reports the failure
             return self.manager.restore(step, args=ocp.args.Composite(state=args)).state
-        except Exception:
-            _RESTORE_FAILED.set()  # the caller reports it; Orbax's other reads stay quiet
-            raise
 
     def wait(self) -> None:
         self._handed()
@@ -258,6 +254,17 @@ def _quiet_failed_reads() -> None:
     logging.getLogger("asyncio").addFilter(
         lambda record: not (record.exc_info and _is_failed_read(record.exc_info[1]))
     )
+
+
+@contextlib.contextmanager
+def _quiet_if_failed():
+    """A restore: if it fails, Orbax's other reads of it end quietly (`_quiet_failed_reads`)."""
+    _quiet_failed_reads()
+    try:
+        yield
+    except Exception:
+        _RESTORE_FAILED.set()
+        raise
 
 
 def _is_failed_read(e) -> bool:

@@ -226,8 +226,7 @@ def check_pipeline(model: str, depth: int | None, stages: int, microbatches: int
         raise UserError(
             f"--model {model} cannot pipeline (its layers are not uniform), which "
             f"{' and '.join(asked)} ask{'s' if len(asked) == 1 else ''} for: drop that, or use a "
-            "model that can, the ViTs "
-            "(vit-tiny, vit-lite, vit-small, vit-base)"
+            "model that can, the ViTs (vit-tiny, vit-lite, vit-small, vit-base)"
         )
     if depth % (stages * repeats):
         what = f"{stages} stages" + (f" x {repeats} trips" if repeats > 1 else "")
