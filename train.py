@@ -176,6 +176,7 @@ def parse_args(argv) -> Config:
                 group.add_argument(flag, choices=kind, default=default, help=help)
             else:
                 group.add_argument(flag, type=kind, default=default, help=help)
+    argv = _dash_values(sys.argv[1:] if argv is None else argv)
     given = vars(parser.parse_args(argv))
     explicit = vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(given, UNSET))))
     # A federated run's clients train with plain SGD at --lr: no model recipe (AdamW, warmup).
@@ -186,6 +187,25 @@ def parse_args(argv) -> Config:
 
 
 UNSET = object()  # a flag the command line did not give
+
+
+def _dash_values(argv: list) -> list:
+    """``--flag -1:3`` as ``--flag=-1:3``: argparse takes a value that starts with a dash only
+    when it is a plain negative number (``-1``), and otherwise says "expected one argument"
+    before jaxpar's own check can name the problem (``--profile-steps -1:3``, ``--lr -1e-3``).
+
+    >>> _dash_values(["--profile-steps", "-1:3", "--lr", "-1e-3", "--dry-run", "-1"])
+    ['--profile-steps=-1:3', '--lr=-1e-3', '--dry-run', '-1']
+    """
+    takes_value = {flag for group in FLAGS.values() for flag, kind, _ in group if kind is not bool}
+    out = []
+    for arg in argv:
+        number = arg[1:2].isdigit() or arg[1:2] == "."
+        if out and out[-1] in takes_value and arg.startswith("-") and number:
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def main(argv=None) -> int:

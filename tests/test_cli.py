@@ -143,6 +143,9 @@ BAD = {
     "--microbatches 4 asks for",
     "--model mlp --pipeline circular:2": "which --pipeline circular:2 asks for",
     "--lr inf": "--lr must be positive and finite, got inf",
+    # values that start with a dash reach jaxpar's own checks (argparse took them for flags)
+    "--profile-steps -1:3": "--profile-steps must be A:B with 0 <= A < B, got '-1:3'",
+    "--lr -1e-3": "--lr must be positive and finite, got -0.001",
     "--mesh /": "mesh layout path / is a directory, not a .toml file",
     "--weight-decay inf": "--weight-decay must be a finite number >= 0, got inf",
     "--microbatches -1": "--microbatches must be >= 0",
