@@ -113,9 +113,11 @@ class Program:
             return layer
 
         models.mlp._dense = routed  # the MLP reads it when it is built, below
-        model_fn = partial(models.mlp.MLP, ds.image_shape, ds.num_classes)
-        graphdef, self.state, shardings, _ = create_state(model_fn, make_optimizer(), mesh, 0)
-        models.mlp._dense = dense
+        try:
+            model_fn = partial(models.mlp.MLP, ds.image_shape, ds.num_classes)
+            graphdef, self.state, shardings, _ = create_state(model_fn, make_optimizer(), mesh, 0)
+        finally:
+            models.mlp._dense = dense
         train_step, _ = compile_steps(graphdef, shardings, mesh, 0, 4, preprocess(ds))
         self.batch = next(train_batches(ds, B, 0, [0], mesh))
         self.step = train_step.lower(self.state, self.batch).compile()
