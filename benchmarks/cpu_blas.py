@@ -58,14 +58,15 @@ def register() -> None:
         raise SystemExit("needs scipy-openblas32: pip install scipy-openblas32") from None
     if shutil.which("g++") is None:
         raise SystemExit("needs g++ to build benchmarks/ffi/openblas_gemm.cc")
-    lib = pathlib.Path(tempfile.mkdtemp()) / "openblas_gemm.so"
-    subprocess.run(
-        ["g++", "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
-         f"-I{blas.get_include_dir()}", str(SOURCE), f"-L{blas.get_lib_dir()}",
-         f"-l{blas.get_library()}", f"-Wl,-rpath,{blas.get_lib_dir()}", "-o", str(lib)],
-        check=True,
-    )  # fmt: skip
-    handler = jax.ffi.pycapsule(ctypes.cdll.LoadLibrary(str(lib)).OpenblasGemm)
+    with tempfile.TemporaryDirectory() as folder:  # loaded, the library outlives its file
+        lib = pathlib.Path(folder) / "openblas_gemm.so"
+        subprocess.run(
+            ["g++", "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
+             f"-I{blas.get_include_dir()}", str(SOURCE), f"-L{blas.get_lib_dir()}",
+             f"-l{blas.get_library()}", f"-Wl,-rpath,{blas.get_lib_dir()}", "-o", str(lib)],
+            check=True,
+        )  # fmt: skip
+        handler = jax.ffi.pycapsule(ctypes.cdll.LoadLibrary(str(lib)).OpenblasGemm)
     jax.ffi.register_ffi_target("openblas_gemm", handler, platform="cpu")
 
 
