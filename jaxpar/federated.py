@@ -477,10 +477,11 @@ def make_mode(cfg, spec, ds) -> Federated:
     labels = np.asarray(ds.train_labels[np.arange(len(ds.train_labels))])  # also from a `Tiled`
     parts = partition(labels, cfg.clients, cfg.partition, cfg.seed)
     return Federated(
-        parts, cfg.clients_per_round, cfg.local_epochs, cfg.local_batch, cfg.lr, cfg.seed,
-        spec.data, cfg.prox_mu, cfg.dp_clip, cfg.dp_noise, cfg.secure_agg,
-        summary(parts, labels),
-        cfg.steps or cfg.epochs * max(1, cfg.clients // cfg.clients_per_round),  # setup's total
+        parts=parts, per_round=cfg.clients_per_round, local_epochs=cfg.local_epochs,
+        local_batch=cfg.local_batch, lr=cfg.lr, seed=cfg.seed, shards=spec.data,
+        prox_mu=cfg.prox_mu, dp_clip=cfg.dp_clip, dp_noise=cfg.dp_noise,
+        secure_agg=cfg.secure_agg, about=summary(parts, labels),
+        rounds=cfg.steps or cfg.epochs * max(1, cfg.clients // cfg.clients_per_round),  # setup's
     )  # fmt: skip
 
 

@@ -228,3 +228,16 @@ def test_the_adaptive_server_optimizers_take_adam_and_yogi_steps():
             params(new) - params(jax.device_get(state)), step, rtol=1e-4, atol=5e-7
         )  # parameters ~0.1: float32's rounding
         assert np.isfinite(metrics["train_loss"])
+
+
+def test_dp_fedavg_runs_end_to_end_and_the_mode_is_built_by_field(tmp_path, capsys):
+    """`make_mode` once passed its fields by position: the round count landed in `at_once`
+    (every client trained at once on a CPU) and DP-FedAvg's privacy budget saw 0 rounds."""
+    args = [*FED, "--clients", "8", "--clients-per-round", "4", "--rounds", "3", "--dp-clip",
+            "1.0", "--dp-noise", "0.5", "--mesh", "2x1", "--workdir", str(tmp_path)]  # fmt: skip
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "privacy: epsilon" in out and "after 3 rounds" in out, out
+    mode = fed_run("2x1", dp_clip=1.0, dp_noise=0.5)[0].mode
+    assert (mode.rounds, mode.at_once, mode.dp_noise, mode.dp_clip) == (3, None, 0.5, 1.0)
+    assert (mode.per_round, mode.local_batch, mode.shards) == (4, 16, 2)
