@@ -84,10 +84,11 @@ class Config:
     secure_agg: bool = False  # simulate secure aggregation's fixed-point sums
 
     def validate(self) -> "Config":
+        from jaxpar import compose
         from jaxpar.data import DATASETS, known
         from jaxpar.mixture import LABELS, is_mixture, parse, rows_per_batch
         from jaxpar.pipeline import parse_pipeline
-        from jaxpar.quantize import QAT, unsupported
+        from jaxpar.quantize import QAT
         from jaxpar.sync import parse_sync
         from models import MODELS
 
@@ -98,8 +99,6 @@ class Config:
         need(self.model in MODELS, f"unknown model '{self.model}'; choose from {', '.join(MODELS)}")
         if is_mixture(self.dataset):  # refuses a malformed mixture, or a share of no rows
             rows_per_batch(parse(self.dataset), self.batch_size, self.dataset)
-            need(self.clients is None, "a federated run (--clients) reads one dataset, not a "
-                 "mixture")  # fmt: skip
         else:
             need(
                 known(self.dataset),
@@ -180,13 +179,10 @@ class Config:
              f"--distill-temperature must be positive, got {self.distill_temperature}")  # fmt: skip
         need(0 <= self.distill_weight <= 1,
              f"--distill-weight must be in [0, 1], got {self.distill_weight}")  # fmt: skip
-        need(self.teacher is None or self.sync == "every-step",
-             f"--teacher with --sync {self.sync} is not supported; use every-step")  # fmt: skip
         need(self.prune_to is None or 0 <= self.prune_to < 1,
              f"--prune-to must be a sparsity in [0, 1), got {self.prune_to}")  # fmt: skip
         need(self.qat in (None, *QAT), f"--qat {self.qat} is not supported; choose "
              f"{' or '.join(QAT)}")  # fmt: skip
-        need(not self.qat or unsupported(self.model) is None, f"--qat: {unsupported(self.model)}")
         need(self.prune_start >= 0, f"--prune-start must be >= 0, got {self.prune_start}")
         need(self.prune_end is None or self.prune_end > self.prune_start,
              f"--prune-end {self.prune_end} must come after --prune-start "
@@ -211,6 +207,7 @@ class Config:
         for flag, given in (("--patch-size", self.patch_size is not None),
                             ("--remat", self.remat != "none")):  # fmt: skip
             need(vit or not given, f"{flag} applies to the ViT models only (--model vit-...)")
+        compose.check(self)  # the declared matrix of modes that run together
         self.check_federated(need)
         changes = {}
         if self.project is not None and self.mesh is None:  # all the chips on the data axis
@@ -235,10 +232,6 @@ class Config:
         need(spec is None or (spec.stage == spec.fsdp == spec.model == 1),
              f"--clients spreads clients over the data axis only; mesh {self.mesh} also uses "
              "stage, fsdp or model: use --mesh data=N")  # fmt: skip
-        need(not self.model.startswith("resnet"),
-             f"--clients with --model {self.model} is not supported yet: BatchNorm would "
-             "normalise over the padding of the clients' last batches; use mlp, 2nn or a "
-             "ViT")  # fmt: skip
         need(self.clients_per_round is None or 1 <= self.clients_per_round <= self.clients,
              f"--clients-per-round {self.clients_per_round} must be between 1 and --clients "
              f"{self.clients}")  # fmt: skip
@@ -259,14 +252,8 @@ class Config:
             not self.dp_noise or self.dp_clip is not None,
             "--dp-noise needs --dp-clip: the noise is a multiple of the clipping norm",
         )
-        alone = {"--sync": self.sync == "every-step", "--grad-accum": self.grad_accum == 1,
-                 "--steps-per-dispatch": self.steps_per_dispatch == 1,
-                 "--freeze": self.freeze is None, "--prune-to": self.prune_to is None,
-                 "--teacher": self.teacher is None, "--qat": self.qat is None}  # fmt: skip
-        for flag, ok in alone.items():
-            need(ok, f"{flag} does not apply to federated runs (--clients): a round is one step")
-        need(self.data_workers == 0, "--data-workers does not apply to federated runs (--clients): "
-             "their rounds are read in the training process")  # fmt: skip
+        need(self.steps_per_dispatch == 1, "--steps-per-dispatch does not apply to federated "
+             "runs (--clients): a round is one step")  # fmt: skip
 
     def federated(self) -> dict | None:
         """The settings a federated checkpoint must match to resume (None: not federated)."""

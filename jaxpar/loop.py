@@ -231,7 +231,8 @@ def manifest(run: Run, step: int, window: "Window") -> dict:
         "epoch": step // run.per_epoch,
         "batch_in_epoch": step % run.per_epoch,
     }
-    return {**position, **run.about, "window_losses": window.losses}
+    # A copy: the save is asynchronous, and the window's list goes on growing with later steps.
+    return {**position, **run.about, "window_losses": list(window.losses)}
 
 
 def open_workdir(run: Run, start: float):

@@ -189,7 +189,7 @@ def accumulate(loss_fn, model, data, k: int):
         rest, loss_sum, grad_sum = carry
 
         def f(params):
-            m = nnx.merge(graphdef, params, rest)
+            m = nnx.merge(graphdef, params, rest, copy=True)  # variables of this trace level
             return loss_fn(m, *micro), nnx.state(m, nnx.Not(nnx.Param))
 
         (loss, rest), grads = jax.value_and_grad(f, has_aux=True)(params)

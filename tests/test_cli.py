@@ -83,7 +83,7 @@ BAD = {
     "--steps-per-dispatch 0": "--steps-per-dispatch must be at least 1",
     "--data-workers -1": "--data-workers must be >= 0, got -1",
     "--resize-sources": "--resize-sources goes with a mixture",
-    "--clients 4 --data-workers 2": "--data-workers does not apply to federated runs",
+    "--clients 4 --data-workers 2": "--clients N with --data-workers N is not supported: a round",
     "--init-timeout 0": "--init-timeout must be positive, got 0",
     "--dry-run --project h100x0": "--project 'h100x0': chips per node and nodes must be at least 1",
     "--dry-run --project unknown-chip": "expected CHIP[xN][:nodes=K], CHIP one of a100, h100",
@@ -137,11 +137,10 @@ BAD = {
     "--model vit-tiny --mesh stage=4 --pipeline circular:2": "12 blocks, which do not split "
     "into 4 stages x 2 trips",
     "--model vit-tiny --pipeline circular:0": "--pipeline circular:0: use gpipe, or circular:R",
-    "--model resnet18 --mesh stage=2": "--model resnet18 cannot pipeline (its layers are not "
-    "uniform), which stage=2 in the mesh asks for",
-    "--microbatches 4": "--model mlp cannot pipeline (its layers are not uniform), which "
-    "--microbatches 4 asks for",
-    "--model mlp --pipeline circular:2": "which --pipeline circular:2 asks for",
+    "--model resnet18 --mesh stage=2": "a pipeline (stage=2 in the mesh) with --model resnet18 "
+    "is not supported: its layers are not uniform",
+    "--microbatches 4": "a pipeline (--microbatches 4) with --model mlp is not supported",
+    "--model mlp --pipeline circular:2": "a pipeline (--pipeline circular:2) with --model mlp",
     "--lr inf": "--lr must be positive and finite, got inf",
     # values that start with a dash reach jaxpar's own checks (argparse took them for flags)
     "--profile-steps -1:3": "--profile-steps must be A:B with 0 <= A < B, got '-1:3'",
@@ -156,8 +155,12 @@ BAD = {
     "--sync stale:-1": "--sync stale:-1: use every-step",
     "--outer-lr -1": "--outer-lr must be positive",
     "--sync local:8 --mesh 1": "the mesh has data=1: nothing to average",
-    "--model vit-tiny --mesh stage=2,data=2 --sync diloco:2": "with pipeline stages (stage=2) is "
-    "not supported yet",
+    "--model vit-tiny --mesh stage=2,data=2 --sync diloco:2": "--sync diloco:H with a pipeline",
+    # combinations the matrix refuses (jaxpar.compose; every cell in tests/test_compose.py)
+    "--prune-to 0.5 --sync local:2 --mesh 2": "--sync local:H with --prune-to S is not supported",
+    "--prune-to 0.5 --freeze backbone": "--prune-to S with --freeze backbone is not supported",
+    "--clients 4 --model vit-tiny --microbatches 2": "--clients N with a pipeline (--microbatches",
+    "--clients 4 --model vit-tiny --pipeline circular:2": "with a pipeline (--pipeline circular:2)",
 }
 
 

@@ -1,0 +1,239 @@
+"""Which training modes compose: one declared matrix, read by the config check, the README's table
+and the tests.
+
+A `Feature` is a mode that flags turn on (``--sync local:H``, ``--prune-to``, ``--clients``...).
+Any two features are supported together unless `REFUSED` names the pair, and a feature runs on
+every model family unless `FAMILY_REFUSED` names the cell; each refusal carries its reason.
+`check` refuses a run that asks for a refused cell in one line (exit status 2, nothing written),
+naming both sides; ``python -m jaxpar.compose`` prints the matrix for the README; and
+``tests/test_compose.py`` runs every supported cell, generated from the same declarations:
+
+- a pair reduces to its parts: with one side at its `Feature.off` flags (``--sync local:1``,
+  ``--prune-to 0``...) the pair's losses are the other side's alone;
+- a pair of which neither side reduces (``--qat`` with ``--freeze``) is stopped and resumed on
+  another mesh, and must write the uninterrupted run's metrics.
+
+A new mode adds one `Feature` and its refusals here; the table and the tests follow.
+"""
+
+import dataclasses
+import itertools
+import sys
+from collections.abc import Callable
+
+from jaxpar.errors import UserError
+
+FAMILIES = {  # model family -> how `--model` names its members
+    "mlp": ("mlp", "2nn"),
+    "resnet": ("resnet8", "resnet18", "resnet34", "resnet50"),
+    "vit": ("vit-",),
+}
+
+
+def family(model: str) -> str:
+    """The family of `model` (a registered test model ``vit-test`` is a ViT).
+
+    >>> family("resnet18"), family("vit-lite"), family("2nn")
+    ('resnet', 'vit', 'mlp')
+    """
+    if model.startswith("vit-"):
+        return "vit"
+    return "resnet" if model.startswith("resnet") else "mlp"
+
+
+def _stages(cfg) -> int:
+    from jaxpar.mesh import parse_mesh
+
+    return parse_mesh(cfg.mesh).stage if cfg.mesh else 1
+
+
+def _pipeline_asked(cfg) -> str:
+    """What asks for a pipeline: ``stage=2 in the mesh``, ``--microbatches 4``..."""
+    asked = [f"stage={_stages(cfg)} in the mesh"] if _stages(cfg) > 1 else []
+    asked += [f"--microbatches {cfg.microbatches}"] if cfg.microbatches > 1 else []
+    asked += [f"--pipeline {cfg.pipeline}"] if cfg.pipeline != "gpipe" else []
+    return "a pipeline (" + " and ".join(asked) + ")"
+
+
+@dataclasses.dataclass(frozen=True)
+class Feature:
+    """A mode of training that flags turn on, and how the tests exercise it."""
+
+    name: str  # its row and column in the matrix
+    flag: str  # how errors and the README name it
+    on: Callable  # Config -> whether a run uses it
+    example: dict  # Config fields that turn it on in the tests (small; TEACHER, INIT: fixtures)
+    off: dict | None = None  # fields at which it equals the run without it (None: none exist)
+    needs: dict = dataclasses.field(default_factory=dict)  # fields both runs of `off` need
+    group: str | None = None  # features one flag chooses between (never on together)
+    asked: Callable | None = None  # Config -> what in this run turned it on (else `flag`)
+    # Whether `off` stays exact under BatchNorm; False where the batch statistics come from a
+    # share of the batch (a replica's, a microbatch's): there the family's cell resumes instead.
+    off_under_batchnorm: bool = True
+
+    def named(self, cfg) -> str:
+        return self.asked(cfg) if self.asked else self.flag
+
+
+def _sync(kind: str) -> Callable:
+    return lambda c: c.sync.startswith(f"{kind}:") and c.sync != "stale:0"
+
+
+FEATURES = [
+    Feature("local", "--sync local:H", _sync("local"), {"sync": "local:2"},
+            off={"sync": "local:1"}, needs={"momentum": 0.0}, group="sync",
+            off_under_batchnorm=False),
+    Feature("diloco", "--sync diloco:H", _sync("diloco"), {"sync": "diloco:2"},
+            off={"sync": "diloco:1", "outer_lr": 1.0, "outer_momentum": 0.0},
+            needs={"momentum": 0.0}, group="sync", off_under_batchnorm=False),
+    Feature("stale", "--sync stale:T", _sync("stale"), {"sync": "stale:2"}, group="sync"),
+    Feature("federated", "--clients N", lambda c: c.clients is not None,
+            {"clients": 8, "clients_per_round": 4, "local_batch": 16}),
+    Feature("pipeline", "a pipeline (stage > 1 in --mesh, --microbatches, --pipeline)",
+            lambda c: _stages(c) > 1 or c.microbatches > 1 or c.pipeline != "gpipe",
+            {"mesh": "stage=2,data=2"}, off={}, asked=_pipeline_asked),
+    Feature("grad_accum", "--grad-accum K", lambda c: c.grad_accum > 1, {"grad_accum": 2},
+            off={}, off_under_batchnorm=False),
+    Feature("prune", "--prune-to S", lambda c: c.prune_to is not None, {"prune_to": 0.5},
+            off={"prune_to": 0.0}),
+    Feature("distill", "--teacher DIR", lambda c: c.teacher is not None, {"teacher": "TEACHER"},
+            off={"distill_weight": 0.0}),
+    Feature("qat", "--qat int8", lambda c: c.qat is not None, {"qat": "int8"}),
+    Feature("freeze", "--freeze backbone", lambda c: c.freeze is not None,
+            {"freeze": "backbone"}),
+    Feature("init_from", "--init-from", lambda c: c.init_from is not None,
+            {"init_from": "INIT"}),
+    Feature("workers", "--data-workers N", lambda c: c.data_workers > 0, {"data_workers": 1},
+            off={}),
+    Feature("mixture", "--dataset A=S,B=S (mixture)", lambda c: "=" in c.dataset,
+            {"dataset": "synthetic:8x8x1:10=0.75,synthetic:8x8x1:5=0.25"}),
+]  # fmt: skip
+BY_NAME = {f.name: f for f in FEATURES}
+
+_ROUND = "a federated round is one step of its own, in which the clients train with plain SGD"
+REFUSED = {  # {feature, feature} -> why the two do not run together
+    **{frozenset({"federated", s}): f"{_ROUND}; --sync lays out data-parallel replicas"
+       for s in ("local", "diloco", "stale")},
+    **{frozenset({"federated", f}): _ROUND
+       for f in ("grad_accum", "prune", "distill", "qat", "freeze")},
+    frozenset({"federated", "pipeline"}): "the clients spread over the data axis only; use "
+                                          "--mesh data=N and no --microbatches or --pipeline",
+    frozenset({"federated", "workers"}): "a round's clients are read in the training process",
+    frozenset({"federated", "mixture"}): "the clients' partition is of one dataset",
+    **{frozenset({"distill", s}): "the teacher rides in the train state, which the sync modes "
+                                  "lay out per replica or per step; distil with every-step sync"
+       for s in ("local", "diloco", "stale")},
+    **{frozenset({"pipeline", s}): "the replicas are laid out on the data axis without the "
+                                   "stage axis; use every-step or stale sync with stages"
+       for s in ("local", "diloco")},
+    **{frozenset({"prune", s}): "each replica ranks and masks its own weights, so their "
+                                "average is dense again; prune with every-step or stale sync"
+       for s in ("local", "diloco")},
+    frozenset({"prune", "freeze"}): "the frozen backbone would lose weights it can no longer "
+                                    "retrain; prune without --freeze, or prune the trained run "
+                                    "with python -m jaxpar.compress",
+}  # fmt: skip
+FAMILY_REFUSED = {  # (feature, family) -> why the feature does not run on that family
+    ("pipeline", "mlp"): "its layers are not uniform: only the ViTs' stacked blocks split into "
+                         "stages",
+    ("pipeline", "resnet"): "its layers are not uniform: only the ViTs' stacked blocks split "
+                            "into stages",
+    ("federated", "resnet"): "BatchNorm would normalise over the padding of the clients' last "
+                             "batches",
+    ("qat", "vit"): "qwix replaces each weight as a module attribute, and a ViT's scanned "
+                    "blocks are one stacked array per weight that it cannot replace",
+}  # fmt: skip
+_VMAPPED_CONV = ("XLA's partitioner (jax 0.10.2) miscompiles convolutions vmapped over the "
+                 "replicas with their channels sharded over model: the losses change; use "
+                 "data and fsdp axes only")  # fmt: skip
+AXIS_REFUSED = {  # (feature, family, mesh axis) -> why the feature cannot use that axis there
+    ("local", "resnet", "model"): _VMAPPED_CONV,
+    ("diloco", "resnet", "model"): _VMAPPED_CONV,
+}
+
+
+def active(cfg) -> list[Feature]:
+    """The features `cfg` turns on."""
+    return [f for f in FEATURES if f.on(cfg)]
+
+
+def check(cfg) -> None:
+    """Refuse a refused cell of the matrix that `cfg` asks for, in one line naming both sides."""
+    on = active(cfg)
+    for a, b in itertools.combinations(on, 2):
+        if reason := REFUSED.get(frozenset({a.name, b.name})):
+            raise UserError(f"{a.named(cfg)} with {b.named(cfg)} is not supported: {reason}")
+    kind = family(cfg.model)
+    for f in on:
+        if reason := FAMILY_REFUSED.get((f.name, kind)):
+            raise UserError(f"{f.named(cfg)} with --model {cfg.model} is not supported: {reason}")
+    if cfg.mesh:
+        from jaxpar.mesh import parse_mesh
+
+        spec = parse_mesh(cfg.mesh)
+        for (name, of, axis), reason in AXIS_REFUSED.items():
+            if of == kind and getattr(spec, axis) > 1 and BY_NAME[name] in on:
+                raise UserError(f"{BY_NAME[name].named(cfg)} on a mesh with {axis}="
+                                f"{getattr(spec, axis)} is not supported for --model {cfg.model}: "
+                                f"{reason}")  # fmt: skip
+
+
+def families(*features: Feature) -> list[str]:
+    """The model families that run all of `features`."""
+    return [k for k in FAMILIES if all((f.name, k) not in FAMILY_REFUSED for f in features)]
+
+
+def refused(a: Feature, b: Feature) -> str | None:
+    """Why `a` and `b` do not run together, or None."""
+    if reason := REFUSED.get(frozenset({a.name, b.name})):
+        return reason
+    if not families(a, b):
+        return f"no model family runs both ({a.name}: {', '.join(families(a))}; {b.name}: " \
+               f"{', '.join(families(b))})"  # fmt: skip
+    return None
+
+
+def exclusive(a: Feature, b: Feature) -> bool:
+    """Whether one flag chooses between `a` and `b` (``--sync``): no run has both."""
+    return a is b or (a.group is not None and a.group == b.group)
+
+
+def supported_pairs() -> list[tuple[Feature, Feature]]:
+    return [(a, b) for a, b in itertools.combinations(FEATURES, 2)
+            if refused(a, b) is None and not exclusive(a, b)]  # fmt: skip
+
+
+def supported_families() -> list[tuple[Feature, str]]:
+    return [(f, k) for f in FEATURES for k in FAMILIES if (f.name, k) not in FAMILY_REFUSED]
+
+
+def table() -> str:
+    """The matrix in Markdown: ``ok`` for a tested cell, a number for a refused one (the
+    numbered reasons below), ``-`` where one flag chooses between the two."""
+    reasons, names = [], [f.name for f in FEATURES]
+
+    def cell(reason):
+        if reason is None:
+            return "ok"
+        if reason not in reasons:
+            reasons.append(reason)
+        return str(reasons.index(reason) + 1)
+
+    rows = ["| | " + " | ".join([*names, *FAMILIES]) + " |",
+            "|---" * (1 + len(names) + len(FAMILIES)) + "|"]  # fmt: skip
+    for a in FEATURES:
+        cells = ["-" if exclusive(a, b) else cell(refused(a, b)) for b in FEATURES]
+        cells += [cell(FAMILY_REFUSED.get((a.name, k))) for k in FAMILIES]
+        rows.append(f"| {a.name} | " + " | ".join(cells) + " |")
+    rows.append("")
+    rows.append("; ".join(f"{f.name}: `{f.flag}`" for f in FEATURES) + ".")
+    rows.append("")
+    rows += [f"{i}. {r}." for i, r in enumerate(reasons, 1)]
+    rows.append("")
+    rows += [f"Mesh axes: {name} on a {of} with {axis} > 1 is refused: {reason}."
+             for (name, of, axis), reason in AXIS_REFUSED.items()]  # fmt: skip
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(table() + "\n")

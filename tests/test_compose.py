@@ -1,0 +1,215 @@
+"""Every cell of the declared matrix (`jaxpar.compose`), generated from its declarations.
+
+- A refused cell exits with one line that names both sides, before anything is written.
+- A supported pair reduces to its parts: with one side at its `off` flags, the pair's losses are
+  the other side's alone. A pair of which neither side reduces is stopped at a periodic
+  checkpoint and resumed on another mesh, and must write the uninterrupted run's metrics.
+- A supported feature on a model family: the same, on that family's smallest model.
+- Every mode resumed from a periodic checkpoint with ``--log-every`` > 1 writes the uninterrupted
+  run's lines (a save once held a live list of the logging window).
+
+Runs are tiny (3-4 steps of batch 32 on digits) and shared: each distinct configuration trains
+once per session, so a feature's run alone serves all its pairs.
+"""
+
+import functools
+import itertools
+import json
+import shutil
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jaxpar
+import train as cli
+from jaxpar import compose
+from jaxpar.config import Config
+from models import MODELS, ViT
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = {"mlp": "mlp", "resnet": "resnet8", "vit": "vit-compose"}  # each family's test model
+BASE = {"steps": 3, "batch_size": 32, "log_every": 1, "mesh": "data=2"}
+WORK = Path(tempfile.mkdtemp(prefix="jaxpar-compose-"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_vit():
+    MODELS["vit-compose"] = partial(ViT, width=32, depth=2, heads=2, mlp_dim=64, patch_size=2)
+    yield
+    del MODELS["vit-compose"]
+    shutil.rmtree(WORK, ignore_errors=True)
+
+
+@functools.cache
+def source(model: str, dataset: str) -> str:
+    """A workdir of `model` trained 2 steps on `dataset`: a teacher, or weights to start from."""
+    workdir = WORK / f"source-{model}-{abs(hash(dataset))}"
+    jaxpar.train(Config(model=model, dataset=dataset, steps=2, batch_size=32,
+                        workdir=str(workdir)))  # fmt: skip
+    return str(workdir)
+
+
+def flags_of(model: str, *parts: dict) -> dict:
+    """`BASE` with `parts` on top for `model`; the fixtures' placeholders filled in."""
+    flags = {**BASE, "model": model}
+    for part in parts:
+        flags.update(part)
+    for key in ("teacher", "init_from"):
+        if flags.get(key) in ("TEACHER", "INIT"):
+            flags[key] = source(model, flags.get("dataset", "digits"))
+    if "clients" in flags:  # a round is a step; its lr is the clients' SGD rate
+        flags.update(rounds=flags.pop("steps"), lr=0.05)
+        flags.pop("batch_size")
+    return flags
+
+
+@functools.cache
+def _run(items: tuple) -> list[dict]:
+    flags = dict(items)
+    workdir = WORK / f"run-{abs(hash(items))}"
+    shutil.rmtree(workdir, ignore_errors=True)
+    jaxpar.train(Config(**flags, workdir=str(workdir)))
+    return lines(workdir)
+
+
+def run(flags: dict) -> list[dict]:
+    """The metrics lines of a run of `flags` (trained once per session)."""
+    return _run(tuple(sorted(flags.items())))
+
+
+def lines(workdir) -> list[dict]:
+    return [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def numbers(rows: list[dict]) -> list[tuple]:
+    """What a run computed, line by line: its step, losses and accuracy."""
+    keys = ("train_loss", "eval_loss", "eval_accuracy")
+    return [(r["step"], *(r.get(k, np.nan) for k in keys)) for r in rows]
+
+
+def assert_same_run(a: list[dict], b: list[dict]) -> None:
+    # rtol: runs whose batches split other ways (replicas, microbatches, other meshes) round
+    # otherwise, and int8 rounding (--qat) turns the last bit of a weight into a step of 1/127
+    np.testing.assert_allclose(np.array(numbers(a)), np.array(numbers(b)), rtol=2e-4)
+
+
+def reduces(on: compose.Feature, other: dict, model: str) -> None:
+    """`on` at its `off` flags, with `other` on, equals `other` alone."""
+    reduced = run(flags_of(model, on.example, on.needs, other, on.off))
+    assert_same_run(reduced, run(flags_of(model, other, on.needs)))
+
+
+def resumes(flags: dict, tmp_path) -> None:
+    """A run stopped at a periodic checkpoint and resumed on another mesh writes the
+    uninterrupted run's metrics, with a logging window open across the checkpoint."""
+    flags = {**flags, "log_every": 3, "checkpoint_every": 2, "eval_every": 4, "keep": 5}
+    steps = "rounds" if "rounds" in flags else "steps"
+    flags[steps] = 5
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    jaxpar.train(Config(**flags, workdir=str(whole)))
+    shutil.copytree(whole, cut)
+    for later in ("4", "5"):  # as if killed after the step-2 save
+        shutil.rmtree(cut / "checkpoints" / later)
+    jaxpar.train(Config(**{**flags, "mesh": other_mesh(flags)}, workdir=str(cut)))
+    assert_same_run(lines(cut), lines(whole))
+
+
+def other_mesh(flags: dict) -> str:
+    """A mesh to resume `flags` on: tensor parallel where the matrix allows it, else FSDP, and
+    more data-parallel devices for federated clients (the data axis only)."""
+    if "clients" in flags:
+        return "data=4"
+    for axis in ("model", "fsdp"):
+        mesh = f"{flags['mesh']},{axis}=2"
+        try:
+            compose.check(Config(**{**flags, "mesh": mesh}))
+            return mesh
+        except jaxpar.UserError:
+            continue
+    raise AssertionError(f"no other mesh for {flags}")
+
+
+def test_a_refused_mesh_axis_exits_2():
+    for (name, kind, axis), _ in compose.AXIS_REFUSED.items():
+        flags = flags_of(MODEL[kind], compose.BY_NAME[name].example, {"mesh": f"data=2,{axis}=2"})
+        with pytest.raises(jaxpar.UserError, match=f"on a mesh with {axis}=2 is not supported"):
+            Config(**flags).validate()
+
+
+PAIRS = {f"{a.name}+{b.name}": (a, b) for a, b in compose.supported_pairs()}
+
+
+def model_for(*features) -> str:
+    """The pair's model: a ViT where one side runs on ViTs alone, else the MLP."""
+    kinds = compose.families(*features)
+    return MODEL["mlp" if "mlp" in kinds else kinds[0]]
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_a_supported_pair_reduces_to_its_parts_or_resumes_exactly(pair, tmp_path):
+    a, b = PAIRS[pair]
+    model = model_for(a, b)
+    reducible = [(x, y) for x, y in ((a, b), (b, a)) if x.off is not None]
+    for x, y in reducible[:1]:
+        reduces(x, y.example, model)
+    if not reducible:
+        resumes(flags_of(model, a.example, b.example), tmp_path)
+
+
+CELLS = {f"{f.name}-{k}": (f, k) for f, k in compose.supported_families()}
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_a_supported_feature_runs_on_its_family(cell, tmp_path):
+    feature, kind = CELLS[cell]
+    if feature.off is not None and (kind != "resnet" or feature.off_under_batchnorm):
+        reduces(feature, {}, MODEL[kind])
+    else:
+        resumes(flags_of(MODEL[kind], feature.example), tmp_path)
+
+
+REFUSALS = {
+    **{f"{a.name}+{b.name}": (a, b) for a, b in itertools.combinations(compose.FEATURES, 2)
+       if compose.refused(a, b) and not compose.exclusive(a, b)},
+    **{f"{f}-{k}": (compose.BY_NAME[f], k) for f, k in compose.FAMILY_REFUSED},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("cell", REFUSALS)
+def test_a_refused_cell_exits_2_naming_both_sides(cell, tmp_path, capsys):
+    a, b = REFUSALS[cell]
+    if isinstance(b, str):  # a model family
+        flags = flags_of(MODEL[b], a.example)
+    else:
+        one = [f for f in (a, b) if compose.families(f) != list(compose.FAMILIES)]
+        flags = flags_of(model_for(*one[:1]), a.example, b.example)
+    cfg = Config(**flags)
+    sides = [a.named(cfg), f"--model {cfg.model}" if isinstance(b, str) else b.named(cfg)]
+    argv = [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    workdir = tmp_path / "w"
+    assert cli.main([*argv, "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not supported" in err, err
+    if isinstance(b, str) or compose.REFUSED.get(frozenset({a.name, b.name})):
+        assert all(side in err for side in sides), (sides, err)
+    else:  # no family runs both: the run's model is refused for one side
+        assert f"--model {cfg.model}" in err and any(side in err for side in sides), err
+    assert not workdir.exists()
+
+
+def test_the_readme_holds_the_generated_matrix():
+    readme = (ROOT / "README.md").read_text()
+    assert compose.table() in readme, "README's matrix is stale: paste python -m jaxpar.compose"
+
+
+RESUMED = {"every-step": {}, **{f.name: f.example for f in compose.FEATURES if f.name in
+                                ("local", "diloco", "stale", "federated", "prune", "grad_accum",
+                                 "qat")}}  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", RESUMED)
+def test_every_mode_resumes_from_a_periodic_checkpoint_with_an_open_window(mode, tmp_path):
+    resumes(flags_of("mlp", RESUMED[mode]), tmp_path)
