@@ -340,6 +340,9 @@ def train(cfg: Config) -> dict:
         say("note: --freeze backbone without --init-from: the head trains on a random backbone")
     for line in run.mode.announce(workdir):
         say(line)
+    if run.mode.period and run.total % run.mode.period:
+        say(f"note: --sync {cfg.sync}: the run ends {run.total % run.mode.period} steps after its "
+            "last sync; evaluation and checkpoint readers see the model a sync then gives")
     try:
         window = Window(log, cfg, run.total, losses, run.schedule,
                         run.mode.examples_per_step(cfg.batch_size))  # fmt: skip

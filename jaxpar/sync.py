@@ -23,7 +23,8 @@ Reductions: ``local:1`` with SGD without momentum and ``diloco:1`` with inner SG
 of learning rate 1 without momentum are ``every-step``; so is ``stale:0``.
 
 BatchNorm (ResNets): each replica normalises with its own share of the batch, and the statistics
-are averaged with the parameters at each sync (DiLoCo too: they skip the outer optimizer).
+are averaged with the parameters at each sync (DiLoCo too: they skip the outer optimizer). Stale
+SGD's old parameters run with the current statistics and update them, as every step does.
 """
 
 import dataclasses
@@ -264,10 +265,14 @@ class DiLoCo(Local):
         glob = jax.tree.map(lambda p, s, m: s if p else m, self.params, stepped, mean)
         return {0: _replicated(glob, self.replicas), 1: state[1], 2: glob, 3: outer_state}
 
-    @staticmethod
-    def view(state):
-        """Evaluation sees the global copy (what the replicas restart from)."""
-        return {0: state[2], 1: jax.tree.map(lambda a: a[0], state[1])}
+    def view(self, state):
+        """Evaluation sees the global copy (what the replicas restart from); between syncs, the
+        copy a sync now would give, so a run that ends between syncs evaluates and reports its
+        last steps too (the checkpoint keeps the state as it is: a longer run goes on exactly)."""
+        at_sync = state[1]["step"][0] % self.period == 0
+        now = self.sync(state)[2]
+        glob = jax.tree.map(lambda g, n: jnp.where(at_sync, g, n), state[2], now)
+        return {0: glob, 1: jax.tree.map(lambda a: a[0], state[1])}
 
 
 def _like_params(opt_state, param_shardings, mesh):
@@ -285,15 +290,19 @@ def _like_params(opt_state, param_shardings, mesh):
     return jax.tree.map(place, opt_state, is_leaf=lambda x: jax.tree.structure(x) == structure)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Stale(Mode):
     """``stale:T``: gradients computed on the parameters of T steps ago (state key 2: a ring of
-    the last T model states, slot ``step % T`` holding step ``step - T``'s)."""
+    the last T model states, slot ``step % T`` holding step ``step - T``'s). BatchNorm
+    statistics are not parameters: the stale forward pass normalises with its batch's own and
+    updates the current running averages, as every-step SGD does."""
 
     period_steps: int
     period = 0  # no periodic sync
+    params: dict | None = None  # set by `layout`: which model leaves are parameters
 
     def layout(self, abstract, shardings, mesh, params):
+        self.params = params if params is not None else jax.tree.map(lambda _: True, abstract[0])
         T = self.period_steps
         ring = jax.tree.map(lambda a: jax.ShapeDtypeStruct((T, *a.shape), a.dtype), abstract[0])
         ahead = jax.tree.map(
@@ -307,11 +316,14 @@ class Stale(Mode):
     def step(self, state, batch, *, graphdef, keys, prepare, accum=1):
         step = state[1]["step"]
         slot = step % self.period_steps
-        old = jax.tree.map(lambda r: r[slot], state[2])  # the model of step - T
+        # The parameters of step - T, with the current BatchNorm statistics.
+        old = jax.tree.map(lambda p, r, c: r[slot] if p else c, self.params, state[2], state[0])
         ring = jax.tree.map(lambda r, c: r.at[slot].set(c), state[2], state[0])
         stale, _ = nnx.merge(graphdef, {0: old, 1: state[1]})
         loss, grads = gradients(stale, step_inputs(step, batch, keys, prepare), accum)
-        model, optimizer = nnx.merge(graphdef, {0: state[0], 1: state[1]})
+        stats = nnx.to_pure_dict(nnx.state(stale))  # the statistics its forward pass updated
+        current = jax.tree.map(lambda p, c, s: c if p else s, self.params, state[0], stats)
+        model, optimizer = nnx.merge(graphdef, {0: current, 1: state[1]})
         optimizer.update(model, grads)
         new = nnx.to_pure_dict(nnx.state((model, optimizer)))
         return {**new, 2: ring}, {"train_loss": loss, "grad_norm": optax.tree.norm(grads)}

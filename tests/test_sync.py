@@ -100,6 +100,34 @@ def test_resume_mid_round_on_another_mesh_equals_uninterrupted(tmp_path):
     assert_same(resumed, whole, rtol=1e-5, atol=1e-5)
 
 
+def test_stale_sgd_updates_batchnorm_statistics(tmp_path):
+    """With a learning rate too small to move a float32 weight, stale and every-step SGD hold
+    the same parameters, so their BatchNorm statistics must agree too (they once stayed at
+    their initial mean 0 / variance 1 under stale SGD)."""
+    flags = {"model": "resnet8", "lr": 1e-30, "steps": 4, "batch_size": 32}
+    every = train(tmp_path / "every", **flags)
+    stale = train(tmp_path / "stale", sync="stale:2", **flags)
+    assert any("mean" in path for path in every[2])
+    assert_same(stale, every)
+
+
+def test_diloco_ending_between_syncs_reports_its_last_steps(tmp_path):
+    """A 6-step diloco:4 run ends 2 steps after its last sync: evaluation and the model it
+    serves are what a sync now gives (with plain outer SGD, the replicas' mean: local SGD's
+    view), not the step-4 copy."""
+    plain = {"outer_lr": 1.0, "outer_momentum": 0.0}
+    diloco = train(tmp_path / "diloco", steps=6, sync="diloco:4", **plain)
+    local = train(tmp_path / "local", steps=6, sync="local:4")
+    assert_same(diloco, local)
+    evals = [read_evals(tmp_path / name)[-1] for name in ("diloco", "local")]
+    assert evals[0]["step"] == 6 and evals[0]["eval_loss"] == pytest.approx(evals[1]["eval_loss"])
+
+
+def read_evals(workdir):
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if "eval_loss" in x]
+
+
 class Linear(nnx.Module):
     """logits = x w, for the NumPy comparison."""
 
