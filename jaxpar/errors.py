@@ -14,7 +14,8 @@ class Diverged(Exception):
 
 
 class Preempted(Exception):
-    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; exit status 128 + signal."""
+    """Training stopped on SIGTERM/SIGINT (after saving a checkpoint, once training began); exit
+    status 128 + signal."""
 
     def __init__(self, signum: int, message: str):
         super().__init__(message)

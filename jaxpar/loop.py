@@ -33,7 +33,7 @@ from jaxpar.plan import collectives
 from jaxpar.prune import magnitude_pruning, stacked_paths
 from jaxpar.quantize import aware
 from jaxpar.sharding import placed, spec_table, state_shardings
-from jaxpar.signals import Stop, stop_on_signals
+from jaxpar.signals import Stop, stop_at_once, stop_on_signals
 from jaxpar.step import (
     abstract_state,
     all_finite,
@@ -242,20 +242,22 @@ def open_workdir(run: Run, start: float):
     """
     cfg = run.cfg
     workdir = resolve(cfg)
-    if cfg.restart and (moved := move_aside(workdir)):
-        say(f"--restart: moved the previous run to {moved}")
-    sync("jaxpar:workdir-moved")
     ckpts = Checkpoints(workdir, cfg.keep) if (workdir / "checkpoints").is_dir() else None
     step = ckpts.latest() if ckpts else None
-    runs_there = used(workdir)
+    # A run that saved nothing (killed while starting, compiling or before its first save)
+    # starts over in place, as a scheduler's requeue of the same command expects; its files
+    # are kept, moved aside as --restart does.
+    unsaved = step is None and bool(used(workdir))
     sync("jaxpar:workdir-read")  # every process decided on the same files; now write
-    if step is None and runs_there:
+    if cfg.restart or unsaved:
         if ckpts:
             ckpts.close()
-        raise UserError(
-            f"workdir {workdir} already holds a run with no complete checkpoint "
-            f"({', '.join(runs_there)}); choose a new --workdir, or --restart to move it aside"
-        )
+        ckpts, step = None, None
+        if moved := move_aside(workdir):
+            say(f"--restart: moved the previous run to {moved}" if cfg.restart else
+                f"the previous run in {workdir} saved no checkpoint: its files moved to "
+                f"{moved}; starting over")  # fmt: skip
+        sync("jaxpar:workdir-moved")
     log = MetricsLog(workdir / "metrics.jsonl", start, run.mode.stamp)
     if step is None:
         write_config(workdir, cfg, 0)
@@ -331,8 +333,9 @@ def evaluate_parts(eval_step, state, parts: dict) -> dict:
 def train(cfg: Config) -> dict:
     """Train as `cfg` says; returns the last evaluation line (also in ``metrics.jsonl``)."""
     start = time.time()
-    run = setup(cfg.validate())
-    workdir, ckpts, log, state, first, losses = open_workdir(run, start)
+    with stop_at_once():  # until the loop's handlers save a checkpoint on a signal
+        run = setup(cfg.validate())
+        workdir, ckpts, log, state, first, losses = open_workdir(run, start)
     say(draw_mesh(run.mesh))
     for r in run.replicated:
         say(f"note: {r}")
@@ -341,8 +344,10 @@ def train(cfg: Config) -> dict:
     for line in run.mode.announce(workdir):
         say(line)
     if run.mode.period and run.total % run.mode.period:
-        say(f"note: --sync {cfg.sync}: the run ends {run.total % run.mode.period} steps after its "
-            "last sync; evaluation and checkpoint readers see the model a sync then gives")
+        say(
+            f"note: --sync {cfg.sync}: the run ends {run.total % run.mode.period} steps after its "
+            "last sync; its evaluation sees the model a sync then gives"
+        )
     try:
         window = Window(log, cfg, run.total, losses, run.schedule,
                         run.mode.examples_per_step(cfg.batch_size))  # fmt: skip

@@ -13,6 +13,7 @@ import signal
 import jax
 import numpy as np
 
+from jaxpar.errors import Preempted
 from jaxpar.step import signal_sharding
 
 
@@ -48,6 +49,28 @@ def stop_on_signals(mesh):
         previous = {}
     try:
         yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def stop_at_once():
+    """Before training starts (loading data, compiling, opening the workdir) SIGTERM/SIGINT end
+    the run at once with `Preempted`: there is nothing to save yet, and the same command then
+    starts over (`jaxpar.loop.open_workdir`)."""
+
+    def stop(signum, _):
+        raise Preempted(signum, f"stopped by signal {signum} before the first step; nothing was "
+                        "saved; rerun the same command to start over")  # fmt: skip
+
+    handled = (signal.SIGTERM, signal.SIGINT)
+    try:
+        previous = {s: signal.signal(s, stop) for s in handled}
+    except ValueError:  # not the main thread: leave signals alone
+        previous = {}
+    try:
+        yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

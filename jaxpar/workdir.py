@@ -24,6 +24,9 @@ RUN_FILES = (
     "checkpoints",
     "events",
     "profile",
+    "partition.json",  # a federated run's clients
+    "compress.json",  # python -m jaxpar.compress
+    "compress",
 )
 
 

@@ -238,6 +238,49 @@ def test_kill_9_during_async_saves_resumes_from_last_complete(reference, tmp_pat
     assert_same_run(metrics(tmp_path), reference, after=complete[-1])
 
 
+def test_a_run_killed_before_its_first_save_reruns_in_place(reference, tmp_path):
+    """kill -9 (the OOM killer, a lost node) under the default --checkpoint-every 0 leaves no
+    checkpoint: the same command starts over, its files moved aside, as a requeue expects."""
+    proc = cli_run(*RUN, "--workdir", str(tmp_path))
+    wait_for_lines(tmp_path, 10, proc)
+    proc.kill()
+    proc.communicate()
+    assert (tmp_path / "config.json").exists()
+    assert not any((tmp_path / "checkpoints").glob("[0-9]*"))
+    proc = cli_run(*RUN, "--workdir", str(tmp_path))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert f"the previous run in {tmp_path} saved no checkpoint: its files moved to" in out, out
+    (moved,) = tmp_path.glob("previous-*")
+    assert len(metrics(moved)) >= 10 and (moved / "config.json").exists()
+    assert_same_run(metrics(tmp_path), reference, after=0)
+
+
+def test_a_signal_before_the_first_step_stops_at_once_and_the_rerun_starts_over(
+    tmp_path, monkeypatch, capsys
+):
+    """SIGTERM while the run sets up (data, compilation, workdir) once killed it with no message
+    and left a workdir the same command refused."""
+    import jaxpar.loop
+
+    setup = jaxpar.loop.setup
+
+    def interrupted(cfg):
+        run = setup(cfg)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return run
+
+    args = ["--steps", "2", "--workdir", str(tmp_path)]
+    monkeypatch.setattr(jaxpar.loop, "setup", interrupted)
+    assert cli.main(args) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert err == ("preempted: stopped by signal 15 before the first step; nothing was saved; "
+                   "rerun the same command to start over\n")  # fmt: skip
+    monkeypatch.setattr(jaxpar.loop, "setup", setup)
+    assert cli.main(args) == 0
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_mismatched_model_is_refused_and_nothing_deleted(tmp_path, capsys):
     assert cli.main(["--steps", "3", "--workdir", str(tmp_path)]) == 0
     before = sorted(str(p) for p in tmp_path.rglob("*"))
