@@ -130,6 +130,7 @@ class Run:
             "partition_specs": {k: str(v) for k, v in spec_table(self.shardings, "0/").items()},
             "versions": versions(),
             "config": dataclasses.asdict(self.cfg),
+            "prune_end": prune_end(self.cfg, self.total),
         }
 
     def identity(self) -> dict:
@@ -182,7 +183,7 @@ def setup(cfg: Config) -> Run:
     tx = mode.optimizer(cfg, total)
     tx = frozen(tx) if cfg.freeze else tx  # --freeze backbone: only the head trains
     if cfg.prune_to is not None:  # masks in the optimizer state, applied after every update
-        end = cfg.prune_end or max(cfg.prune_start + 1, total * 3 // 4)
+        end = prune_end(cfg, total)
         model = nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0)))
         stacked = stacked_paths(nnx.state(model, nnx.Param))  # a ViT's layers: one by one
         tx = optax.chain(tx, magnitude_pruning(cfg.prune_to, cfg.prune_start, end, stacked))
@@ -214,6 +215,29 @@ def setup(cfg: Config) -> Run:
         cfg, spec, mesh, ds, per_epoch, total, schedule, init, abstract, shardings, replicated,
         *compile(), compile(stacked=True)[0], compile, mode, sync, batches,
     )  # fmt: skip
+
+
+def prune_end(cfg: Config, total: int) -> int | None:
+    """The step the sparsity reaches --prune-to: --prune-end, else 3/4 of the run (None: no
+    pruning). Saved in the manifest: a longer continuation keeps the schedule it began."""
+    if cfg.prune_to is None:
+        return None
+    if cfg.prune_start >= total:
+        raise UserError(f"--prune-start {cfg.prune_start} is not before the run's end at step "
+                        f"{total}: nothing would be pruned; start earlier")  # fmt: skip
+    return cfg.prune_end or max(cfg.prune_start + 1, total * 3 // 4)
+
+
+def check_prune_schedule(saved: dict, run: "Run", step: int, directory) -> None:
+    """A continuation (a longer --steps) keeps the pruning schedule it began: a new end would
+    lower the sparsity due at this step and revive pruned weights."""
+    before, now = saved.get("prune_end"), prune_end(run.cfg, run.total)
+    if before is not None and now != before:
+        raise UserError(
+            f"checkpoint step {step} in {directory} prunes on a schedule that ends at step "
+            f"{before}, and this run's would end at step {now}; pass --prune-end {before} to go "
+            "on with it"
+        )
 
 
 def model_options(cfg: Config, spec: MeshSpec) -> dict:
@@ -266,6 +290,7 @@ def open_workdir(run: Run, start: float):
         saved = ckpts.manifest(step)
         check_fits(saved, run.identity(), step, ckpts.directory)
         check_optimizer_flags(saved, cfg, step, ckpts.directory)
+        check_prune_schedule(saved, run, step, ckpts.directory)
         state = ckpts.restore(step, run.abstract, run.shardings)
     except UserError:
         ckpts.close()  # stops Orbax's threads now, not noisily at interpreter exit

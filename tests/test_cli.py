@@ -97,6 +97,7 @@ BAD = {
     "--prune-to -0.1": "--prune-to must be a sparsity in [0, 1), got -0.1",
     "--prune-to 1.5": "--prune-to must be a sparsity in [0, 1), got 1.5",
     "--prune-end 5": "--prune-end goes with --prune-to",
+    "--prune-to 0.5 --prune-start 2": "--prune-start 2 is not before the run's end at step 2",
     "--prune-to 0.5 --prune-start 8 --prune-end 4": "--prune-end 4 must come after --prune-start 8",
     # federated learning
     "--clients 0": "--clients must be at least 1, got 0",

@@ -52,6 +52,22 @@ def test_pruning_is_exact_per_layer_survives_resume_and_matches_one_device(tmp_p
     assert cli.main(["--steps", "14", "--mesh", "1", "--workdir", str(sharded)]) == 2
 
 
+def test_a_longer_continuation_keeps_the_schedule_it_began(tmp_path, capsys):
+    """The default end of the ramp is 3/4 of the run: a longer --steps would move it later,
+    lower the sparsity due now and revive pruned weights. Refused, naming --prune-end."""
+    args = ["--prune-to", "0.9", "--batch-size", "64", "--workdir", str(tmp_path)]
+    assert cli.main([*args, "--steps", "8"]) == 0  # the ramp ends at step 6
+    capsys.readouterr()
+    assert cli.main([*args, "--steps", "16"]) == 2
+    assert "ends at step 6, and this run's would end at step 12; pass --prune-end 6" in (
+        capsys.readouterr().err
+    )
+    assert cli.main([*args, "--steps", "10", "--prune-end", "6"]) == 0
+    dense = {k: np.asarray(w) == 0 for k, w in model_at(tmp_path, 8)["fc1"].items()}
+    later = model_at(tmp_path, 10)["fc1"]
+    assert (np.asarray(later["kernel"])[dense["kernel"]] == 0).all()
+
+
 def test_masks_are_sharded_like_their_parameters():
     run = setup(Config(mesh="fsdp=4,model=2", prune_to=0.5, steps=10).validate())
     params = dict(_leaves(run.shardings[0]))
