@@ -159,16 +159,18 @@ def pruned_model(model, sparsity: float):
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxpar.prune import prune_matrix, stacked_paths
+    from jaxpar.prune import prune_matrix, weight_roles
     from jaxpar.sharding import path_str
 
     graphdef, weights, rest = nnx.split(model, nnx.Param, ...)
-    stacked = stacked_paths(weights)
+    roles = weight_roles(weights)
 
     @jax.jit
     def prune(weights):
         def one(path, w):
-            return w * prune_matrix(w, jnp.ones_like(w), sparsity, path_str(path) in stacked)
+            if (key := path_str(path)) not in roles:
+                return w  # a vector: dense
+            return w * prune_matrix(w, jnp.ones_like(w), sparsity, roles[key])
 
         return jax.tree_util.tree_map_with_path(one, weights)
 
@@ -249,11 +251,11 @@ def sizes(model, sparse: bool = False) -> dict:
     import jax
     from flax import nnx
 
-    from jaxpar.prune import stacked_paths
+    from jaxpar.prune import weight_roles
     from jaxpar.sharding import path_str
 
     state, params = nnx.state(model), nnx.state(model, nnx.Param)
-    stacked = stacked_paths(params)
+    roles = weight_roles(params)
     weights = {path_str(p): w for p, w in jax.tree_util.tree_leaves_with_path(
         nnx.to_pure_dict(params))}  # fmt: skip
     nonzero = {k: int(np.count_nonzero(np.asarray(w))) for k, w in weights.items()}
@@ -262,7 +264,7 @@ def sizes(model, sparse: bool = False) -> dict:
         "nonzero_params": sum(nonzero.values()),
     }
     if sparse:
-        matrices = {k: w for k, w in weights.items() if w.ndim - (k in stacked) >= 2}
+        matrices = {k: w for k, w in weights.items() if k in roles}
         out["layers"] = {k: [nonzero[k], w.size] for k, w in matrices.items()}
         saved = sum(w.size * w.dtype.itemsize - nonzero[k] * w.dtype.itemsize - -(-w.size // 8)
                     for k, w in matrices.items())  # fmt: skip

@@ -30,7 +30,7 @@ from jaxpar.errors import Diverged, Preempted, UserError
 from jaxpar.mesh import MeshSpec, draw_mesh, make_mesh, parse_mesh
 from jaxpar.pipeline import schedule_for
 from jaxpar.plan import collectives
-from jaxpar.prune import magnitude_pruning, stacked_paths
+from jaxpar.prune import magnitude_pruning, weight_roles
 from jaxpar.quantize import aware
 from jaxpar.sharding import placed, spec_table, state_shardings
 from jaxpar.signals import Stop, stop_at_once, stop_on_signals
@@ -39,6 +39,7 @@ from jaxpar.step import (
     all_finite,
     compile_steps,
     frozen,
+    head_paths,
     init_state,
     make_schedule,
     under_mesh,
@@ -181,12 +182,12 @@ def setup(cfg: Config) -> Run:
     if cfg.qat:  # the model computes with int8-rounded weights; float ones are trained, saved
         model_fn = aware(model_fn, ds.image_shape)
     tx = mode.optimizer(cfg, total)
-    tx = frozen(tx) if cfg.freeze else tx  # --freeze backbone: only the head trains
+    # What --freeze trains and --prune-to prunes follows the parameters' logical axes.
+    params = nnx.state(nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0))), nnx.Param)
+    tx = frozen(tx, head_paths(params)) if cfg.freeze else tx  # only the head trains
     if cfg.prune_to is not None:  # masks in the optimizer state, applied after every update
-        end = prune_end(cfg, total)
-        model = nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0)))
-        stacked = stacked_paths(nnx.state(model, nnx.Param))  # a ViT's layers: one by one
-        tx = optax.chain(tx, magnitude_pruning(cfg.prune_to, cfg.prune_start, end, stacked))
+        end, roles = prune_end(cfg, total), weight_roles(params)
+        tx = optax.chain(tx, magnitude_pruning(cfg.prune_to, cfg.prune_start, end, roles))
     graphdef, abstract = abstract_state(model_fn, tx, cfg.seed)
     base, replicated = state_shardings(abstract, mesh)
     plain, mask = nnx.to_pure_dict(abstract), param_mask(abstract)

@@ -5,9 +5,11 @@ at step ``--prune-start`` to S at ``--prune-end`` along ``S * (1 - (1 - t)**3)``
 Every `EVERY` steps while it rises, and at its end, each such parameter keeps its
 ``n - round(sparsity * n)`` largest weights by magnitude; after every update the rest are set to
 exactly zero. A weight once pruned stays pruned (it ranks as zero).
-Vectors (biases, BatchNorm and LayerNorm scales, the PReLU slope) stay dense. A parameter that
-stacks layers on its leading axis (logical name ``layers``: a ViT's blocks) is pruned layer by
-layer, each slice to the sparsity on its own, and a stack of vectors stays dense. The masks live
+What is pruned follows the logical axes the models carry (`models.axes.is_weight`): weight
+matrices and kernels; biases, BatchNorm and LayerNorm scales, the PReLU slope, position
+embeddings and per-head attention biases stay dense. A weight that stacks layers on its leading
+axis (logical name ``layers``: a ViT's blocks) is pruned layer by layer, each slice to the
+sparsity on its own. The masks live
 in the optimizer state, so they are sharded like their parameters and saved in checkpoints: a
 resumed run prunes on from where it stopped.
 """
@@ -20,6 +22,7 @@ import optax
 from flax import nnx
 
 from jaxpar.sharding import path_str
+from models.axes import is_weight
 
 EVERY = 10  # steps between re-rankings while the sparsity rises
 
@@ -52,35 +55,35 @@ def _key(path) -> str:
     return path_str(path).removesuffix("/.value")  # the optimizer sees `Variable` values
 
 
-def stacked_paths(params: nnx.State) -> frozenset[str]:
-    """The paths of the parameters (an abstract model's `nnx.Param` state) whose leading axis
-    stacks layers."""
-    found = set()
+def weight_roles(params: nnx.State) -> dict[str, bool]:
+    """The weight matrices and kernels among the parameters (an abstract model's `nnx.Param`
+    state), by the logical axes they carry (`models.axes.is_weight`): ``{path: whether its
+    leading axis stacks layers}``. Biases, scales, position tables and per-head vectors are not
+    in it: they stay dense."""
+    found = {}
 
     def one(path, var):
-        names = var.get_metadata().get("out_sharding")
-        if names and names[0] == "layers":
-            found.add(_key(path))
+        names = var.get_metadata().get("out_sharding") or ()
+        if is_weight(names):
+            found[_key(path)] = names[0] == "layers"
 
     is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     jax.tree_util.tree_map_with_path(one, params, is_leaf=is_var)
-    return frozenset(found)
+    return found
 
 
 def prune_matrix(weights: jax.Array, mask: jax.Array, fraction, stacked: bool) -> jax.Array:
-    """The new mask of one parameter: `keep_largest` for a matrix or kernel, for each layer of a
-    stack of them, and `mask` unchanged for a vector or a stack of vectors."""
-    if weights.ndim - stacked < 2:
-        return mask
+    """The new mask of one weight matrix or kernel: `keep_largest`, for each layer of a stack."""
     keep = jax.vmap(keep_largest, in_axes=(0, 0, None)) if stacked else keep_largest
     return keep(weights, mask, fraction)
 
 
 def magnitude_pruning(
-    target: float, start: int, end: int, stacked: frozenset[str] = frozenset()
+    target: float, start: int, end: int, weights: dict[str, bool] | None = None
 ) -> optax.GradientTransformation:
-    """Chain it after an optimizer: its updates land pruned weights on exactly zero. `stacked`:
-    the paths of parameters that stack layers (`stacked_paths`).
+    """Chain it after an optimizer: its updates land pruned weights on exactly zero. `weights`:
+    the parameters to prune (`weight_roles`: path -> stacks layers); None, for plain arrays
+    without axis names: every array of two or more dimensions, unstacked.
 
     >>> params = {"w": jnp.arange(1.0, 11.0).reshape(2, 5), "b": jnp.ones(5)}
     >>> tx = optax.chain(optax.sgd(0.0), magnitude_pruning(0.5, 0, 1))
@@ -99,7 +102,10 @@ def magnitude_pruning(
         # Ranks the weights before this update: pruned at its first update, a trained
         # checkpoint loses the weights a one-shot prune of it would (`jaxpar.compress`).
         def mask(path, p, m):
-            return prune_matrix(p, m, fraction, _key(path) in stacked)
+            if weights is None:
+                return prune_matrix(p, m, fraction, False) if p.ndim >= 2 else m
+            key = _key(path)
+            return prune_matrix(p, m, fraction, weights[key]) if key in weights else m
 
         # Ranking every weight costs two sorts per matrix: only every `EVERY` steps while the
         # sparsity rises, and at its end (a pruned weight ranks as zero: at a constant sparsity

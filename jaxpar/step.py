@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxpar.sharding import batch_sharding, state_shardings
+from jaxpar.sharding import batch_sharding, path_str, state_shardings
+from models.axes import is_head
 
 
 def make_schedule(lr=0.01, schedule="constant", warmup_steps=0, total_steps=1):
@@ -65,21 +66,35 @@ def make_optimizer(
     return optax.chain(decay, optax.sgd(lr, momentum=momentum or None))
 
 
-def frozen(tx, trains=("head",)):
-    """`tx` for the parameters under `trains` (top-level names) only: the others get no update
-    and `tx` keeps no state for them (``optax.multi_transform``; ``--freeze backbone``).
+def head_paths(params: nnx.State) -> frozenset[str]:
+    """The classifier head's parameters (an abstract model's `nnx.Param` state), by their
+    logical axes (`models.axes.is_head`: a ``classes`` axis)."""
+    found = set()
+
+    def one(path, var):
+        if is_head(var.get_metadata().get("out_sharding") or ()):
+            found.add(path_str(path).removesuffix("/.value"))
+
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    jax.tree_util.tree_map_with_path(one, params, is_leaf=is_var)
+    return frozenset(found)
+
+
+def frozen(tx, trains: frozenset[str]):
+    """`tx` for the parameters at the paths `trains` only (`head_paths`): the others get no
+    update and `tx` keeps no state for them (``optax.multi_transform``; ``--freeze backbone``).
 
     >>> import jax.numpy as jnp
     >>> params = {"head": {"w": jnp.zeros(2)}, "body": {"w": jnp.zeros(3)}}
-    >>> state = frozen(optax.adam(1e-3)).init(params)
+    >>> state = frozen(optax.adam(1e-3), frozenset({"head/w"})).init(params)
     >>> [x.shape for x in jax.tree.leaves(state) if x.ndim]  # Adam's moments: head only
     [(2,), (2,)]
     """
 
     def labels(params):
-        top = lambda path: str(getattr(path[0], "key", path[0]))  # noqa: E731
+        key = lambda path: path_str(path).removesuffix("/.value")  # noqa: E731
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: "train" if top(path) in trains else "frozen", params
+            lambda path, _: "train" if key(path) in trains else "frozen", params
         )
 
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

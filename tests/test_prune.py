@@ -85,30 +85,36 @@ def _leaves(tree):
 
 
 def test_a_vits_stacked_layers_are_pruned_one_by_one_and_their_vectors_stay_dense():
-    """Under ``layers`` a ViT's blocks stack their kernels (and biases, norm scales) on a leading
-    axis: each layer's kernel gets the sparsity on its own, the stacked vectors none."""
+    """What is pruned follows the logical axes: a ViT's kernels, each layer of a stack on its
+    own; its biases, norm scales, position table and per-head q/k/v biases stay dense (they
+    once were pruned for being 2-D). The head is what --freeze trains, by its classes axis."""
     import jax
     import optax
     from flax import nnx
 
-    from jaxpar.prune import magnitude_pruning, stacked_paths
+    from jaxpar.prune import magnitude_pruning, weight_roles
+    from jaxpar.step import head_paths
     from models import ViT
 
     vit = nnx.eval_shape(lambda: ViT((8, 8, 1), 10, width=32, depth=2, heads=2, mlp_dim=64,
                                      rngs=nnx.Rngs(0)))  # fmt: skip
-    stacked = stacked_paths(nnx.state(vit, nnx.Param))
-    assert {"blocks/mlp_in/kernel", "blocks/attn_norm/scale"} <= stacked
-    assert "head/kernel" not in stacked
+    params = nnx.state(vit, nnx.Param)
+    roles = weight_roles(params)
+    assert roles["blocks/mlp_in/kernel"] and roles["blocks/query/kernel"]
+    assert roles["head/kernel"] is False and roles["embed/kernel"] is False
+    dense = {"pos_embed", "blocks/query/bias", "blocks/attn_norm/scale", "head/bias"}
+    assert not dense & roles.keys(), dense & roles.keys()
+    assert head_paths(params) == {"head/kernel", "head/bias"}
 
     rng = np.random.default_rng(0)
     normal = lambda *shape: rng.normal(size=shape).astype(np.float32)  # noqa: E731
     params = {"blocks": {"kernel": normal(2, 8, 8), "scale": normal(2, 8)},
               "head": {"kernel": normal(8, 4)}}  # fmt: skip
-    tx = optax.chain(optax.sgd(0.0), magnitude_pruning(0.75, 0, 1, frozenset(
-        {"blocks/kernel", "blocks/scale"})))  # fmt: skip
+    roles = {"blocks/kernel": True, "head/kernel": False}
+    tx = optax.chain(optax.sgd(0.0), magnitude_pruning(0.75, 0, 1, roles))
     zero = jax.tree.map(np.zeros_like, params)
     updates, _ = jax.jit(tx.update)(zero, tx.init(params), params)
     new = jax.tree.map(np.asarray, optax.apply_updates(params, updates))
     assert [int((k == 0).sum()) for k in new["blocks"]["kernel"]] == [48, 48]  # each layer
-    assert (new["blocks"]["scale"] == params["blocks"]["scale"]).all()  # stacked vectors: dense
+    assert (new["blocks"]["scale"] == params["blocks"]["scale"]).all()  # not a weight: dense
     assert int((new["head"]["kernel"] == 0).sum()) == 24
