@@ -179,14 +179,22 @@ class Checkpoints:
 
 
 def latest_manifest(workdir, what) -> tuple[int, dict]:
-    """The step and manifest of `workdir`'s latest complete checkpoint; a `UserError` naming
-    `what` (the flag or folder that pointed there) when there is none."""
+    """The step and manifest of `workdir`'s latest complete checkpoint, to read one model from
+    (predict, compress, a teacher, --init-from); a `UserError` naming `what` (the flag or folder
+    that pointed there) when there is none, or when it holds a model per replica."""
     ckpts = Checkpoints(workdir)
     try:
         step = ckpts.latest()
         if step is None:
             raise UserError(f"{what} holds no complete checkpoint")
-        return step, ckpts.manifest(step)
+        manifest = ckpts.manifest(step)
+        if (manifest.get("sync") or "").split(":")[0] in ("local", "diloco"):
+            raise UserError(
+                f"{what} was trained with --sync {manifest['sync']}: its checkpoint holds one "
+                "model per replica, which predict, compress, --teacher and --init-from do not "
+                "read yet; use a run trained with every-step or stale sync"
+            )
+        return step, manifest
     finally:
         ckpts.close()
 

@@ -182,6 +182,8 @@ def finetune_config(trained: Trained, sparsity: float, epochs: int):
     `sparsity` by the first update (ranked as `pruned_model` ranks them) and kept so, in
     ``WORKDIR/compress/<variant>-from-step-N-E-epochs``: a folder per checkpoint and length, so a
     later call resumes or reuses only the same fine-tuning."""
+    from jaxpar.config import Config
+
     t = trained
     if t.cfg.clients is not None:
         raise UserError(
@@ -192,6 +194,8 @@ def finetune_config(trained: Trained, sparsity: float, epochs: int):
     return dataclasses.replace(
         t.cfg, workdir=str(out), init_from=str(t.workdir), prune_to=sparsity, prune_start=0,
         prune_end=1, epochs=epochs, steps=None, teacher=None, profile_steps=None,
+        distill_temperature=Config.distill_temperature, distill_weight=Config.distill_weight,
+        warmup_steps=0,  # from trained weights: no warmup (the run's could outlast the epochs)
         checkpoint_every=0, restart=False, dry_run=False, project=None, json=False,
         coordinator=None, num_processes=None, process_id=None,
     ).validate()  # fmt: skip

@@ -209,6 +209,14 @@ class Config:
             need(vit or not given, f"{flag} applies to the ViT models only (--model vit-...)")
         compose.check(self)  # the declared matrix of modes that run together
         self.check_federated(need)
+        # Flags that would change nothing are refused rather than silently ignored.
+        outer = (self.outer_lr, self.outer_momentum) != (Config.outer_lr, Config.outer_momentum)
+        need(self.sync.startswith("diloco:") or not outer, "--outer-lr and --outer-momentum go "
+             "with --sync diloco:H; without it they change nothing")  # fmt: skip
+        distill = (self.distill_temperature, self.distill_weight) != (
+            Config.distill_temperature, Config.distill_weight)  # fmt: skip
+        need(self.teacher is not None or not distill, "--distill-temperature and "
+             "--distill-weight go with --teacher; without it they change nothing")  # fmt: skip
         changes = {}
         if self.project is not None and self.mesh is None:  # all the chips on the data axis
             changes["mesh"] = str(chips)
@@ -254,6 +262,9 @@ class Config:
         )
         need(self.steps_per_dispatch == 1, "--steps-per-dispatch does not apply to federated "
              "runs (--clients): a round is one step")  # fmt: skip
+        need(self.schedule == "constant" and self.warmup_steps == 0, "--schedule and "
+             "--warmup-steps do not apply to federated runs (--clients): the clients train at a "
+             "constant --lr; the server's rate is --server-lr")  # fmt: skip
 
     def federated(self) -> dict | None:
         """The settings a federated checkpoint must match to resume (None: not federated)."""

@@ -155,6 +155,10 @@ BAD = {
     "--sync sometimes": "--sync sometimes: use every-step",
     "--sync stale:-1": "--sync stale:-1: use every-step",
     "--outer-lr -1": "--outer-lr must be positive",
+    "--outer-lr 0.5": "--outer-lr and --outer-momentum go with --sync diloco:H",
+    "--outer-momentum 0.5 --sync local:2": "--outer-lr and --outer-momentum go with --sync",
+    "--distill-weight 0.5": "--distill-temperature and --distill-weight go with --teacher",
+    "--clients 4 --schedule cosine": "--schedule and --warmup-steps do not apply to federated",
     "--sync local:8 --mesh 1": "the mesh has data=1: nothing to average",
     "--model vit-tiny --mesh stage=2,data=2 --sync diloco:2": "--sync diloco:H with a pipeline",
     # combinations the matrix refuses (jaxpar.compose; every cell in tests/test_compose.py)

@@ -39,7 +39,7 @@ def train(workdir, mesh="data=4", steps=8, **flags):
     state = run.mode.view(ckpts.restore(ckpts.latest(), run.abstract, run.shardings))
     ckpts.close()
     model = {path_str(k): np.asarray(a) for k, a in jax.tree_util.tree_leaves_with_path(state[0])}
-    return np.array([x["train_loss"] for x in train_lines]), train_lines[-1], model
+    return np.array([x["train_loss"] for x in train_lines]), train_lines[-1], model, workdir
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +121,28 @@ def test_diloco_ending_between_syncs_reports_its_last_steps(tmp_path):
     assert_same(diloco, local)
     evals = [read_evals(tmp_path / name)[-1] for name in ("diloco", "local")]
     assert evals[0]["step"] == 6 and evals[0]["eval_loss"] == pytest.approx(evals[1]["eval_loss"])
+
+
+def test_readers_of_one_model_refuse_a_model_per_replica_in_one_line(local4, tmp_path, capsys):
+    """predict, compress, --teacher and --init-from on a local:H workdir once gave an 80-line
+    Orbax traceback (--teacher also left an unusable workdir)."""
+    import train as cli
+    from jaxpar import compress, predict
+
+    workdir = local4[3]
+    np.save(tmp_path / "x.npy", np.zeros((2, 8, 8, 1), np.float32))
+    calls = {
+        "predict": lambda: predict.main([str(workdir), "--input", str(tmp_path / "x.npy")]),
+        "compress": lambda: compress.main([str(workdir), "--quantize", "int8"]),
+        "teacher": lambda: cli.main(["--teacher", str(workdir), "--workdir", str(tmp_path / "t")]),
+        "init": lambda: cli.main(["--init-from", str(workdir), "--workdir", str(tmp_path / "i")]),
+    }
+    for name, call in calls.items():
+        assert call() == 2, name
+        err = capsys.readouterr().err
+        words = "was trained with --sync local:4: its checkpoint holds one model per replica"
+        assert err.count("\n") == 1 and words in err, (name, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]  # nothing written
 
 
 def read_evals(workdir):
