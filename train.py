@@ -23,7 +23,7 @@ FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxp
             "DxM, N, stage=2,data=2,fsdp=2,model=2, or a layout from meshes/ (None: all on data)",
         ),  # fmt: skip
         ("--steps-per-dispatch", int, "steps run as one XLA program: >1 speeds up tiny models"),
-        ("--grad-accum", int, "microbatches per step, gradients summed: less activation memory"),
+        ("--grad-accum", int, "microbatches per step, gradients averaged: less activation memory"),
         (
             "--remat",
             ["none", "block"],
@@ -134,7 +134,7 @@ FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxp
         (
             "--profile-steps",
             str,
-            "A:B: write a JAX profiler trace of steps A to B to WORKDIR/profile",
+            "A:B: write a JAX profiler trace of steps A to B-1 (B excluded) to WORKDIR/profile",
         ),
         (
             "--dry-run",

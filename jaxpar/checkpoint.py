@@ -371,7 +371,9 @@ def describe(found: list[dict]) -> str:
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(description="List a jaxpar workdir's checkpoints.")
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxpar.checkpoint", description="List a jaxpar workdir's checkpoints."
+    )
     parser.add_argument("workdir")
     parser.add_argument(
         "--json", action="store_true", help="print a JSON list of every manifest, nothing else"

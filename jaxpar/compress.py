@@ -385,7 +385,9 @@ def check(args) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxpar.compress", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("workdir", type=Path, help="a train.py workdir with a checkpoint")
     parser.add_argument("--quantize", help=f"post-training: {', '.join(QUANTIZE)} or int8,bf16")
     parser.add_argument("--activations", help="int8: quantize layer inputs too (static scales)")

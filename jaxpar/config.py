@@ -42,7 +42,7 @@ class Config:
     eval_every: int = 0  # 0: once per epoch
     log_every: int = 10
     steps_per_dispatch: int = 1  # >1: that many steps in one program (lax.scan), for tiny models
-    grad_accum: int = 1  # microbatches per step, their gradients summed (a memory knob)
+    grad_accum: int = 1  # microbatches per step, their gradients averaged (a memory knob)
     remat: str = "none"  # "block": recompute each transformer block in the backward pass
     microbatches: int = 0  # pipeline microbatches per step (0: one per stage)
     pipeline: str = "gpipe"  # pipeline schedule: gpipe or circular:R
@@ -61,7 +61,7 @@ class Config:
     prune_start: int = 0  # step the sparsity starts rising
     prune_end: int | None = None  # step it reaches --prune-to (None: 3/4 of the run)
     qat: str | None = None  # "int8": quantization-aware training (`jaxpar.quantize`)
-    profile_steps: str | None = None  # "A:B": JAX profiler trace of steps A to B
+    profile_steps: str | None = None  # "A:B": JAX profiler trace of steps A to B-1
     dry_run: bool = False  # print the plan (placement, memory, collectives) and stop
     project: str | None = None  # with dry_run: CHIP[xN][:nodes=K], the step's time on that
     json: bool = False  # with dry_run: the plan as one JSON object

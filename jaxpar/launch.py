@@ -108,7 +108,9 @@ def stop(procs, grace: float = GRACE_S, signal_first: bool = True) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Run COMMAND as an N-process JAX job.")
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxpar.launch", description="Run COMMAND as an N-process JAX job."
+    )
     parser.add_argument("-n", "--num-processes", type=int, required=True)
     parser.add_argument("--port", type=int, default=None, help="coordinator port (default: free)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ...")

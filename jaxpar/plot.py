@@ -47,7 +47,9 @@ def plot(workdirs: list[Path], output: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Plot loss and accuracy of jaxpar workdirs.")
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxpar.plot", description="Plot loss and accuracy of jaxpar workdirs."
+    )
     parser.add_argument("workdirs", nargs="+", type=Path)
     parser.add_argument("-o", "--output", type=Path, default=Path("curves.png"))
     args = parser.parse_args(argv)

@@ -104,7 +104,9 @@ def predict(workdir, images: np.ndarray, mesh: str | None = None, batch_size: in
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxpar.predict", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("workdir", help="a workdir with a checkpoint (trained or imported)")
     parser.add_argument("--input", required=True, help=".npy of NHWC images (uint8 or float32)")
     parser.add_argument("--output", help="where to write the logits (.npy)")

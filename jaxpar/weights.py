@@ -445,7 +445,10 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Import PyTorch weights as a jaxpar checkpoint.")
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxpar.weights",
+        description="Import PyTorch weights as a jaxpar checkpoint.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="write FILE's weights to a new workdir (step 0)")
     imp.add_argument("file", help=".safetensors (preferred) or .pth/.pt state dict")

@@ -279,11 +279,22 @@ def test_fsdp_gathers_weights_inside_the_scan_and_keeps_the_batch_split():
 
 
 def test_dropout_masks_are_per_example():
-    apply, state = applier(dropout=0.2, attention_dropout=0.1)
+    """Each example's masks depend on its own key alone: compared exactly. The logits of a batch
+    and of its halves only to a tolerance: XLA's CPU matrix products round differently by batch
+    size, and differently on Intel and AMD (1.1e-6 apart on an Intel Xeon)."""
+    from models.dropout import dropout
+
     x, keys = images(), example_keys()
+    ones = jnp.ones((8, 5, 16))
+    for rate, salt in ((0.2, ()), (0.1, (3, 1))):
+        full = np.asarray(dropout(ones, rate, keys, *salt))
+        assert 0 < (full == 0).mean() < 0.5
+        for part in (slice(0, 4), slice(4, 8)):
+            np.testing.assert_array_equal(dropout(ones[part], rate, keys[part], *salt), full[part])
+    apply, state = applier(dropout=0.2, attention_dropout=0.1)
     full = apply(state, x, keys)
-    np.testing.assert_allclose(apply(state, x[:4], keys[:4]), full[:4], rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(apply(state, x[4:], keys[4:]), full[4:], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(apply(state, x[:4], keys[:4]), full[:4], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(apply(state, x[4:], keys[4:]), full[4:], rtol=1e-4, atol=1e-5)
     # Dropout is on: other keys give other outputs.
     assert not np.allclose(apply(state, x, jax.random.split(jax.random.key(1), 8)), full)
 
