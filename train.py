@@ -130,6 +130,12 @@ FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxp
     ],
     "observing": [
         ("--eval-every", int, "steps between evaluations (0: every epoch)"),
+        (
+            "--eval-examples",
+            int,
+            "evaluate on the first N examples of the test split (each source's of a mixture), "
+            "the same on every mesh; 0: no evaluation at all (None: the whole split)",
+        ),  # fmt: skip
         ("--log-every", int, "steps per training line of metrics.jsonl"),
         (
             "--profile-steps",

@@ -188,6 +188,7 @@ def refused(a: Feature, b: Feature) -> str | None:
     if reason := REFUSED.get(frozenset({a.name, b.name})):
         return reason
     if not families(a, b):
+        a, b = sorted((a, b), key=FEATURES.index)
         return f"no model family runs both ({a.name}: {', '.join(families(a))}; {b.name}: " \
                f"{', '.join(families(b))})"  # fmt: skip
     return None
@@ -230,7 +231,9 @@ def table() -> str:
     rows.append("")
     rows += [f"{i}. {r}." for i, r in enumerate(reasons, 1)]
     rows.append("")
-    rows += [f"Mesh axes: {name} on a {of} with {axis} > 1 is refused: {reason}."
+    rows.append("On some mesh axes:")
+    rows.append("")
+    rows += [f"- {name} on a {of} with {axis} > 1 is refused: {reason}."
              for (name, of, axis), reason in AXIS_REFUSED.items()]  # fmt: skip
     return "\n".join(rows)
 

@@ -40,6 +40,7 @@ class Config:
     keep: int = 3  # checkpoints kept
     restart: bool = False  # move a previous run in --workdir aside and start over
     eval_every: int = 0  # 0: once per epoch
+    eval_examples: int | None = None  # the first N of the test split (0: no evaluation)
     log_every: int = 10
     steps_per_dispatch: int = 1  # >1: that many steps in one program (lax.scan), for tiny models
     grad_accum: int = 1  # microbatches per step, their gradients averaged (a memory knob)
@@ -141,6 +142,8 @@ class Config:
             value = getattr(self, flag)
             need(value >= 0, f"--{flag.replace('_', '-')} must be >= 0, got {value}")
         need(self.keep >= 1, f"--keep must be at least 1, got {self.keep}")
+        need(self.eval_examples is None or self.eval_examples >= 0,
+             f"--eval-examples must be >= 0, got {self.eval_examples}")  # fmt: skip
         need(
             self.profile_steps is None or self.profile_range() is not None,
             f"--profile-steps must be A:B with 0 <= A < B, got {self.profile_steps!r}",

@@ -548,10 +548,10 @@ def eval_batch_size(batch_size: int, examples: int, rows: int = 1024) -> int:
     return batch_size * max(1, min(-(-examples // batch_size), rows // batch_size))
 
 
-def eval_batches(ds: Dataset, batch_size: int, mesh):
-    """The whole test split in batches; the last one is padded and masked, so each example counts
-    exactly once on every mesh."""
-    n = len(ds.test_labels)
+def eval_batches(ds: Dataset, batch_size: int, mesh, limit: int | None = None):
+    """The test split (its first `limit` examples) in batches; the last one is padded and masked,
+    so each example counts exactly once on every mesh."""
+    n = min(len(ds.test_labels), limit or len(ds.test_labels))
     padded = -(-n // batch_size) * batch_size
     mask = (np.arange(padded) < n).astype(np.float32)
     rows = np.minimum(np.arange(padded), n - 1)  # padding repeats the last row, masked out

@@ -393,7 +393,10 @@ def train(cfg: Config) -> dict:
         log.close()
     if first >= run.total:
         say(f"already at step {first} of {run.total}: pass a larger --steps or --epochs to go on")
-    if last_eval:
+    if cfg.eval_examples == 0:
+        say(f"trained to step {run.total} without evaluating (--eval-examples 0), "
+            f"{time.time() - start:.1f}s; workdir {workdir}")  # fmt: skip
+    elif last_eval:
         say(f"final test accuracy {last_eval['eval_accuracy']:.2%} (eval_loss "
             f"{last_eval['eval_loss']:.4f}) at step {last_eval['step']}, "
             f"{time.time() - start:.1f}s; workdir {workdir}")  # fmt: skip
@@ -423,9 +426,11 @@ def evaluation_batches(run: Run, ds=None):
     """``() -> batches`` of the test split (of `ds`, else the run's): built once and kept on the
     devices when the split is in host memory, else read again for each evaluation (ImageNet's
     50,000 crops are 7.5 GB)."""
-    ds = ds or run.ds
-    size = eval_batch_size(run.cfg.batch_size, len(ds.test_labels))
-    batches = partial(eval_batches, ds, size, run.mesh)
+    ds, limit = ds or run.ds, run.cfg.eval_examples
+    size = eval_batch_size(
+        run.cfg.batch_size, min(len(ds.test_labels), limit or len(ds.test_labels))
+    )
+    batches = partial(eval_batches, ds, size, run.mesh, limit)
     if isinstance(ds.test_images, np.ndarray):
         kept = list(batches())
         return lambda: kept
@@ -483,7 +488,7 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", prof
             profile.after(done, state)
             window.push(done, metrics)  # Sync point: reads the previous dispatch's metrics.
             bar.update(len(steps))
-            if done % eval_every == 0 or done == run.total:
+            if (done % eval_every == 0 or done == run.total) and cfg.eval_examples != 0:
                 window.flush()
                 with window.paused():
                     last_eval = log.write(done, **evaluate_parts(run.eval_step, state,

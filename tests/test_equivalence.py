@@ -17,9 +17,12 @@ def test_losses_match_one_device(model, optimizer, mesh):
     assert len(losses) == STEPS and np.all(np.isfinite(losses))
     assert np.ptp(reference) > 1e-3, "the loss must move, or the comparison proves nothing"
     np.testing.assert_allclose(losses, reference, rtol=2e-6, atol=2e-6)
-    # Parameters, optimizer state and BatchNorm statistics agree too.
+    # Parameters, optimizer state and BatchNorm statistics agree too. Adam divides each update
+    # by the root of its second moment: where that is tiny, the sum orders of other meshes move
+    # a weight by up to ~4e-5 (2.5e-5 seen on 2x4 on an AMD EPYC), not a sign of another run.
+    atol = 1e-4 if optimizer == "adamw" else 1e-5
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=atol)
 
 
 def test_seed_changes_the_run():
