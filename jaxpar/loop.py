@@ -241,6 +241,20 @@ def check_prune_schedule(saved: dict, run: "Run", step: int, directory) -> None:
         )
 
 
+def check_replicas(saved: dict, run: "Run", step: int, directory) -> None:
+    """A checkpoint with a model per replica (``--sync local:H``/``diloco:H``) resumes only on a
+    mesh with as many replicas (``data``); other axes may change."""
+    if getattr(run.mode, "replicas", None) is None:
+        return
+    before = parse_mesh(saved["mesh"]).data
+    if before != run.spec.data:
+        raise UserError(
+            f"checkpoint step {step} in {directory} holds {before} replicas (--sync "
+            f"{run.cfg.sync} on data={before}); this mesh has data={run.spec.data}: resume on a "
+            f"mesh with data={before} (fsdp and model may change)"
+        )
+
+
 def model_options(cfg: Config, spec: MeshSpec) -> dict:
     """The model arguments that flags and mesh set: the ViT's patch size, rematerialisation and
     how its layer stack runs (a pipeline schedule over the ``stage`` axis, or one scan)."""
@@ -292,6 +306,7 @@ def open_workdir(run: Run, start: float):
         check_fits(saved, run.identity(), step, ckpts.directory)
         check_optimizer_flags(saved, cfg, step, ckpts.directory)
         check_prune_schedule(saved, run, step, ckpts.directory)
+        check_replicas(saved, run, step, ckpts.directory)
         state = ckpts.restore(step, run.abstract, run.shardings)
     except UserError:
         ckpts.close()  # stops Orbax's threads now, not noisily at interpreter exit

@@ -145,6 +145,15 @@ def test_readers_of_one_model_refuse_a_model_per_replica_in_one_line(local4, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]  # nothing written
 
 
+def test_a_model_per_replica_resumes_only_on_as_many_replicas(local4, capsys):
+    """It once said "corrupt" and suggested --restart."""
+    cfg = Config(mesh="data=2", steps=12, sync="local:4", momentum=0.0, log_every=1,
+                 workdir=str(local4[3]))  # fmt: skip
+    with pytest.raises(jaxpar.UserError, match=r"holds 4 replicas \(--sync local:4 on data=4\); "
+                       r"this mesh has data=2: resume on a mesh with data=4"):  # fmt: skip
+        jaxpar.train(cfg)
+
+
 def read_evals(workdir):
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     return [x for x in lines if "eval_loss" in x]
