@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import functools
+import math
 import sys
 import time
 from functools import partial
@@ -442,9 +443,9 @@ def evaluation_batches(run: Run, ds=None):
     devices when the split is in host memory, else read again for each evaluation (ImageNet's
     50,000 crops are 7.5 GB)."""
     ds, limit = ds or run.ds, run.cfg.eval_examples
-    size = eval_batch_size(
-        run.cfg.batch_size, min(len(ds.test_labels), limit or len(ds.test_labels))
-    )
+    # A multiple of the batch shards: a federated run's --batch-size is unused and need not split.
+    unit = math.lcm(run.cfg.batch_size, run.spec.stage * run.spec.data * run.spec.fsdp)
+    size = eval_batch_size(unit, min(len(ds.test_labels), limit or len(ds.test_labels)))
     batches = partial(eval_batches, ds, size, run.mesh, limit)
     if isinstance(ds.test_images, np.ndarray):
         kept = list(batches())

@@ -244,3 +244,11 @@ def test_dp_fedavg_runs_end_to_end_and_the_mode_is_built_by_field(tmp_path, caps
     mode = fed_run("2x1", dp_clip=1.0, dp_noise=0.5)[0].mode
     assert (mode.rounds, mode.at_once, mode.dp_noise, mode.dp_clip) == (3, None, 0.5, 1.0)
     assert (mode.per_round, mode.local_batch, mode.shards) == (4, 16, 2)
+
+
+def test_clients_on_a_data_axis_that_does_not_divide_the_batch_size(tmp_path):
+    """--batch-size is unused by a federated run, so evaluation splits by the mesh instead (a
+    mesh of data=5 once crashed on the evaluation batches of 128 rows)."""
+    args = [*FED, "--clients", "5", "--rounds", "2", "--mesh", "data=5"]
+    assert cli.main([*args, "--workdir", str(tmp_path)]) == 0
+    assert [r["step"] for r in lines(tmp_path) if "eval_loss" in r] == [2]
