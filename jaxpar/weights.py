@@ -61,10 +61,15 @@ def read_tensors(path) -> dict[str, np.ndarray]:
     with open(path, "rb") as f:
         head = f.read(9)
     if len(head) == 9 and head[8:9] == b"{":  # safetensors: 8-byte header size, then JSON
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(path, framework="np") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+        try:
+            with safe_open(path, framework="np") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+        except (SafetensorError, OSError, ValueError) as e:  # truncated or corrupt
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+            raise UserError(f"{path} is a damaged .safetensors file ({first}); download or "
+                            "convert it again") from None  # fmt: skip
     elif head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save's zip archive, or a bare pickle
         tensors = _torch_state_dict(path)
     else:

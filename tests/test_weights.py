@@ -148,8 +148,14 @@ def bad_weights(tmp_path, resnet8):
     save_file({k: v for k, v in sd.items() if k != "layer1.0.bn1.weight"}, missing)
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "x").write_text("mine")
+    data = Path(resnet8["file"]).read_bytes()
+    truncated, scrambled = tmp_path / "truncated.safetensors", tmp_path / "scrambled.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    scrambled.write_bytes(data[:8] + b"{" + b"\xff" * 64 + data[73:])  # a header that is no JSON
     args = ["import", str(resnet8["file"]), "--model"]
     return {
+        ("import", str(truncated), "--model", "resnet8"): "is a damaged .safetensors file",
+        ("import", str(scrambled), "--model", "resnet8"): "is a damaged .safetensors file",
         ("import", str(text), "--model", "resnet8"): "neither a .safetensors file nor",
         ("import", str(missing), "--model", "resnet8"): "missing (layer1.0.bn1.weight)",
         (*args, "resnet8", "--image-shape", "64x64x1"): "conv1.weight has shape (16, 1, 3, 3)",
@@ -181,12 +187,15 @@ def test_a_pickle_without_torch_says_how_to_convert(tmp_path, resnet8, monkeypat
 def test_bad_init_from_and_freeze_exit_2(tmp_path, resnet8, capsys):
     empty = tmp_path / "empty"
     (empty / "checkpoints").mkdir(parents=True)
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(Path(resnet8["file"]).read_bytes()[:200])
     cases = {
         ("--init-from", str(tmp_path / "nothing")): "does not exist",
         ("--init-from", str(tmp_path)): "has no checkpoints/ folder",
         ("--init-from", str(empty), "--model", "resnet8"): "holds no complete checkpoint",
         ("--init-from", str(resnet8["workdir"])): "holds resnet8 weights, not --model mlp",
         ("--freeze", "something"): "invalid choice: 'something'",
+        ("--init-from", str(damaged), "--model", "resnet8"): "is a damaged .safetensors file",
     }
     for argv, message in cases.items():
         workdir = tmp_path / "w"
