@@ -83,13 +83,20 @@ _CALLS = re.compile(r"\b(body|calls|to_apply|true_computation|false_computation)
 _TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
+# The train state's parts (`jaxpar.checkpoint.ITEMS`) as the plan counts them: a DiLoCo run's
+# global copy or stale SGD's ring of old models ("held"), DiLoCo's outer momentum, a teacher.
+PARTS = {0: "params", 1: "optimizer", 2: "held", 3: "outer_optimizer", 4: "teacher"}
+LABELS = {"held": "held models (DiLoCo's global copy, stale SGD's ring)",
+          "outer_optimizer": "outer optimizer state", "teacher": "teacher"}  # fmt: skip
+
+
 def plan(cfg: Config) -> dict:
     from jaxpar.loop import setup  # the same mesh, shardings and step as a real run
 
     run = setup(cfg.validate())
     sizes = dict(run.mesh.shape)
     abstract = run.abstract
-    rows, totals = [], {"params": 0, "optimizer": 0}
+    rows, totals = [], {"params": 0, "optimizer": 0}  # and the other parts a run's state holds
     per_stage = {"params": 0, "layer_stack": 0}  # what one stage holds, over its devices
     for (path, a), (_, s) in zip(
         jax.tree_util.tree_leaves_with_path(abstract),
@@ -99,7 +106,8 @@ def plan(cfg: Config) -> dict:
         ways = math.prod(sizes[ax] for entry in s.spec if entry for ax in np.atleast_1d(entry))
         per_device = a.size * a.dtype.itemsize // ways
         key = path_str(path)
-        totals["params" if key.startswith("0/") else "optimizer"] += per_device
+        part = PARTS[int(key.split("/")[0])]
+        totals[part] = totals.get(part, 0) + per_device
         if key.startswith("0/"):
             staged = "stage" in str(s.spec)
             held = a.size * a.dtype.itemsize // (sizes["stage"] if staged else 1)
@@ -195,7 +203,9 @@ def format_plan(p: dict) -> str:
     lines += [
         "",
         "per device: parameters " + _mib(d["params"]) + ", optimizer state "
-        + _mib(d["optimizer"]) + ", compiled step peak " + _mib(d["compiled_peak"])
+        + _mib(d["optimizer"])
+        + "".join(f", {label} {_mib(d[k])}" for k, label in LABELS.items() if k in d)
+        + ", compiled step peak " + _mib(d["compiled_peak"])
         + f" (temporaries {_mib(d['compiled_temporaries'])})",
         "collectives per step (per device): "
         + (", ".join(f"{k} x{v['count']} ({_mib(v['bytes'])})" for k, v in

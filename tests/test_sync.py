@@ -91,6 +91,17 @@ def test_comm_bytes_per_step_fall_by_h(every_step, local4):
     assert "comm_bytes_per_step" not in every_step[1]  # every-step lines keep their schema
 
 
+def test_the_plan_counts_held_models_apart_from_the_optimizer_state():
+    """--dry-run once counted stale SGD's ring and DiLoCo's global copy as optimizer state."""
+    base = {"mesh": "data=4", "steps": 8, "momentum": 0.0}
+    every = plan(Config(**base))["per_device"]
+    stale = plan(Config(**base, sync="stale:2"))["per_device"]
+    diloco = plan(Config(**base, sync="diloco:2"))["per_device"]
+    assert every.keys() >= {"params", "optimizer"} and "held" not in every
+    assert stale["held"] == 2 * every["params"] and stale["optimizer"] == every["optimizer"]
+    assert diloco["held"] == every["params"] and diloco["outer_optimizer"] == every["params"]
+
+
 def test_resume_mid_round_on_another_mesh_equals_uninterrupted(tmp_path):
     flags = {"sync": "diloco:4", "momentum": 0.9}  # outer and inner momentum in the checkpoint
     whole = train(tmp_path / "whole", steps=10, **flags)
