@@ -298,10 +298,11 @@ def model_crosses_hosts(mesh: Mesh) -> str | None:
     )
 
 
-def draw_mesh(mesh: Mesh) -> str:
+def draw_mesh(mesh: Mesh, most: int = 16) -> str:
     """A picture of the mesh: device ids at their coordinates (and process ids if several).
 
-    Rows are (stage, data, fsdp) coordinates, columns are model coordinates.
+    Rows are (stage, data, fsdp) coordinates, columns are model coordinates; past `most` rows
+    or columns, the first and last few with a count of those left out between.
     """
     ids = np.vectorize(lambda d: d.id)(mesh.devices)
     procs = np.vectorize(lambda d: d.process_index)(mesh.devices)
@@ -311,11 +312,29 @@ def draw_mesh(mesh: Mesh) -> str:
     noun = "device" if ids.size == 1 else "devices"
     lines = [f"mesh {head} ({ids.size} {mesh.devices.flat[0].platform} {noun})"]
     label = "stage,data,fsdp"
-    cells = [f"model={m}" for m in range(sizes["model"])]
+    columns = _shown(sizes["model"], most)
+    cells = [f"model={m}" if m is not None else "..." for m in columns]
     width = max(len(c) for c in cells)
     lines.append(f"{label:>15}  " + "  ".join(c.rjust(width) for c in cells))
-    for row in np.ndindex(*ids.shape[:-1]):
-        cells = [str(ids[row][m]) + (f" p{procs[row][m]}" if many else "") for m in
-                 range(sizes["model"])]  # fmt: skip
+    rows = list(np.ndindex(*ids.shape[:-1]))
+    for i in _shown(len(rows), most):
+        if i is None:
+            lines.append(f"{'...':>15}  ({len(rows) - most} rows more)")
+            continue
+        row = rows[i]
+        cells = ["..." if m is None else str(ids[row][m]) + (f" p{procs[row][m]}" if many else "")
+                 for m in columns]  # fmt: skip
         lines.append(f"{','.join(map(str, row)):>15}  " + "  ".join(c.rjust(width) for c in cells))
     return "\n".join(lines)
+
+
+def _shown(n: int, most: int) -> list:
+    """The indices of `n` rows to draw: all of them, or past `most` the first and last halves of
+    `most` with None for those left out between.
+
+    >>> _shown(3, 16), _shown(6, 4)
+    ([0, 1, 2], [0, 1, None, 4, 5])
+    """
+    if n <= most:
+        return list(range(n))
+    return [*range(most // 2), None, *range(n - most // 2, n)]

@@ -143,3 +143,12 @@ def test_emulated_cpu_devices_are_capped_only_where_the_cpu_computes(platforms, 
 def test_multi_host_layout_in_one_process_points_to_the_launcher():
     with pytest.raises(jaxpar.UserError, match="python -m jaxpar.launch -n 2 -- python train.py"):
         make_mesh(parse_mesh("hosts2-hybrid"))
+
+
+def test_a_large_mesh_is_drawn_in_summary():
+    """A 2,048-device mesh once printed 2,048 rows: past `most`, the first and last few."""
+    rows = draw_mesh(make_mesh(parse_mesh("8")), most=4).splitlines()
+    assert len(rows) == 2 + 5 and rows[4].split() == ["...", "(4", "rows", "more)"]
+    assert [r.split()[-1] for r in rows[2:]] == ["0", "1", "more)", "6", "7"]
+    columns = draw_mesh(make_mesh(parse_mesh("1x8")), most=4).splitlines()[1].split()
+    assert columns[1:] == ["model=0", "model=1", "...", "model=6", "model=7"]
