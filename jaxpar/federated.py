@@ -165,6 +165,7 @@ class Federated(Mode):
     rounds: int = 0  # of the run (for the privacy budget)
 
     period = 0  # no sync program: the round is the step
+    unit = "round"  # what the printed progress counts
     sync = None
 
     @property

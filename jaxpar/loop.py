@@ -573,7 +573,8 @@ def progress(bar, run: Run, step: int, loss: float, line: dict) -> None:
     bar.set_postfix(loss=f"{loss:.4f}", acc=f"{line['eval_accuracy']:.4f}")
     if bar.disable:
         say(
-            f"step {step}/{run.total} epoch {step / run.per_epoch:.2f} train_loss {loss:.4f} "
+            f"{run.mode.unit} {step}/{run.total} epoch {step / run.per_epoch:.2f} train_loss "
+            f"{loss:.4f} "
             f"eval_loss {line['eval_loss']:.4f} eval_accuracy {line['eval_accuracy']:.4f}"
         )
 

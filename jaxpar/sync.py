@@ -108,6 +108,8 @@ def param_mask(abstract) -> dict:
 class Mode:
     """What a run's mode decides besides its step; here, what every `--sync` mode shares."""
 
+    unit = "step"  # what the printed progress counts (a federated run's: rounds)
+
     def optimizer(self, cfg, total: int) -> optax.GradientTransformation:
         """The optimizer the state holds (a schedule over `total` steps)."""
         return make_optimizer(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,

@@ -241,6 +241,7 @@ def test_dp_fedavg_runs_end_to_end_and_the_mode_is_built_by_field(tmp_path, caps
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "privacy: epsilon" in out and "after 3 rounds" in out, out
+    assert "round 3/3 epoch" in out and "step 3/3" not in out, out  # it counts rounds
     mode = fed_run("2x1", dp_clip=1.0, dp_noise=0.5)[0].mode
     assert (mode.rounds, mode.at_once, mode.dp_noise, mode.dp_clip) == (3, None, 0.5, 1.0)
     assert (mode.per_round, mode.local_batch, mode.shards) == (4, 16, 2)
