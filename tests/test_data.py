@@ -327,7 +327,8 @@ def test_in_memory_test_splits_stay_on_the_devices_streamed_ones_are_read_again(
 
     mesh = make_mesh(parse_mesh("2"))
     for ds, kept in [(digits(), True), (load_dataset("synthetic:4x4x1:3"), False)]:
-        run = SimpleNamespace(ds=ds, cfg=SimpleNamespace(batch_size=500), mesh=mesh)
+        cfg = SimpleNamespace(batch_size=500, eval_examples=None)
+        run = SimpleNamespace(ds=ds, cfg=cfg, mesh=mesh, spec=parse_mesh("2"))
         batches = evaluation_batches(run)
         first, again = batches(), batches()
         assert (first is again) == kept  # the same device arrays, or a fresh read
