@@ -13,6 +13,7 @@ from jaxpar.config import Config
 from jaxpar.distributed import job_size, join, peer_lost
 from jaxpar.errors import Diverged, Preempted, UserError
 from jaxpar.mesh import check_batch_spec, check_hosts, parse_mesh, request_devices, set_xla_flags
+from jaxpar.step import OPTIMIZERS
 from models import RECIPES, recipe_for
 
 FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxpar.Config
@@ -89,10 +90,13 @@ FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxp
         ("--epochs", int, "passes over the training set"),
         ("--steps", int, "optimizer steps in all (overrides --epochs)"),
         ("--batch-size", int, "global batch size, over all devices and processes"),
-        ("--optimizer", ["sgd", "adamw"], "optimizer"),
+        ("--optimizer", list(OPTIMIZERS), "optimizer (optax's; muon: optax.contrib's)"),
         ("--lr", float, "(peak) learning rate; federated: the clients' SGD rate"),
         ("--momentum", float, "SGD momentum"),
-        ("--weight-decay", float, "weight decay (coupled L2 for SGD, decoupled for AdamW)"),
+        ("--weight-decay", float, "weight decay (coupled L2 for SGD, decoupled for the others)"),
+        ("--clip-grad-norm", float, "scale gradients to at most this global norm"),
+        ("--label-smoothing", float, "train against labels smoothed by this much"),
+        ("--ema", float, "also evaluate and save a moving average of the weights, this decay"),
         ("--schedule", ["constant", "cosine"], "learning-rate schedule"),
         ("--warmup-steps", int, "linear warmup steps"),
         ("--seed", int, "seed of initialisation, data order and dropout"),

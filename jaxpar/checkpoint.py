@@ -41,10 +41,10 @@ from models import REVISIONS, revision
 # Fields of the manifest that define the run: a checkpoint resumes only into the same ones.
 IDENTITY = ("model", "dataset", "image_shape", "num_classes", "batch_size", "optimizer", "seed",
             "patch_size", "sync", "revision", "freeze", "prune_to", "qat", "federated",
-            "teacher")  # fmt: skip
+            "teacher", "ema")  # fmt: skip
 # What a manifest written before a field existed means by its absence.
 ABSENT = {"revision": 1, "freeze": None, "prune_to": None, "qat": None, "federated": None,
-          "teacher": None}  # fmt: skip
+          "teacher": None, "ema": False}  # fmt: skip
 # The layout of the saved state. 2: the optimizer state always holds a step count (schedules).
 FORMAT = 2
 

@@ -107,6 +107,8 @@ FEATURES = [
             off={}),
     Feature("mixture", "--dataset A=S,B=S (mixture)", lambda c: "=" in c.dataset,
             {"dataset": "synthetic:8x8x1:10=0.75,synthetic:8x8x1:5=0.25"}),
+    # The average never changes the training: on, the losses are the run's without it.
+    Feature("ema", "--ema DECAY", lambda c: c.ema is not None, {"ema": 0.9}, off={}),
 ]  # fmt: skip
 BY_NAME = {f.name: f for f in FEATURES}
 
@@ -129,6 +131,12 @@ REFUSED = {  # {feature, feature} -> why the two do not run together
     **{frozenset({"prune", s}): "each replica ranks and masks its own weights, so their "
                                 "average is dense again; prune with every-step or stale sync"
        for s in ("local", "diloco")},
+    **{frozenset({"ema", s}): "each replica would average its own weights, and evaluation "
+                              "sees the replicas' mean; average with every-step or stale sync"
+       for s in ("local", "diloco")},
+    frozenset({"ema", "federated"}): _ROUND + "; the server's model is the round's average",
+    frozenset({"ema", "prune"}): "the average of weights on their way to a mask is dense; "
+                                 "prune without --ema",
     frozenset({"prune", "freeze"}): "the frozen backbone would lose weights it can no longer "
                                     "retrain; prune without --freeze, or prune the trained run "
                                     "with python -m jaxpar.compress",

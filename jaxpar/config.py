@@ -31,6 +31,9 @@ class Config:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.0
+    clip_grad_norm: float | None = None  # gradients scaled to at most this global norm
+    label_smoothing: float = 0.0  # the training loss's targets: 1 - E on the label, E/classes
+    ema: float | None = None  # decay of a moving average of the weights, evaluated and saved
     schedule: str = "constant"
     warmup_steps: int = 0
     seed: int = 0
@@ -90,6 +93,7 @@ class Config:
         from jaxpar.mixture import LABELS, is_mixture, parse, rows_per_batch
         from jaxpar.pipeline import parse_pipeline
         from jaxpar.quantize import QAT
+        from jaxpar.step import OPTIMIZERS
         from jaxpar.sync import parse_sync
         from models import MODELS
 
@@ -126,11 +130,27 @@ class Config:
         need(self.steps is None or self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
         need(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         need(self.data_workers >= 0, f"--data-workers must be >= 0, got {self.data_workers}")
-        need(self.optimizer in ("sgd", "adamw"), f"unknown optimizer '{self.optimizer}'")
+        need(
+            self.optimizer in OPTIMIZERS,
+            f"unknown optimizer '{self.optimizer}'; choose from {', '.join(OPTIMIZERS)}",
+        )
         need(0 < self.lr < math.inf, f"--lr must be positive and finite, got {self.lr}")
         need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
         need(0 <= self.weight_decay < math.inf,
              f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")  # fmt: skip
+        need(
+            self.clip_grad_norm is None or 0 < self.clip_grad_norm < math.inf,
+            f"--clip-grad-norm must be positive and finite, got {self.clip_grad_norm}",
+        )
+        need(0 <= self.label_smoothing < 1,
+             f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")  # fmt: skip
+        need(self.ema is None or 0 <= self.ema < 1,
+             f"--ema must be a decay in [0, 1), got {self.ema}")  # fmt: skip
+        need(self.optimizer == "sgd" or self.momentum == Config.momentum,
+             f"--momentum is SGD's; --optimizer {self.optimizer} keeps its own moments, so "
+             "--momentum would change nothing")  # fmt: skip
+        need(self.optimizer != "adam" or not self.weight_decay, "--optimizer adam has no weight "
+             "decay; use --optimizer adamw for decoupled decay")  # fmt: skip
         need(self.schedule in ("constant", "cosine"), f"unknown schedule '{self.schedule}'")
         need(
             0 <= self.seed < 2**32,
@@ -220,6 +240,9 @@ class Config:
             Config.distill_temperature, Config.distill_weight)  # fmt: skip
         need(self.teacher is not None or not distill, "--distill-temperature and "
              "--distill-weight go with --teacher; without it they change nothing")  # fmt: skip
+        need(self.teacher is None or not self.label_smoothing, "--label-smoothing with --teacher: "
+             "the teacher's soft targets take its place; use --distill-temperature and "
+             "--distill-weight")  # fmt: skip
         changes = {}
         if self.project is not None and self.mesh is None:  # all the chips on the data axis
             changes["mesh"] = str(chips)
@@ -268,6 +291,14 @@ class Config:
         need(self.schedule == "constant" and self.warmup_steps == 0, "--schedule and "
              "--warmup-steps do not apply to federated runs (--clients): the clients train at a "
              "constant --lr; the server's rate is --server-lr")  # fmt: skip
+        given = [flag for flag, on in (
+            ("--optimizer", self.optimizer != "sgd"), ("--momentum", self.momentum != 0.9),
+            ("--weight-decay", self.weight_decay != 0), ("--clip-grad-norm",
+             self.clip_grad_norm is not None), ("--label-smoothing", self.label_smoothing != 0),
+        ) if on]  # fmt: skip
+        need(not given, f"{given[0] if given else ''} does not apply to federated runs "
+             "(--clients): the clients train with plain SGD at --lr; the server's optimizer is "
+             "--server-optimizer")  # fmt: skip
 
     def federated(self) -> dict | None:
         """The settings a federated checkpoint must match to resume (None: not federated)."""

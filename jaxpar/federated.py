@@ -285,10 +285,11 @@ class Federated(Mode):
         return {k: jax.ShapeDtypeStruct(s, dtypes[k], sharding=batch_sharding(mesh, len(s)))
                 for k, s in shapes.items()}  # fmt: skip
 
-    def step(self, state, batch, *, graphdef, keys, prepare, accum=1):
+    def step(self, state, batch, *, graphdef, keys, prepare, accum=1, loss=None):
         """One round: every slot trains locally from the global model, the server sums what
         they send (`sum_over_slots`), takes the mean (`finish`) and applies it through its
-        optimizer."""
+        optimizer. The clients' loss is their own (`loss` unused: the config refuses
+        --label-smoothing for federated runs)."""
         model, server = nnx.merge(graphdef, state)
         rnd = server.step[...]
         graph, start, rest = nnx.split(model, nnx.Param, ...)

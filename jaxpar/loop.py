@@ -39,11 +39,14 @@ from jaxpar.step import (
     abstract_state,
     all_finite,
     compile_steps,
+    ema_view,
     frozen,
     head_paths,
     init_state,
+    loss_fn,
     make_schedule,
     under_mesh,
+    with_ema,
 )
 from jaxpar.sync import mode_for, param_mask
 from jaxpar.weights import starting_from
@@ -91,6 +94,7 @@ class Run:
     mode: object  # `jaxpar.sync.Mode`: how replicas agree, or federated rounds
     sync: object  # the mode's jitted every-H-steps program, or None
     batches: object  # plan -> the device batch of each dispatch (`jaxpar.sync.Mode.batches`)
+    ema_eval_step: object = None  # the eval step on the weights' moving average (--ema)
 
     def comm_bytes_per_step(self, train_program, steps: int) -> float:
         """Collective bytes per optimizer step and device, from the compiled programs: a
@@ -154,6 +158,7 @@ class Run:
             "qat": c.qat,
             "teacher": c.teacher,
             "federated": c.federated(),
+            "ema": c.ema is not None,  # the average rides in the optimizer state
         }
 
     @property
@@ -189,6 +194,8 @@ def setup(cfg: Config) -> Run:
     if cfg.prune_to is not None:  # masks in the optimizer state, applied after every update
         end, roles = prune_end(cfg, total), weight_roles(params)
         tx = optax.chain(tx, magnitude_pruning(cfg.prune_to, cfg.prune_start, end, roles))
+    if cfg.ema is not None:  # outermost: the average of the parameters every update gives
+        tx = with_ema(tx, cfg.ema)
     graphdef, abstract = abstract_state(model_fn, tx, cfg.seed)
     base, replicated = state_shardings(abstract, mesh)
     plain, mask = nnx.to_pure_dict(abstract), param_mask(abstract)
@@ -203,9 +210,13 @@ def setup(cfg: Config) -> Run:
         abstract, shardings, init, step = with_teacher(load_teacher(cfg, ds, mesh), abstract,
                                                        shardings, init, step)  # fmt: skip
     ndim = 1 + len(ds.image_shape)
+    loss = partial(loss_fn, smoothing=cfg.label_smoothing) if cfg.label_smoothing else loss_fn
     compile = partial(compile_steps, graphdef, shardings, mesh, cfg.seed, ndim, preprocess(ds),
                       accum=cfg.grad_accum, step=step, view=mode.view,
-                      batch_ndims=mode.batch_ndims(ndim))  # fmt: skip
+                      batch_ndims=mode.batch_ndims(ndim), loss=loss)  # fmt: skip
+    ema_eval = None
+    if cfg.ema is not None:
+        ema_eval = compile(view=lambda state: ema_view(mode.view(state)))[1]
     sync = None
     if mode.sync is not None:  # every H steps, its own program: the loop calls it (`synced`)
         sync = jax.jit(under_mesh(mode.sync, mesh), in_shardings=(shardings,),
@@ -215,7 +226,7 @@ def setup(cfg: Config) -> Run:
                       workers=cfg.data_workers)  # fmt: skip
     return Run(
         cfg, spec, mesh, ds, per_epoch, total, schedule, init, abstract, shardings, replicated,
-        *compile(), compile(stacked=True)[0], compile, mode, sync, batches,
+        *compile(), compile(stacked=True)[0], compile, mode, sync, batches, ema_eval,
     )  # fmt: skip
 
 
@@ -372,6 +383,16 @@ def evaluate_parts(eval_step, state, parts: dict) -> dict:
     return out
 
 
+def evaluations(run: Run, state, parts: dict) -> dict:
+    """`evaluate_parts` of the model, and of its weights' moving average (``ema_eval_loss``,
+    ``ema_eval_accuracy``...) with ``--ema``."""
+    out = evaluate_parts(run.eval_step, state, parts)
+    if run.ema_eval_step is not None:
+        ema = evaluate_parts(run.ema_eval_step, state, parts)
+        out.update({f"ema_{k}": v for k, v in ema.items()})
+    return out
+
+
 def train(cfg: Config) -> dict:
     """Train as `cfg` says; returns the last evaluation line (also in ``metrics.jsonl``)."""
     start = time.time()
@@ -413,8 +434,10 @@ def train(cfg: Config) -> dict:
         say(f"trained to step {run.total} without evaluating (--eval-examples 0), "
             f"{time.time() - start:.1f}s; workdir {workdir}")  # fmt: skip
     elif last_eval:
+        ema = (f"; its weights' moving average {last_eval['ema_eval_accuracy']:.2%}"
+               if "ema_eval_accuracy" in last_eval else "")  # fmt: skip
         say(f"final test accuracy {last_eval['eval_accuracy']:.2%} (eval_loss "
-            f"{last_eval['eval_loss']:.4f}) at step {last_eval['step']}, "
+            f"{last_eval['eval_loss']:.4f}) at step {last_eval['step']}{ema}, "
             f"{time.time() - start:.1f}s; workdir {workdir}")  # fmt: skip
     return last_eval
 
@@ -507,8 +530,7 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", prof
             if (done % eval_every == 0 or done == run.total) and cfg.eval_examples != 0:
                 window.flush()
                 with window.paused():
-                    last_eval = log.write(done, **evaluate_parts(run.eval_step, state,
-                                                                 eval_data()))  # fmt: skip
+                    last_eval = log.write(done, **evaluations(run, state, eval_data()))
                 progress(bar, run, done, window.shown(), last_eval)
             signum = stop.agreed(window)  # in a job, the same in every process
             final = done == run.total or bool(signum)

@@ -160,6 +160,8 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh):
         names = var.get_metadata().get("out_sharding")
         # Optimizer state repeats its parameter's names: report each parameter once.
         report = None if isinstance(var, nnx.OptState) else replicated
+        if report is None and names is not None and len(names) != len(var.shape):
+            names = None  # Adafactor's factored moments (a row, a column): small, replicated
         spec = partition_spec(names, var.shape, mesh, path_str(path), report)
         return NamedSharding(mesh, spec)
 

@@ -12,6 +12,7 @@ objects for every output on every call (about 80 us per step here).
 
 import functools
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,9 @@ def make_schedule(lr=0.01, schedule="constant", warmup_steps=0, total_steps=1):
     return optax.constant_schedule(lr)
 
 
+OPTIMIZERS = ("sgd", "adamw", "adam", "lion", "adafactor", "muon")
+
+
 def make_optimizer(
     name="sgd",
     lr=0.01,
@@ -42,28 +46,110 @@ def make_optimizer(
     schedule="constant",
     warmup_steps=0,
     total_steps=1,
+    clip_grad_norm=None,
 ):
-    """SGD with momentum (PyTorch's form: v = m*v + g; p -= lr*v) or AdamW, optionally with
-    linear warmup and cosine decay.
+    """An optax optimizer from `OPTIMIZERS`, optionally with linear warmup and cosine decay and
+    the gradient clipped to a global norm first (``--clip-grad-norm``, as PyTorch's
+    ``clip_grad_norm_``).
 
-    The optimizer state has the same structure whatever the weight decay, schedule and warmup
-    (the learning rate is always a schedule, so a step count is always kept), so a run resumes
-    with those changed. Only SGD's momentum buffer exists or not with ``momentum > 0``.
+    SGD has momentum in PyTorch's form (v = m*v + g; p -= lr*v) and coupled L2 weight decay;
+    AdamW, Lion and Muon decay decoupled; Adafactor (optax's defaults: factored second moments,
+    no momentum) scales its decay rate by the learning rate; Adam has none. Muon orthogonalises
+    the updates of 2-D weights and gives the others Adam (optax's `contrib.muon`).
+
+    The optimizer state has the same structure whatever the weight decay, clipping, schedule
+    and warmup (the learning rate is always a schedule, so a step count is always kept), so a
+    run resumes with those changed. Only SGD's momentum buffer exists or not with
+    ``momentum > 0``.
 
     >>> import jax.numpy as jnp
     >>> params = {"w": jnp.zeros(2)}
     >>> a = make_optimizer().init(params)
-    >>> b = make_optimizer(weight_decay=1e-4, schedule="cosine", warmup_steps=5, total_steps=9)
-    >>> b = b.init(params)
+    >>> b = make_optimizer(weight_decay=1e-4, schedule="cosine", warmup_steps=5, total_steps=9,
+    ...                    clip_grad_norm=1.0).init(params)
     >>> jax.tree.structure(a) == jax.tree.structure(b)
     True
     """
     lr = make_schedule(lr, schedule, warmup_steps, total_steps)
-    if name == "adamw":
-        return optax.adamw(lr, weight_decay=weight_decay)
-    # Coupled L2 as in torch.optim.SGD(weight_decay=...); identity keeps the same (empty) state.
-    decay = optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity()
-    return optax.chain(decay, optax.sgd(lr, momentum=momentum or None))
+    decay = weight_decay or 0.0
+    tx = {
+        "adamw": lambda: optax.adamw(lr, weight_decay=decay),
+        "adam": lambda: optax.adam(lr),
+        "lion": lambda: optax.lion(lr, weight_decay=decay),
+        "adafactor": lambda: optax.adafactor(lr, weight_decay_rate=decay or None),
+        "muon": lambda: optax.contrib.muon(lr, weight_decay=decay, adam_weight_decay=decay),
+        # Coupled L2 as in torch.optim.SGD(weight_decay=...); identity keeps the same state.
+        "sgd": lambda: optax.chain(
+            optax.add_decayed_weights(decay) if decay else optax.identity(),
+            optax.sgd(lr, momentum=momentum or None),
+        ),
+    }[name]()
+    return clipped(tx, clip_grad_norm) if clip_grad_norm else tx
+
+
+def clipped(tx, max_norm: float):
+    """`tx` on gradients scaled to a global norm of at most `max_norm`. Stateless, so `tx`'s
+    state keeps its structure: a run may resume with clipping changed.
+
+    >>> import jax.numpy as jnp
+    >>> tx = clipped(optax.sgd(1.0), 1.0)
+    >>> params = {"w": jnp.zeros(2)}
+    >>> tx.update({"w": jnp.array([3.0, 4.0])}, tx.init(params), params)[0]["w"].tolist()
+    [-0.6000000238418579, -0.800000011920929]
+    """
+    clip = optax.clip_by_global_norm(max_norm)
+
+    def update(updates, state, params=None, **extra):
+        updates, _ = clip.update(updates, clip.init(params))
+        return tx.update(updates, state, params, **extra)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
+class Averaged(NamedTuple):
+    """`with_ema`'s state: the wrapped optimizer's, and the parameters' moving average."""
+
+    inner: optax.OptState
+    ema: optax.Params
+
+
+def with_ema(tx, decay: float):
+    """`tx` that also keeps an exponential moving average of the parameters it updates:
+    ``ema = decay * ema + (1 - decay) * params`` after every step, from the initial parameters
+    (``--ema DECAY``). It lives in the optimizer state (``opt_state/ema`` of the state's part
+    1), so it is sharded like the parameters, saved with them and restored on any mesh; it
+    never changes the training. `ema_view` evaluates it.
+
+    >>> import jax.numpy as jnp
+    >>> tx = with_ema(optax.sgd(1.0), decay=0.5)
+    >>> params = {"w": jnp.zeros(1)}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.ones(1)}, state, params)  # params -> -1
+    >>> state.ema["w"].tolist()
+    [-0.5]
+    """
+
+    def init(params):
+        return Averaged(tx.init(params), jax.tree.map(jnp.copy, params))
+
+    def update(updates, state, params=None, **extra):
+        updates, inner = tx.update(updates, state.inner, params, **extra)
+        new = optax.apply_updates(params, updates)
+        return updates, Averaged(inner, optax.incremental_update(new, state.ema, 1 - decay))
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def ema_view(state: dict) -> dict:
+    """``{0: model, 1: optimizer}`` with the model's parameters replaced by their moving
+    average (`with_ema`); BatchNorm statistics stay the live model's."""
+
+    def overlay(model, ema):
+        if not isinstance(ema, dict):
+            return ema
+        return {k: overlay(v, ema[k]) if k in ema else v for k, v in model.items()}
+
+    return {0: overlay(state[0], state[1]["opt_state"]["ema"]), 1: state[1]}
 
 
 def head_paths(params: nnx.State) -> frozenset[str]:
@@ -157,8 +243,14 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
-def cross_entropy(logits, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+def cross_entropy(logits, labels, smoothing: float = 0.0):
+    """Cross-entropy against integer labels, or against labels smoothed to ``1 - smoothing``
+    on the true class and ``smoothing / classes`` spread over all (``--label-smoothing``, as
+    PyTorch's ``CrossEntropyLoss(label_smoothing=...)``)."""
+    if not smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
 
 
 def step_inputs(step, batch, keys, prepare):
@@ -171,9 +263,9 @@ def step_inputs(step, batch, keys, prepare):
     return images, labels, example_keys
 
 
-def loss_fn(model, images, labels, keys):
+def loss_fn(model, images, labels, keys, smoothing: float = 0.0):
     logits = model(images, train=True, rngs=keys)
-    return cross_entropy(logits, labels).mean()
+    return cross_entropy(logits, labels, smoothing).mean()
 
 
 def gradients(model, data, accum: int = 1, loss=loss_fn):
@@ -183,13 +275,13 @@ def gradients(model, data, accum: int = 1, loss=loss_fn):
     return accumulate(loss, model, data, accum)
 
 
-def train_step(state, batch, *, graphdef, keys, prepare, accum: int = 1, teacher=None):
+def train_step(state, batch, *, graphdef, keys, prepare, accum=1, loss=loss_fn, teacher=None):
     """One optimizer step. Random keys depend on (seed, step, example position) only, never on
     the mesh or on `accum`: the gradient of ``accum`` microbatches is that of the whole batch.
     With a `teacher` (`jaxpar.distill`), its logits on the same inputs join the data and the
     loss is the distillation loss; its parameters, ``state[4]``, pass through unchanged."""
     model, optimizer = nnx.merge(graphdef, {0: state[0], 1: state[1]})
-    data, loss = step_inputs(optimizer.step[...], batch, keys, prepare), loss_fn
+    data = step_inputs(optimizer.step[...], batch, keys, prepare)
     if teacher is not None:
         data, loss = (*data, teacher.logits(state[4], data[0])), teacher.loss
     loss, grads = gradients(model, data, accum, loss)
@@ -299,6 +391,7 @@ def compile_steps(
     step=train_step,
     view=None,
     batch_ndims=None,
+    loss=loss_fn,
 ):
     """``(train_step, eval_step)`` jitted with explicit in/out shardings.
 
@@ -309,14 +402,15 @@ def compile_steps(
     (see `with_signals`). `accum`: the batch is processed as that many microbatches
     (`accumulate`). `step` is one optimizer step, `view(state)` the ``{0: model, 1: optimizer}``
     that evaluation sees: a `jaxpar.sync` mode's (default: `train_step` and the state itself);
-    `batch_ndims` the dimensions of each array of the mode's batch (default: image and label).
+    `batch_ndims` the dimensions of each array of the mode's batch (default: image and label);
+    `loss(model, images, labels, example_keys)` the training loss (`loss_fn`).
     """
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_ndims = batch_ndims or {"image": image_ndim, "label": 1}
     train_batch = _batch_shardings(mesh, batch_ndims, stacked)
     eval_batch = _batch_shardings(mesh, {"image": image_ndim, "label": 1, "mask": 1})
     keys = tuple(_keys(seed)[1:])  # computed outside jit: the step holds them as constants
-    step = partial(step, graphdef=graphdef, keys=keys, prepare=prepare, accum=accum)
+    step = partial(step, graphdef=graphdef, keys=keys, prepare=prepare, accum=accum, loss=loss)
     if stacked:
         step = partial(train_steps, step=step)
     ins = (shardings, train_batch)

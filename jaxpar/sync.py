@@ -45,7 +45,7 @@ from jaxpar.sharding import (
     mapped_over,
     path_str,
 )
-from jaxpar.step import gradients, make_optimizer, step_inputs, train_step
+from jaxpar.step import gradients, loss_fn, make_optimizer, step_inputs, train_step
 
 REPLICAS = "data"  # the mesh axis whose groups are the replicas
 
@@ -113,7 +113,8 @@ class Mode:
     def optimizer(self, cfg, total: int) -> optax.GradientTransformation:
         """The optimizer the state holds (a schedule over `total` steps)."""
         return make_optimizer(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,
-                              cfg.schedule, cfg.warmup_steps, total)  # fmt: skip
+                              cfg.schedule, cfg.warmup_steps, total,
+                              cfg.clip_grad_norm)  # fmt: skip
 
     def check(self, cfg, mesh) -> None:
         """Refuse a batch that does not split over the mesh's batch shards (or microbatches)."""
@@ -203,7 +204,7 @@ class Local(Mode):
     def init(self, state):
         return {k: _replicated(state[k], self.replicas) for k in (0, 1)}
 
-    def step(self, state, batch, *, graphdef, keys, prepare, accum=1):
+    def step(self, state, batch, *, graphdef, keys, prepare, accum=1, loss=loss_fn):
         """Every replica one step on its share of the global batch: no communication but a
         scalar mean of the losses and gradient norms for logging."""
         step = state[1]["step"][0]
@@ -212,9 +213,9 @@ class Local(Mode):
 
         def one(state, data):
             model, optimizer = nnx.merge(graphdef, state)
-            loss, grads = gradients(model, data, accum)
+            value, grads = gradients(model, data, accum, loss)
             optimizer.update(model, grads)
-            return nnx.to_pure_dict(nnx.state((model, optimizer))), loss, optax.tree.norm(grads)
+            return nnx.to_pure_dict(nnx.state((model, optimizer))), value, optax.tree.norm(grads)
 
         replicas = {k: state[k] for k in (0, 1)}  # DiLoCo's global copy waits for the sync
         with mapped_over(REPLICAS):  # each replica's activations split over the other axes
@@ -315,20 +316,20 @@ class Stale(Mode):
     def init(self, state):
         return {**state, 2: _replicated(state[0], self.period_steps)}
 
-    def step(self, state, batch, *, graphdef, keys, prepare, accum=1):
+    def step(self, state, batch, *, graphdef, keys, prepare, accum=1, loss=loss_fn):
         step = state[1]["step"]
         slot = step % self.period_steps
         # The parameters of step - T, with the current BatchNorm statistics.
         old = jax.tree.map(lambda p, r, c: r[slot] if p else c, self.params, state[2], state[0])
         ring = jax.tree.map(lambda r, c: r.at[slot].set(c), state[2], state[0])
         stale, _ = nnx.merge(graphdef, {0: old, 1: state[1]})
-        loss, grads = gradients(stale, step_inputs(step, batch, keys, prepare), accum)
+        value, grads = gradients(stale, step_inputs(step, batch, keys, prepare), accum, loss)
         stats = nnx.to_pure_dict(nnx.state(stale))  # the statistics its forward pass updated
         current = jax.tree.map(lambda p, c, s: c if p else s, self.params, state[0], stats)
         model, optimizer = nnx.merge(graphdef, {0: current, 1: state[1]})
         optimizer.update(model, grads)
         new = nnx.to_pure_dict(nnx.state((model, optimizer)))
-        return {**new, 2: ring}, {"train_loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return {**new, 2: ring}, {"train_loss": value, "grad_norm": optax.tree.norm(grads)}
 
     sync = None
 

@@ -160,6 +160,18 @@ BAD = {
     "--outer-momentum 0.5 --sync local:2": "--outer-lr and --outer-momentum go with --sync",
     "--distill-weight 0.5": "--distill-temperature and --distill-weight go with --teacher",
     "--clients 4 --schedule cosine": "--schedule and --warmup-steps do not apply to federated",
+    # optimizers and the training features around them
+    "--optimizer rmsprop": "invalid choice: 'rmsprop'",
+    "--optimizer adamw --momentum 0.5": "--momentum is SGD's; --optimizer adamw keeps its own",
+    "--optimizer adam --weight-decay 0.01": "--optimizer adam has no weight decay; use --optimizer",
+    "--clip-grad-norm 0": "--clip-grad-norm must be positive and finite, got 0.0",
+    "--label-smoothing 1": "--label-smoothing must be in [0, 1), got 1.0",
+    "--ema 1": "--ema must be a decay in [0, 1), got 1.0",
+    "--ema 0.99 --sync local:2 --mesh 2": "--sync local:H with --ema DECAY is not supported",
+    "--ema 0.99 --prune-to 0.5": "--prune-to S with --ema DECAY is not supported",
+    "--clients 4 --optimizer adamw": "--optimizer does not apply to federated runs (--clients)",
+    "--clients 4 --clip-grad-norm 1": "--clip-grad-norm does not apply to federated runs",
+    "--clients 4 --label-smoothing 0.1": "--label-smoothing does not apply to federated runs",
     "--sync local:8 --mesh 1": "the mesh has data=1: nothing to average",
     "--model vit-tiny --mesh stage=2,data=2 --sync diloco:2": "--sync diloco:H with a pipeline",
     # combinations the matrix refuses (jaxpar.compose; every cell in tests/test_compose.py)

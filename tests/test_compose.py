@@ -96,8 +96,9 @@ def lines(workdir) -> list[dict]:
 
 
 def numbers(rows: list[dict]) -> list[tuple]:
-    """What a run computed, line by line: its step, losses and accuracy."""
-    keys = ("train_loss", "eval_loss", "eval_accuracy")
+    """What a run computed, line by line: its step, losses and accuracy (and its moving
+    average's, with --ema)."""
+    keys = ("train_loss", "eval_loss", "eval_accuracy", "ema_eval_loss", "ema_eval_accuracy")
     return [(r["step"], *(r.get(k, np.nan) for k in keys)) for r in rows]
 
 
@@ -231,7 +232,8 @@ def test_the_readme_holds_the_generated_matrix():
 
 
 RESUMED = {"every-step": {}, **{f.name: f.example for f in compose.FEATURES if f.name in
-                                ("local", "diloco", "stale", "federated", "prune")}}  # fmt: skip
+                                ("local", "diloco", "stale", "federated", "prune",
+                                 "ema")}}  # fmt: skip
 
 
 class TestResume:
