@@ -1,7 +1,9 @@
-"""Pretrained PyTorch weights (torchvision, timm) as jaxpar checkpoints, and runs started from them.
+"""Pretrained PyTorch weights (torchvision, timm) as jaxpar checkpoints, runs started from them,
+and a checkpoint's weights exported back.
 
     python -m jaxpar.weights import resnet50.safetensors --model resnet50 --out runs/r50
     python train.py --init-from runs/r50 --model resnet50 --dataset imagenet2012 ...
+    python -m jaxpar.weights export runs/r50-ft --out r50-ft.safetensors --format torch
 
 `read_tensors` takes ``.safetensors`` (no pickle: the preferred format) or, where PyTorch is
 installed, a ``.pth``/``.pt`` state dict (``torch.load(weights_only=True)``). `convert` maps the
@@ -20,11 +22,17 @@ names onto jaxpar's parameters, kernels transposed from PyTorch's ``(out, in, h,
 Every tensor of the file is used, except BatchNorm's ``num_batches_tracked`` counters; a missing,
 unused or misshapen tensor is an error that names it. The padding and GELU that make these
 weights compute PyTorch's logits are `models.REVISIONS` 2.
+
+`export_weights` writes the model weights of a workdir's latest checkpoint to a ``.safetensors``
+file: jaxpar's own names and layouts (``--format jaxpar``, any model), or ``--format torch``,
+`torch_tensors`: the inverse of `convert` (torchvision's names, or timm's for a ViT), which
+``load_state_dict(strict=True)`` takes (BatchNorm fills in its ``num_batches_tracked``).
 """
 
 import argparse
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +49,7 @@ from jaxpar.checkpoint import (
     versions,
 )
 from jaxpar.errors import UserError
+from jaxpar.predict import latest, model_of
 from jaxpar.sharding import path_str
 from models import MODELS, revision
 
@@ -105,6 +114,11 @@ def _torch_state_dict(path: Path) -> dict:
 def _from_torch(a: np.ndarray) -> np.ndarray:
     """A PyTorch kernel in jaxpar's layout: convolutions HWIO, linear layers (in, out)."""
     return a.transpose(2, 3, 1, 0) if a.ndim == 4 else a.T if a.ndim == 2 else a
+
+
+def _to_torch(a: np.ndarray) -> np.ndarray:
+    """A jaxpar kernel in PyTorch's layout: the inverse of `_from_torch`."""
+    return a.transpose(3, 2, 0, 1) if a.ndim == 4 else a.T if a.ndim == 2 else a
 
 
 LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
@@ -327,6 +341,127 @@ def import_weights(file, model: str, out, image_shape=(224, 224, 3), classes=Non
     return manifest
 
 
+QKV = ("query", "key", "value")  # jaxpar's thirds of PyTorch's fused projection, in its order
+
+
+def torch_tensors(params: dict, model: str, timm: bool = False) -> dict[str, np.ndarray]:
+    """jaxpar `model`'s `params` (``{path: array}``, '/'-joined paths) under PyTorch's names and
+    layouts: the inverse of `convert`, torchvision's names (a ViT's timm's with `timm`; timm's
+    ResNets are named as torchvision's). Kernels are transposed back, a ViT's query, key and value
+    fused into one projection (heads joined) and its stacked ``layers`` axis split per layer."""
+    fn, vit = MODELS[model], model.startswith("vit-")
+    out, fused = {}, {}
+
+    def put(name, array):
+        if name in out:
+            raise AssertionError(f"two jaxpar parameters map to {name}")
+        out[name] = array
+
+    for path, a in params.items():
+        if not vit:
+            [name], _ = resnet_sources(path, fn.keywords["stage_sizes"])
+            put(name, _to_torch(a))
+            continue
+        names, _ = vit_sources(path, fn.keywords["depth"], timm)
+        parts = path.split("/")
+        if parts[0] == "cls_token":  # (1, 1, width)
+            put(names[0], a[None, None])
+        elif parts[0] == "pos_embed":  # (1, tokens, width)
+            put(names[0], a[None])
+        elif parts[0] != "blocks":
+            put(names[0], _to_torch(a))
+        else:
+            for name, layer in zip(names, a, strict=True):
+                if path == "blocks/attn_out/kernel":  # (heads, head_dim, width): heads joined
+                    layer = layer.reshape(-1, layer.shape[-1])
+                elif path in HEADS_APART:  # (width, heads, head_dim) or (heads, head_dim)
+                    layer = layer.reshape(layer.shape[0], -1) if layer.ndim == 3 else layer.ravel()
+                if parts[1] in QKV:
+                    fused.setdefault(name, [None] * 3)[QKV.index(parts[1])] = _to_torch(layer)
+                else:
+                    put(name, _to_torch(layer))
+    for name, thirds in fused.items():  # rows [q; k; v]
+        put(name, np.concatenate(thirds))
+    return out
+
+
+def checkpoint_weights(workdir, step: int, manifest: dict) -> dict[str, np.ndarray]:
+    """The model weights (parameters, BatchNorm statistics) of `workdir`'s checkpoint `step`,
+    as float32 numpy arrays by '/'-joined path, restored on one host device."""
+    build, _ = model_of({**manifest, "precision": "fp32"})  # stored in float32 whatever it ran in
+    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build(nnx.Rngs(0)))))
+    try:  # the host's memory, not an accelerator's
+        device = jax.local_devices(backend="cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS without cpu
+        device = jax.local_devices()[0]
+    one = jax.sharding.SingleDeviceSharding(device)
+    weights = restore_model(workdir, step, abstract, jax.tree.map(lambda _: one, abstract))
+    leaves = jax.tree_util.tree_flatten_with_path(weights)[0]
+    return {path_str(path): np.asarray(leaf, np.float32) for path, leaf in leaves}
+
+
+EXPORTS = ("jaxpar", "torch")
+
+
+def export_weights(workdir, out, fmt: str = "jaxpar", names: str | None = None,
+                   force: bool = False) -> dict:  # fmt: skip
+    """Write the model weights of `workdir`'s latest complete checkpoint to the ``.safetensors``
+    file `out` (refused where it exists, unless `force`); returns the header's metadata.
+
+    `fmt` ``"jaxpar"``: every model, jaxpar's '/'-joined names and layouts (ViT blocks stacked
+    on a leading ``layers`` axis). ``"torch"``: ResNets and ViTs under PyTorch's names
+    (`torch_tensors`; `names` ``"torchvision"``, the default, or ``"timm"``).
+    """
+    workdir, out = Path(workdir), Path(out)
+    if fmt not in EXPORTS:
+        raise UserError(f"--format must be one of {', '.join(EXPORTS)}, not {fmt!r}")
+    if names is not None and fmt != "torch":
+        raise UserError(f"--names {names} is for --format torch; jaxpar's names are its own")
+    if names not in (None, "torchvision", "timm"):
+        raise UserError(f"--names must be torchvision or timm, not {names!r}")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; name the .safetensors file to write")
+    if out.exists() and not force:
+        raise UserError(f"--out {out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: the folder {out.parent} does not exist")
+    if not workdir.is_dir():
+        raise UserError(f"{workdir} does not exist")
+    if not (workdir / "checkpoints").is_dir():  # before Orbax creates one
+        raise UserError(f"{workdir} has no checkpoints/ folder")
+    step, manifest = latest(workdir)  # refuses a model per replica and earlier revisions
+    model = manifest["model"]
+    if fmt == "torch" and (model not in MODELS or model in ("mlp", "2nn")):
+        raise UserError(
+            f"--format torch: {model} (in {workdir}) has no PyTorch counterpart; "
+            "export it with --format jaxpar"
+        )
+    weights = checkpoint_weights(workdir, step, manifest)
+    names = (names or "torchvision") if fmt == "torch" else "jaxpar"
+    tensors = torch_tensors(weights, model, names == "timm") if fmt == "torch" else weights
+    shape = manifest["image_shape"]
+    metadata = {"format": fmt, "model": model, "step": str(step), "names": names,
+                "revision": str(manifest.get("revision", revision(model))),
+                "image_shape": "x".join(map(str, shape)),
+                "num_classes": str(manifest["num_classes"])}  # fmt: skip
+    if manifest.get("patch_size") is not None:
+        metadata["patch_size"] = str(manifest["patch_size"])
+    if model.startswith("resnet") and shape[0] <= 32:  # `models.resnet`'s small-image stem
+        metadata["stem"] = "3x3 stride 1, no max pooling"
+    if manifest.get("normalization") is not None:
+        metadata["normalization"] = json.dumps(manifest["normalization"])
+    from safetensors.numpy import save_file
+
+    temp = out.with_name(f".{out.name}.partial")  # renamed when complete
+    try:
+        save_file({k: np.require(v, np.float32, "C") for k, v in tensors.items()}, temp,
+                  metadata=metadata)  # fmt: skip
+        os.replace(temp, out)
+    finally:
+        temp.unlink(missing_ok=True)
+    return metadata
+
+
 def _flat(tree) -> dict:
     """A pure dict's leaves by key path (tuples of dict keys)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -452,7 +587,7 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m jaxpar.weights",
-        description="Import PyTorch weights as a jaxpar checkpoint.",
+        description="Import PyTorch weights as a jaxpar checkpoint, or export a checkpoint's.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="write FILE's weights to a new workdir (step 0)")
@@ -463,14 +598,29 @@ def main(argv=None) -> int:
     imp.add_argument("--classes", type=int, help="check the head has this many classes")
     imp.add_argument("--mean", type=float, nargs="+", help="normalisation (default ImageNet's)")
     imp.add_argument("--std", type=float, nargs="+", help="normalisation (default ImageNet's)")
+    exp = sub.add_parser("export", help="write WORKDIR's latest weights to a .safetensors file")
+    exp.add_argument("workdir", help="a workdir with a checkpoint (trained or imported)")
+    exp.add_argument("--out", required=True, help="the .safetensors file to write")
+    exp.add_argument("--format", choices=EXPORTS, default="jaxpar",
+                     help="jaxpar's names (any model) or PyTorch's (ResNets, ViTs)")  # fmt: skip
+    exp.add_argument("--names", choices=("torchvision", "timm"),
+                     help="with --format torch: whose names (default torchvision)")  # fmt: skip
+    exp.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     args = parser.parse_args(argv)
     try:
-        shape = parse_shape(args.image_shape)
-        manifest = import_weights(args.file, args.model, args.out, shape, args.classes,
-                                  args.mean, args.std)  # fmt: skip
+        if args.command == "export":
+            about = export_weights(args.workdir, args.out, args.format, args.names, args.force)
+        else:
+            shape = parse_shape(args.image_shape)
+            manifest = import_weights(args.file, args.model, args.out, shape, args.classes,
+                                      args.mean, args.std)  # fmt: skip
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.command == "export":
+        print(json.dumps(about))
+        print(f"wrote {args.out}: {about['model']} step {about['step']}, {about['names']} names")
+        return 0
     print(json.dumps({k: manifest[k] for k in ("model", "image_shape", "num_classes", "imported")}))
     print(
         f"wrote {args.out}/checkpoints/0; start a run from it: python train.py --init-from "

@@ -4,6 +4,8 @@ The PyTorch networks are `torch_reference`'s (torchvision's structure and names)
 weights and BatchNorm statistics: nothing is downloaded.
 """
 
+import contextlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -12,7 +14,9 @@ import jax
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from flax import nnx
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import train as cli
 from jaxpar import predict as predict_cli
@@ -23,8 +27,9 @@ from jaxpar.data import load_dataset
 from jaxpar.errors import UserError
 from jaxpar.loop import train
 from jaxpar.predict import predict
-from jaxpar.weights import import_weights
-from models import revision
+from jaxpar.sharding import path_str
+from jaxpar.weights import convert, import_weights, read_tensors
+from models import MODELS, revision
 from tests import torch_reference as ref
 
 
@@ -88,12 +93,21 @@ def fine_tune(resnet8, mesh, source, name, **flags):
     return workdir, [line["train_loss"] for line in lines if "train_loss" in line]
 
 
-def test_fine_tuning_imported_weights_gives_the_same_losses_on_every_mesh(resnet8, capsys):
+@pytest.fixture(scope="module")
+def fine_tuned(resnet8):
+    """The import fine-tuned on 1 device for digits (a fresh 10-class head): its workdir, its
+    losses and what the run printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        workdir, losses = fine_tune(resnet8, "1", resnet8["workdir"], "ft1")
+    return workdir, losses, printed.getvalue()
+
+
+def test_fine_tuning_imported_weights_gives_the_same_losses_on_every_mesh(resnet8, fine_tuned):
     """From the imported workdir or straight from the file; the 5-class head is replaced for
     digits' 10 classes; 1 device and 2x2 agree. (That the weights are the imported ones:
     `test_freeze_backbone_trains_only_the_head`.)"""
-    one, losses = fine_tune(resnet8, "1", resnet8["workdir"], "ft1")
-    out = capsys.readouterr().out
+    one, losses, out = fine_tuned
     assert "a fresh classifier head (5 classes in" in out and "10 here" in out, out
     for mesh, source in (("2x2", resnet8["file"]),):
         _, other = fine_tune(resnet8, mesh, source, f"ft-{mesh}")
@@ -234,3 +248,115 @@ def test_predict_cli(resnet8, tmp_path, capsys):
         assert predict_cli.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, (argv, err)
+
+
+def export(workdir, out: Path, *flags) -> Path:
+    code = weights_cli.main(["export", str(workdir), "--out", str(out), *flags])
+    assert code == 0, (workdir, flags)
+    return out
+
+
+def header(file) -> dict:
+    with safe_open(file, framework="np") as f:
+        return f.metadata()
+
+
+def test_export_torch_gives_back_the_imported_files_tensors(resnet8, tmp_path):
+    """Import then export is the identity on PyTorch's names, shapes and values (BatchNorm's
+    ``num_batches_tracked`` aside: import ignores them and ``load_state_dict`` fills them in);
+    ``--format jaxpar`` is `convert`'s parameters under their '/'-joined paths."""
+    vit = ref.randomize(ref.ViT(32, 4, 192, 12, 3, 768, 5), seed=2)  # vit-tiny's sizes
+    vit_file = save(vit, tmp_path / "vit.safetensors")
+    import_weights(vit_file, "vit-tiny", tmp_path / "vit", (32, 32, 3))
+    cases = [
+        (resnet8["workdir"], resnet8["net"], (), lambda d: d),
+        (tmp_path / "vit", vit, (), lambda d: d),
+        (tmp_path / "vit", vit, ("--names", "timm"), ref.timm_names),
+    ]
+    for i, (workdir, net, flags, names) in enumerate(cases):
+        file = export(workdir, tmp_path / f"{i}.safetensors", "--format", "torch", *flags)
+        got = load_file(file)
+        want = {k: v for k, v in names(net.state_dict()).items()
+                if not k.endswith("num_batches_tracked")}  # fmt: skip
+        assert sorted(got) == sorted(want), set(got) ^ set(want)
+        for name, tensor in want.items():
+            assert got[name].dtype == torch.float32 and torch.equal(got[name], tensor), name
+        if not flags:  # the reference modules have torchvision's names
+            net.load_state_dict(got, strict=True)
+        meta = header(file)
+        assert meta["format"] == "torch" and meta["step"] == "0", meta
+        assert meta["names"] == ("timm" if flags else "torchvision"), meta
+    assert header(tmp_path / "0.safetensors")["model"] == "resnet8"
+    file = export(resnet8["workdir"], tmp_path / "jaxpar.safetensors")
+    params, _ = convert(read_tensors(resnet8["file"]), "resnet8", (8, 8, 1))
+    want = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    got = read_tensors(file)
+    assert sorted(got) == sorted(want) and "stem_bn/mean" in got
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+    assert header(file)["format"] == "jaxpar" and header(file)["model"] == "resnet8"
+
+
+def test_exported_fine_tuned_weights_compute_jaxpars_logits_in_pytorch(
+    resnet8, fine_tuned, tmp_path
+):
+    workdir = fine_tuned[0]
+    file = export(workdir, tmp_path / "ft.safetensors", "--format", "torch")
+    tensors = load_file(file)
+    original = resnet8["net"].state_dict()
+    for name in ("conv1.weight", "bn1.running_mean", "layer3.0.bn2.running_var"):
+        assert not torch.equal(tensors[name], original[name]), name  # trained, not the import
+    net = ref.resnet("resnet8", 10, channels=1, small_stem=True).eval()
+    net.load_state_dict(tensors, strict=True)
+    x = load_dataset("digits", None).test_images[:16]
+    expected = torch_logits(net, x)
+    got = predict(workdir, x)
+    scale = np.abs(expected).max()
+    assert np.abs(got - expected).max() <= 1e-4 * max(scale, 1.0), (got, expected)
+    assert header(file)["step"] == "3" and header(file)["num_classes"] == "10"
+
+
+def fake_run(workdir: Path, model: str, **manifest) -> dict:
+    """A checkpoint of `model`'s initial weights at step 0, as a run would leave it (no
+    training); returns the weights by '/'-joined path."""
+    net = MODELS[model]((8, 8, 1), 10, rngs=nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(net))
+    identity = {"model": model, "revision": revision(model), "image_shape": [8, 8, 1]}
+    manifest = {"step": 0, "format": FORMAT, **identity, "num_classes": 10, "patch_size": None,
+                **manifest}  # fmt: skip
+    ckpts = Checkpoints(workdir)
+    try:
+        ckpts.save(0, {0: params}, manifest, wait=True)
+    finally:
+        ckpts.close()
+    return {path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def test_bad_exports_exit_2_with_one_line_and_write_nothing(resnet8, tmp_path, capsys):
+    mlp = fake_run(tmp_path / "mlp", "mlp")
+    fake_run(tmp_path / "diloco", "mlp", sync="diloco:4")
+    file = export(tmp_path / "mlp", tmp_path / "mlp.safetensors")  # jaxpar's names: any model
+    got = read_tensors(file)
+    assert sorted(got) == sorted(mlp) and all(np.array_equal(got[k], mlp[k]) for k in mlp)
+    taken = tmp_path / "taken.safetensors"
+    taken.write_bytes(b"mine")
+    capsys.readouterr()
+    out = str(tmp_path / "out.safetensors")
+    cases = {
+        (str(tmp_path / "mlp"), "--out", out, "--format", "torch"): "torch: mlp (in",
+        (str(resnet8["workdir"]), "--out", str(taken)): "exists; pass --force",
+        (str(resnet8["workdir"]), "--out", str(taken), "--format", "torch"): "exists; pass --force",
+        (str(resnet8["workdir"]), "--out", out, "--names", "timm"): "is for --format torch",
+        (str(resnet8["workdir"]), "--out", str(tmp_path)): "is a folder",
+        (str(tmp_path / "diloco"), "--out", out): "trained with --sync diloco:4",
+        (str(tmp_path / "none"), "--out", out): "does not exist",
+        (str(resnet8["root"]), "--out", out): "has no checkpoints/ folder",
+    }
+    for argv, message in cases.items():
+        assert weights_cli.main(["export", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and message in err, (argv, err)
+        assert not Path(out).exists() and taken.read_bytes() == b"mine", argv
+    assert not (resnet8["root"] / "checkpoints").exists()
+    export(resnet8["workdir"], taken, "--force")
+    assert header(taken)["model"] == "resnet8"
