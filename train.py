@@ -13,8 +13,8 @@ from jaxpar.config import Config
 from jaxpar.distributed import job_size, join, peer_lost
 from jaxpar.errors import Diverged, Preempted, UserError
 from jaxpar.mesh import check_batch_spec, check_hosts, parse_mesh, request_devices, set_xla_flags
+from jaxpar.models import RECIPES, recipe_for
 from jaxpar.step import OPTIMIZERS
-from models import RECIPES, recipe_for
 
 FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxpar.Config
     "mesh and parallelism": [
@@ -46,7 +46,12 @@ FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxp
         ("--outer-momentum", float, "DiLoCo's outer Nesterov momentum"),
     ],
     "model": [
-        ("--model", str, "mlp, 2nn, resnet8/18/34/50, vit-tiny, vit-lite, vit-small, vit-base"),
+        (
+            "--model",
+            str,
+            "mlp, 2nn, resnet8/18/34/50, vit-tiny, vit-lite, vit-small, vit-base, "
+            "or your own as module:attribute",
+        ),
         ("--patch-size", int, "ViT patch size (None: 2 up to 16 px, 4 up to 64 px, 16 above)"),
         ("--precision", ["fp32", "bf16"], "compute precision (parameters stay float32)"),
         (
@@ -169,8 +174,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv) -> Config:
-    """Flags -> `Config`. A flag left out takes the model's recipe (`models.RECIPES`, e.g. AdamW
-    with warmup and cosine decay for the ViTs), else `Config`'s default."""
+    """Flags -> `Config`. A flag left out takes the model's recipe (`jaxpar.models.RECIPES`, e.g.
+    AdamW with warmup and cosine decay for the ViTs), else `Config`'s default."""
     defaults = Config()
     parser = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for group_name, flags in FLAGS.items():  # --help lists the flags by concern

@@ -6,7 +6,7 @@ weight gradients ``x^T g`` 1.4-8x faster than XLA, which runs them on Eigen's tr
 custom call (`benchmarks/ffi/openblas_gemm.cc`, built here with g++ against jaxlib's FFI
 headers and scipy-openblas32) computes the products; dense layers with a custom VJP route
 either the weight gradients alone or all eight products (forward, input and weight gradients)
-to it. The programs are the real jaxpar step (`jaxpar.step`, `models.mlp`, dropout, SGD with
+to it. The programs are the real jaxpar step (`jaxpar.step`, `jaxpar.models.mlp`, dropout, SGD with
 momentum) on one device, batch 128, MNIST-size:
 
 - ``XLA dots``: as jaxpar trains (the baseline);
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import models.mlp
+import jaxpar.models.mlp as mlp_module
 from jaxpar.data import load_dataset, preprocess, train_batches
 from jaxpar.mesh import make_mesh, parse_mesh, set_xla_flags
 from jaxpar.step import compile_steps, create_state, make_optimizer
@@ -105,7 +105,7 @@ class Program:
     """A compiled MLP step with its own state, stepped on one fixed batch."""
 
     def __init__(self, dot_general, ds, mesh):
-        dense = models.mlp._dense
+        dense = mlp_module._dense
 
         def routed(*args):
             layer = dense(*args)
@@ -113,12 +113,12 @@ class Program:
                 layer.dot_general = dot_general
             return layer
 
-        models.mlp._dense = routed  # the MLP reads it when it is built, below
+        mlp_module._dense = routed  # the MLP reads it when it is built, below
         try:
-            model_fn = partial(models.mlp.MLP, ds.image_shape, ds.num_classes)
+            model_fn = partial(mlp_module.MLP, ds.image_shape, ds.num_classes)
             graphdef, self.state, shardings, _ = create_state(model_fn, make_optimizer(), mesh, 0)
         finally:
-            models.mlp._dense = dense
+            mlp_module._dense = dense
         train_step, _ = compile_steps(graphdef, shardings, mesh, 0, 4, preprocess(ds))
         self.batch = next(train_batches(ds, B, 0, [0], mesh))
         self.step = train_step.lower(self.state, self.batch).compile()

@@ -1,8 +1,8 @@
 """Two choices in the MLP's CPU step, each on and off, timed in one process (paired windows).
 
-- dropout masks from `models.dropout`'s unrolled threefry (fused into the dropout's elementwise
-  pass) against ``jax.random.bernoulli`` (JAX lowers threefry on the CPU as a five-iteration
-  loop); the masks are the same bits, so are the losses (checked here too);
+- dropout masks from `jaxpar.models.dropout`'s unrolled threefry (fused into the dropout's
+  elementwise pass) against ``jax.random.bernoulli`` (JAX lowers threefry on the CPU as a
+  five-iteration loop); the masks are the same bits, so are the losses (checked here too);
 - `jaxpar.mesh.CPU_XLA_FLAGS` (copy insertion with region analysis: no copy of the donated
   parameters before their update) against XLA's default, by compiler options per program.
 
@@ -22,25 +22,25 @@ from functools import partial
 import jax
 import numpy as np
 
-import models.mlp
+import jaxpar.models.mlp as mlp_module
 from jaxpar.data import load_dataset, preprocess, train_batches
 from jaxpar.mesh import CPU_XLA_FLAGS, make_mesh, parse_mesh
+from jaxpar.models.dropout import dropout, jax_random_dropout
 from jaxpar.step import compile_steps, create_state, make_optimizer
-from models.dropout import dropout, jax_random_dropout
 
 
 class Program:
     """A compiled MLP step with its own state, stepped on one fixed batch."""
 
     def __init__(self, drop, flags: bool, ds, mesh, batch=128):
-        models.mlp.dropout = drop  # the MLP reads it when the step is traced, below
-        model_fn = partial(models.mlp.MLP, ds.image_shape, ds.num_classes)
+        mlp_module.dropout = drop  # the MLP reads it when the step is traced, below
+        model_fn = partial(mlp_module.MLP, ds.image_shape, ds.num_classes)
         graphdef, self.state, shardings, _ = create_state(model_fn, make_optimizer(), mesh, 0)
         train_step, _ = compile_steps(graphdef, shardings, mesh, 0, 4, preprocess(ds))
         self.batch = next(train_batches(ds, batch, 0, [0], mesh))
         options = {f.split("=")[0].lstrip("-"): flags for f in CPU_XLA_FLAGS}
         self.step = train_step.lower(self.state, self.batch).compile(compiler_options=options)
-        models.mlp.dropout = dropout
+        mlp_module.dropout = dropout
 
     def run(self, steps: int):
         for _ in range(steps):

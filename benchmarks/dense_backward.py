@@ -12,7 +12,7 @@ weight's transpose. So each layer pays a transposed activation (``x^T``, smalles
 transposed weight gradient. The programs below are the seed MLP's step (batch 128, dropout,
 SGD with momentum) in pure JAX, gradients checked against autodiff's:
 
-- ``autodiff``: ``jax.grad``, as `models.mlp` trains (the baseline);
+- ``autodiff``: ``jax.grad``, as `jaxpar.models.mlp` trains (the baseline);
 - ``sequenced``: custom-VJP dense layers computing the weight gradient before the input
   gradient (XLA otherwise runs the two products at once, each asking for both cores);
 - ``x^T kept, sequenced``: the forward also keeps ``x^T`` (behind an optimisation barrier, or
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpar.mesh import set_xla_flags
-from models.dropout import dropout
+from jaxpar.models.dropout import dropout
 
 set_xla_flags()  # as train.py, before JAX starts
 

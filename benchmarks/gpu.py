@@ -107,15 +107,15 @@ def jax_model(a, model: str, batch: int, bn_fp32: bool = False, **model_kw) -> d
     import jax
     import jax.numpy as jnp
 
-    import models.resnet
+    import jaxpar.models.resnet as resnet_module
     from jaxpar.data import load_dataset, preprocess, train_batches
     from jaxpar.mesh import make_mesh, parse_mesh
+    from jaxpar.models import MODELS
     from jaxpar.step import compile_steps, create_state, make_optimizer
-    from models import MODELS
 
     if bn_fp32:  # the variant measured against: BatchNorm outputs (activations) in float32
-        norm = models.resnet._norm
-        models.resnet._norm = lambda c, dtype, *rest, **kw: norm(c, jnp.float32, *rest, **kw)
+        norm = resnet_module._norm
+        resnet_module._norm = lambda c, dtype, *rest, **kw: norm(c, jnp.float32, *rest, **kw)
     ds = load_dataset(f"synthetic:{a.image}x{a.image}x3:{a.classes}")
     mesh = make_mesh(parse_mesh("1"))
     model_fn = partial(
@@ -167,8 +167,8 @@ def jax_mlp(a, k: int = 1) -> dict:
     from jaxpar.data import load_dataset, prefetch, preprocess, train_batches
     from jaxpar.loop import dispatches
     from jaxpar.mesh import make_mesh, parse_mesh
+    from jaxpar.models import MODELS
     from jaxpar.step import compile_steps, create_state, make_optimizer
-    from models import MODELS
 
     ds = load_dataset("synthetic:28x28x1:10")
     mesh = make_mesh(parse_mesh("1"))

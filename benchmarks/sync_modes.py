@@ -32,8 +32,8 @@ MODES = ("every-step", "local:4", "local:8", "diloco:4", "diloco:8", "stale:1", 
 def accuracy(a) -> dict:
     import jaxpar
     from jaxpar.config import Config
+    from jaxpar.models import recipe_for
     from jaxpar.plan import plan
-    from models import recipe_for
 
     out = {}
     # The model's recipe (the ViTs: AdamW, warmup, cosine), as train.py applies it.

@@ -26,8 +26,8 @@ from torch import nn
 from jaxpar.data import eval_batches, load_dataset, prefetch, train_batches
 from jaxpar.loop import dispatches, evaluate
 from jaxpar.mesh import make_mesh, parse_mesh, request_devices, set_xla_flags
+from jaxpar.models import MLP
 from jaxpar.step import compile_steps, create_state, make_optimizer
-from models import MLP
 
 set_xla_flags()  # as train.py, before JAX starts
 

@@ -35,8 +35,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxpar.errors import UserError
+from jaxpar.models import REVISIONS, revision
 from jaxpar.sharding import placed
-from models import REVISIONS, revision
 
 # Fields of the manifest that define the run: a checkpoint resumes only into the same ones.
 IDENTITY = ("model", "dataset", "image_shape", "num_classes", "batch_size", "optimizer", "seed",
@@ -324,7 +324,7 @@ def check_fits(manifest: dict, identity: dict, step: int, directory: Path) -> No
 
 
 def check_revision(manifest: dict, model: str, what: str) -> None:
-    """Refuse weights saved by a `model` that computed differently (`models.REVISIONS`)."""
+    """Refuse weights saved by a `model` that computed differently (`jaxpar.models.REVISIONS`)."""
     saved, now = manifest.get("revision", ABSENT["revision"]), revision(model)
     if manifest.get("model") == model and saved != now:
         family = REVISIONS[model.rstrip("0123456789").split("-")[0]][1]

@@ -89,26 +89,23 @@ class Config:
 
     def validate(self) -> "Config":
         from jaxpar import compose
-        from jaxpar.data import DATASETS, known
+        from jaxpar.data import loader
         from jaxpar.mixture import LABELS, is_mixture, parse, rows_per_batch
+        from jaxpar.models import MODELS
         from jaxpar.pipeline import parse_pipeline
         from jaxpar.quantize import QAT
         from jaxpar.step import OPTIMIZERS
         from jaxpar.sync import parse_sync
-        from models import MODELS
 
         def need(ok, message):
             if not ok:
                 raise UserError(message)
 
-        need(self.model in MODELS, f"unknown model '{self.model}'; choose from {', '.join(MODELS)}")
+        MODELS.lookup(self.model, "model")  # a user's own: module:attribute, imported
         if is_mixture(self.dataset):  # refuses a malformed mixture, or a share of no rows
             rows_per_batch(parse(self.dataset), self.batch_size, self.dataset)
         else:
-            need(
-                known(self.dataset),
-                f"unknown dataset '{self.dataset}'; choose from {', '.join(DATASETS)}",
-            )
+            loader(self.dataset)
         need(self.labels in LABELS, f"--labels {self.labels}: choose {' or '.join(LABELS)}")
         need(self.labels == "shared" or is_mixture(self.dataset),
              "--labels joint goes with a mixture (--dataset NAME=SHARE,...)")  # fmt: skip

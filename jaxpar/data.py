@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpar.errors import UserError
+from jaxpar.registry import Registry
 from jaxpar.sharding import batch_sharding
 
 
@@ -253,11 +254,28 @@ def load_tfds(name: str, data_dir=None) -> Dataset:
     return Dataset(name, x, y, tx, ty, classes, mean=mean, std=std, augment=augment)
 
 
-DATASETS = {"digits": load_digits, **dict.fromkeys(TFDS, load_tfds), "synthetic": load_synthetic}
+# A user's own loader is named module:attribute (`jaxpar.registry`): ``fn(name, data_dir)``
+# returning a `Dataset`.
+DATASETS = Registry(
+    {"digits": load_digits, **dict.fromkeys(TFDS, load_tfds), "synthetic": load_synthetic}
+)
+
+
+def loader(name: str):
+    """The loader of dataset `name`: a registered one (``synthetic:HxWxC:K`` passes options after
+    its colon), or a ``module:attribute`` imported (`jaxpar.registry`); else a `UserError`."""
+    head = name.split(":")[0]
+    if dict.__contains__(DATASETS, head) and (head == name or head == "synthetic"):
+        return DATASETS[head]
+    return DATASETS.lookup(name, "dataset")
 
 
 def known(name: str) -> bool:
-    return name in DATASETS or name.startswith("synthetic:")
+    try:
+        loader(name)
+    except UserError:
+        return False
+    return True
 
 
 def load_dataset(
@@ -268,9 +286,7 @@ def load_dataset(
 
     if is_mixture(name):
         return load_mixture(name, data_dir, labels, resize)
-    if not known(name):
-        raise UserError(f"unknown dataset '{name}'; choose from {', '.join(DATASETS)}")
-    return DATASETS[name.split(":")[0]](name, data_dir)
+    return loader(name)(name, data_dir)
 
 
 # --- order, batches, prefetching ----------------------------------------------------------

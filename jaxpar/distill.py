@@ -21,10 +21,10 @@ from flax import nnx
 
 from jaxpar.checkpoint import check_revision, latest_manifest, restore_model
 from jaxpar.errors import UserError
+from jaxpar.models import MODELS
+from jaxpar.models.vit import check_patch_size
 from jaxpar.sharding import state_shardings
 from jaxpar.step import cross_entropy
-from models import MODELS
-from models.vit import check_patch_size
 
 TEACHER = 4  # the train state's key of the teacher's parameters
 

@@ -29,6 +29,8 @@ from jaxpar.data import (
 from jaxpar.distill import load_teacher, with_teacher
 from jaxpar.errors import Diverged, Preempted, UserError
 from jaxpar.mesh import MeshSpec, draw_mesh, make_mesh, parse_mesh
+from jaxpar.models import MODELS, revision
+from jaxpar.models.vit import check_patch_size
 from jaxpar.pipeline import schedule_for
 from jaxpar.plan import collectives
 from jaxpar.prune import magnitude_pruning, weight_roles
@@ -51,8 +53,6 @@ from jaxpar.step import (
 from jaxpar.sync import mode_for, param_mask
 from jaxpar.weights import starting_from
 from jaxpar.workdir import MetricsLog, move_aside, resolve, used, write_config
-from models import MODELS, revision
-from models.vit import check_patch_size
 
 
 def sync(name: str) -> None:

@@ -1,9 +1,10 @@
 """Pipeline (hierarchical) parallelism: consecutive layers on consecutive stages of the mesh.
 
 A model whose blocks are stacked (one array per parameter role with a leading ``layers`` axis,
-as `models.vit.ViT` builds them) applies them through a *stack function*
+as `jaxpar.models.vit.ViT` builds them) applies them through a *stack function*
 ``stack(block, params, x, keys, remat) -> x``. The plain one is a scan over the
-layers (`models.vit.scan_layers`). A `Schedule` is the pipelined one, inside the same jitted step:
+layers (`jaxpar.models.vit.scan_layers`). A `Schedule` is the pipelined one, inside the same
+jitted step:
 
 - The rules map ``layers`` to the ``stage`` mesh axis, so stage ``s`` of ``S`` holds a contiguous
   run of layers, and a checkpoint is the same arrays with and without pipelining.
@@ -39,9 +40,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxpar.errors import UserError
+from jaxpar.models.vit import scan_layers
 from jaxpar.sharding import RULES, partition_spec
 from jaxpar.step import microbatches
-from models.vit import scan_layers
 
 
 def _stage_axis() -> str:
@@ -203,7 +204,7 @@ def schedule_for(cfg, spec) -> Schedule | None:
     A mesh with ``stage`` > 1, ``--microbatches`` > 1 or ``--pipeline circular:R`` pipelines;
     ``--microbatches`` defaults to the stage count.
     """
-    from models import MODELS  # here: the models import jaxpar
+    from jaxpar.models import MODELS  # here: the models import jaxpar
 
     repeats = parse_pipeline(cfg.pipeline)
     microbatches = cfg.microbatches or spec.stage

@@ -21,7 +21,7 @@ def model_of(manifest: dict):
     """The model a checkpoint's manifest describes, unbuilt: ``(model_fn, image_shape)``."""
     import jax.numpy as jnp
 
-    from models import MODELS
+    from jaxpar.models import MODELS
 
     shape = tuple(manifest["image_shape"])
     options = {"patch_size": manifest["patch_size"]} if manifest["model"].startswith("vit-") else {}

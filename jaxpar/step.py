@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxpar.models.axes import is_head
 from jaxpar.sharding import batch_sharding, path_str, state_shardings
-from models.axes import is_head
 
 
 def make_schedule(lr=0.01, schedule="constant", warmup_steps=0, total_steps=1):
@@ -154,7 +154,7 @@ def ema_view(state: dict) -> dict:
 
 def head_paths(params: nnx.State) -> frozenset[str]:
     """The classifier head's parameters (an abstract model's `nnx.Param` state), by their
-    logical axes (`models.axes.is_head`: a ``classes`` axis)."""
+    logical axes (`jaxpar.models.axes.is_head`: a ``classes`` axis)."""
     found = set()
 
     def one(path, var):
@@ -353,7 +353,8 @@ def with_signals(step):
 
 def under_mesh(fn, mesh):
     """`fn` traced with `mesh` as the context mesh, so models may pin an activation's layout by
-    logical names (`models.vit.constrain`); the mesh is the step's own, never a global one."""
+    logical names (`jaxpar.models.vit.constrain`); the mesh is the step's own, never a global
+    one."""
 
     @functools.wraps(fn)
     def traced(*args):

@@ -21,7 +21,7 @@ names onto jaxpar's parameters, kernels transposed from PyTorch's ``(out, in, h,
 
 Every tensor of the file is used, except BatchNorm's ``num_batches_tracked`` counters; a missing,
 unused or misshapen tensor is an error that names it. The padding and GELU that make these
-weights compute PyTorch's logits are `models.REVISIONS` 2.
+weights compute PyTorch's logits are `jaxpar.models.REVISIONS` 2.
 
 `export_weights` writes the model weights of a workdir's latest checkpoint to a ``.safetensors``
 file: jaxpar's own names and layouts (``--format jaxpar``, any model), or ``--format torch``,
@@ -49,9 +49,9 @@ from jaxpar.checkpoint import (
     versions,
 )
 from jaxpar.errors import UserError
+from jaxpar.models import MODELS, revision
 from jaxpar.predict import latest, model_of
 from jaxpar.sharding import path_str
-from models import MODELS, revision
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # of pixels in [0, 1]
 IGNORED = ("num_batches_tracked",)  # BatchNorm's step counters: no part of the computation
@@ -446,7 +446,7 @@ def export_weights(workdir, out, fmt: str = "jaxpar", names: str | None = None,
                 "num_classes": str(manifest["num_classes"])}  # fmt: skip
     if manifest.get("patch_size") is not None:
         metadata["patch_size"] = str(manifest["patch_size"])
-    if model.startswith("resnet") and shape[0] <= 32:  # `models.resnet`'s small-image stem
+    if model.startswith("resnet") and shape[0] <= 32:  # `jaxpar.models.resnet`'s small-image stem
         metadata["stem"] = "3x3 stride 1, no max pooling"
     if manifest.get("normalization") is not None:
         metadata["normalization"] = json.dumps(manifest["normalization"])

@@ -14,20 +14,33 @@ import pytest
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
 
-# Compile each distinct program once per session: tests build the same steps many times, here
-# and in the processes they start (which read these variables). A fresh folder each session.
-CACHE = {"JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="jaxpar-tests-xla-"),
+# The suite's time is compilation: hundreds of small programs, each run a few steps. XLA's CPU
+# backend at optimisation level 0 compiles them in about half the time (`python
+# benchmarks/compile_level.py`: the same HLO programs, LLVM left unoptimised). No test compares
+# with a number computed at another level; a level set in XLA_FLAGS is kept. Here and in the
+# processes the tests start, which inherit the variable.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = " ".join(
+        [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]
+    ).strip()
+
+# Compile each distinct program once per session: tests build the same steps many times, here,
+# in the processes they start and in the other pytest workers (which read these variables). A
+# fresh folder each session, made by pytest's first process and removed by it.
+if "JAXPAR_TESTS_XLA_CACHE" not in os.environ:
+    os.environ["JAXPAR_TESTS_XLA_CACHE"] = tempfile.mkdtemp(prefix="jaxpar-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAXPAR_TESTS_XLA_CACHE"], ignore_errors=True)
+CACHE = {"JAX_COMPILATION_CACHE_DIR": os.environ["JAXPAR_TESTS_XLA_CACHE"],
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}  # fmt: skip
 os.environ.update(CACHE)
 for name, value in CACHE.items():
     jax.config.update(name.lower(), value if name.endswith("DIR") else int(value))
-atexit.register(shutil.rmtree, CACHE["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 from jaxpar.data import device_batch, load_digits, train_indices  # noqa: E402
 from jaxpar.mesh import make_mesh, parse_mesh, set_xla_flags  # noqa: E402
+from jaxpar.models import MODELS  # noqa: E402
 from jaxpar.step import compile_steps, create_state, make_optimizer  # noqa: E402
-from models import MODELS  # noqa: E402
 
 set_xla_flags()  # the XLA flags train.py runs with, before the backend starts
 
@@ -49,7 +62,7 @@ def eight_devices():
 def tiny_vit():
     """A 2-block ViT registered as ``vit-test`` for this test: stacked, scanned layers at a
     fraction of the named ViTs' compile and step time."""
-    from models import ViT
+    from jaxpar.models import ViT
 
     MODELS["vit-test"] = partial(ViT, width=32, depth=2, heads=2, mlp_dim=64, patch_size=2)
     yield "vit-test"

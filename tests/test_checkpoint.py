@@ -24,10 +24,10 @@ from jaxpar.checkpoint import Checkpoints
 from jaxpar.checkpoint import main as list_checkpoints
 from jaxpar.loop import dispatches
 from jaxpar.mesh import make_mesh, parse_mesh
+from jaxpar.models import MODELS
 from jaxpar.sharding import state_shardings
 from jaxpar.step import abstract_state, make_optimizer
 from jaxpar.workdir import write_config
-from models import MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,6 +63,7 @@ def restore_on(mesh_text, directory, step, optimizer="adamw"):
     return Checkpoints(directory).restore(step, nnx.to_pure_dict(abstract), shardings), shardings
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["4x1", "1x4", "1", "fsdp=8"])
 def test_save_on_2x2_restore_anywhere(mesh, tmp_path):
     _, state, *_ = trained("mlp", "adamw", "2x2")
@@ -109,6 +110,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_interrupted_then_resumed_on_another_mesh_equals_uninterrupted(case, tmp_path, capsys,
                                                                        request):  # fmt: skip
@@ -154,6 +156,7 @@ def test_dispatches_end_where_evaluation_checkpoints_and_profiling_need():
     assert dispatches(9, 9, 4) == []
 
 
+@pytest.mark.slow
 def test_several_steps_per_dispatch_give_the_same_run_and_resume(tmp_path):
     common = dict(CASES["mlp"], log_every=3, eval_every=7, checkpoint_every=5)
     train_run(Config(**common, mesh="2x2", steps=16, workdir=str(tmp_path / "a")))
@@ -200,6 +203,7 @@ def reference(tmp_path_factory):
     return metrics(workdir)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_the_same_command_resumes(reference, tmp_path):
     """SIGTERM to the whole process group, as a terminal or a scheduler sends it, reaches the
     --data-workers processes too: they leave it to the trainer, which saves. The resumed run
@@ -219,6 +223,7 @@ def test_sigterm_saves_and_the_same_command_resumes(reference, tmp_path):
     assert_same_run(metrics(tmp_path), reference, after=stopped)
 
 
+@pytest.mark.slow
 def test_kill_9_during_async_saves_resumes_from_last_complete(reference, tmp_path):
     proc = cli_run(*RUN, "--checkpoint-every", "1", "--workdir", str(tmp_path))
     wait_for_lines(tmp_path, 25, proc)
@@ -238,6 +243,7 @@ def test_kill_9_during_async_saves_resumes_from_last_complete(reference, tmp_pat
     assert_same_run(metrics(tmp_path), reference, after=complete[-1])
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_save_reruns_in_place(reference, tmp_path):
     """kill -9 (the OOM killer, a lost node) under the default --checkpoint-every 0 leaves no
     checkpoint: the same command starts over, its files moved aside, as a requeue expects."""
@@ -298,6 +304,7 @@ def _overwrite(folder: Path):
             f.write_bytes(os.urandom(20))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["removed", "overwritten"])
 def test_corrupt_checkpoint_names_step_and_path(damage, tmp_path):
     assert cli.main(["--steps", "3", "--workdir", str(tmp_path)]) == 0
@@ -312,6 +319,7 @@ def test_corrupt_checkpoint_names_step_and_path(damage, tmp_path):
     assert len(err) < 400 and "<bound method" not in err  # the root cause's words, cut short
 
 
+@pytest.mark.slow
 def test_restart_moves_the_old_run_aside(tmp_path):
     assert cli.main(["--steps", "3", "--workdir", str(tmp_path)]) == 0
     # continued with another flag (config history) and a profile inside the range of the run
@@ -363,6 +371,7 @@ def test_config_history_is_never_overwritten(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.3
 
 
+@pytest.mark.slow
 def test_checkpoint_listing_as_json_prints_json_alone(tmp_path):
     assert cli.main(["--steps", "3", "--workdir", str(tmp_path)]) == 0
     proc = subprocess.run(
@@ -381,6 +390,7 @@ def readme_block(marker: str) -> str:
     return next(b.split("```")[0] for b in blocks if marker in b)
 
 
+@pytest.mark.slow
 def test_readme_orbax_recipe_works_as_pasted_with_a_relative_path(tmp_path):
     workdir = tmp_path / "runs" / "NAME"
     assert cli.main(["--steps", "330", "--mesh", "1", "--workdir", str(workdir)]) == 0

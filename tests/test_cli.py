@@ -35,6 +35,7 @@ def read_metrics(workdir):
     return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_default_run_reaches_95_percent_on_2x2(tmp_path):
     proc = run("--mesh", "2x2", "--workdir", str(tmp_path / "w"))
     assert proc.returncode == 0, proc.stderr
@@ -54,6 +55,7 @@ def test_default_run_reaches_95_percent_on_2x2(tmp_path):
     assert config["mesh"] == "2x2" and config["batch_size"] == 128
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [n for n in layout_names() if not parse_mesh(n).dcn])
 def test_every_layout_trains(layout, tmp_path):
     """Single-host layouts; the multi-host ones run in test_multiprocess.py. Layouts with
@@ -193,10 +195,56 @@ def test_bad_input_exits_2_with_one_line(args, tmp_path, capsys):
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     proc = run("--mesh", "2x", "--workdir", str(tmp_path / "w"))
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: invalid mesh '2x'") and "Traceback" not in proc.stderr
+
+
+OWN_MODEL = """
+from flax import nnx
+
+class Tiny(nnx.Module):
+    def __init__(self, image_shape, num_classes, *, dtype=None, rngs):
+        size = 1
+        for n in image_shape:
+            size *= n
+        self.dense = nnx.Linear(size, num_classes, rngs=rngs)
+
+    def __call__(self, images, train=False, rngs=None):
+        return self.dense(images.reshape(len(images), -1))
+"""
+OWN_DATA = """
+import numpy as np
+from jaxpar.data import Dataset
+
+def load(name, data_dir):
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(96, 4, 4, 1)).astype(np.float32)
+    labels = (images.mean(axis=(1, 2, 3)) > 0).astype(np.int32)
+    return Dataset(name, images[:64], labels[:64], images[64:], labels[64:], num_classes=2)
+"""
+
+
+@pytest.mark.slow
+def test_own_model_and_dataset_by_module_name_beside_a_models_package_of_ones_own(tmp_path):
+    """A project with its own ``models/`` package (which once shadowed jaxpar's) trains its own
+    model on its own data by ``module:attribute`` names, and resumes them from the checkpoint."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text("raise ImportError('the user models')\n")
+    (tmp_path / "mynets.py").write_text(OWN_MODEL)
+    (tmp_path / "mydata.py").write_text(OWN_DATA)
+    args = ["--model", "mynets:Tiny", "--dataset", "mydata:load", "--batch-size", "16",
+            "--mesh", "2", "--workdir", "w"]  # fmt: skip
+    first = run(*args, "--steps", "2", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    resumed = run(*args, "--steps", "4", cwd=tmp_path)
+    assert resumed.returncode == 0 and "resum" in resumed.stdout + resumed.stderr, resumed.stderr
+    assert [r["step"] for r in read_metrics(tmp_path / "w") if "eval_loss" in r][-1] == 4
+    wrong = run("--model", "mynets:Huge", "--steps", "2", "--workdir", "x", cwd=tmp_path)
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1, wrong.stderr
+    assert "unknown model 'mynets:Huge' (AttributeError" in wrong.stderr
 
 
 def test_paths_that_are_files_are_refused_before_anything_is_written(tmp_path, capsys):
@@ -299,6 +347,7 @@ def test_one_process_flags_are_a_single_process_run(monkeypatch):
     assert job_size(None, 4, 2) == (None, 4, None)
 
 
+@pytest.mark.slow
 def test_a_huge_mesh_is_refused_at_once_in_a_real_process(tmp_path):
     """20,000 emulated CPU devices took over 5 minutes and 2.6 GB before failing."""
     start = time.time()
@@ -373,6 +422,7 @@ def test_multiprocess_errors_other_than_collectives_keep_their_traceback(
             cli.main(argv)
 
 
+@pytest.mark.slow
 def test_used_workdir_is_never_overwritten(tmp_path):
     """A workdir whose run saved nothing starts over, its files moved aside, not overwritten."""
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "time": 0.0}\n')
@@ -382,6 +432,7 @@ def test_used_workdir_is_never_overwritten(tmp_path):
     assert read_metrics(tmp_path)[0]["step"] == 1 and "train_loss" in read_metrics(tmp_path)[0]
 
 
+@pytest.mark.slow
 def test_help_lists_every_flag_with_default():
     proc = run("--help")
     assert proc.returncode == 0
@@ -397,6 +448,7 @@ def test_help_lists_every_flag_with_default():
     assert "--sync" in section and "--microbatches" in section and "--lr " not in section
 
 
+@pytest.mark.slow
 def test_an_evaluation_before_the_first_logged_window_prints_the_loss_so_far(tmp_path, capsys):
     args = ["--steps", "4", "--log-every", "4", "--eval-every", "2", "--mesh", "1"]
     assert cli.main([*args, "--workdir", str(tmp_path)]) == 0
@@ -404,12 +456,14 @@ def test_an_evaluation_before_the_first_logged_window_prints_the_loss_so_far(tmp
     assert 0 < float(printed) < 10, printed  # the mean of steps 1-2, not nan (no window yet)
 
 
+@pytest.mark.slow
 def test_freezing_a_random_backbone_is_noted(tmp_path, capsys):
     args = ["--steps", "1", "--freeze", "backbone", "--mesh", "1", "--workdir", str(tmp_path)]
     assert cli.main(args) == 0
     assert "note: --freeze backbone without --init-from" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bf16_trains_as_well_as_fp32(tmp_path, capsys):
     assert cli.main(["--precision", "bf16", "--mesh", "2x2", "--workdir", str(tmp_path)]) == 0
     assert read_metrics(tmp_path)[-1]["eval_accuracy"] >= 0.95  # fp32 reaches 0.98 (above)
@@ -419,6 +473,7 @@ def test_bf16_trains_as_well_as_fp32(tmp_path, capsys):
 STATE_DTYPES = {"float32", "uint32", "int32"}
 
 
+@pytest.mark.slow
 def test_bf16_computes_matmuls_in_bf16_and_keeps_fp32_parameters():
 
     from jaxpar import Config
@@ -435,6 +490,7 @@ def test_bf16_computes_matmuls_in_bf16_and_keeps_fp32_parameters():
     assert dots and all("bf16" in line for line in dots)
 
 
+@pytest.mark.slow
 def test_bf16_resnet_convolves_in_bf16_and_keeps_fp32_statistics():
     from jaxpar import Config
     from jaxpar.data import train_batches
@@ -461,7 +517,7 @@ def test_bf16_resnet_convolves_in_bf16_and_keeps_fp32_statistics():
     # Activations leave BatchNorm in bf16: half the bytes between layers (benchmarks/gpu.py).
     from flax import nnx
 
-    from models import MODELS
+    from jaxpar.models import MODELS
 
     net = MODELS["resnet8"]((8, 8, 3), 10, dtype=jax.numpy.bfloat16, rngs=nnx.Rngs(0))
     y = net.stem_bn(net.stem(np.ones((2, 8, 8, 3), np.float32)), use_running_average=False)
@@ -491,6 +547,7 @@ def test_xla_flags_respect_the_user(monkeypatch):
     )  # a path that holds a flag's name is not that flag
 
 
+@pytest.mark.slow
 def test_grad_accum_is_a_memory_knob_not_a_change_of_the_run(tmp_path):
     # the MLP's dropout draws from each example's key: 4 microbatches give the same losses
     losses = {}
@@ -502,6 +559,7 @@ def test_grad_accum_is_a_memory_knob_not_a_change_of_the_run(tmp_path):
     np.testing.assert_allclose(losses[4], losses[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_remat_and_grad_accum_lower_the_planned_peak_memory():
     peak = {
         flags: plan(Config(mesh="1", model="vit-lite", batch_size=128, **dict(flags)))[
@@ -514,6 +572,7 @@ def test_remat_and_grad_accum_lower_the_planned_peak_memory():
     assert peak[(("grad_accum", 4),)] < 0.8 * plain
 
 
+@pytest.mark.slow
 def test_vit_learns_the_digits_with_its_recipe(tmp_path):
     # no optimizer flags: the ViT recipe (AdamW, warmup, cosine); patch 4 on the 8x8 digits
     args = ["--model", "vit-lite", "--patch-size", "4", "--mesh", "1", "--steps", "66"]
@@ -524,6 +583,7 @@ def test_vit_learns_the_digits_with_its_recipe(tmp_path):
     assert read_metrics(tmp_path)[-1]["eval_accuracy"] >= 0.95
 
 
+@pytest.mark.slow
 def test_evaluation_can_be_limited_to_a_fixed_subset_or_left_out(tmp_path, capsys):
     """--eval-examples N: the first N test examples, the same on every mesh; 0: no evaluation
     (a 3-step fine-tune once spent 586 s evaluating 10,000 images after 18 s of training)."""

@@ -31,7 +31,7 @@ import train as cli
 from jaxpar import compose
 from jaxpar.config import Config
 from jaxpar.loop import setup
-from models import MODELS, ResNet, ViT
+from jaxpar.models import MODELS, ResNet, ViT
 
 ROOT = Path(__file__).resolve().parent.parent
 # Each family's test model: the smallest that has what the family's cells are about (BatchNorm;
@@ -165,6 +165,7 @@ def model_for(*features) -> str:
     return MODEL["mlp" if "mlp" in kinds else kinds[0]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pair", PAIRS)
 def test_a_supported_pair_reduces_to_its_parts_or_runs_the_same_on_another_mesh(pair):
     a, b = PAIRS[pair]
@@ -182,6 +183,7 @@ def test_a_supported_pair_reduces_to_its_parts_or_runs_the_same_on_another_mesh(
 CELLS = {f"{f.name}-{k}": (f, k) for f, k in compose.supported_families()}
 
 
+@pytest.mark.slow
 class TestFamilies:
     """A class: pytest-xdist's loadscope gives it a worker of its own, beside the pairs."""
 
@@ -236,6 +238,7 @@ RESUMED = {"every-step": {}, **{f.name: f.example for f in compose.FEATURES if f
                                  "ema")}}  # fmt: skip
 
 
+@pytest.mark.slow
 class TestResume:
     @pytest.mark.parametrize("mode", RESUMED)
     def test_every_mode_resumes_from_a_periodic_checkpoint_with_an_open_window(

@@ -14,9 +14,9 @@ from jax.sharding import PartitionSpec as P
 
 import train as cli
 from jaxpar import compress
+from jaxpar.models import MODELS
 from jaxpar.quantize import aware, post_training
 from jaxpar.sharding import spec_table
-from models import MODELS
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,7 @@ def variants(workdir) -> dict:
     return saved["step"], {v["name"]: v for v in saved["variants"]}
 
 
+@pytest.mark.slow
 def test_mlp_int8_keeps_accuracy_at_a_quarter_of_the_bytes_and_pruning_is_exact(mlp_run):
     assert run(mlp_run, "--quantize", "int8,bf16", "--activations", "int8", "--prune", "0.9",
                "--finetune-epochs", "1") == 0  # fmt: skip
@@ -80,6 +81,7 @@ def test_int8_weights_and_scales_are_sharded_like_their_channels(mlp_run):
     assert q.fc1.kernel.array.qvalue.dtype == jnp.int8
 
 
+@pytest.mark.slow
 def test_resnet8_int8_keeps_its_accuracy_at_a_quarter_of_the_bytes(resnet8_run):
     assert run(resnet8_run, "--quantize", "int8", "--mesh", "1") == 0
     _, v = variants(resnet8_run)
@@ -115,6 +117,7 @@ def test_a_vit_is_refused_int8_with_the_reason(tmp_path, capsys):
     assert "vit-lite cannot be quantized to int8: qwix 0.1.8" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_qat_model_computes_what_post_training_quantization_makes_of_its_weights(resnet8_run):
     t = compress.restore_run(compress.run_config(resnet8_run, "1", None))
     x = compress.calibration_images(t, 1)[:16]

@@ -77,6 +77,7 @@ def test_missing_tfds_data_says_how_to_get_it(tmp_path, capsys):
         load_dataset("imagenet2012", str(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data_dir", [True, False])
 def test_missing_mnist_names_both_routes_in_one_line_of_a_real_process(data_dir, tmp_path):
     """Nothing printed before the error line (tfds logged "Variant folder ... has no
@@ -99,6 +100,7 @@ def test_missing_mnist_names_both_routes_in_one_line_of_a_real_process(data_dir,
 @pytest.mark.parametrize(
     "name, shape, model", [("mnist", (28, 28, 1), "mlp"), ("cifar10", (32, 32, 3), "resnet8")]
 )
+@pytest.mark.slow
 def test_tfds_datasets_train_one_real_step(name, shape, model, tmp_path):
     with tfds.testing.mock_data(num_examples=64):
         ds = load_dataset(name)
@@ -122,6 +124,7 @@ class Counting:
         return self.source[i]
 
 
+@pytest.mark.slow
 def test_imagenet_streams_seeded_crops_the_same_on_every_mesh(tmp_path):
     with tfds.testing.mock_data(num_examples=48):  # random JPEG-decoded images of random sizes
         ds = load_dataset("imagenet2012")
@@ -179,6 +182,7 @@ def test_synthetic_images_are_class_patterns_plus_noise():
     np.testing.assert_array_equal(pool, load_dataset("synthetic:6x5x2:3").train_images.pool)
 
 
+@pytest.mark.slow
 def test_synthetic_pool_is_built_without_large_intermediates(tmp_path):
     """ImageNet-size synthetic data peaked at 7.5 GB (int64 intermediates) for a 256 MiB pool."""
     script = (
@@ -225,6 +229,7 @@ class Jpegs:
             return {"image": np.asarray(image.convert("RGB")), "label": i % 7}
 
 
+@pytest.mark.slow
 def test_worker_processes_read_the_same_batches():
     """--data-workers: grain's processes read (decode, crop) the batches this process would."""
     from jaxpar.data import Dataset
@@ -252,6 +257,7 @@ class Pids:
         return {"read": np.array([os.getpid(), i])}
 
 
+@pytest.mark.slow
 def test_data_workers_read_in_their_own_processes_in_order_and_stop_when_closed():
     import multiprocessing
 
@@ -273,6 +279,7 @@ def test_data_workers_read_in_their_own_processes_in_order_and_stop_when_closed(
     assert not multiprocessing.active_children(), "the workers outlived their batches"
 
 
+@pytest.mark.slow
 def test_a_run_with_data_workers_writes_the_same_metrics(tmp_path):
     import json
 

@@ -47,12 +47,14 @@ def plain(tmp_path_factory):
     return losses(workdir)
 
 
+@pytest.mark.slow
 def test_weight_zero_is_plain_training_exactly(teacher, plain, tmp_path):
     assert cli.main([*PLAIN, "--mesh", "2x2", "--teacher", str(teacher), "--distill-weight", "0",
                      "--workdir", str(tmp_path / "zero")]) == 0  # fmt: skip
     assert losses(tmp_path / "zero") == plain
 
 
+@pytest.mark.slow
 def test_a_resnet_teaches_an_mlp_alike_on_every_mesh_and_across_a_resume(teacher, plain, tmp_path):
     """Stopped at step 4 on fsdp=4 and resumed on 2x2 (the teacher's parameters from the
     student's checkpoint), the run equals the one on 1 device."""
@@ -69,6 +71,7 @@ def test_a_resnet_teaches_an_mlp_alike_on_every_mesh_and_across_a_resume(teacher
     assert plain[0][1] != pytest.approx(a[0][1], rel=1e-3)  # the teacher changes the loss
 
 
+@pytest.mark.slow
 def test_a_teacher_of_other_classes_is_refused(tmp_path, capsys):
     other = tmp_path / "five"
     assert cli.main(["--dataset", "synthetic:8x8x1:5", "--steps", "2", "--batch-size", "8",

@@ -9,6 +9,7 @@ MESHES = ["8x1", "1x8", "2x4", "fsdp=8", "fsdp=4,model=2"]
 CASES = [("mlp", "sgd"), ("mlp", "adamw"), ("resnet8", "sgd")]  # dropout; Adam; BatchNorm
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
 @pytest.mark.parametrize("model, optimizer", CASES)
 def test_losses_match_one_device(model, optimizer, mesh):
@@ -25,6 +26,7 @@ def test_losses_match_one_device(model, optimizer, mesh):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=atol)
 
 
+@pytest.mark.slow
 def test_seed_changes_the_run():
     """Guard against a comparison that cannot fail: another seed gives other losses."""
     other, *_ = trained("mlp", "sgd", "1", seed=1)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import train as cli
@@ -48,6 +49,7 @@ def params(state):
     return np.concatenate([np.ravel(x) for x in jax.tree.leaves(state[0])])
 
 
+@pytest.mark.slow
 def test_one_client_with_one_step_is_centralized_sgd():
     run, state = fed_run()
     n = len(run.ds.train_labels)
@@ -66,6 +68,7 @@ def test_one_client_with_one_step_is_centralized_sgd():
     np.testing.assert_allclose(metrics["train_loss"], value, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_fedprox_with_mu_to_zero_is_fedavg_and_mu_pulls_towards_the_global_model():
     run, state = fed_run()
     host = run.mode.round_rows(0)
@@ -181,6 +184,7 @@ def numbers(rows):
     return [(r["step"], r.get("train_loss"), r.get("eval_loss")) for r in rows]
 
 
+@pytest.mark.slow
 def test_the_same_run_on_1_4_and_8_devices(tmp_path):
     args = [*FED, "--clients", "12", "--clients-per-round", "5", "--rounds", "4"]
     runs = {}
@@ -196,6 +200,7 @@ def test_the_same_run_on_1_4_and_8_devices(tmp_path):
     assert summary_["clients"] == 12 and sum(summary_["examples_per_client"]) == 1437
 
 
+@pytest.mark.slow
 def test_a_run_stopped_and_resumed_equals_the_uninterrupted_one(tmp_path):
     args = [*FED, "--clients", "8", "--clients-per-round", "3", "--server-optimizer", "fedavgm",
             "--checkpoint-every", "1", "--mesh", "2x1"]  # fmt: skip
@@ -216,6 +221,7 @@ def test_a_run_stopped_and_resumed_equals_the_uninterrupted_one(tmp_path):
     assert errors and all(0 <= e < 1e-4 for e in errors)
 
 
+@pytest.mark.slow
 def test_the_adaptive_server_optimizers_take_adam_and_yogi_steps():
     for name, make in (("fedadam", optax.adam), ("fedyogi", optax.yogi)):
         run, state = fed_run(server_optimizer=name)
@@ -233,6 +239,7 @@ def test_the_adaptive_server_optimizers_take_adam_and_yogi_steps():
         assert np.isfinite(metrics["train_loss"])
 
 
+@pytest.mark.slow
 def test_dp_fedavg_runs_end_to_end_and_the_mode_is_built_by_field(tmp_path, capsys):
     """`make_mode` once passed its fields by position: the round count landed in `at_once`
     (every client trained at once on a CPU) and DP-FedAvg's privacy budget saw 0 rounds."""
@@ -247,6 +254,7 @@ def test_dp_fedavg_runs_end_to_end_and_the_mode_is_built_by_field(tmp_path, caps
     assert (mode.per_round, mode.local_batch, mode.shards) == (4, 16, 2)
 
 
+@pytest.mark.slow
 def test_clients_on_a_data_axis_that_does_not_divide_the_batch_size(tmp_path):
     """--batch-size is unused by a federated run, so evaluation splits by the mesh instead (a
     mesh of data=5 once crashed on the evaluation batches of 128 rows)."""

@@ -72,6 +72,7 @@ def metrics(workdir):
     return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_mixture_trains_alike_on_every_mesh_and_across_a_resume(data_dir, tmp_path):
     args = ["--dataset", "mnist=12,fashion_mnist=4", "--data-dir", str(data_dir), "--batch-size",
             "16", "--log-every", "1", "--eval-every", "3"]  # fmt: skip
@@ -117,6 +118,7 @@ def test_bad_mixtures_exit_2_with_one_line(data_dir, tmp_path, capsys, dataset, 
     assert not (tmp_path / "w" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_sources_of_other_shapes_are_refused_or_resized(data_dir, tmp_path, capsys):
     """Refused, naming both shapes; with --resize-sources, resized (bilinear, RGB to grey) to the
     first source's shape."""

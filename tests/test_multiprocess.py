@@ -59,6 +59,7 @@ def start(args, env, cwd=ROOT):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_slurm_job_forms_without_a_coordinator(one_process, tmp_path):
     """Two tasks with the environment srun gives each (JAX's SLURM detection reads it): no
     --coordinator, the same losses as one process."""
@@ -82,6 +83,7 @@ def test_a_slurm_job_forms_without_a_coordinator(one_process, tmp_path):
     assert_same(losses(tmp_path), one_process)
 
 
+@pytest.mark.slow
 def test_a_missing_process_is_named_within_the_init_timeout(tmp_path):
     """Process 0 alone, and process 1 alone, of 2-process jobs: one line each, exit status 2,
     nothing written, within --init-timeout (plus start-up), instead of JAX's abort."""
@@ -107,6 +109,7 @@ def test_a_missing_process_is_named_within_the_init_timeout(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_losses_of_one_and_checkpoints_move_between_them(
     one_process, tmp_path
 ):
@@ -130,6 +133,7 @@ def losses_after(table, step):
     return {k: v for k, v in table.items() if k[0] > step}
 
 
+@pytest.mark.slow
 def test_killed_process_ends_the_job_quickly(tmp_path):
     command = [sys.executable, "-m", "jaxpar.launch", "-n", "2", "--", sys.executable]
     command += [str(ROOT / "train.py"), "--mesh", "2", "--steps", "100000", "--log-every", "1"]
@@ -178,6 +182,7 @@ def test_model_parallel_across_hosts_is_refused(tmp_path):
         parse_mesh(str(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [n for n in layout_names() if parse_mesh(n).dcn])
 def test_hybrid_layouts_train_on_their_hosts(layout, tmp_path):
     hosts = parse_mesh(layout).hosts
@@ -187,6 +192,7 @@ def test_hybrid_layouts_train_on_their_hosts(layout, tmp_path):
     assert "[p0] final test accuracy" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_process_saves_the_whole_job(tmp_path):
     # One pod evicted: SIGTERM reaches process 1 only. The processes agree on the step through
     # the train step itself, save one checkpoint together and all exit 143.
@@ -214,6 +220,7 @@ def test_a_signal_to_one_process_saves_the_whole_job(tmp_path):
     assert f"resumed from step {step}" in proc.stdout
 
 
+@pytest.mark.slow
 def test_the_job_writes_to_one_default_workdir(tmp_path):
     # Process 1's clock is 9 hours ahead (another time zone): its own name would differ.
     # FSDP: each process writes its own shards of the checkpoint.
@@ -229,6 +236,7 @@ def test_the_job_writes_to_one_default_workdir(tmp_path):
     assert cli.main(["--mesh", "2", "--steps", "4", "--workdir", str(workdir)]) == 0
 
 
+@pytest.mark.slow
 def test_the_launcher_relays_every_line():
     lines = 200_000
     command = [sys.executable, "-m", "jaxpar.launch", "-n", "2", "--", sys.executable, "-c"]

@@ -23,6 +23,7 @@ def plans():
     return {s: plan(Config(mesh=m, batch_size=64)) for s, m in STRATEGIES.items()}
 
 
+@pytest.mark.slow
 def test_plan_lists_every_parameter_with_the_golden_specs(plans):
     for strategy, p in plans.items():
         assert [r["path"] for r in p["params"]] == MLP_PARAMS
@@ -85,6 +86,7 @@ def test_plot_writes_a_png(run, tmp_path):
     assert plot_main([str(tmp_path / "nothing"), "-o", str(out)]) == 2
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     args = ["--lr", "1e6", "--steps", "40", "--checkpoint-every", "1", "--log-every", "1"]
     assert cli.main([*args, "--workdir", str(tmp_path)]) == 1
@@ -102,6 +104,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     assert "no checkpoint was saved yet: rerun with --restart" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_profile_range_is_clamped_to_the_run(tmp_path):
     # an end past the last step: the trace stops, and is written, at the last step
     assert cli.main(["--steps", "4", "--profile-steps", "1:100", "--workdir", str(tmp_path)]) == 0
@@ -129,6 +132,7 @@ def test_examples_per_s_counts_training_time_only(monkeypatch):
     assert written[0]["examples_per_s"] == 2 * 10 / 3
 
 
+@pytest.mark.slow
 def test_plan_shows_a_tensor_parallel_vit_block_s_all_reduces():
     p = plan(Config(mesh="1x4", model="vit-lite", batch_size=64))  # vit-lite: 4 heads
     specs = {r["path"]: r["spec"] for r in p["params"]}

@@ -52,6 +52,7 @@ OPTIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", OPTIONS)
 def test_each_option_changes_the_run_and_gives_the_same_losses_on_two_meshes(option):
     flags = OPTIONS[option]
@@ -62,6 +63,7 @@ def test_each_option_changes_the_run_and_gives_the_same_losses_on_two_meshes(opt
     assert not np.allclose(a, losses()), "the option changed nothing"
 
 
+@pytest.mark.slow
 def test_adam_is_adamw_without_decay():
     adam = losses(optimizer="adam", lr=1e-3)
     np.testing.assert_allclose(adam, losses(optimizer="adamw", lr=1e-3), rtol=1e-6)
@@ -71,6 +73,7 @@ def test_a_clipping_norm_never_reached_clips_nothing():
     np.testing.assert_allclose(losses(clip_grad_norm=1e6), losses(), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_clipping_scales_the_step_to_the_norm():
     """SGD without momentum moves by lr * g * min(1, C / |g|): with C under every gradient's
     norm, the first step moves the parameters by exactly lr * C."""
@@ -93,6 +96,7 @@ def test_label_smoothing_is_pytorchs():
     np.testing.assert_allclose(ours, theirs.item(), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_moving_average_follows_the_parameters_and_never_changes_the_training():
     decay, steps = 0.5, 3
     np.testing.assert_array_equal(losses(ema=decay), losses())
@@ -106,6 +110,7 @@ def test_the_moving_average_follows_the_parameters_and_never_changes_the_trainin
     jax.tree.map(check, ema, expected)
 
 
+@pytest.mark.slow
 def test_a_moving_average_of_decay_0_evaluates_as_the_model(tmp_path):
     """Evaluated beside the model: at decay 0 the average is the model, so the two evaluations
     agree exactly; a resume must keep (or keep out) the average the checkpoint holds."""

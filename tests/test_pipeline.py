@@ -22,12 +22,12 @@ from jaxpar.config import Config
 from jaxpar.data import load_dataset, preprocess, train_batches
 from jaxpar.loop import dispatches, setup
 from jaxpar.mesh import make_mesh, parse_mesh
+from jaxpar.models import MODELS
+from jaxpar.models.vit import ViT
 from jaxpar.pipeline import Schedule
 from jaxpar.plan import format_plan, plan
 from jaxpar.sharding import path_str
 from jaxpar.step import compile_steps, create_state, make_optimizer
-from models import MODELS
-from models.vit import ViT
 
 IMAGE = (8, 8, 1)
 # Depth 8 splits over 2, 4 and 8 stages; dropout on everywhere, so equality also proves that
@@ -73,6 +73,7 @@ def sequential():
     "stages, microbatches, repeats",
     [(2, 2, 1), (2, 4, 1), (4, 4, 1), (4, 8, 1), (8, 8, 1), (2, 4, 2), (4, 4, 2), (1, 4, 1)],
 )
+@pytest.mark.slow
 def test_pipelined_forward_equals_sequential_per_example(stages, microbatches, repeats,
                                                          sequential):  # fmt: skip
     mesh = f"stage={stages},data={min(8 // stages, 16 // microbatches)}"
@@ -80,6 +81,7 @@ def test_pipelined_forward_equals_sequential_per_example(stages, microbatches, r
     np.testing.assert_allclose(logits, sequential[0], atol=1e-5)  # every example
 
 
+@pytest.mark.slow
 def test_the_bubble_never_reaches_outputs_or_gradients(sequential):
     """Slots where a stage holds no microbatch start as NaN; nothing of them may leak."""
     logits, grads = forward_and_grad(Schedule(4, 4, fill=float("nan")), "stage=4,data=2")
@@ -89,6 +91,7 @@ def test_the_bubble_never_reaches_outputs_or_gradients(sequential):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fsdp_weights_gathered_per_tick_give_the_same_result(sequential):
     logits, _ = forward_and_grad(Schedule(2, 4, gather=False), "stage=2,fsdp=4", grad=False)
     np.testing.assert_allclose(logits, sequential[0], atol=1e-5)
@@ -159,6 +162,7 @@ def one_device():
         ("stage=2,data=4", (2, 4, 2), {}),  # circular, 2 trips
     ],
 )
+@pytest.mark.slow
 def test_training_on_stages_equals_one_device(mesh, schedule, flags, one_device):
     losses, params = library_run(mesh, Schedule(*schedule), **flags)
     optimizer = flags.get("optimizer", "sgd")
@@ -167,6 +171,7 @@ def test_training_on_stages_equals_one_device(mesh, schedule, flags, one_device)
     assert_same_params(params, want_params, optimizer)
 
 
+@pytest.mark.slow
 def test_checkpoints_move_between_pipelined_and_plain_meshes(one_device, tmp_path):
     """Stop on stages, continue without, and back: the layer stack is stored the same way. (The
     same pipelined mesh twice: its second run reuses the compiled programs.)"""
@@ -186,6 +191,7 @@ def test_layer_stack_is_split_over_stages():
     assert shardings["head"]["kernel"].spec == jax.sharding.PartitionSpec(None, None)
 
 
+@pytest.mark.slow
 def test_plan_shows_the_pipeline_and_remat_bounds_its_memory():
     cfg = Config(model=MODEL, mesh="stage=4,data=2", batch_size=64, microbatches=8, steps=1)
     planned = plan(cfg)

@@ -86,6 +86,7 @@ def test_projection_arithmetic():
     assert ring["collectives"][0]["link"] == "between nodes"
 
 
+@pytest.mark.slow
 def test_dry_run_json_projects_onto_two_nodes(capsys):
     args = ["--dry-run", "--json", "--mesh", "data=2,fsdp=2", "--project", "h100x2:nodes=2"]
     assert cli.main(args) == 0

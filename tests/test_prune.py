@@ -4,6 +4,7 @@ zero through training and resume, masks sharded like their parameters, the same 
 import json
 
 import numpy as np
+import pytest
 
 import train as cli
 from jaxpar.checkpoint import Checkpoints
@@ -28,6 +29,7 @@ def losses(workdir):
     return [x["train_loss"] for x in map(json.loads, lines) if "train_loss" in x]
 
 
+@pytest.mark.slow
 def test_pruning_is_exact_per_layer_survives_resume_and_matches_one_device(tmp_path):
     one, sharded = tmp_path / "one", tmp_path / "sharded"
     assert cli.main([*ARGS, "--steps", "8", "--mesh", "1", "--workdir", str(one)]) == 0
@@ -52,6 +54,7 @@ def test_pruning_is_exact_per_layer_survives_resume_and_matches_one_device(tmp_p
     assert cli.main(["--steps", "14", "--mesh", "1", "--workdir", str(sharded)]) == 2
 
 
+@pytest.mark.slow
 def test_a_longer_continuation_keeps_the_schedule_it_began(tmp_path, capsys):
     """The default end of the ramp is 3/4 of the run: a longer --steps would move it later,
     lower the sparsity due now and revive pruned weights. Refused, naming --prune-end."""
@@ -92,9 +95,9 @@ def test_a_vits_stacked_layers_are_pruned_one_by_one_and_their_vectors_stay_dens
     import optax
     from flax import nnx
 
+    from jaxpar.models import ViT
     from jaxpar.prune import magnitude_pruning, weight_roles
     from jaxpar.step import head_paths
-    from models import ViT
 
     vit = nnx.eval_shape(lambda: ViT((8, 8, 1), 10, width=32, depth=2, heads=2, mlp_dim=64,
                                      rngs=nnx.Rngs(0)))  # fmt: skip

@@ -12,9 +12,9 @@ from jax.sharding import PartitionSpec as P
 import jaxpar
 from jaxpar.data import device_batch, train_indices
 from jaxpar.mesh import CPU_XLA_FLAGS, make_mesh, parse_mesh
+from jaxpar.models import MODELS
 from jaxpar.sharding import check_batch, partition_spec, path_str, spec_table, state_shardings
 from jaxpar.step import abstract_state, make_optimizer
-from models import MODELS
 
 STRATEGIES = {
     "dp": "8x1",
@@ -88,6 +88,7 @@ def test_unknown_logical_name_is_an_error():
         partition_spec(("experts",), (8,), make_mesh(parse_mesh("8")))
 
 
+@pytest.mark.slow
 def test_shard_shapes_per_device():
     _, state, _, _, mesh = trained("mlp", "sgd", "fsdp=4,model=2")
     kernel = state[0]["fc1"]["kernel"]
@@ -132,6 +133,7 @@ def copied_parameters(hlo: str) -> list[str]:
     return [name for name in names if f"copy({name})" in entry]
 
 
+@pytest.mark.slow
 def test_cpu_step_updates_parameters_in_place_without_copies():
     """`CPU_XLA_FLAGS` (set for the tests by conftest, as train.py sets them): region analysis
     lets XLA update the donated parameters without copying them first; without it the MLP step
@@ -147,6 +149,7 @@ def test_dp_step_all_reduces_gradients_and_gathers_no_parameters():
     assert "all-gather" not in hlo
 
 
+@pytest.mark.slow
 def test_fsdp_step_gathers_parameters():
     assert "all-gather" in compiled_text("fsdp=8")  # shows the check above can fail
 

@@ -19,12 +19,12 @@ from jaxpar.config import Config
 from jaxpar.data import train_batches
 from jaxpar.loop import setup
 from jaxpar.mesh import make_mesh, parse_mesh
+from jaxpar.models import MODELS
+from jaxpar.models.vit import ViT
 from jaxpar.plan import plan
 from jaxpar.sharding import path_str
 from jaxpar.step import compile_steps, create_state, make_optimizer
 from jaxpar.sync import Stale
-from models import MODELS
-from models.vit import ViT
 
 
 def train(workdir, mesh="data=4", steps=8, **flags):
@@ -61,6 +61,7 @@ def assert_same(a, b, rtol=1e-6, atol=1e-6):
         {"sync": "stale:0"},
     ],
 )
+@pytest.mark.slow
 def test_each_mode_reduces_to_every_step(flags, every_step, tmp_path):
     assert_same(train(tmp_path, **flags), every_step)
 
@@ -78,6 +79,7 @@ def test_local_sgd_drifts_and_diloco_with_plain_outer_sgd_is_local_sgd(
     assert_same(diloco, local4)  # outer SGD at rate 1 without momentum takes the replicas' mean
 
 
+@pytest.mark.slow
 def test_same_data_size_other_splits_give_the_same_run(tmp_path):
     """DiLoCo: replica axis, global copy and outer state all placed on the other split."""
     a = train(tmp_path / "a", mesh="data=4", sync="diloco:3")
@@ -102,6 +104,7 @@ def test_the_plan_counts_held_models_apart_from_the_optimizer_state():
     assert diloco["held"] == every["params"] and diloco["outer_optimizer"] == every["params"]
 
 
+@pytest.mark.slow
 def test_resume_mid_round_on_another_mesh_equals_uninterrupted(tmp_path):
     flags = {"sync": "diloco:4", "momentum": 0.9}  # outer and inner momentum in the checkpoint
     whole = train(tmp_path / "whole", steps=10, **flags)
@@ -111,6 +114,7 @@ def test_resume_mid_round_on_another_mesh_equals_uninterrupted(tmp_path):
     assert_same(resumed, whole, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_stale_sgd_updates_batchnorm_statistics(tmp_path):
     """With a learning rate too small to move a float32 weight, stale and every-step SGD hold
     the same parameters, so their BatchNorm statistics must agree too (they once stayed at
@@ -211,12 +215,13 @@ def test_stale_gradients_match_numpy():
 @pytest.fixture
 def small_vit():
     """A ViT with 4x4 patches and 64 channels: the shape that XLA's partitioner got wrong as a
-    vmapped convolution under FSDP (`models.vit.embed_patches`)."""
+    vmapped convolution under FSDP (`jaxpar.models.vit.embed_patches`)."""
     MODELS["vit-synctest"] = partial(ViT, width=64, depth=2, heads=2, mlp_dim=64, patch_size=4)
     yield "vit-synctest"
     del MODELS["vit-synctest"]
 
 
+@pytest.mark.slow
 def test_local_sgd_replicas_of_a_vit_under_fsdp(small_vit):
     losses = {}
     for sync in ("every-step", "local:1"):

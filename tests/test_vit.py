@@ -19,12 +19,12 @@ from jax.sharding import PartitionSpec as P
 import jaxpar
 from jaxpar.data import device_batch, train_indices
 from jaxpar.mesh import make_mesh, parse_mesh
+from jaxpar.models import MODELS
+from jaxpar.models.dropout import dropout as drop
+from jaxpar.models.vit import ViT, check_patch_size, default_patch_size
 from jaxpar.plan import collectives
 from jaxpar.sharding import batch_sharding, placed, spec_table, state_shardings
 from jaxpar.step import abstract_state, compile_steps, init_state, make_optimizer
-from models import MODELS
-from models.dropout import dropout as drop
-from models.vit import ViT, check_patch_size, default_patch_size
 
 IMAGE = (8, 8, 1)  # digits-shaped
 TINY = {"width": 32, "depth": 2, "heads": 8, "mlp_dim": 64}  # heads split on every TP mesh
@@ -92,6 +92,7 @@ def flat_params(model_fn):
     return {"/".join(map(str, p[1:])): v for p, v in nnx.to_flat_state(abstract) if p[0] == 0}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 def test_forward_shapes_and_float32_logits(pool):
     apply, state = applier(train=False, pool=pool)
@@ -103,6 +104,7 @@ def test_forward_shapes_and_float32_logits(pool):
     assert ("cls_token" in state) == (pool == "cls")
 
 
+@pytest.mark.slow
 def test_bf16_computes_in_bf16_with_float32_parameters_and_logits():
     model = vit(dtype=jnp.bfloat16)(rngs=nnx.Rngs(0))
     assert {x.dtype for x in jax.tree.leaves(nnx.state(model))} == {jnp.dtype(jnp.float32)}
@@ -213,6 +215,7 @@ def trained_vit(mesh_text, steps=3, dropout=0.1, accum=1):
     return np.array(losses), state
 
 
+@pytest.mark.slow
 def test_heads_are_split_over_model():
     _, state = trained_vit("fsdp=4,model=2")
     blocks = state[0]["blocks"]
@@ -227,6 +230,7 @@ def test_heads_are_split_over_model():
 
 # 2x4 splits the batch over data and the heads over model at once; the FSDP meshes gather
 # weights. (8x1 and 1x8 alone added 22 s to the suite and nothing these do not cover.)
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["2x4", "fsdp=8", "fsdp=4,model=2"])
 def test_sharded_training_with_dropout_matches_one_device(mesh):
     """Per-example dropout keys: the masks, hence the losses, do not depend on the mesh."""
@@ -238,6 +242,7 @@ def test_sharded_training_with_dropout_matches_one_device(mesh):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["1", "2x4"])
 def test_gradient_accumulation_gives_the_same_run(mesh):
     """4 microbatches of 16 (rows j, j+4, ...): same losses and parameters, dropout included."""
@@ -269,6 +274,7 @@ def compiled_step(mesh_text):
         return train_step.lower(args, batch).compile()
 
 
+@pytest.mark.slow
 def test_fsdp_gathers_weights_inside_the_scan_and_keeps_the_batch_split():
     """Under FSDP each device holds its share of the batch, as under data parallelism (without
     the constraint XLA moved activations instead and needed ~6x the temporaries)."""
@@ -278,11 +284,12 @@ def test_fsdp_gathers_weights_inside_the_scan_and_keeps_the_batch_split():
     assert temporaries[0] <= temporaries[1], temporaries
 
 
+@pytest.mark.slow
 def test_dropout_masks_are_per_example():
     """Each example's masks depend on its own key alone: compared exactly. The logits of a batch
     and of its halves only to a tolerance: XLA's CPU matrix products round differently by batch
     size, and differently on Intel and AMD (1.1e-6 apart on an Intel Xeon)."""
-    from models.dropout import dropout
+    from jaxpar.models.dropout import dropout
 
     x, keys = images(), example_keys()
     ones = jnp.ones((8, 5, 16))
@@ -317,8 +324,9 @@ def jax_random_reference(x, rate, keys, salt):
         ((), 0.5, (1,), "float32"),
     ],
 )
+@pytest.mark.slow
 def test_dropout_draws_jax_randoms_bits(shape, rate, salt, dtype):
-    """`models.dropout` hashes its masks itself (fused, see there): they must stay the ones
+    """`jaxpar.models.dropout` hashes its masks itself (fused, see there): they must stay the ones
     `jax.random` gives each example's key, so recorded runs keep their losses. Salts are traced
     (as a scanned layer index is)."""
     keys = jax.random.split(jax.random.key(3), 6)
@@ -330,6 +338,7 @@ def test_dropout_draws_jax_randoms_bits(shape, rate, salt, dtype):
     assert 0 < float((ours == 0).mean()) < 2 * rate
 
 
+@pytest.mark.slow
 def test_dropout_leaves_other_keys_and_settings_to_jax_random():
     """Where its own hash would not give `jax.random`'s bits it uses `jax.random`: other key
     implementations, JAX's original (non-partitionable) counters. Bad shapes are refused."""
@@ -360,6 +369,7 @@ def loss_and_grads(remat):
     return jax.jit(jax.value_and_grad(loss))(state), jaxpr
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_loss_and_gradients():
     (loss, grads), jaxpr = loss_and_grads(remat=False)
     (remat_loss, remat_grads), remat_jaxpr = loss_and_grads(remat=True)
@@ -369,9 +379,12 @@ def test_remat_gives_the_same_loss_and_gradients():
     assert [p for p, _ in flat] == [p for p, _ in remat_flat]
     for (path, g), (_, h) in zip(flat, remat_flat, strict=True):
         assert np.any(g[...] != 0), path  # every parameter takes part
-        np.testing.assert_allclose(h[...], g[...], rtol=1e-5, atol=1e-7, err_msg=str(path))
+        # recomputed activations round otherwise (by 1.7e-6 on a gradient of 0.15 at XLA's
+        # optimisation level 0, the tests'): a rounding's worth, not a missing term
+        np.testing.assert_allclose(h[...], g[...], rtol=1e-5, atol=5e-6, err_msg=str(path))
 
 
+@pytest.mark.slow
 def test_blocks_are_scanned_so_tracing_does_not_grow_with_depth():
     def program(depth):
         model = vit(depth=depth)(rngs=nnx.Rngs(0))
@@ -415,7 +428,7 @@ def test_bad_model_arguments_are_user_errors(overrides, match):
 
 
 def test_fused_attention_only_where_cudnn_runs():
-    from models.vit import fused_attention
+    from jaxpar.models.vit import fused_attention
 
     # auto: cuDNN's kernel on GPUs in half precision without probability dropout, else XLA's
     assert not fused_attention("auto", jnp.bfloat16, False)  # traced for the CPU here
@@ -425,9 +438,10 @@ def test_fused_attention_only_where_cudnn_runs():
         fused_attention("flash", jnp.bfloat16, False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("patch, channels", [(2, 1), (4, 3), (16, 3)])
 def test_patch_embedding_is_the_strided_convolution(patch, channels):
-    from models.vit import embed_patches
+    from jaxpar.models.vit import embed_patches
 
     conv = nnx.Conv(channels, 8, (patch, patch), strides=(patch, patch), padding="VALID",
                     rngs=nnx.Rngs(0))  # fmt: skip

@@ -26,10 +26,10 @@ from jaxpar.config import Config
 from jaxpar.data import load_dataset
 from jaxpar.errors import UserError
 from jaxpar.loop import train
+from jaxpar.models import MODELS, revision
 from jaxpar.predict import predict
 from jaxpar.sharding import path_str
 from jaxpar.weights import convert, import_weights, read_tensors
-from models import MODELS, revision
 from tests import torch_reference as ref
 
 
@@ -52,6 +52,7 @@ def torch_logits(net, x_nhwc: np.ndarray) -> np.ndarray:
     [("resnet8", 16, "1"), ("resnet18", 64, "1"), ("resnet18", 224, "model=2"),
      ("resnet50", 64, "fsdp=2"), ("resnet50", 224, "2x2")],
 )  # fmt: skip
+@pytest.mark.slow
 def test_imported_resnet_computes_pytorchs_logits(model, side, mesh, tmp_path):
     net = ref.randomize(ref.resnet(model, 7, small_stem=side <= 32), seed=side)
     file = save(net, tmp_path / "w.safetensors")
@@ -64,6 +65,7 @@ def test_imported_resnet_computes_pytorchs_logits(model, side, mesh, tmp_path):
     assert np.abs(got - expected).max() <= 1e-4 * max(scale, 1.0), (got, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("names,suffix", [("torchvision", ".pth"), ("timm", ".safetensors")])
 def test_imported_vit_computes_pytorchs_logits(names, suffix, tmp_path):
     net = ref.randomize(ref.ViT(32, 4, 192, 12, 3, 768, 5), seed=1)  # vit-tiny's sizes
@@ -103,6 +105,7 @@ def fine_tuned(resnet8):
     return workdir, losses, printed.getvalue()
 
 
+@pytest.mark.slow
 def test_fine_tuning_imported_weights_gives_the_same_losses_on_every_mesh(resnet8, fine_tuned):
     """From the imported workdir or straight from the file; the 5-class head is replaced for
     digits' 10 classes; 1 device and 2x2 agree. (That the weights are the imported ones:
@@ -119,6 +122,7 @@ def test_fine_tuning_imported_weights_gives_the_same_losses_on_every_mesh(resnet
     assert (logits.argmax(-1) == ds.test_labels).mean() == pytest.approx(last["eval_accuracy"])
 
 
+@pytest.mark.slow
 def test_freeze_backbone_trains_only_the_head(resnet8):
     workdir, _ = fine_tune(resnet8, "2x2", resnet8["workdir"], "frozen", freeze="backbone")
     ckpts = Checkpoints(workdir)
@@ -297,6 +301,7 @@ def test_export_torch_gives_back_the_imported_files_tensors(resnet8, tmp_path):
     assert header(file)["format"] == "jaxpar" and header(file)["model"] == "resnet8"
 
 
+@pytest.mark.slow
 def test_exported_fine_tuned_weights_compute_jaxpars_logits_in_pytorch(
     resnet8, fine_tuned, tmp_path
 ):
@@ -332,6 +337,7 @@ def fake_run(workdir: Path, model: str, **manifest) -> dict:
     return {path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
+@pytest.mark.slow
 def test_bad_exports_exit_2_with_one_line_and_write_nothing(resnet8, tmp_path, capsys):
     mlp = fake_run(tmp_path / "mlp", "mlp")
     fake_run(tmp_path / "diloco", "mlp", sync="diloco:4")

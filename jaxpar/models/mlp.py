@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.axes import axes
-from models.dropout import dropout, example_keys
+from jaxpar.models.axes import axes
+from jaxpar.models.dropout import dropout, example_keys
 
 
 def _dense(din, dout, names, dtype, rngs):
@@ -45,7 +45,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x, *, train: bool = False, rngs: jax.Array | None = None):
         """`rngs`: one key per example (or one for the whole batch), used when `train` is true;
-        each example's mask depends on its own key only (`models.dropout`)."""
+        each example's mask depends on its own key only (`jaxpar.models.dropout`)."""
         x = x.reshape(x.shape[0], -1)
         x = jax.nn.relu(self.fc1(x))
         x = dropout(x, self.rate, example_keys(rngs, x.shape[0]) if train else None)

@@ -1,21 +1,24 @@
 """Flax NNX models. They name logical axes only; `jaxpar.sharding.RULES` maps them to the mesh."""
 
-from models.mlp import MLP, TwoNN
-from models.resnet import ResNet, ResNet8, ResNet18, ResNet34, ResNet50
-from models.vit import ViT, ViTBase, ViTLite, ViTSmall, ViTTiny
+from jaxpar.models.mlp import MLP, TwoNN
+from jaxpar.models.resnet import ResNet, ResNet8, ResNet18, ResNet34, ResNet50
+from jaxpar.models.vit import ViT, ViTBase, ViTLite, ViTSmall, ViTTiny
+from jaxpar.registry import Registry
 
-MODELS = {
-    "mlp": MLP,
-    "2nn": TwoNN,  # the FedAvg paper's MLP: 2 hidden layers of 200, ReLU
-    "resnet8": ResNet8,  # CIFAR-style ResNet-8 (3 stages of one basic block, width 16)
-    "resnet18": ResNet18,
-    "resnet34": ResNet34,
-    "resnet50": ResNet50,
-    "vit-tiny": ViTTiny,  # width 192, depth 12, 3 heads, MLP 768
-    "vit-lite": ViTLite,  # width 256, depth 7, 4 heads, MLP 512
-    "vit-small": ViTSmall,  # width 384, depth 12, 6 heads, MLP 1536
-    "vit-base": ViTBase,  # width 768, depth 12, 12 heads, MLP 3072
-}
+MODELS = Registry(
+    {
+        "mlp": MLP,
+        "2nn": TwoNN,  # the FedAvg paper's MLP: 2 hidden layers of 200, ReLU
+        "resnet8": ResNet8,  # CIFAR-style ResNet-8 (3 stages of one basic block, width 16)
+        "resnet18": ResNet18,
+        "resnet34": ResNet34,
+        "resnet50": ResNet50,
+        "vit-tiny": ViTTiny,  # width 192, depth 12, 3 heads, MLP 768
+        "vit-lite": ViTLite,  # width 256, depth 7, 4 heads, MLP 512
+        "vit-small": ViTSmall,  # width 384, depth 12, 6 heads, MLP 1536
+        "vit-base": ViTBase,  # width 768, depth 12, 12 heads, MLP 3072
+    }
+)
 
 # Defaults of the training flags per model family where the seed's (SGD, lr 0.01, constant) do
 # not suit: flags given on the command line win. ViTs: AdamW with linear warmup, then cosine.

@@ -14,9 +14,9 @@ activations in the backward pass instead of keeping them (``jax.checkpoint`` aro
 
 Dropout (rate ``dropout``: embeddings, attention output, MLP hidden and output; rate
 ``attention_dropout``: attention probabilities) draws every example's masks from that example's
-own key (`models.dropout`): call ``model(images, train=True, rngs=keys)`` with ``keys`` of shape
-``(batch,)``, ``keys[i] = fold_in(step_key, global position of example i)``. A single key is
-taken as the key of a whole global batch (example ``i`` gets ``fold_in(key, i)``).
+own key (`jaxpar.models.dropout`): call ``model(images, train=True, rngs=keys)`` with ``keys``
+of shape ``(batch,)``, ``keys[i] = fold_in(step_key, global position of example i)``. A single key
+is taken as the key of a whole global batch (example ``i`` gets ``fold_in(key, i)``).
 
 Trace the train step under its mesh (`jaxpar.step.under_mesh`, or ``jax.set_mesh(mesh)``): the
 blocks then pin the residual stream to the ``microbatch`` sharding (`constrain`), which FSDP
@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.axes import axes
-from models.dropout import dropout as drop
-from models.dropout import example_keys
+from jaxpar.models.axes import axes
+from jaxpar.models.dropout import dropout as drop
+from jaxpar.models.dropout import example_keys
 
 # Dropout sites: folded into each example's key (after the layer index inside the blocks).
 EMBED_SITE, PROBS_SITE, ATTN_SITE, HIDDEN_SITE, MLP_SITE = range(5)
@@ -329,7 +329,7 @@ class ViT(nnx.Module):
         )
 
     def __call__(self, x, *, train: bool = False, rngs: jax.Array | None = None):
-        """`rngs`: one key per example, shape ``(batch,)`` (see `models.dropout`); used when
+        """`rngs`: one key per example, shape ``(batch,)`` (see `jaxpar.models.dropout`); used when
         `train` is true and a dropout rate is set."""
         keys = example_keys(rngs, x.shape[0]) if train else None
         x = embed_patches(self.embed, x.astype(self.dtype), self.patch)  # (b, h/p, w/p, width)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.axes import axes
+from jaxpar.models.axes import axes
 
 
 def _conv(cin, cout, k, stride, dtype, rngs):
