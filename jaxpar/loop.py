@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import functools
+import itertools
 import math
 import sys
 import time
@@ -518,7 +519,9 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", prof
     # Closing the batches on the way out (a signal, an error) stops the input thread and workers.
     with stop_on_signals(run.mesh) as stop, profile, contextlib.closing(batches):
         compiled = Steps(run, window, stop)
-        for steps, batch in zip(plan, batches, strict=True):
+        with window.paused():  # start-up: the first read, and compiling the batch cutter
+            first = list(itertools.islice(batches, 1))
+        for steps, batch in zip(plan, itertools.chain(first, batches), strict=True):
             train = compiled(state, batch, steps)
             profile.before(steps.start)
             state, metrics = train(state, batch, *stop.args())
@@ -675,17 +678,18 @@ class Window:
         self.losses.append(loss)
         self.timed += 1
         if step % self.cfg.log_every == 0 or step == self.total:
-            now = time.time()
             self.logged = float(np.mean(self.losses))
+            seconds = time.time() - self.since - self.idle
             self.log.write(
                 step,
                 train_loss=self.logged,
                 grad_norm=grad_norm,
                 lr=float(self.schedule(step - 1)),  # the rate this step applied
-                examples_per_s=self.timed * self.per_step / (now - self.since - self.idle),
+                examples_per_s=self.timed * self.per_step / seconds,
                 **self.extra,
                 **self.latest,
             )
-            self.since, self.timed, self.idle = now, 0, 0.0
+            # Off the clock: writing the line (the first one starts TensorBoard's writer).
+            self.since, self.timed, self.idle = time.time(), 0, 0.0
             if step % self.cfg.log_every == 0:  # a run's last, partial window stays open
                 self.losses = []
