@@ -49,6 +49,23 @@ def inputs(images: np.ndarray, manifest: dict, shape) -> np.ndarray:
     return (images.astype(np.float32) / 255.0 - mean) / std
 
 
+def served_shape(manifest: dict, images: np.ndarray) -> tuple:
+    """The image shape to build the checkpoint's model for: its own, or for a ResNet, whose
+    parameters do not depend on the resolution, the images' (the same channels and the same
+    stem: both at most 32 pixels high, or both above; `jaxpar.models.resnet`).
+
+    >>> m = {"model": "resnet50", "image_shape": [224, 224, 3]}
+    >>> served_shape(m, np.zeros((1, 160, 128, 3))), served_shape(m, np.zeros((1, 32, 32, 3)))
+    ((160, 128, 3), (224, 224, 3))
+    """
+    shape = tuple(manifest["image_shape"])
+    if images.ndim != 4 or not manifest["model"].startswith("resnet"):
+        return shape
+    height, _, channels = images.shape[1:]
+    same_stem = (height <= 32) == (shape[0] <= 32)
+    return tuple(images.shape[1:]) if channels == shape[2] and same_stem else shape
+
+
 def latest(workdir) -> tuple[int, dict]:
     """The step and manifest of `workdir`'s latest complete checkpoint, refused (`UserError`)
     when there is none or this version's model computes differently."""
@@ -83,10 +100,11 @@ def predict(workdir, images: np.ndarray, mesh: str | None = None, batch_size: in
     from jaxpar.sharding import RULES, batch_sharding
 
     step, manifest = latest(workdir)
-    x = inputs(images, manifest, tuple(manifest["image_shape"]))
-    shape = x.shape[1:]
+    shape = served_shape(manifest, images)
+    x = inputs(images, manifest, shape)
     device_mesh = make_mesh(parse_mesh(mesh, jax.device_count()))
-    graphdef, params, shardings = restored(workdir, step, manifest, device_mesh)
+    graphdef, params, shardings = restored(workdir, step, manifest, device_mesh,
+                                           image_shape=list(shape))  # fmt: skip
     ways = int(np.prod([device_mesh.shape[a] for a in RULES["batch"]]))
     batch = -(-min(batch_size, len(x)) // ways) * ways  # a multiple of the batch shards
     rows = batch_sharding(device_mesh, 4)
@@ -108,7 +126,12 @@ def main(argv=None) -> int:
         prog="python -m jaxpar.predict", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("workdir", help="a workdir with a checkpoint (trained or imported)")
-    parser.add_argument("--input", required=True, help=".npy of NHWC images (uint8 or float32)")
+    parser.add_argument(
+        "--input",
+        required=True,
+        help=".npy of NHWC images: uint8 pixels, or float32 (pixels/255 - mean)/std with the "
+        "checkpoint manifest's normalization",
+    )
     parser.add_argument("--output", help="where to write the logits (.npy)")
     parser.add_argument("--mesh", help="as train.py's --mesh (default: every device on data)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")

@@ -240,7 +240,13 @@ def test_predict_cli(resnet8, tmp_path, capsys):
         f"top-1 labels of 5 images: {' '.join(map(str, expected.argmax(-1)))}"
         in capsys.readouterr().out
     )
-    np.save(images, ds.test_images[:5, :4])
+    # A ResNet's parameters do not depend on the resolution: 16x16 images (the same small stem)
+    larger = np.repeat(np.repeat(ds.test_images[:3], 2, axis=1), 2, axis=2)
+    np.save(images, larger)
+    argv = [str(resnet8["workdir"]), "--input", str(images), "--output", str(out)]
+    assert predict_cli.main(argv) == 0
+    np.testing.assert_allclose(np.load(out), torch_logits(resnet8["net"], larger), atol=1e-4)
+    np.save(images, ds.test_images[:5, :, :, :0])  # no channels: refused
     uint8 = tmp_path / "u.npy"
     np.save(uint8, np.zeros((2, 8, 8, 1), np.uint8))
     for argv, message in (
