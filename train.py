@@ -52,7 +52,7 @@ FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxp
             "mlp, 2nn, resnet8/18/34/50, vit-tiny, vit-lite, vit-small, vit-base, "
             "or your own as module:attribute",
         ),
-        ("--patch-size", int, "ViT patch size (None: 2 up to 16 px, 4 up to 64 px, 16 above)"),
+        ("--patch-size", int, "ViT patch size (None: 4 up to 64 px, 16 above)"),
         ("--precision", ["fp32", "bf16"], "compute precision (parameters stay float32)"),
         (
             "--init-from",
@@ -196,6 +196,8 @@ def parse_args(argv) -> Config:
     explicit = vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(given, UNSET))))
     # A federated run's clients train with plain SGD at --lr: no model recipe (AdamW, warmup).
     recipe = dict(recipe_for(given["model"])) if given["clients"] is None else {}
+    if explicit["optimizer"] is not UNSET and given["optimizer"] != recipe.get("optimizer"):
+        recipe.pop("weight_decay", None)  # the recipe's decay was tuned for its optimizer
     if "warmup_steps" in recipe and given["steps"]:  # a short run: warm up for a tenth of it
         recipe["warmup_steps"] = min(recipe["warmup_steps"], given["steps"] // 10)
     return Config(**{k: recipe.get(k, v) if explicit[k] is UNSET else v for k, v in given.items()})

@@ -317,9 +317,13 @@ def check_fits(manifest: dict, identity: dict, step: int, directory: Path) -> No
         if manifest.get(k, ABSENT.get(k)) != identity[k]
     ]
     if diffs:
+        saved_patch = manifest.get("patch_size")
+        fix = (f"pass --patch-size {saved_patch} to resume it (ViTs on images of at most 16 "
+               "pixels took patch 2 by default before; now 4), "
+               if saved_patch and saved_patch != identity["patch_size"] else "")  # fmt: skip
         raise UserError(
             f"checkpoint step {step} in {directory} is from another run ({'; '.join(diffs)}); "
-            "use another --workdir, or --restart to move the old run aside"
+            f"{fix}use another --workdir, or --restart to move the old run aside"
         )
 
 

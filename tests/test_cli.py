@@ -228,6 +228,15 @@ def load(name, data_dir):
 
 
 @pytest.mark.slow
+def test_another_optimizer_than_a_recipes_drops_the_recipes_weight_decay():
+    """The ViT recipe's decay (0.05) was tuned for AdamW; Adam has none (once a refusal of a
+    flag the user never gave), and SGD's is coupled. The rest of the recipe stays."""
+    cfg = cli.parse_args(["--model", "vit-lite", "--optimizer", "adam"]).validate()
+    assert (cfg.optimizer, cfg.weight_decay, cfg.lr, cfg.schedule) == ("adam", 0.0, 1e-3, "cosine")
+    cfg = cli.parse_args(["--model", "vit-lite", "--optimizer", "adamw"])
+    assert cfg.weight_decay == 0.05
+
+
 def test_own_model_and_dataset_by_module_name_beside_a_models_package_of_ones_own(tmp_path):
     """A project with its own ``models/`` package (which once shadowed jaxpar's) trains its own
     model on its own data by ``module:attribute`` names, and resumes them from the checkpoint."""
@@ -242,6 +251,11 @@ def test_own_model_and_dataset_by_module_name_beside_a_models_package_of_ones_ow
     resumed = run(*args, "--steps", "4", cwd=tmp_path)
     assert resumed.returncode == 0 and "resum" in resumed.stdout + resumed.stderr, resumed.stderr
     assert [r["step"] for r in read_metrics(tmp_path / "w") if "eval_loss" in r][-1] == 4
+    # The shadowing case: the project's folder first on the path (python -c, or -m, there).
+    code = "import jaxpar.loop, jaxpar.predict"
+    imported = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+    assert imported.returncode == 0, imported.stderr
     wrong = run("--model", "mynets:Huge", "--steps", "2", "--workdir", "x", cwd=tmp_path)
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1, wrong.stderr
     assert "unknown model 'mynets:Huge' (AttributeError" in wrong.stderr
@@ -574,8 +588,8 @@ def test_remat_and_grad_accum_lower_the_planned_peak_memory():
 
 @pytest.mark.slow
 def test_vit_learns_the_digits_with_its_recipe(tmp_path):
-    # no optimizer flags: the ViT recipe (AdamW, warmup, cosine); patch 4 on the 8x8 digits
-    args = ["--model", "vit-lite", "--patch-size", "4", "--mesh", "1", "--steps", "66"]
+    # only --model: the ViT recipe (AdamW, warmup, cosine) and the default patch (4 on 8x8)
+    args = ["--model", "vit-lite", "--mesh", "1", "--steps", "66"]
     assert cli.main([*args, "--eval-every", "66", "--workdir", str(tmp_path)]) == 0
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["optimizer"], config["schedule"], config["lr"]) == ("adamw", "cosine", 1e-3)

@@ -397,7 +397,7 @@ def test_blocks_are_scanned_so_tracing_does_not_grow_with_depth():
 
 def test_default_patch_sizes():
     sides = (8, 16, 28, 32, 64, 96, 224)
-    assert [default_patch_size((s, s, 3)) for s in sides] == [2, 2, 4, 4, 4, 16, 16]
+    assert [default_patch_size((s, s, 3)) for s in sides] == [4, 4, 4, 4, 4, 16, 16]
     assert check_patch_size((28, 28, 1), 7) == 7
 
 
