@@ -148,6 +148,10 @@ class Config:
              "--momentum would change nothing")  # fmt: skip
         need(self.optimizer != "adam" or not self.weight_decay, "--optimizer adam has no weight "
              "decay; use --optimizer adamw for decoupled decay")  # fmt: skip
+        need(self.optimizer != "muon" or compose.family(self.model) == "mlp", f"--optimizer muon "
+             f"with --model {self.model}: optax's Muon orthogonalises 2-D weights only, and this "
+             "model's are stacked blocks or convolutions, which would train with its Adam; use "
+             "it with the MLPs")  # fmt: skip
         need(self.schedule in ("constant", "cosine"), f"unknown schedule '{self.schedule}'")
         need(
             0 <= self.seed < 2**32,

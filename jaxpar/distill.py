@@ -92,7 +92,8 @@ def load_teacher(cfg, ds, mesh) -> Teacher:
     if model.startswith("vit-"):
         options["patch_size"] = check_patch_size(ds.image_shape, manifest.get("patch_size"))
     dtype = jnp.bfloat16 if manifest.get("precision") == "bf16" else jnp.float32
-    model_fn = partial(MODELS[model], ds.image_shape, ds.num_classes, dtype=dtype, **options)
+    build = MODELS.lookup(model, "model")
+    model_fn = partial(build, ds.image_shape, ds.num_classes, dtype=dtype, **options)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0))))
     shardings, _ = state_shardings(abstract, mesh)
     return Teacher(graphdef, nnx.to_pure_dict(abstract), shardings, source, step,

@@ -520,8 +520,8 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", prof
     with stop_on_signals(run.mesh) as stop, profile, contextlib.closing(batches):
         compiled = Steps(run, window, stop)
         with window.paused():  # start-up: the first read, and compiling the batch cutter
-            first = list(itertools.islice(batches, 1))
-        for steps, batch in zip(plan, itertools.chain(first, batches), strict=True):
+            head = list(itertools.islice(batches, 1))
+        for steps, batch in zip(plan, itertools.chain(head, batches), strict=True):
             train = compiled(state, batch, steps)
             profile.before(steps.start)
             state, metrics = train(state, batch, *stop.args())
@@ -621,6 +621,7 @@ class Window:
         self.extra = {}  # keys a mode adds to training lines (comm_bytes_per_step)
         self.latest = {}  # the last dispatch's other metrics (secure_agg_error)
         self.stop = 0  # the largest signal number pending in any process, as the steps saw it
+        self.wrote = False  # whether a training line was written yet
         self.start()
 
     def start(self) -> None:
@@ -679,7 +680,8 @@ class Window:
         self.timed += 1
         if step % self.cfg.log_every == 0 or step == self.total:
             self.logged = float(np.mean(self.losses))
-            seconds = time.time() - self.since - self.idle
+            now = time.time()
+            seconds = now - self.since - self.idle
             self.log.write(
                 step,
                 train_loss=self.logged,
@@ -689,7 +691,9 @@ class Window:
                 **self.extra,
                 **self.latest,
             )
-            # Off the clock: writing the line (the first one starts TensorBoard's writer).
-            self.since, self.timed, self.idle = time.time(), 0, 0.0
+            # The next window runs from here: the steps dispatched meanwhile are computing. The
+            # first line's writing is left out (it starts TensorBoard's writer: seconds).
+            self.since, self.timed, self.idle = now if self.wrote else time.time(), 0, 0.0
+            self.wrote = True
             if step % self.cfg.log_every == 0:  # a run's last, partial window stays open
                 self.losses = []

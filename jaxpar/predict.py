@@ -26,7 +26,7 @@ def model_of(manifest: dict):
     shape = tuple(manifest["image_shape"])
     options = {"patch_size": manifest["patch_size"]} if manifest["model"].startswith("vit-") else {}
     dtype = jnp.bfloat16 if manifest.get("precision") == "bf16" else jnp.float32
-    fn = MODELS[manifest["model"]]
+    fn = MODELS.lookup(manifest["model"], "model")
     return lambda rngs: fn(shape, manifest["num_classes"], dtype=dtype, rngs=rngs, **options), shape
 
 

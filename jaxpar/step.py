@@ -53,8 +53,8 @@ def make_optimizer(
     ``clip_grad_norm_``).
 
     SGD has momentum in PyTorch's form (v = m*v + g; p -= lr*v) and coupled L2 weight decay;
-    AdamW, Lion and Muon decay decoupled; Adafactor (optax's defaults: factored second moments,
-    no momentum) scales its decay rate by the learning rate; Adam has none. Muon orthogonalises
+    AdamW, Lion and Muon decay decoupled (``p -= lr * decay * p``), and so does Adafactor (optax's
+    defaults: factored second moments, no momentum); Adam has none. Muon orthogonalises
     the updates of 2-D weights and gives the others Adam (optax's `contrib.muon`).
 
     The optimizer state has the same structure whatever the weight decay, clipping, schedule
@@ -76,7 +76,9 @@ def make_optimizer(
         "adamw": lambda: optax.adamw(lr, weight_decay=decay),
         "adam": lambda: optax.adam(lr),
         "lion": lambda: optax.lion(lr, weight_decay=decay),
-        "adafactor": lambda: optax.adafactor(lr, weight_decay_rate=decay or None),
+        # optax applies Adafactor's decay after the learning rate: scale it by the rate here;
+        # kept at a decay of 0 too, so the state has one structure whatever the decay
+        "adafactor": lambda: optax.adafactor(lr, weight_decay_rate=lambda n: decay * lr(n)),
         "muon": lambda: optax.contrib.muon(lr, weight_decay=decay, adam_weight_decay=decay),
         # Coupled L2 as in torch.optim.SGD(weight_decay=...); identity keeps the same state.
         "sgd": lambda: optax.chain(

@@ -217,7 +217,7 @@ def model_for(tensors: dict, model: str) -> tuple[object, dict, int]:
             )
         options["patch_size"] = int(embed.shape[-1])
     classes = int(tensors[head].shape[0])
-    return MODELS[model], options, classes
+    return MODELS.lookup(model, "model"), options, classes
 
 
 def convert(tensors: dict, model: str, image_shape) -> tuple[dict, dict]:
@@ -349,7 +349,7 @@ def torch_tensors(params: dict, model: str, timm: bool = False) -> dict[str, np.
     layouts: the inverse of `convert`, torchvision's names (a ViT's timm's with `timm`; timm's
     ResNets are named as torchvision's). Kernels are transposed back, a ViT's query, key and value
     fused into one projection (heads joined) and its stacked ``layers`` axis split per layer."""
-    fn, vit = MODELS[model], model.startswith("vit-")
+    fn, vit = MODELS.lookup(model, "model"), model.startswith("vit-")
     out, fused = {}, {}
 
     def put(name, array):
@@ -431,7 +431,7 @@ def export_weights(workdir, out, fmt: str = "jaxpar", names: str | None = None,
         raise UserError(f"{workdir} has no checkpoints/ folder")
     step, manifest = latest(workdir)  # refuses a model per replica and earlier revisions
     model = manifest["model"]
-    if fmt == "torch" and (model not in MODELS or model in ("mlp", "2nn")):
+    if fmt == "torch" and not (model.startswith(("resnet", "vit-")) and model in dict(MODELS)):
         raise UserError(
             f"--format torch: {model} (in {workdir}) has no PyTorch counterpart; "
             "export it with --format jaxpar"
@@ -562,12 +562,16 @@ def starting_from(source, model: str, image_shape, fresh, abstract: dict, shardi
 
 
 def with_weights(state: dict, weights: dict) -> dict:
-    """`state` (``{0: model, 1: optimizer}``) with the model's leaves that `weights` holds."""
+    """`state` (``{0: model, 1: optimizer}``) with the model's leaves that `weights` holds, and
+    so the moving average of ``--ema`` (which starts from the weights the run starts from)."""
     flat = _flat(weights)
-    model = jax.tree_util.tree_map_with_path(
-        lambda path, x: flat.get(tuple(k.key for k in path), x), state[0]
-    )
-    return {**state, 0: model}
+    take = lambda path, x: flat.get(tuple(k.key for k in path), x)  # noqa: E731
+    state = {**state, 0: jax.tree_util.tree_map_with_path(take, state[0])}
+    opt = state[1].get("opt_state") if isinstance(state[1], dict) else None
+    if isinstance(opt, dict) and "ema" in opt:
+        ema = jax.tree_util.tree_map_with_path(take, opt["ema"])
+        state[1] = {**state[1], "opt_state": {**opt, "ema": ema}}
+    return state
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:

@@ -30,9 +30,12 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 if "JAXPAR_TESTS_XLA_CACHE" not in os.environ:
     os.environ["JAXPAR_TESTS_XLA_CACHE"] = tempfile.mkdtemp(prefix="jaxpar-tests-xla-")
     atexit.register(shutil.rmtree, os.environ["JAXPAR_TESTS_XLA_CACHE"], ignore_errors=True)
+# A size limit makes JAX lock the cache's files (no worker reads another's half-written entry);
+# 16 GiB is never reached.
 CACHE = {"JAX_COMPILATION_CACHE_DIR": os.environ["JAXPAR_TESTS_XLA_CACHE"],
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}  # fmt: skip
+         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+         "JAX_COMPILATION_CACHE_MAX_SIZE": str(1 << 34)}  # fmt: skip
 os.environ.update(CACHE)
 for name, value in CACHE.items():
     jax.config.update(name.lower(), value if name.endswith("DIR") else int(value))

@@ -19,7 +19,7 @@ import torch
 import jaxpar
 from jaxpar.config import Config
 from jaxpar.loop import setup
-from jaxpar.step import cross_entropy
+from jaxpar.step import cross_entropy, make_optimizer
 
 BASE = {"steps": 4, "batch_size": 32, "log_every": 1}
 MESHES = ("data=2", "fsdp=2,model=2")
@@ -120,3 +120,30 @@ def test_a_moving_average_of_decay_0_evaluates_as_the_model(tmp_path):
     assert line["ema_eval_accuracy"] == line["eval_accuracy"]
     with pytest.raises(jaxpar.UserError, match="ema=True there, False here"):
         jaxpar.train(Config(**{**BASE, "steps": 4}, mesh="2x2", workdir=str(workdir)))
+
+
+def test_adafactor_decays_decoupled_at_the_learning_rate():
+    """optax adds Adafactor's decay after its learning rate: jaxpar scales it by the rate, as
+    AdamW's (a zero gradient moves p by -lr * decay * p), in one state structure."""
+    params = {"w": jax.numpy.full((4, 3), 2.0)}
+    zero = {"w": jax.numpy.zeros((4, 3))}
+    plain, decayed = (make_optimizer("adafactor", 0.01, weight_decay=d) for d in (0.0, 0.1))
+    assert jax.tree.structure(plain.init(params)) == jax.tree.structure(decayed.init(params))
+    updates, _ = decayed.update(zero, decayed.init(params), params)
+    np.testing.assert_allclose(updates["w"], -0.01 * 0.1 * 2.0, rtol=1e-6)
+
+
+def test_muon_is_refused_where_it_would_be_adam():
+    with pytest.raises(jaxpar.UserError, match="optax's Muon orthogonalises 2-D weights only"):
+        Config(model="resnet8", optimizer="muon").validate()
+
+
+def test_the_average_starts_from_the_weights_the_run_starts_from(tmp_path):
+    """--init-from loads weights after the state is built: the average must start from them,
+    not from the random initialisation it replaces (at decay 0 the two evaluations agree)."""
+    source = tmp_path / "source"
+    trained = jaxpar.train(Config(**{**BASE, "steps": 3}, mesh="2", workdir=str(source)))
+    line = jaxpar.train(Config(**{**BASE, "steps": 1}, lr=1e-30, mesh="2", ema=0.5,
+                               init_from=str(source), workdir=str(tmp_path / "w")))  # fmt: skip
+    assert line["eval_loss"] == trained["eval_loss"]  # lr 1e-30: the weights it started from
+    assert line["ema_eval_loss"] == line["eval_loss"], line
