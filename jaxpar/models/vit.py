@@ -335,11 +335,16 @@ class ViT(nnx.Module):
         keys = example_keys(rngs, x.shape[0]) if train else None
         x = embed_patches(self.embed, x.astype(self.dtype), self.patch)  # (b, h/p, w/p, width)
         batch, width = x.shape[0], x.shape[-1]
-        x = x.reshape(batch, -1, width)
+        x = constrain(x.reshape(batch, -1, width), "batch", None, None)
+        # The class token and position embeddings are small: gathered whole before they meet
+        # the batch. Broadcast from their FSDP-split width straight into the batch's layout,
+        # XLA's partitioner replicated the broadcast result instead ("Involuntary full
+        # rematerialization" on stage=2,data=2,fsdp=2).
         if self.cls_token is not None:
-            cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (batch, 1, width))
+            token = constrain(self.cls_token[...].astype(x.dtype), None)
+            cls = constrain(jnp.broadcast_to(token, (batch, 1, width)), "batch", None, None)
             x = jnp.concatenate([cls, x], axis=1)
-        x = x + self.pos_embed[...].astype(x.dtype)
+        x = x + constrain(self.pos_embed[...].astype(x.dtype), None, None)
         x = drop(x, self.dropout, keys, EMBED_SITE)
 
         graphdef, stacked = nnx.split(self.blocks)
