@@ -33,8 +33,10 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxpar.errors import UserError
+from jaxpar.mesh import parse_mesh
 from jaxpar.models import REVISIONS, revision
 from jaxpar.sharding import placed
 
@@ -181,18 +183,20 @@ class Checkpoints:
 def latest_manifest(workdir, what) -> tuple[int, dict]:
     """The step and manifest of `workdir`'s latest complete checkpoint, to read one model from
     (predict, compress, a teacher, --init-from); a `UserError` naming `what` (the flag or folder
-    that pointed there) when there is none, or when it holds a model per replica."""
+    that pointed there) when there is none, or when it is DiLoCo's between syncs."""
     ckpts = Checkpoints(workdir)
     try:
         step = ckpts.latest()
         if step is None:
             raise UserError(f"{what} holds no complete checkpoint")
         manifest = ckpts.manifest(step)
-        if (manifest.get("sync") or "").split(":")[0] in ("local", "diloco"):
+        kind, _, period = (manifest.get("sync") or "").partition(":")
+        if kind == "diloco" and step % int(period):
             raise UserError(
-                f"{what} was trained with --sync {manifest['sync']}: its checkpoint holds one "
-                "model per replica, which predict, compress, --teacher and --init-from do not "
-                "read yet; use a run trained with every-step or stale sync"
+                f"{what} was trained with --sync {manifest['sync']} and its latest checkpoint, "
+                f"step {step}, lies between syncs, where the model it evaluates is computed, not "
+                f"stored; continue the run to a multiple of {period} steps (python train.py ... "
+                f"--steps {-(-step // int(period)) * int(period)} --workdir {workdir})"
             )
         return step, manifest
     finally:
@@ -201,10 +205,28 @@ def latest_manifest(workdir, what) -> tuple[int, dict]:
 
 def restore_model(workdir, step: int, abstract: dict, shardings: dict) -> dict:
     """The model weights of `workdir`'s checkpoint `step` that `abstract` (a pure dict of shapes,
-    possibly a part of the model) names, restored straight into `shardings` (any mesh)."""
+    possibly a part of the model) names, restored straight into `shardings` (any mesh): the
+    model the run evaluates, so for a model per replica (``--sync local:H``) their mean, and for
+    ``--sync diloco:H`` the global copy (`latest_manifest` refuses steps between its syncs)."""
     ckpts = Checkpoints(workdir)
     try:
-        return ckpts.restore_partial(step, {"model": placed(abstract, shardings)})["model"]
+        kind = (ckpts.manifest(step).get("sync") or "").partition(":")[0]
+        if kind == "diloco":  # at a sync: the global copy is the model
+            held = ckpts.restore_partial(step, {"held_params": placed(abstract, shardings)})
+            return held["held_params"]
+        if kind != "local":
+            return ckpts.restore_partial(step, {"model": placed(abstract, shardings)})["model"]
+        replicas = parse_mesh(ckpts.manifest(step)["mesh"]).data
+
+        def with_replicas(a, s):  # the replica axis first, whole on each device
+            if isinstance(s, NamedSharding):
+                s = NamedSharding(s.mesh, PartitionSpec(None, *s.spec))
+            return jax.ShapeDtypeStruct((replicas, *a.shape), a.dtype, sharding=s)
+
+        ahead = jax.tree.map(with_replicas, abstract, shardings)
+        laid = ckpts.restore_partial(step, {"model": ahead})["model"]
+        mean = lambda tree: jax.tree.map(lambda a: a.mean(axis=0), tree)  # noqa: E731
+        return jax.jit(mean, out_shardings=shardings)(laid)  # as `jaxpar.sync.Local.view`
     finally:
         ckpts.close()
 

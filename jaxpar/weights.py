@@ -429,7 +429,7 @@ def export_weights(workdir, out, fmt: str = "jaxpar", names: str | None = None,
         raise UserError(f"{workdir} does not exist")
     if not (workdir / "checkpoints").is_dir():  # before Orbax creates one
         raise UserError(f"{workdir} has no checkpoints/ folder")
-    step, manifest = latest(workdir)  # refuses a model per replica and earlier revisions
+    step, manifest = latest(workdir)  # refuses DiLoCo between syncs and earlier revisions
     model = manifest["model"]
     if fmt == "torch" and not (model.startswith(("resnet", "vit-")) and model in dict(MODELS)):
         raise UserError(

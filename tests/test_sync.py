@@ -138,26 +138,36 @@ def test_diloco_ending_between_syncs_reports_its_last_steps(tmp_path):
     assert evals[0]["step"] == 6 and evals[0]["eval_loss"] == pytest.approx(evals[1]["eval_loss"])
 
 
-def test_readers_of_one_model_refuse_a_model_per_replica_in_one_line(local4, tmp_path, capsys):
-    """predict, compress, --teacher and --init-from on a local:H workdir once gave an 80-line
-    Orbax traceback (--teacher also left an unusable workdir)."""
+def test_readers_of_one_model_read_the_model_a_sync_mode_evaluates(local4, tmp_path, capsys):
+    """predict, compress, --teacher, --init-from and export read one model (once an 80-line
+    Orbax traceback on a model per replica): local SGD's replicas' mean, DiLoCo's global copy;
+    a DiLoCo checkpoint between syncs is refused in one line naming the step to continue to."""
     import train as cli
-    from jaxpar import compress, predict
+    from jaxpar import predict
+    from jaxpar.checkpoint import latest_manifest
+    from jaxpar.weights import checkpoint_weights
 
-    workdir = local4[3]
+    between = train(tmp_path / "local", steps=6, sync="local:4")  # replicas apart at step 6
+    for run in (between, local4):
+        step, manifest = latest_manifest(run[3], "it")
+        served = checkpoint_weights(run[3], step, manifest)
+        assert served.keys() == run[2].keys()
+        for path, value in run[2].items():  # the model its evaluation saw
+            np.testing.assert_allclose(served[path], value, rtol=1e-6, atol=1e-7, err_msg=path)
     np.save(tmp_path / "x.npy", np.zeros((2, 8, 8, 1), np.float32))
-    calls = {
-        "predict": lambda: predict.main([str(workdir), "--input", str(tmp_path / "x.npy")]),
-        "compress": lambda: compress.main([str(workdir), "--quantize", "int8"]),
-        "teacher": lambda: cli.main(["--teacher", str(workdir), "--workdir", str(tmp_path / "t")]),
-        "init": lambda: cli.main(["--init-from", str(workdir), "--workdir", str(tmp_path / "i")]),
-    }
-    for name, call in calls.items():
-        assert call() == 2, name
-        err = capsys.readouterr().err
-        words = "was trained with --sync local:4: its checkpoint holds one model per replica"
-        assert err.count("\n") == 1 and words in err, (name, err)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]  # nothing written
+    assert predict.main([str(between[3]), "--input", str(tmp_path / "x.npy")]) == 0
+    assert cli.main(["--teacher", str(between[3]), "--steps", "2", "--workdir",
+                     str(tmp_path / "t")]) == 0  # fmt: skip
+    diloco = train(tmp_path / "diloco", steps=8, sync="diloco:4")
+    step, manifest = latest_manifest(diloco[3], "it")
+    served = checkpoint_weights(diloco[3], step, manifest)
+    for path, value in diloco[2].items():
+        np.testing.assert_allclose(served[path], value, rtol=1e-6, atol=1e-7, err_msg=path)
+    capsys.readouterr()
+    cut = train(tmp_path / "cut", steps=6, sync="diloco:4")[3]
+    assert predict.main([str(cut), "--input", str(tmp_path / "x.npy")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "step 6, lies between syncs" in err and "--steps 8" in err
 
 
 def test_a_model_per_replica_resumes_only_on_as_many_replicas(local4, capsys):

@@ -327,17 +327,17 @@ def test_exported_fine_tuned_weights_compute_jaxpars_logits_in_pytorch(
     assert header(file)["step"] == "3" and header(file)["num_classes"] == "10"
 
 
-def fake_run(workdir: Path, model: str, **manifest) -> dict:
-    """A checkpoint of `model`'s initial weights at step 0, as a run would leave it (no
+def fake_run(workdir: Path, model: str, step: int = 0, **manifest) -> dict:
+    """A checkpoint of `model`'s initial weights at `step`, as a run would leave it (no
     training); returns the weights by '/'-joined path."""
     net = MODELS[model]((8, 8, 1), 10, rngs=nnx.Rngs(0))
     params = nnx.to_pure_dict(nnx.state(net))
     identity = {"model": model, "revision": revision(model), "image_shape": [8, 8, 1]}
-    manifest = {"step": 0, "format": FORMAT, **identity, "num_classes": 10, "patch_size": None,
-                **manifest}  # fmt: skip
+    manifest = {"step": step, "format": FORMAT, **identity, "num_classes": 10,
+                "patch_size": None, **manifest}  # fmt: skip
     ckpts = Checkpoints(workdir)
     try:
-        ckpts.save(0, {0: params}, manifest, wait=True)
+        ckpts.save(step, {0: params}, manifest, wait=True)
     finally:
         ckpts.close()
     return {path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -346,7 +346,7 @@ def fake_run(workdir: Path, model: str, **manifest) -> dict:
 @pytest.mark.slow
 def test_bad_exports_exit_2_with_one_line_and_write_nothing(resnet8, tmp_path, capsys):
     mlp = fake_run(tmp_path / "mlp", "mlp")
-    fake_run(tmp_path / "diloco", "mlp", sync="diloco:4")
+    fake_run(tmp_path / "diloco", "mlp", step=2, sync="diloco:4")  # between syncs
     file = export(tmp_path / "mlp", tmp_path / "mlp.safetensors")  # jaxpar's names: any model
     got = read_tensors(file)
     assert sorted(got) == sorted(mlp) and all(np.array_equal(got[k], mlp[k]) for k in mlp)
@@ -360,7 +360,7 @@ def test_bad_exports_exit_2_with_one_line_and_write_nothing(resnet8, tmp_path, c
         (str(resnet8["workdir"]), "--out", str(taken), "--format", "torch"): "exists; pass --force",
         (str(resnet8["workdir"]), "--out", out, "--names", "timm"): "is for --format torch",
         (str(resnet8["workdir"]), "--out", str(tmp_path)): "is a folder",
-        (str(tmp_path / "diloco"), "--out", out): "trained with --sync diloco:4",
+        (str(tmp_path / "diloco"), "--out", out): "step 2, lies between syncs",
         (str(tmp_path / "none"), "--out", out): "does not exist",
         (str(resnet8["root"]), "--out", out): "has no checkpoints/ folder",
     }
