@@ -4,7 +4,9 @@
 
 Each process gets ``JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT``, ``JAX_NUM_PROCESSES`` and
 ``JAX_PROCESS_ID``, which `train.py` reads to join the job (on the CPU each process then emulates
-its share of the mesh's devices). Every output line is prefixed with its process (``[p1] ...``).
+its share of the mesh's devices). Every output line is prefixed with its process (``[p1] ...``),
+except gloo's reports of each connection it opens for the CPU collectives (half of a short job's
+output), which are dropped.
 When a process fails, the others are stopped and the launcher exits with that process's status.
 SIGTERM or SIGINT to the launcher is passed on to every process; a signal to any one of them also
 stops the whole job (the processes agree on the step, save one checkpoint together and exit 143 or
@@ -32,10 +34,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# "[Gloo] Rank 1 is connected to 3 peer ranks. Expected number of connected peer ranks is : 3",
+# which gloo writes in these pieces: two threads of one process interleave them, and the line ends
+GLOO = (
+    "[Gloo] Rank ",
+    " is connected to ",
+    " peer ranks. ",
+    "Expected number of connected peer ranks is : ",
+)
+
+
+def gloo_report(line: str) -> bool:
+    """Whether `line` holds nothing but pieces of gloo's connection reports."""
+    rest = line
+    for piece in GLOO:
+        rest = rest.replace(piece, " ")
+    return rest != line and not rest.strip(" \n0123456789")
+
+
 def relay(proc: subprocess.Popen, prefix: str) -> None:
+    gloo = False  # the line before was gloo's: a blank line now is the end of an interleaved one
     for line in proc.stdout:
-        sys.stdout.write(f"{prefix} {line}")
-        sys.stdout.flush()
+        gloo = gloo_report(line) or (gloo and not line.strip())
+        if not gloo:
+            sys.stdout.write(f"{prefix} {line}")
+            sys.stdout.flush()
 
 
 def status(code: int) -> int:

@@ -13,6 +13,7 @@ import pytest
 
 import train as cli
 from jaxpar import UserError
+from jaxpar.launch import gloo_report
 from jaxpar.mesh import layout_names, make_mesh, parse_mesh
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,7 +127,24 @@ def test_two_processes_give_the_losses_of_one_and_checkpoints_move_between_them(
     assert "[p0] final test accuracy" in proc.stdout
     assert "[p1] final test accuracy" not in proc.stdout  # one voice: process 0 reports
     assert "2048 p1" in proc.stdout  # the mesh picture shows which process owns which device
+    assert "Gloo" not in proc.stdout and "peer ranks" not in proc.stdout  # no connection chatter
     assert_same(losses(one_then_two, after=8), losses_after(one_process, 8))
+
+
+def test_the_launcher_drops_gloos_connection_reports_and_keeps_the_rest():
+    report = (
+        "[Gloo] Rank 1 is connected to 3 peer ranks. Expected number of connected peer ranks is : 3"
+    )
+    assert gloo_report(report + "\n")
+    # two threads of one process wrote their reports' pieces into each other's (seen for real)
+    assert gloo_report("[Gloo] Rank [Gloo] Rank 1 is connected to 1 peer ranks. Expected number "
+                       "of connected peer ranks is : 1\n")  # fmt: skip
+    assert gloo_report("1 is connected to 1 peer ranks. 0 is connected to 1 peer ranks. Expected "
+                       "number of connected peer ranks is : Expected number of connected peer "
+                       "ranks is : 11\n")  # fmt: skip
+    assert not gloo_report("step 11/20 train_loss 2.1280\n")
+    assert not gloo_report("\n") and not gloo_report("12 34\n")
+    assert not gloo_report(f"step 3/9 {report}\n")  # a line with more than gloo's is kept
 
 
 def losses_after(table, step):
