@@ -442,9 +442,23 @@ def in_order(reads, workers: int = 0):
     options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
     items = iter(ds.mp_prefetch(options, worker_init_fn=_leave_signals_to_the_trainer))
     try:
-        yield from items
+        yield from map(_unlinked, items)
     finally:
         items.close()  # stops the worker processes now rather than at garbage collection
+
+
+def _unlinked(item):
+    """`item` with its arrays' ``/dev/shm`` names removed now that this process has them mapped
+    (the memory stays until the arrays go): grain removes them when an array is deleted, and the
+    batches' last arrays, which JAX's CPU arrays share, outlived that at exit, so Python's
+    resource tracker warned of leaked shared memory at every exit of a run with workers."""
+    from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+
+    for leaf in jax.tree.leaves(item):
+        if isinstance(leaf, SharedMemoryArray) and leaf._unlink_on_del:
+            leaf.shm.unlink()
+            leaf._unlink_on_del = False  # grain would remove the name again when it is deleted
+    return item
 
 
 def _leave_signals_to_the_trainer(worker: int, workers: int) -> None:
