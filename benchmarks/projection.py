@@ -26,6 +26,10 @@ MEASURED = {
     "vit-base-b128-h200-cudnn": ("vit-base", 128, "h200", [2388],
                                  "gpu_profile.py (2026-11-27), cuDNN attention: the projection "
                                  "counts XLA's"),
+    # the launch floor (`jaxpar.projection.GPU_LAUNCH_S`) is this point's step over its kernels:
+    # fitted here, not a check
+    "mlp-b128-h200-fitted": ("mlp", 128, "h200", [round(128 * 390 / 0.2218)],
+                             "gpu.py run 1 (2026-11-26): 390 steps in 0.2218 s"),
 }  # fmt: skip
 
 
@@ -40,7 +44,8 @@ def main():
     for case in a.cases.split(","):
         model, batch, chip, measured, where = MEASURED[case]
         extra = {"patch_size": 16} if model.startswith("vit") else {}
-        cfg = Config(model=model, dataset="synthetic:224x224x3:1000", batch_size=batch,
+        data = "synthetic:28x28x1:10" if model == "mlp" else "synthetic:224x224x3:1000"
+        cfg = Config(model=model, dataset=data, batch_size=batch,
                      precision="bf16", dry_run=True, project=f"{chip}x1", **extra)  # fmt: skip
         start = time.perf_counter()
         q = plan(cfg.validate())["projection"]
@@ -49,7 +54,8 @@ def main():
         print(
             f"{case:26} projected {q['images_per_s']:7,.0f} measured {m:7,.0f} "
             f"({q['images_per_s'] / m - 1:+.0%})  compute {q['compute_s'] * 1e3:.1f} ms + "
-            f"memory {q['memory_s'] * 1e3:.1f} ms, {q['bound']}-bound  [{where}]",
+            f"memory {q['memory_s'] * 1e3:.1f} ms + launch {q['launch_s'] * 1e3:.1f} ms, "
+            f"{q['bound']}-bound  [{where}]",
             flush=True,
         )
     errors = [abs(r[1] - 1) for r in rows]

@@ -233,17 +233,21 @@ def _ms(seconds: float) -> str:
 
 
 def format_projection(q: dict) -> str:
-    e, mem = q["efficiency"], q["memory_per_chip"]
+    e, mem, floor = q["efficiency"], q["memory_per_chip"], q["floors"]
     lines = [
         f"projection on {q['hardware']}: {q['chips']} x {q['chip']} ({q['source']})",
         f"  assumed: matrix products at {e['matmul']:.0%} of peak FLOP/s, memory at "
         f"{e['memory']:.0%} of its bandwidth, links at {e['link']:.0%}; collectives hidden "
-        f"behind up to {e['overlap']:.0%} of the computation",
+        f"behind up to {e['overlap']:.0%} of the computation; at least "
+        f"{floor['kernel_s'] * 1e6:g} us a kernel, {floor['dispatch_s'] * 1e3:.2f} ms a step "
+        f"(the host's dispatch), a collective NCCL's latency ({floor['collective_s'] * 1e6:g} us "
+        f"+ {floor['hop_s'] * 1e6:g} us a ring step, {floor['hop_between_nodes_s'] * 1e6:g} us "
+        "between nodes; or its tree's for an all-reduce)",
         f"  per chip: {q['flops_per_chip'] / 1e12:,.3f} TFLOP and {q['bytes_per_chip'] / 1e9:,.2f}"
         f" GB of memory traffic in {q['kernels']:,} kernels",
         f"  computation: {_ms(q['compute_s'])} in compute-bound kernels + {_ms(q['memory_s'])} "
-        "in memory-bound ones" + (f" (a pipeline bubble of {q['bubble']:.0%} included)"
-                                  if q["bubble"] else ""),
+        f"in memory-bound ones + {_ms(q['launch_s'])} in kernels at the launch floor"
+        + (f" (a pipeline bubble of {q['bubble']:.0%} included)" if q["bubble"] else ""),
     ]  # fmt: skip
     for c in q["collectives"]:
         lines.append(
@@ -257,7 +261,9 @@ def format_projection(q: dict) -> str:
         f"({q['images_per_s_per_chip']:,.0f} per chip), MFU {q['mfu']:.1%}, "
         f"{q['bound']}-bound",
         f"  memory per chip: compiled peak {mem['peak_bytes'] / 2**30:,.2f} GiB (this CPU's "
-        f"compile: bf16 convolutions in float32) of {mem['hbm_bytes'] / 2**30:,.1f} GiB"
+        "compile"
+        + (": bf16 convolutions in float32" if q["convolutions"] else "")
+        + f") of {mem['hbm_bytes'] / 2**30:,.1f} GiB"
         + ("" if mem["fits"] else " - DOES NOT FIT: shard more (fsdp, model) or use --grad-accum"),
     ]
     return "\n".join(lines)

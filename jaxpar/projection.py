@@ -11,13 +11,17 @@ A roofline per kernel, from what XLA says about the step:
   convolutions in float32 and fuses far less (for ResNet-50 it moves 3.5x the bytes a GPU does).
 - **Time of a kernel**: the larger of its FLOPs at the chip's peak and its bytes (what it reads
   plus what it writes) at the memory's bandwidth, each at an achievable fraction of the vendor's
-  figure (`MATMUL_EFFICIENCY`, `MEMORY_EFFICIENCY`). Kernels run one after another.
+  figure (`MATMUL_EFFICIENCY`, `MEMORY_EFFICIENCY`), and never less than the chip's floor for a
+  kernel (`Chip.launch_s`). Kernels run one after another, and a step never takes less than the
+  host needs to dispatch it (`DISPATCH_S`): a small model's step is launch- or dispatch-bound.
 - **Collectives**: from the compiled, partitioned program (per device, loops counted per
   iteration), each over the link it crosses: within a node when all its devices sit in one node
   (the mesh's last axes are the fastest-varying, so `model` stays within a node), else between
   nodes. Ring all-reduce moves 2(n-1)/n of its bytes per device, all-gather, reduce-scatter and
-  all-to-all (n-1)/n of the full array. Up to `OVERLAP` of the computation time hides them (XLA
-  runs collectives asynchronously on GPUs and TPUs: gradient reductions behind the backward pass).
+  all-to-all (n-1)/n of the full array, after a latency per collective (NCCL's cost model:
+  `COLLECTIVE_BASE_S` plus `HOP_S` for each of the ring's steps). Up to `OVERLAP` of the
+  computation time hides them (XLA runs collectives asynchronously on GPUs and TPUs: gradient
+  reductions behind the backward pass).
 
 Work is divided evenly over the mesh's devices: per-device FLOPs and bytes are the program's
 divided by the mesh size (a pipeline's idle slots are in the program: they compute on zeros,
@@ -44,7 +48,24 @@ class Chip:
     inter_bw: float  # bytes/s per chip and direction, between nodes
     per_node: int  # chips per node when HARDWARE does not say
     source: str
+    launch_s: float  # the least time a kernel takes, however small
 
+
+# Latency floors, for small models that no roofline bounds. A GPU kernel: 2 us, the order of a
+# CUDA launch that NVIDIA quotes ("a few microseconds"; assumed, not measured here). A TPU runs a
+# step as one program with no launches: an assumed 1 us per fused kernel (no published figure).
+# A step's dispatch from the host: 0.57 ms, the one dispatch-bound step measured on a GPU lent to
+# this project (the MLP, 70 kernels, on an H200: benchmarks/gpu-runs/2026-11-26-h200-run1.log);
+# it hides behind a longer step's device time (dispatch is asynchronous). A collective's
+# latency: NCCL's own cost model (src/graph/tuning.cc, low-latency protocol), assumed the same on
+# TPUs' ICI and DCN: a ring pays 6.6 us plus 0.6 us per step within a node and 2.7 us per step
+# between nodes; an all-reduce may take NCCL's tree instead, 6.8 us plus twice (0.6 us per other
+# chip of its node + 5 us per level of a binary tree over the nodes), whichever is less.
+GPU_LAUNCH_S, TPU_LAUNCH_S = 2e-6, 1e-6
+DISPATCH_S = 0.57e-3
+COLLECTIVE_BASE_S, TREE_BASE_S = 6.6e-6, 6.8e-6
+HOP_S = {False: 0.6e-6, True: 2.7e-6}  # a ring's step within a node, between nodes
+TREE_HOP_S = 5e-6  # a tree's level between nodes
 
 # Vendor figures. NVIDIA's fp32 is TF32 (JAX's default precision for float32 matrix products on
 # these GPUs); a TPU's float32 products run as bfloat16 passes at default precision. Memory: what
@@ -54,21 +75,21 @@ class Chip:
 CHIPS = {
     "a100": Chip("NVIDIA A100 SXM 80GB", 312e12, 156e12, 80 * 2**30, 2.039e12, 300e9, 25e9, 8,
                  "NVIDIA A100 datasheet (dense bf16/TF32, 2,039 GB/s, NVLink 600 GB/s both "
-                 "ways); DGX A100: one 200 Gb/s HDR InfiniBand port per GPU"),
+                 "ways); DGX A100: one 200 Gb/s HDR InfiniBand port per GPU", GPU_LAUNCH_S),
     "h100": Chip("NVIDIA H100 SXM5 80GB", 989e12, 494e12, 81559 * 2**20, 3.35e12, 450e9, 50e9, 8,
                  "NVIDIA H100 datasheet (dense bf16/TF32, 3.35 TB/s, NVLink 900 GB/s both "
-                 "ways); DGX H100: one 400 Gb/s NDR InfiniBand port per GPU"),
+                 "ways); DGX H100: one 400 Gb/s NDR InfiniBand port per GPU", GPU_LAUNCH_S),
     "h200": Chip("NVIDIA H200 SXM 141GB", 989e12, 494e12, 143771 * 2**20, 4.8e12, 450e9, 50e9, 8,
                  "NVIDIA H200 datasheet (dense bf16/TF32, 4.8 TB/s, NVLink 900 GB/s both ways); "
-                 "a 400 Gb/s NDR InfiniBand port per GPU as in DGX H200"),
+                 "a 400 Gb/s NDR InfiniBand port per GPU as in DGX H200", GPU_LAUNCH_S),
     "tpu-v5e": Chip("Google TPU v5e", 197e12, 197e12, 16 * 2**30, 819e9, 200e9, 6.25e9, 4,
                     "Google Cloud TPU v5e docs (197 TFLOP/s bf16, 16 GB at 819 GB/s, ICI 1,600 "
                     "Gb/s per chip); between slices (DCN) an assumed 200 Gb/s per 4-chip host: "
-                    "Google publishes no per-chip figure"),
+                    "Google publishes no per-chip figure", TPU_LAUNCH_S),
     "tpu-v5p": Chip("Google TPU v5p", 459e12, 459e12, 95 * 2**30, 2.765e12, 600e9, 12.5e9, 4,
                     "Google Cloud TPU v5p docs (459 TFLOP/s bf16, 95 GB at 2,765 GB/s, ICI 4,800 "
                     "Gb/s per chip); between slices (DCN) an assumed 400 Gb/s per 4-chip host: "
-                    "Google publishes no per-chip figure"),
+                    "Google publishes no per-chip figure", TPU_LAUNCH_S),
 }  # fmt: skip
 
 # Achievable fractions of the vendor's peaks: round figures, the same for every chip (dense
@@ -353,6 +374,29 @@ def replica_groups(text: str, devices: int) -> list[list[int]]:
     return ids.transpose(rest + grouped).reshape(-1, size).tolist()
 
 
+def _ring_steps(kind: str, n: int) -> int:
+    """Steps of a ring collective over `n` devices, each paying a hop's latency."""
+    if kind == "all-reduce":
+        return 2 * (n - 1)
+    return 1 if kind == "collective-permute" else n - 1
+
+
+def latency(kind: str, n: int, nodes: int) -> float:
+    """Seconds a collective over `n` devices on `nodes` nodes takes however small (NCCL's model:
+    see the constants).
+
+    >>> round(latency("all-reduce", 8, 1) * 1e6, 1), round(latency("all-reduce", 32, 4) * 1e6, 1)
+    (15.0, 35.2)
+    """
+    steps = _ring_steps(kind, n)
+    between = min(steps, (2 if kind == "all-reduce" else 1) * (nodes - 1))
+    ring = COLLECTIVE_BASE_S + (steps - between) * HOP_S[False] + between * HOP_S[True]
+    if kind != "all-reduce":
+        return ring
+    tree = TREE_BASE_S + 2 * ((n // nodes - 1) * HOP_S[False] + math.log2(nodes) * TREE_HOP_S)
+    return min(ring, tree)
+
+
 def _ring_bytes(kind: str, nbytes: float, n: int) -> float:
     """Bytes a device sends for one collective over a ring of `n` devices."""
     if kind == "all-reduce":
@@ -372,16 +416,21 @@ def project(kernel_list, ops, mesh_shape: dict, hw: Hardware, batch: int, precis
     compiled, partitioned program (per device); `mesh_shape`: ``{axis: size}`` in mesh order.
     """
     chip, devices = hw.chip, math.prod(mesh_shape.values())
-    compute_s = memory_s = flops = nbytes = 0.0
+    compute_s = memory_s = launch_s = flops = nbytes = 0.0
     for k in kernel_list:
         peak = chip.fp32 if k.dtype == "f32" else chip.bf16
         c = k.flops / devices / (peak * MATMUL_EFFICIENCY)
         m = k.bytes / devices / (chip.hbm_bw * MEMORY_EFFICIENCY)
-        compute_s, memory_s = (compute_s + c, memory_s) if c > m else (compute_s, memory_s + m)
+        if max(c, m) < chip.launch_s:
+            launch_s += chip.launch_s
+        elif c > m:
+            compute_s += c
+        else:
+            memory_s += m
         flops, nbytes = flops + k.flops / devices, nbytes + k.bytes / devices
     # A pipeline's idle slots are in the program already: they compute on zeros. Their FLOPs
     # take time but are not useful work (MFU).
-    computation_s = compute_s + memory_s
+    computation_s = compute_s + memory_s + launch_s
     names, sizes = list(mesh_shape), list(mesh_shape.values())
     links: dict[tuple, dict] = {}
     for op in ops:
@@ -391,7 +440,8 @@ def project(kernel_list, ops, mesh_shape: dict, hw: Hardware, batch: int, precis
             continue
         coords = np.array(np.unravel_index(groups[0], sizes))
         axes = ",".join(a for a, c in zip(names, coords, strict=True) if len(set(c)) > 1)
-        inter = any(len({d // hw.per_node for d in g}) > 1 for g in groups)  # the slowest link
+        nodes = max(len({d // hw.per_node for d in g}) for g in groups)
+        inter = nodes > 1  # the slowest link
         bw = (chip.inter_bw if inter else chip.intra_bw) * LINK_EFFICIENCY
         entry = links.setdefault(
             (op["kind"], axes, n, inter),
@@ -401,11 +451,13 @@ def project(kernel_list, ops, mesh_shape: dict, hw: Hardware, batch: int, precis
         )  # fmt: skip
         entry["count"] += op["count"]
         entry["bytes"] += op["count"] * op["bytes"]
-        entry["seconds"] += op["count"] * _ring_bytes(op["kind"], op["bytes"], n) / bw
+        floor = latency(op["kind"], n, nodes)
+        entry["seconds"] += op["count"] * (floor + _ring_bytes(op["kind"], op["bytes"], n) / bw)
     communication_s = sum(e["seconds"] for e in links.values())
     hidden_s = min(communication_s, OVERLAP * computation_s)
-    step_s = computation_s + communication_s - hidden_s
-    parts = {"compute": compute_s, "memory": memory_s,
+    device_s = computation_s + communication_s - hidden_s
+    step_s = max(device_s, DISPATCH_S)
+    parts = {"compute": compute_s, "memory": memory_s, "launch": launch_s,
              "communication": communication_s - hidden_s}  # fmt: skip
     peak = chip.fp32 if precision == "fp32" else chip.bf16
     return {
@@ -415,11 +467,16 @@ def project(kernel_list, ops, mesh_shape: dict, hw: Hardware, batch: int, precis
         "source": chip.source,
         "efficiency": {"matmul": MATMUL_EFFICIENCY, "memory": MEMORY_EFFICIENCY,
                        "link": LINK_EFFICIENCY, "overlap": OVERLAP},  # fmt: skip
+        "floors": {"kernel_s": chip.launch_s, "dispatch_s": DISPATCH_S,
+                   "collective_s": COLLECTIVE_BASE_S, "tree_s": TREE_BASE_S,
+                   "hop_s": HOP_S[False], "hop_between_nodes_s": HOP_S[True]},  # fmt: skip
         "flops_per_chip": flops,
         "bytes_per_chip": nbytes,
         "kernels": len(kernel_list),
         "compute_s": compute_s,
         "memory_s": memory_s,
+        "launch_s": launch_s,
+        "convolutions": any(k.op == "convolution" for k in kernel_list),
         "bubble": bubble,
         "collectives": sorted(links.values(), key=lambda e: -e["seconds"]),
         "communication_s": communication_s,
@@ -428,7 +485,7 @@ def project(kernel_list, ops, mesh_shape: dict, hw: Hardware, batch: int, precis
         "images_per_s": batch / step_s,
         "images_per_s_per_chip": batch / step_s / hw.chips,
         "mfu": flops * (1 - bubble) / step_s / peak,
-        "bound": max(parts, key=parts.get),
+        "bound": "dispatch" if device_s < DISPATCH_S else max(parts, key=parts.get),
         "memory_per_chip": {"peak_bytes": peak_bytes, "hbm_bytes": chip.hbm_bytes,
                             "fits": peak_bytes is None or peak_bytes <= chip.hbm_bytes},
     }  # fmt: skip

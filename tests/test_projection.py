@@ -7,15 +7,22 @@ import jax.numpy as jnp
 import pytest
 
 import train as cli
+from jaxpar.plan import format_projection
 from jaxpar.projection import (
     CHIPS,
+    COLLECTIVE_BASE_S,
+    DISPATCH_S,
+    HOP_S,
     LINK_EFFICIENCY,
     MATMUL_EFFICIENCY,
     MEMORY_EFFICIENCY,
     OVERLAP,
+    TREE_BASE_S,
+    TREE_HOP_S,
     Hardware,
     Kernel,
     kernels,
+    latency,
     project,
 )
 
@@ -66,16 +73,23 @@ def test_projection_arithmetic():
     assert q["compute_s"] == pytest.approx(compute) and q["memory_s"] == pytest.approx(memory)
     across, within = q["collectives"]
     assert (across["axes"], across["link"], across["devices"]) == ("data", "between nodes", 2)
-    assert across["seconds"] == pytest.approx(2 * 1 / 2 * 1e9 / (chip.inter_bw * LINK_EFFICIENCY))
+    # each collective pays NCCL's latency: a base, and a hop per ring step (2(n-1) for all-reduce)
+    latency = COLLECTIVE_BASE_S + 2 * HOP_S[True]  # a 2-ring between 2 nodes: both steps cross
+    assert across["seconds"] == pytest.approx(
+        latency + 2 * 1 / 2 * 1e9 / (chip.inter_bw * LINK_EFFICIENCY)
+    )
     assert (within["axes"], within["link"], within["count"]) == ("fsdp", "within a node", 3)
-    assert within["seconds"] == pytest.approx(3 * 1 / 2 * 1e8 / (chip.intra_bw * LINK_EFFICIENCY))
+    latency = COLLECTIVE_BASE_S + 1 * HOP_S[False]
+    assert within["seconds"] == pytest.approx(
+        3 * (latency + 1 / 2 * 1e8 / (chip.intra_bw * LINK_EFFICIENCY))
+    )
     comm = across["seconds"] + within["seconds"]
     assert q["hidden_s"] == pytest.approx(min(comm, OVERLAP * (compute + memory)))
     assert q["step_s"] == pytest.approx(compute + memory + comm - q["hidden_s"])
     assert q["images_per_s_per_chip"] == pytest.approx(64 / q["step_s"] / 4)
     assert q["mfu"] == pytest.approx(1e12 / q["step_s"] / chip.bf16)
     parts = {"compute": compute, "memory": memory, "communication": comm - q["hidden_s"]}
-    assert q["bound"] == max(parts, key=parts.get)
+    assert q["bound"] == max(parts, key=parts.get) and q["launch_s"] == 0
     # a pipeline's idle slots are in the program's FLOPs already: time as is, MFU without them
     piped = project(ks, ops, mesh, hw, batch=64, precision="bf16", bubble=0.25)
     assert piped["step_s"] == pytest.approx(q["step_s"])
@@ -86,6 +100,41 @@ def test_projection_arithmetic():
     assert ring["collectives"][0]["link"] == "between nodes"
 
 
+def test_small_kernels_and_collectives_take_at_least_their_latency():
+    """A model too small for any roofline: each kernel costs the chip's launch floor, each
+    collective NCCL's latency, a step the host's dispatch, not the 0.00 ms step and millions of
+    images/s of a roofline."""
+    hw = Hardware(CHIPS["h100"], "h100", per_node=4, nodes=1)
+    mesh = {"stage": 1, "data": 4, "fsdp": 1, "model": 1}
+    tiny = [Kernel("dot", 4e3, 0.0, "bf16"), Kernel("add", 0.0, 4e3, "")] * 35
+    ops = [{"kind": "all-reduce", "bytes": 8.0, "count": 2, "groups": "{{0,1,2,3}}"}]
+    q = project(tiny, ops, mesh, hw, batch=128, precision="bf16", peak_bytes=2**20)
+    assert q["compute_s"] == q["memory_s"] == 0
+    assert q["launch_s"] == pytest.approx(70 * CHIPS["h100"].launch_s)
+    collective = COLLECTIVE_BASE_S + 2 * 3 * HOP_S[False]  # 2(n-1) ring steps within the node
+    assert q["communication_s"] == pytest.approx(2 * collective, rel=1e-3)  # 8 bytes: ~0 s
+    # the device's time is less than the host needs to dispatch the step
+    assert q["launch_s"] + 2 * collective < DISPATCH_S
+    assert q["step_s"] == DISPATCH_S and q["bound"] == "dispatch"
+    many = project(tiny * 20, ops, mesh, hw, batch=128, precision="bf16")  # 1,400 kernels
+    # a small all-reduce over many nodes takes NCCL's tree (log2 of the nodes) over its ring
+    assert latency("all-reduce", 64, 8) == pytest.approx(
+        TREE_BASE_S + 2 * (7 * HOP_S[False] + 3 * TREE_HOP_S)
+    )
+    assert latency("all-reduce", 64, 8) < COLLECTIVE_BASE_S + 14 * HOP_S[True] + 112 * HOP_S[False]
+    assert latency("all-gather", 16, 2) == pytest.approx(
+        COLLECTIVE_BASE_S + HOP_S[True] + 14 * HOP_S[False]
+    )
+    assert many["step_s"] == pytest.approx(many["launch_s"] + 2 * collective - many["hidden_s"])
+    assert many["bound"] == "launch" and many["step_s"] > DISPATCH_S
+    text = format_projection(q)
+    assert "0.14 ms in kernels at the launch floor" in text and "dispatch-bound" in text
+    assert "convolutions" not in text  # the CPU's bf16 convolution note only where there are some
+    # a kernel whose roofline time passes the floor takes its roofline time, floor not added
+    big = project([Kernel("add", 0.0, 4e9, "")], [], mesh, hw, batch=128, precision="bf16")
+    assert big["launch_s"] == 0 and big["memory_s"] > CHIPS["h100"].launch_s
+
+
 @pytest.mark.slow
 def test_dry_run_json_projects_onto_two_nodes(capsys):
     args = ["--dry-run", "--json", "--mesh", "data=2,fsdp=2", "--project", "h100x2:nodes=2"]
@@ -93,7 +142,8 @@ def test_dry_run_json_projects_onto_two_nodes(capsys):
     plan = json.loads(capsys.readouterr().out)
     assert {"params", "per_device", "collectives", "projection"} <= set(plan)
     q = plan["projection"]
-    assert q["chips"] == 4 and q["bound"] in ("compute", "memory", "communication")
+    assert q["chips"] == 4 and q["bound"] in ("compute", "memory", "launch", "communication",
+                                              "dispatch")  # fmt: skip
     assert q["step_s"] > 0 and 0 < q["mfu"] < 1
     assert q["images_per_s_per_chip"] == pytest.approx(128 / q["step_s"] / 4)
     links = {(c["axes"], c["link"]) for c in q["collectives"]}
