@@ -180,16 +180,22 @@ class Checkpoints:
             self.manager.close()
 
 
-def latest_manifest(workdir, what) -> tuple[int, dict]:
+def latest_manifest(workdir, what, quantized: bool = False) -> tuple[int, dict]:
     """The step and manifest of `workdir`'s latest complete checkpoint, to read one model from
     (predict, compress, a teacher, --init-from); a `UserError` naming `what` (the flag or folder
-    that pointed there) when there is none, or when it is DiLoCo's between syncs."""
+    that pointed there) when there is none, when it is DiLoCo's between syncs, or when it is an
+    int8 model from ``compress --save`` and the reader cannot serve one (`quantized`: predict)."""
     ckpts = Checkpoints(workdir)
     try:
         step = ckpts.latest()
         if step is None:
             raise UserError(f"{what} holds no complete checkpoint")
         manifest = ckpts.manifest(step)
+        if manifest.get("quantization") and not quantized:
+            raise UserError(
+                f"{what} holds an int8 model written by compress --save, which only predict "
+                f"serves; use the run it was compressed from ({manifest['compressed']['from']})"
+            )
         kind, _, period = (manifest.get("sync") or "").partition(":")
         if kind == "diloco" and step % int(period):
             raise UserError(

@@ -1,6 +1,6 @@
 """Compress a trained run and measure what each variant costs and saves:
 ``python -m jaxpar.compress WORKDIR [--quantize int8|bf16|int8,bf16] [--activations int8]
-[--prune S [--finetune-epochs N]] [--mesh M] [--data-dir D]``.
+[--prune S [--finetune-epochs N]] [--save DIR] [--mesh M] [--data-dir D]``.
 
 The run's latest checkpoint is restored onto the mesh (the run's, from ``config.json``, unless
 ``--mesh``); each variant is evaluated on the test split of the run's dataset:
@@ -20,6 +20,9 @@ The run's latest checkpoint is restored onto the mesh (the run's, from ``config.
   --prune-to S --prune-start 0 --prune-end 1`` in
   ``WORKDIR/compress/pruned-S-from-step-K-N-epochs``, resumed or reused by a later call); the
   one-shot accuracy is kept as ``test_accuracy_before_finetune``.
+
+``--save DIR`` writes the int8 model (``int8-act`` with ``--activations int8``) as a checkpoint in
+the new folder DIR, which ``python -m jaxpar.predict DIR`` serves (`save_servable`).
 
 Quantized weights stay sharded: an int8 kernel is placed like its float original and its scales
 like its output channels. A run trained with ``--qat int8`` quantizes to ``int8`` with no further
@@ -326,11 +329,31 @@ def table(variants: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def save_servable(t: Trained, model, out: Path, activations: bool) -> None:
+    """The int8 `model` as a checkpoint (its step's, model only) in the new folder `out`, which
+    ``python -m jaxpar.predict OUT`` serves: int8 weights, their scales (and static input
+    scales), restored into the same model built again from the manifest."""
+    from flax import nnx
+
+    from jaxpar.checkpoint import Checkpoints
+
+    kept = ("step", "format", "model", "revision", "image_shape", "num_classes", "patch_size",
+            "normalization", "versions")  # fmt: skip
+    manifest = {k: t.manifest.get(k) for k in kept}
+    manifest["quantization"] = {"weights": "int8", "activations": activations}
+    manifest["compressed"] = {"from": str(t.workdir.resolve()), "step": t.step}
+    ckpts = Checkpoints(out)
+    try:
+        ckpts.save(t.step, {0: nnx.to_pure_dict(nnx.state(model))}, manifest, wait=True)
+    finally:
+        ckpts.close()
+
+
 def compress(cfg, quantize=(), activations=None, prune=None, finetune_epochs=0,
-             calibration_batches=4, seconds=1.0, say=print) -> list[dict]:  # fmt: skip
+             calibration_batches=4, seconds=1.0, say=print, save=None) -> list[dict]:  # fmt: skip
     """Measure the float original and the variants asked for, in this order and this call (their
     speeds compare within it), each timed for `seconds`; record and return all the workdir's
-    variants."""
+    variants. `save`: a new folder for the int8 model (with int8 inputs if `activations`)."""
     from functools import partial
 
     from jaxpar.loop import train
@@ -344,9 +367,12 @@ def compress(cfg, quantize=(), activations=None, prune=None, finetune_epochs=0,
     variants = [timed(t, "float32", t.model)]
     if "int8" in quantize:
         calibration = calibration_images(t, calibration_batches)
-        variants.append(timed(t, "int8", int8_model(t, False, calibration)))
+        variants.append(timed(t, "int8", model := int8_model(t, False, calibration)))
         if activations == "int8":
-            variants.append(timed(t, "int8-act", int8_model(t, True, calibration)))
+            variants.append(timed(t, "int8-act", model := int8_model(t, True, calibration)))
+        if save is not None:
+            save_servable(t, model, save, activations == "int8")
+            say(f"{variants[-1]['name']} model saved in {save}: python -m jaxpar.predict {save}")
     if "bf16" in quantize:
         variants.append(timed(t, "bf16", bf16_model(t)))
     if prune is not None:
@@ -382,6 +408,11 @@ def check(args) -> None:
         raise UserError(f"--time must be >= 0 seconds, got {args.time}")
     if args.calibration_batches < 1:
         raise UserError(f"--calibration-batches must be >= 1, got {args.calibration_batches}")
+    if args.save is not None and "int8" not in kinds:
+        raise UserError("--save writes the int8 model: add --quantize int8")
+    if args.save is not None and args.save.exists() and any(args.save.iterdir()):
+        raise UserError(f"--save {args.save} is not empty; name a new folder (nothing is "
+                        "overwritten)")  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -400,6 +431,9 @@ def main(argv=None) -> int:
                         help="seconds timing each variant (3 passes at least)")  # fmt: skip
     parser.add_argument("--mesh", help="as train.py's --mesh (default: the run's)")
     parser.add_argument("--data-dir", help="the dataset's folder (default: the run's)")
+    parser.add_argument(
+        "--save", type=Path, help="a new folder: the int8 model as a checkpoint predict serves"
+    )
     args = parser.parse_args(argv)
     try:
         check(args)
@@ -411,8 +445,8 @@ def main(argv=None) -> int:
             check_batch_spec(cfg.batch_size, spec)  # the evaluation batches split as training's
         request_devices(spec.size if spec else 1)  # before JAX starts
         quantize = tuple(args.quantize.split(",")) if args.quantize else ()
-        variants = compress(cfg, quantize, args.activations, args.prune,
-                            args.finetune_epochs, args.calibration_batches, args.time)  # fmt: skip
+        variants = compress(cfg, quantize, args.activations, args.prune, args.finetune_epochs,
+                            args.calibration_batches, args.time, save=args.save)  # fmt: skip
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -27,7 +27,13 @@ def model_of(manifest: dict):
     options = {"patch_size": manifest["patch_size"]} if manifest["model"].startswith("vit-") else {}
     dtype = jnp.bfloat16 if manifest.get("precision") == "bf16" else jnp.float32
     fn = MODELS.lookup(manifest["model"], "model")
-    return lambda rngs: fn(shape, manifest["num_classes"], dtype=dtype, rngs=rngs, **options), shape
+    build = lambda rngs: fn(shape, manifest["num_classes"], dtype=dtype, rngs=rngs, **options)  # noqa: E731
+    if quantized := manifest.get("quantization"):  # `compress --save`: int8 weights and scales
+        from jaxpar.quantize import post_training
+
+        sample = jnp.zeros((1, *shape), jnp.float32)
+        return lambda rngs: post_training(build(rngs), sample, quantized["activations"]), shape
+    return build, shape
 
 
 def inputs(images: np.ndarray, manifest: dict, shape) -> np.ndarray:
@@ -66,12 +72,13 @@ def served_shape(manifest: dict, images: np.ndarray) -> tuple:
     return tuple(images.shape[1:]) if channels == shape[2] and same_stem else shape
 
 
-def latest(workdir) -> tuple[int, dict]:
+def latest(workdir, quantized: bool = False) -> tuple[int, dict]:
     """The step and manifest of `workdir`'s latest complete checkpoint, refused (`UserError`)
-    when there is none or this version's model computes differently."""
+    when there is none, this version's model computes differently, or it is int8 from
+    ``compress --save`` and not `quantized` (what predict serves)."""
     from jaxpar.checkpoint import check_revision, latest_manifest
 
-    step, manifest = latest_manifest(Path(workdir), workdir)
+    step, manifest = latest_manifest(Path(workdir), workdir, quantized)
     check_revision(manifest, manifest["model"], f"{workdir} step {step}")
     return step, manifest
 
@@ -99,7 +106,7 @@ def predict(workdir, images: np.ndarray, mesh: str | None = None, batch_size: in
     from jaxpar.mesh import make_mesh, parse_mesh
     from jaxpar.sharding import RULES, batch_sharding
 
-    step, manifest = latest(workdir)
+    step, manifest = latest(workdir, quantized=True)
     shape = served_shape(manifest, images)
     x = inputs(images, manifest, shape)
     device_mesh = make_mesh(parse_mesh(mesh, jax.device_count()))

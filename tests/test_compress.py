@@ -90,6 +90,36 @@ def test_resnet8_int8_keeps_its_accuracy_at_a_quarter_of_the_bytes(resnet8_run):
     assert 0.24 < v["int8"]["param_bytes"] / v["float32"]["param_bytes"] < 0.27
 
 
+@pytest.mark.slow
+def test_compress_save_writes_the_int8_model_that_predict_serves(resnet8_run, tmp_path):
+    """``--save``: the int8 model (inputs int8 too, static scales) as a checkpoint; predict
+    rebuilds it from the manifest and computes what compress measured; readers that need float
+    weights refuse it in one line."""
+    from jaxpar import UserError
+    from jaxpar.checkpoint import latest_manifest
+    from jaxpar.predict import inputs, latest, predict, restored
+
+    out = tmp_path / "int8"
+    flags = ["--quantize", "int8", "--activations", "int8", "--mesh", "1", "--save", str(out)]
+    assert run(resnet8_run, *flags) == 0
+    t = compress.restore_run(compress.run_config(resnet8_run, "1", None))
+    measured = compress.int8_model(t, True, compress.calibration_images(t, 4))
+    step, manifest = latest(out, quantized=True)
+    _, saved, _ = restored(out, step, manifest, t.mesh)
+    want = nnx.to_pure_dict(nnx.state(measured))
+    assert jax.tree.structure(saved) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(want), strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)  # int8 weights, scales, input scales
+    assert saved["head"]["kernel"]["array"]["qvalue"].dtype == jnp.int8
+    images = t.ds.test_images[:24]
+    logits = measured(inputs(images, t.manifest, t.ds.image_shape), train=False)
+    # the same model; an input on a rounding boundary may quantize one step apart when compiled
+    np.testing.assert_allclose(predict(out, images, "1"), logits, atol=2e-2)
+    with pytest.raises(UserError, match="int8 model written by compress --save, which only pre"):
+        latest_manifest(out, f"--init-from {out}")
+    assert run(resnet8_run, "--quantize", "int8", "--save", str(out)) == 2  # never overwritten
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -97,6 +127,7 @@ def test_resnet8_int8_keeps_its_accuracy_at_a_quarter_of_the_bytes(resnet8_run):
         (["--prune", "1.5"], "--prune must be a sparsity in (0, 1), got 1.5"),
         (["--activations", "int8"], "--activations int8 goes with --quantize int8"),
         (["--finetune-epochs", "2"], "--finetune-epochs goes with --prune"),
+        (["--save", "out"], "--save writes the int8 model: add --quantize int8"),
     ],
 )
 def test_bad_requests_exit_2_with_one_line(tmp_path, capsys, flags, message):
