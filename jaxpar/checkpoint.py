@@ -35,15 +35,30 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxpar import compose
 from jaxpar.errors import UserError
 from jaxpar.mesh import parse_mesh
 from jaxpar.models import REVISIONS, revision
 from jaxpar.sharding import placed
 
-# Fields of the manifest that define the run: a checkpoint resumes only into the same ones.
-IDENTITY = ("model", "dataset", "image_shape", "num_classes", "batch_size", "optimizer", "seed",
-            "patch_size", "sync", "revision", "freeze", "prune_to", "qat", "federated",
-            "teacher", "ema")  # fmt: skip
+# Fields of the manifest that define the run: a checkpoint resumes only into the same ones. The
+# model's and the data's, then those each training mode declares (`jaxpar.compose`: its pins).
+IDENTITY = tuple(
+    dict.fromkeys(
+        (
+            "model",
+            "dataset",
+            "image_shape",
+            "num_classes",
+            "batch_size",
+            "optimizer",
+            "seed",
+            "patch_size",
+            "revision",
+            *compose.pinned(),
+        )
+    )
+)
 # What a manifest written before a field existed means by its absence.
 ABSENT = {"revision": 1, "freeze": None, "prune_to": None, "qat": None, "federated": None,
           "teacher": None, "ema": False}  # fmt: skip

@@ -70,6 +70,10 @@ class Feature:
     # Whether `off` stays exact under BatchNorm; False where the batch statistics come from a
     # share of the batch (a replica's, a microbatch's): there the family's cell resumes instead.
     off_under_batchnorm: bool = True
+    # What a resume keeps: the checkpoint manifest's fields this feature sets, which a resume
+    # must match (`jaxpar.checkpoint.IDENTITY` is made of them), and what else it must keep.
+    pins: tuple = ()
+    keeps: str = ""
 
     def named(self, cfg) -> str:
         return self.asked(cfg) if self.asked else self.flag
@@ -79,36 +83,42 @@ def _sync(kind: str) -> Callable:
     return lambda c: c.sync.startswith(f"{kind}:") and c.sync != "stale:0"
 
 
+_REPLICAS = "a mesh with as many data-parallel devices (one model per replica)"
 FEATURES = [
     Feature("local", "--sync local:H", _sync("local"), {"sync": "local:2"},
             off={"sync": "local:1"}, needs={"momentum": 0.0}, group="sync",
-            off_under_batchnorm=False),
+            off_under_batchnorm=False, pins=("sync",), keeps=_REPLICAS),
     Feature("diloco", "--sync diloco:H", _sync("diloco"), {"sync": "diloco:2"},
             off={"sync": "diloco:1", "outer_lr": 1.0, "outer_momentum": 0.0},
-            needs={"momentum": 0.0}, group="sync", off_under_batchnorm=False),
-    Feature("stale", "--sync stale:T", _sync("stale"), {"sync": "stale:2"}, group="sync"),
+            needs={"momentum": 0.0}, group="sync", off_under_batchnorm=False, pins=("sync",),
+            keeps=_REPLICAS),
+    Feature("stale", "--sync stale:T", _sync("stale"), {"sync": "stale:2"}, group="sync",
+            pins=("sync",)),
     Feature("federated", "--clients N", lambda c: c.clients is not None,
-            {"clients": 8, "clients_per_round": 4, "local_batch": 16}),
+            {"clients": 8, "clients_per_round": 4, "local_batch": 16}, pins=("federated",)),
     Feature("pipeline", "a pipeline (stage > 1 in --mesh, --microbatches, --pipeline)",
             lambda c: _stages(c) > 1 or c.microbatches > 1 or c.pipeline != "gpipe",
             {"mesh": "stage=2,data=2"}, off={}, asked=_pipeline_asked),
     Feature("grad_accum", "--grad-accum K", lambda c: c.grad_accum > 1, {"grad_accum": 2},
             off={}, off_under_batchnorm=False),
     Feature("prune", "--prune-to S", lambda c: c.prune_to is not None, {"prune_to": 0.5},
-            off={"prune_to": 0.0}),
+            off={"prune_to": 0.0}, pins=("prune_to",),
+            keeps="its schedule's end (--prune-end, or 3/4 of the run that began it)"),
     Feature("distill", "--teacher DIR", lambda c: c.teacher is not None, {"teacher": "TEACHER"},
-            off={"distill_weight": 0.0}),
-    Feature("qat", "--qat int8", lambda c: c.qat is not None, {"qat": "int8"}),
+            off={"distill_weight": 0.0}, pins=("teacher",)),
+    Feature("qat", "--qat int8", lambda c: c.qat is not None, {"qat": "int8"}, pins=("qat",)),
     Feature("freeze", "--freeze backbone", lambda c: c.freeze is not None,
-            {"freeze": "backbone"}),
+            {"freeze": "backbone"}, pins=("freeze",)),
     Feature("init_from", "--init-from", lambda c: c.init_from is not None,
-            {"init_from": "INIT"}),
+            {"init_from": "INIT"}, keeps="nothing: it sets the first start's weights only"),
     Feature("workers", "--data-workers N", lambda c: c.data_workers > 0, {"data_workers": 1},
             off={}),
     Feature("mixture", "--dataset A=S,B=S (mixture)", lambda c: "=" in c.dataset,
-            {"dataset": "synthetic:8x8x1:10=0.75,synthetic:8x8x1:5=0.25"}),
+            {"dataset": "synthetic:8x8x1:10=0.75,synthetic:8x8x1:5=0.25"},
+            pins=("dataset",)),
     # The average never changes the training: on, the losses are the run's without it.
-    Feature("ema", "--ema DECAY", lambda c: c.ema is not None, {"ema": 0.9}, off={}),
+    Feature("ema", "--ema DECAY", lambda c: c.ema is not None, {"ema": 0.9}, off={},
+            pins=("ema",)),
 ]  # fmt: skip
 BY_NAME = {f.name: f for f in FEATURES}
 
@@ -186,6 +196,11 @@ def check(cfg) -> None:
                                 f"{reason}")  # fmt: skip
 
 
+def pinned() -> tuple:
+    """The manifest fields that the features pin for a resume, in declaration order."""
+    return tuple(dict.fromkeys(k for f in FEATURES for k in f.pins))
+
+
 def families(*features: Feature) -> list[str]:
     """The model families that run all of `features`."""
     return [k for k in FAMILIES if all((f.name, k) not in FAMILY_REFUSED for f in features)]
@@ -243,6 +258,11 @@ def table() -> str:
     rows.append("")
     rows += [f"- {name} on a {of} with {axis} > 1 is refused: {reason}."
              for (name, of, axis), reason in AXIS_REFUSED.items()]  # fmt: skip
+    rows += ["", "What a resume must keep (it may change the rest: the mesh, the process count, "
+             "--data-workers, --steps-per-dispatch):", ""]  # fmt: skip
+    for f in FEATURES:
+        kept = [f"the same `{k}`" for k in f.pins] + ([f.keeps] if f.keeps else [])
+        rows.append(f"- {f.name}: {'; '.join(kept) or 'nothing'}.")
     return "\n".join(rows)
 
 

@@ -121,6 +121,10 @@ class Config:
                 f"--data-dir {self.data_dir} is a file, not a directory; pass the directory "
                 "that holds the dataset's files",
             )
+            built_in = self.dataset == "digits" or self.dataset.startswith("synthetic")
+            need(is_mixture(self.dataset) or not built_in,
+                 f"--data-dir with --dataset {self.dataset}: that dataset is built in and reads "
+                 "no files; drop --data-dir")  # fmt: skip
         if problem := workdir_problem(self.workdir):
             raise UserError(problem)
         need(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
@@ -252,6 +256,24 @@ class Config:
         if self.clients is not None and self.clients_per_round is None:
             changes["clients_per_round"] = min(10, self.clients)
         return dataclasses.replace(self, **changes) if changes else self
+
+    def notes(self, total: int) -> list[str]:
+        """One line for each flag that this run of `total` steps takes only in part (a later,
+        longer run continues it): a ramp that ends after the run."""
+        from jaxpar.prune import sparsity
+
+        lines = []
+        if self.prune_to and self.prune_end and self.prune_end > total:
+            reached = float(sparsity(self.prune_to, self.prune_start, self.prune_end, total))
+            lines.append(f"note: --prune-end {self.prune_end} is past the run's end (step "
+                         f"{total}): it ends at sparsity {reached:.3g}, not --prune-to "
+                         f"{self.prune_to:g}; a run continued to --steps {self.prune_end} reaches "
+                         "it")  # fmt: skip
+        if self.warmup_steps > total and self.clients is None:
+            lines.append(f"note: --warmup-steps {self.warmup_steps} is past the run's end (step "
+                         f"{total}): the learning rate reaches {total / self.warmup_steps:.3g} of "
+                         "--lr")  # fmt: skip
+        return lines
 
     def check_federated(self, need) -> None:
         if self.clients is None:

@@ -142,32 +142,43 @@ class Run:
 
     def identity(self) -> dict:
         """What a checkpoint must match to resume into this run."""
-        c = self.cfg
-        return {
-            "model": c.model,
-            "dataset": c.dataset,
-            "image_shape": list(self.ds.image_shape),
-            "num_classes": self.ds.num_classes,
-            "batch_size": c.batch_size,
-            "optimizer": c.optimizer,
-            "seed": c.seed,
-            "patch_size": self.patch_size,
-            "sync": None if self.cfg.sync == "every-step" else self.cfg.sync,
-            "revision": revision(c.model),
-            "freeze": c.freeze,
-            "prune_to": c.prune_to,
-            "qat": c.qat,
-            "teacher": c.teacher,
-            "federated": c.federated(),
-            "ema": c.ema is not None,  # the average rides in the optimizer state
-        }
+        return identity(self.cfg, self.ds)
 
     @property
     def patch_size(self) -> int | None:
         """The ViT's patch size (it shapes the parameters); None for other models."""
-        if not self.cfg.model.startswith("vit-"):
-            return None
-        return check_patch_size(self.ds.image_shape, self.cfg.patch_size)
+        return patch_size(self.cfg, self.ds)
+
+
+def patch_size(cfg: Config, ds) -> int | None:
+    """A ViT's patch size on `ds` (it shapes the parameters); None for other models."""
+    if not cfg.model.startswith("vit-"):
+        return None
+    return check_patch_size(ds.image_shape, cfg.patch_size)
+
+
+def identity(cfg: Config, ds) -> dict:
+    """What a checkpoint of a run of `cfg` on `ds` must match to resume
+    (`jaxpar.checkpoint.IDENTITY`: the model's and data's fields, and the modes' pins)."""
+    c = cfg
+    return {
+        "model": c.model,
+        "dataset": c.dataset,
+        "image_shape": list(ds.image_shape),
+        "num_classes": ds.num_classes,
+        "batch_size": c.batch_size,
+        "optimizer": c.optimizer,
+        "seed": c.seed,
+        "patch_size": patch_size(c, ds),
+        "sync": None if c.sync == "every-step" else c.sync,
+        "revision": revision(c.model),
+        "freeze": c.freeze,
+        "prune_to": c.prune_to,
+        "qat": c.qat,
+        "teacher": c.teacher,
+        "federated": c.federated(),
+        "ema": c.ema is not None,  # the average rides in the optimizer state
+    }
 
 
 def setup(cfg: Config) -> Run:
@@ -403,6 +414,8 @@ def train(cfg: Config) -> dict:
     say(draw_mesh(run.mesh))
     for r in run.replicated:
         say(f"note: {r}")
+    for line in cfg.notes(run.total):
+        say(line)
     if cfg.freeze and not cfg.init_from and first == 0:
         say("note: --freeze backbone without --init-from: the head trains on a random backbone")
     for line in run.mode.announce(workdir):

@@ -80,6 +80,7 @@ BAD = {
     "--lr -1": "--lr must be positive",
     "--epochs -3": "--epochs must be at least 1",
     "--data-dir /no/such/dir": "data directory /no/such/dir does not exist",
+    "--data-dir /": "--data-dir with --dataset digits: that dataset is built in and reads no files",
     "--optimizer lamb": "invalid choice: 'lamb'",
     "--batch-size 4096": "larger than the 1437 training examples",
     "--steps-per-dispatch 0": "--steps-per-dispatch must be at least 1",

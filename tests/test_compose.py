@@ -245,3 +245,35 @@ class TestResume:
         self, mode, tmp_path
     ):
         resumes(flags_of("mlp", RESUMED[mode]), tmp_path)
+
+
+def test_a_resume_refuses_changing_exactly_what_each_feature_pins():
+    """The declared pins are what tells a run with the feature from the run without it in a
+    checkpoint's identity (which `check_fits` compares field by field): no more, no less."""
+    from jaxpar.checkpoint import IDENTITY
+    from jaxpar.data import load_dataset
+    from jaxpar.loop import identity
+
+    def of(flags: dict) -> dict:
+        cfg = Config(**flags)
+        return identity(cfg, load_dataset(cfg.dataset))
+
+    for f in compose.FEATURES:
+        base = {**BASE, "model": model_for(f), **f.needs}
+        on, off = of({**base, **f.example}), of(base)
+        assert {k for k in IDENTITY if on[k] != off[k]} == set(f.pins), f.name
+        assert set(f.pins) <= set(IDENTITY), f.name
+
+
+@pytest.mark.slow
+def test_a_pipeline_resumes_without_its_stages_and_with_another_grad_accum(tmp_path):
+    """What a resume may change beyond the pins: here the stages and --grad-accum."""
+    flags = {**flags_of("vit-compose", {"mesh": "stage=2,data=2", "microbatches": 2}),
+             "steps": 4, "log_every": 3, "checkpoint_every": 2, "keep": 5}  # fmt: skip
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    jaxpar.train(Config(**flags, workdir=str(whole)))
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "checkpoints" / "4")
+    later = {**flags, "mesh": "data=2", "microbatches": 0, "grad_accum": 2}
+    jaxpar.train(Config(**later, workdir=str(cut)))
+    assert_same_run(lines(cut), lines(whole))

@@ -121,3 +121,20 @@ def test_a_vits_stacked_layers_are_pruned_one_by_one_and_their_vectors_stay_dens
     assert [int((k == 0).sum()) for k in new["blocks"]["kernel"]] == [48, 48]  # each layer
     assert (new["blocks"]["scale"] == params["blocks"]["scale"]).all()  # not a weight: dense
     assert int((new["head"]["kernel"] == 0).sum()) == 24
+
+
+def test_ramps_that_end_after_the_run_are_noted_with_what_the_run_reaches():
+    """--prune-end or --warmup-steps past the run's end: accepted (a longer run continues the
+    ramp) with one line saying what this run reaches; none when the ramp ends in the run."""
+    from jaxpar.config import Config
+
+    prune = Config(prune_to=0.5, prune_end=20).notes(10)
+    assert prune == [
+        "note: --prune-end 20 is past the run's end (step 10): it ends at sparsity 0.438, not "
+        "--prune-to 0.5; a run continued to --steps 20 reaches it"
+    ]
+    assert Config(warmup_steps=20).notes(10) == [
+        "note: --warmup-steps 20 is past the run's end (step 10): the learning rate reaches 0.5 "
+        "of --lr"
+    ]
+    assert Config(prune_to=0.5, prune_end=10, warmup_steps=10).notes(10) == []
