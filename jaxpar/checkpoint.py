@@ -224,6 +224,27 @@ def latest_manifest(workdir, what, quantized: bool = False) -> tuple[int, dict]:
         ckpts.close()
 
 
+def model_of(manifest: dict):
+    """The model a checkpoint's manifest describes, unbuilt: ``(model_fn, image_shape)``: its
+    model, dtype, patch size and quantization. Predict, export, compress and ``--teacher`` build
+    it; `restore_model` fills it with the weights the run evaluated."""
+    import jax.numpy as jnp
+
+    from jaxpar.models import MODELS
+
+    shape = tuple(manifest["image_shape"])
+    options = {"patch_size": manifest["patch_size"]} if manifest["model"].startswith("vit-") else {}
+    dtype = jnp.bfloat16 if manifest.get("precision") == "bf16" else jnp.float32
+    fn = MODELS.lookup(manifest["model"], "model")
+    build = lambda rngs: fn(shape, manifest["num_classes"], dtype=dtype, rngs=rngs, **options)  # noqa: E731
+    if quantized := manifest.get("quantization"):  # `compress --save`: int8 weights and scales
+        from jaxpar.quantize import post_training
+
+        sample = jnp.zeros((1, *shape), jnp.float32)
+        return lambda rngs: post_training(build(rngs), sample, quantized["activations"]), shape
+    return build, shape
+
+
 def restore_model(workdir, step: int, abstract: dict, shardings: dict) -> dict:
     """The model weights of `workdir`'s checkpoint `step` that `abstract` (a pure dict of shapes,
     possibly a part of the model) names, restored straight into `shardings` (any mesh): the

@@ -19,10 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpar.checkpoint import check_revision, latest_manifest, restore_model
+from jaxpar.checkpoint import check_revision, latest_manifest, model_of, restore_model
 from jaxpar.errors import UserError
-from jaxpar.models import MODELS
-from jaxpar.models.vit import check_patch_size
 from jaxpar.sharding import state_shardings
 from jaxpar.step import cross_entropy
 
@@ -86,15 +84,9 @@ def load_teacher(cfg, ds, mesh) -> Teacher:
         if manifest.get(key) != here:
             raise UserError(f"--teacher {source} was trained with {key} {manifest.get(key)}; "
                             f"this run's data has {here}")  # fmt: skip
-    model = manifest["model"]
-    check_revision(manifest, model, f"--teacher {source}")
-    options = {}
-    if model.startswith("vit-"):
-        options["patch_size"] = check_patch_size(ds.image_shape, manifest.get("patch_size"))
-    dtype = jnp.bfloat16 if manifest.get("precision") == "bf16" else jnp.float32
-    build = MODELS.lookup(model, "model")
-    model_fn = partial(build, ds.image_shape, ds.num_classes, dtype=dtype, **options)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0))))
+    check_revision(manifest, manifest["model"], f"--teacher {source}")
+    build, _ = model_of(manifest)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
     shardings, _ = state_shardings(abstract, mesh)
     return Teacher(graphdef, nnx.to_pure_dict(abstract), shardings, source, step,
                    cfg.distill_temperature, cfg.distill_weight)  # fmt: skip

@@ -17,25 +17,6 @@ import numpy as np
 from jaxpar.errors import UserError
 
 
-def model_of(manifest: dict):
-    """The model a checkpoint's manifest describes, unbuilt: ``(model_fn, image_shape)``."""
-    import jax.numpy as jnp
-
-    from jaxpar.models import MODELS
-
-    shape = tuple(manifest["image_shape"])
-    options = {"patch_size": manifest["patch_size"]} if manifest["model"].startswith("vit-") else {}
-    dtype = jnp.bfloat16 if manifest.get("precision") == "bf16" else jnp.float32
-    fn = MODELS.lookup(manifest["model"], "model")
-    build = lambda rngs: fn(shape, manifest["num_classes"], dtype=dtype, rngs=rngs, **options)  # noqa: E731
-    if quantized := manifest.get("quantization"):  # `compress --save`: int8 weights and scales
-        from jaxpar.quantize import post_training
-
-        sample = jnp.zeros((1, *shape), jnp.float32)
-        return lambda rngs: post_training(build(rngs), sample, quantized["activations"]), shape
-    return build, shape
-
-
 def inputs(images: np.ndarray, manifest: dict, shape) -> np.ndarray:
     """`images` as the model's float32 inputs, or a `UserError` saying what is wrong."""
     if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape):
@@ -89,7 +70,7 @@ def restored(workdir, step: int, manifest: dict, mesh, **changes):
     (``precision="bf16"``: the same float32 weights in a model computing in bfloat16)."""
     from flax import nnx
 
-    from jaxpar.checkpoint import restore_model
+    from jaxpar.checkpoint import model_of, restore_model
     from jaxpar.sharding import state_shardings
 
     build, _ = model_of({**manifest, **changes})

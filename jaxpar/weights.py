@@ -45,12 +45,13 @@ from jaxpar.checkpoint import (
     Checkpoints,
     check_revision,
     latest_manifest,
+    model_of,
     restore_model,
     versions,
 )
 from jaxpar.errors import UserError
 from jaxpar.models import MODELS, revision
-from jaxpar.predict import latest, model_of
+from jaxpar.predict import latest
 from jaxpar.sharding import path_str
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # of pixels in [0, 1]
