@@ -3,7 +3,7 @@
 No ImageNet here, so the script makes ImageNet-like JPEGs (500x375, smooth colour fields with
 noise, about the size and compressibility of real photos: see the printed mean bytes) and serves
 them from memory through a source that decodes as tensorflow-datasets does (PIL). It times, in
-the same process and alternating rounds: decoding alone (the baseline), and `jaxpar.imagenet`'s
+the same process and alternating rounds: decoding alone (the baseline), and `jaxpar.data.imagenet`'s
 training read (decode, random-resized crop, flip) and evaluation read (decode, central crop),
 with 1 thread and with one thread per core. Divide a GPU's images/s by the per-core figure for
 the cores a host needs to keep it fed.
@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from jaxpar.data import Dataset, train_batches
-from jaxpar.imagenet import Records, random_resized_crop
+from jaxpar.data.imagenet import Records, random_resized_crop
 from jaxpar.mesh import make_mesh, parse_mesh
 
 

@@ -11,7 +11,7 @@ Parts, chosen with ``--parts``:
 - ``fsdp``: the collective bytes and compiled peak memory per device of the ``vit-small`` step on
   ``stage=2,fsdp=4`` with the layer weights all-gathered once per step before the ticks
   (``Schedule(gather=True)``, the default) and inside every tick (``gather=False``), read from
-  the compiled program (`jaxpar.plan.collectives` counts loop bodies once per iteration).
+  the compiled program (`jaxpar.collectives.collectives` counts loop bodies once per iteration).
   Nothing runs.
 
     python benchmarks/pipeline.py                       # both parts, about 5 minutes here
@@ -75,8 +75,8 @@ def bubble(a) -> dict:
 
 
 def fsdp(a) -> dict:
+    from jaxpar.collectives import collectives
     from jaxpar.pipeline import Schedule
-    from jaxpar.plan import collectives
 
     out = {}
     for gather in (True, False):

@@ -21,7 +21,7 @@ class Config:
     model: str = "mlp"
     dataset: str = "digits"
     data_dir: str | None = None
-    labels: str = "shared"  # a mixture's label space: shared, or joint (`jaxpar.mixture`)
+    labels: str = "shared"  # a mixture's label space: shared, or joint (`jaxpar.data.mixture`)
     resize_sources: bool = False  # a mixture's sources resized to the first one's image shape
     data_workers: int = 0  # grain worker processes reading training batches (0: this process)
     epochs: int = 30
@@ -90,7 +90,7 @@ class Config:
     def validate(self) -> "Config":
         from jaxpar import compose
         from jaxpar.data import loader
-        from jaxpar.mixture import LABELS, is_mixture, parse, rows_per_batch
+        from jaxpar.data.mixture import LABELS, is_mixture, parse, rows_per_batch
         from jaxpar.models import MODELS
         from jaxpar.pipeline import parse_pipeline
         from jaxpar.quantize import QAT

@@ -42,9 +42,9 @@ from flax import nnx
 
 from jaxpar.data import device_batch
 from jaxpar.errors import UserError
+from jaxpar.mode import Mode
 from jaxpar.sharding import batch_sharding, mapped_over
 from jaxpar.step import cross_entropy
-from jaxpar.sync import Mode
 
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 CLIENTS = "data"  # the mesh axis the clients of a round are spread over

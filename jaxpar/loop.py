@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxpar.checkpoint import FORMAT, Checkpoints, check_fits, versions
+from jaxpar.collectives import collectives
 from jaxpar.config import Config
 from jaxpar.data import (
     Dataset,
@@ -33,7 +34,6 @@ from jaxpar.mesh import MeshSpec, draw_mesh, make_mesh, parse_mesh
 from jaxpar.models import MODELS, revision
 from jaxpar.models.vit import check_patch_size
 from jaxpar.pipeline import schedule_for
-from jaxpar.plan import collectives
 from jaxpar.prune import magnitude_pruning, weight_roles
 from jaxpar.quantize import aware
 from jaxpar.sharding import placed, spec_table, state_shardings

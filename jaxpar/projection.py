@@ -412,7 +412,7 @@ def project(kernel_list, ops, mesh_shape: dict, hw: Hardware, batch: int, precis
             bubble: float = 0.0, peak_bytes: int | None = None) -> dict:  # fmt: skip
     """The step's projected time on `hw` (see the module's docstring).
 
-    `kernel_list`: `kernels` of the whole program; `ops`: `jaxpar.plan.collective_ops` of the
+    `kernel_list`: `kernels` of the whole program; `ops`: `jaxpar.collectives.collective_ops` of the
     compiled, partitioned program (per device); `mesh_shape`: ``{axis: size}`` in mesh order.
     """
     chip, devices = hw.chip, math.prod(mesh_shape.values())

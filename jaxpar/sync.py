@@ -16,8 +16,8 @@ The replicas are the ``data`` axis groups; each is itself sharded over ``fsdp``/
 
 Each mode tells the one loop how its state is laid out (`layout`), what one step does (`step`),
 what it does every H steps (`sync`, None without) and which model evaluation sees (`view`);
-`Mode` holds what all of these share, and what a mode whose step is not a batch of examples
-(`jaxpar.federated`, whose step is a round) replaces: its optimizer, data and metrics. The
+`jaxpar.mode.Mode` holds what all of these share, and what a mode whose step is not a batch of
+examples (`jaxpar.federated`, whose step is a round) replaces: its optimizer, data and metrics. The
 checkpoint holds the whole state, replica axis, global copy, outer momentum and ring included.
 Reductions: ``local:1`` with SGD without momentum and ``diloco:1`` with inner SGD and an outer SGD
 of learning rate 1 without momentum are ``every-step``; so is ``stale:0``.
@@ -36,16 +36,13 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxpar.data import steps_per_epoch, train_batches
 from jaxpar.errors import UserError
+from jaxpar.mode import Mode
 from jaxpar.sharding import (
-    batch_sharding,
-    check_batch,
-    check_microbatches,
     mapped_over,
     path_str,
 )
-from jaxpar.step import gradients, loss_fn, make_optimizer, step_inputs, train_step
+from jaxpar.step import gradients, loss_fn, step_inputs, train_step
 
 REPLICAS = "data"  # the mesh axis whose groups are the replicas
 
@@ -103,58 +100,6 @@ def param_mask(abstract) -> dict:
     return jax.tree_util.tree_map_with_path(
         lambda k, _: path_str(k) in params, nnx.to_pure_dict(abstract[0])
     )
-
-
-class Mode:
-    """What a run's mode decides besides its step; here, what every `--sync` mode shares."""
-
-    unit = "step"  # what the printed progress counts (a federated run's: rounds)
-
-    def optimizer(self, cfg, total: int) -> optax.GradientTransformation:
-        """The optimizer the state holds (a schedule over `total` steps)."""
-        return make_optimizer(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,
-                              cfg.schedule, cfg.warmup_steps, total,
-                              cfg.clip_grad_norm)  # fmt: skip
-
-    def check(self, cfg, mesh) -> None:
-        """Refuse a batch that does not split over the mesh's batch shards (or microbatches)."""
-        check_batch(cfg.batch_size, mesh)
-        check_microbatches(cfg.batch_size, cfg.grad_accum, mesh)
-
-    def steps_per_epoch(self, ds, batch_size: int) -> int:
-        return steps_per_epoch(ds, batch_size)
-
-    def batch_ndims(self, image_ndim: int) -> dict[str, int]:
-        """Dimensions of each array of a step's batch (the leading one is sharded)."""
-        return {"image": image_ndim, "label": 1}
-
-    def batches(self, ds, batch_size: int, seed: int, plan, mesh, workers: int = 0):
-        """The device batch of each dispatch in `plan` (read by `workers` processes)."""
-        return train_batches(ds, batch_size, seed, plan, mesh, workers)
-
-    def abstract_batch(self, ds, batch_size: int, mesh) -> dict:
-        """Shapes, dtypes and shardings of one step's batch (for `--dry-run`)."""
-        image = (batch_size, *ds.image_shape)
-        return {"image": jax.ShapeDtypeStruct(image, ds.train_images.dtype,
-                                              sharding=batch_sharding(mesh, len(image))),
-                "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32,
-                                              sharding=batch_sharding(mesh))}  # fmt: skip
-
-    def examples_per_step(self, batch_size: int) -> float:
-        """Training examples one step computes on (``examples_per_s`` in metrics)."""
-        return batch_size
-
-    def stamp(self, step: int) -> dict:
-        """Keys every line of ``metrics.jsonl`` at `step` carries besides ``step``."""
-        return {}
-
-    def traffic(self, param_bytes: int) -> dict:
-        """Constant keys of every training line (a federated round's bytes)."""
-        return {}
-
-    def announce(self, workdir) -> list[str]:
-        """Lines to print when a run starts (and files to write in `workdir`)."""
-        return []
 
 
 class EveryStep(Mode):

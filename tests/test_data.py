@@ -151,7 +151,7 @@ def test_imagenet_streams_seeded_crops_the_same_on_every_mesh(tmp_path):
 
 
 def test_random_resized_crop_is_seeded_and_handles_extreme_shapes():
-    from jaxpar.imagenet import center_crop, random_resized_crop
+    from jaxpar.data.imagenet import center_crop, random_resized_crop
 
     image = np.random.default_rng(0).integers(0, 256, (300, 500, 3), np.uint8)
     crop = lambda s, img=image: random_resized_crop(img, np.random.default_rng(s))  # noqa: E731
@@ -233,7 +233,7 @@ class Jpegs:
 def test_worker_processes_read_the_same_batches():
     """--data-workers: grain's processes read (decode, crop) the batches this process would."""
     from jaxpar.data import Dataset
-    from jaxpar.imagenet import Records
+    from jaxpar.data.imagenet import Records
 
     mesh, plan = make_mesh(parse_mesh("2x2")), [0, range(1, 3), 3]
     records = Records(Jpegs(12), threads=2)

@@ -1,5 +1,5 @@
-"""Dataset mixtures (`jaxpar.mixture`): every batch holds each source's exact share, each source
-runs through its own epochs, per-source evaluation, the same run on any mesh and across a
+"""Dataset mixtures (`jaxpar.data.mixture`): every batch holds each source's exact share, each
+source runs through its own epochs, per-source evaluation, the same run on any mesh and across a
 resume, and one-line refusals."""
 
 import gzip
@@ -36,7 +36,7 @@ def data_dir(tmp_path_factory):
 
 
 def test_every_batch_holds_each_share_and_each_source_runs_its_own_epochs(data_dir):
-    from jaxpar.mixture import _epoch, sampler
+    from jaxpar.data.mixture import _epoch, sampler
 
     ds = load_dataset("mnist=48@ordered,fashion_mnist=16", str(data_dir))
     assert steps_per_epoch(ds, 64) == 4  # mnist's 200 rows pass once in 4 steps of 48

@@ -17,12 +17,12 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import jaxpar
+from jaxpar.collectives import collectives
 from jaxpar.data import device_batch, train_indices
 from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.models import MODELS
 from jaxpar.models.dropout import dropout as drop
 from jaxpar.models.vit import ViT, check_patch_size, default_patch_size
-from jaxpar.plan import collectives
 from jaxpar.sharding import batch_sharding, placed, spec_table, state_shardings
 from jaxpar.step import abstract_state, compile_steps, init_state, make_optimizer
 

@@ -1,4 +1,9 @@
-"""Flax NNX models. They name logical axes only; `jaxpar.sharding.RULES` maps them to the mesh."""
+"""Flax NNX models: the MLPs, ResNets and ViTs, by name in `MODELS` (a user's own as
+``module:attribute``). They name logical axes only; `jaxpar.sharding.RULES` maps them to the mesh.
+
+This package imports, from the rest of jaxpar, only `jaxpar.errors`, `jaxpar.registry` and
+`jaxpar.sharding` (activation sharding constraints by logical axis).
+"""
 
 from jaxpar.models.mlp import MLP, TwoNN
 from jaxpar.models.resnet import ResNet, ResNet8, ResNet18, ResNet34, ResNet50

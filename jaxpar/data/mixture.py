@@ -36,7 +36,7 @@ from functools import cached_property
 
 import numpy as np
 
-from jaxpar.data import read_rows
+from jaxpar.data.datasets import DATASETS, Dataset, known, loader, read_rows
 from jaxpar.errors import UserError
 
 LABELS = ("shared", "joint")
@@ -59,7 +59,6 @@ def parse(text: str) -> list[Share]:
     >>> [(s.name, s.weight, s.ordered) for s in parse("mnist=64@ordered,fashion_mnist=32")]
     [('mnist', 64.0, True), ('fashion_mnist', 32.0, False)]
     """
-    from jaxpar.data import DATASETS, known
 
     shares = []
     for part in text.split(","):
@@ -228,7 +227,6 @@ def resized(ds, shape: tuple, who: str):
     ``--resize-sources``: one channel becomes three by repetition, three become one by ITU-R 601
     luma (the statistics follow). uint8 images held in memory only.
 
-    >>> from jaxpar.data import Dataset
     >>> grey = np.zeros((2, 4, 4, 1), np.uint8)
     >>> ds = resized(Dataset("g", grey, np.zeros(2), grey, np.zeros(2), 10), (8, 8, 3), "g")
     >>> ds.image_shape, ds.mean
@@ -268,8 +266,6 @@ def load_mixture(text: str, data_dir: str | None, labels: str = "shared", resize
     `parts` hold each source's own dataset (labels as in the mixture) for evaluation."""
     from pathlib import Path
 
-    from jaxpar.data import Dataset, load_dataset
-
     shares = parse(text)
 
     def where(share):
@@ -278,7 +274,7 @@ def load_mixture(text: str, data_dir: str | None, labels: str = "shared", resize
         folder = Path(data_dir) / share.name
         return str(folder) if folder.is_dir() else data_dir
 
-    sources = [load_dataset(s.name, where(s)) for s in shares]
+    sources = [loader(s.name)(s.name, where(s)) for s in shares]
     first = sources[0]
     for i, (s, ds) in enumerate(zip(shares[1:], sources[1:], strict=True), 1):
         if ds.image_shape != first.image_shape and resize:

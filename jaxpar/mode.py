@@ -1,0 +1,66 @@
+"""What a training mode decides besides its step: the `Mode` every mode derives from.
+
+A mode (`jaxpar.sync`'s every-step, local SGD, DiLoCo and stale SGD; `jaxpar.federated`'s rounds)
+tells the one loop its optimizer, how a batch splits over the mesh, its data and its metrics;
+`Mode` gives what a mode whose step is one batch of examples does, which the others replace.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxpar.data import steps_per_epoch, train_batches
+from jaxpar.sharding import batch_sharding, check_batch, check_microbatches
+from jaxpar.step import make_optimizer
+
+
+class Mode:
+    """What a run's mode decides besides its step: here, what a mode of one batch per step does."""
+
+    unit = "step"  # what the printed progress counts (a federated run's: rounds)
+
+    def optimizer(self, cfg, total: int) -> optax.GradientTransformation:
+        """The optimizer the state holds (a schedule over `total` steps)."""
+        return make_optimizer(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,
+                              cfg.schedule, cfg.warmup_steps, total,
+                              cfg.clip_grad_norm)  # fmt: skip
+
+    def check(self, cfg, mesh) -> None:
+        """Refuse a batch that does not split over the mesh's batch shards (or microbatches)."""
+        check_batch(cfg.batch_size, mesh)
+        check_microbatches(cfg.batch_size, cfg.grad_accum, mesh)
+
+    def steps_per_epoch(self, ds, batch_size: int) -> int:
+        return steps_per_epoch(ds, batch_size)
+
+    def batch_ndims(self, image_ndim: int) -> dict[str, int]:
+        """Dimensions of each array of a step's batch (the leading one is sharded)."""
+        return {"image": image_ndim, "label": 1}
+
+    def batches(self, ds, batch_size: int, seed: int, plan, mesh, workers: int = 0):
+        """The device batch of each dispatch in `plan` (read by `workers` processes)."""
+        return train_batches(ds, batch_size, seed, plan, mesh, workers)
+
+    def abstract_batch(self, ds, batch_size: int, mesh) -> dict:
+        """Shapes, dtypes and shardings of one step's batch (for `--dry-run`)."""
+        image = (batch_size, *ds.image_shape)
+        return {"image": jax.ShapeDtypeStruct(image, ds.train_images.dtype,
+                                              sharding=batch_sharding(mesh, len(image))),
+                "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32,
+                                              sharding=batch_sharding(mesh))}  # fmt: skip
+
+    def examples_per_step(self, batch_size: int) -> float:
+        """Training examples one step computes on (``examples_per_s`` in metrics)."""
+        return batch_size
+
+    def stamp(self, step: int) -> dict:
+        """Keys every line of ``metrics.jsonl`` at `step` carries besides ``step``."""
+        return {}
+
+    def traffic(self, param_bytes: int) -> dict:
+        """Constant keys of every training line (a federated round's bytes)."""
+        return {}
+
+    def announce(self, workdir) -> list[str]:
+        """Lines to print when a run starts (and files to write in `workdir`)."""
+        return []

@@ -1,0 +1,102 @@
+"""How jaxpar's modules import each other: no module imports one that imports it back (an
+import circle), and a package imports from the rest of jaxpar only what its ``__init__``
+docstring says it may."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A package's imports from the rest of jaxpar, as its __init__ docstring states them.
+MAY_IMPORT = {
+    "jaxpar.data": {"jaxpar.errors", "jaxpar.registry", "jaxpar.sharding"},
+    "jaxpar.models": {"jaxpar.errors", "jaxpar.registry", "jaxpar.sharding"},
+}
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in (ROOT / "jaxpar").rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        found[name.removesuffix(".__init__")] = path
+    return found
+
+
+def imports(path: Path, known) -> set[str]:
+    """The jaxpar modules `path` imports, at its top or inside functions (both bind at run
+    time), each by its own name (``from jaxpar.data import x`` is `jaxpar.data`, or
+    `jaxpar.data.x` where that is a module)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+        else:
+            continue
+        for name in names:
+            while name and name not in known:  # jaxpar.data.x -> jaxpar.data when x is a name
+                name = name.rpartition(".")[0]
+            if name:
+                out.add(name)
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    edges = {}
+    for name, path in mods.items():
+        own = name if path.name == "__init__.py" else None  # a package's own modules
+        edges[name] = {m for m in imports(path, mods) if m != name and m != "jaxpar"
+                       and not (own and m.startswith(own + "."))}  # fmt: skip
+    return edges
+
+
+def circles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in edges:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    assert circles(graph()) == []
+
+
+def test_the_check_finds_a_circle():
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_packages_import_only_what_they_declare():
+    edges = graph()
+    for package, allowed in MAY_IMPORT.items():
+        doc = ast.get_docstring(ast.parse((ROOT / Path(*package.split(".")) / "__init__.py")
+                                          .read_text()))  # fmt: skip
+        assert all(f"`{m}`" in doc for m in allowed), f"{package}'s docstring does not say so"
+        outside = {m for name, deps in edges.items() if name == package or name.startswith(
+            package + ".") for m in deps if not m.startswith(package)}  # fmt: skip
+        assert outside <= allowed, f"{package} imports {sorted(outside - allowed)}"
