@@ -14,7 +14,7 @@ from jaxpar.distributed import job_size, join, peer_lost
 from jaxpar.errors import Diverged, Preempted, UserError
 from jaxpar.mesh import check_batch_spec, check_hosts, parse_mesh, request_devices, set_xla_flags
 from jaxpar.models import RECIPES, recipe_for
-from jaxpar.step import OPTIMIZERS
+from jaxpar.optimizers import OPTIMIZERS
 
 FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxpar.Config
     "mesh and parallelism": [

@@ -34,7 +34,8 @@ import numpy as np  # noqa: E402
 from jaxpar.checkpoint import Checkpoints  # noqa: E402
 from jaxpar.mesh import make_mesh, parse_mesh  # noqa: E402
 from jaxpar.models import MODELS  # noqa: E402
-from jaxpar.step import create_state, make_optimizer  # noqa: E402
+from jaxpar.optimizers import make_optimizer  # noqa: E402
+from jaxpar.step import create_state  # noqa: E402
 
 SHAPES = {"mlp": (28, 28, 1), "resnet18": (32, 32, 3)}  # MNIST-size MLP, CIFAR-size ResNet-18
 

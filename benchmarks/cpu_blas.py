@@ -39,7 +39,8 @@ import numpy as np
 import jaxpar.models.mlp as mlp_module
 from jaxpar.data import load_dataset, preprocess, train_batches
 from jaxpar.mesh import make_mesh, parse_mesh, set_xla_flags
-from jaxpar.step import compile_steps, create_state, make_optimizer
+from jaxpar.optimizers import make_optimizer
+from jaxpar.step import compile_steps, create_state
 
 set_xla_flags()  # as train.py, before JAX starts
 

@@ -26,7 +26,8 @@ import jaxpar.models.mlp as mlp_module
 from jaxpar.data import load_dataset, preprocess, train_batches
 from jaxpar.mesh import CPU_XLA_FLAGS, make_mesh, parse_mesh
 from jaxpar.models.dropout import dropout, jax_random_dropout
-from jaxpar.step import compile_steps, create_state, make_optimizer
+from jaxpar.optimizers import make_optimizer
+from jaxpar.step import compile_steps, create_state
 
 
 class Program:

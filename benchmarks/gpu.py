@@ -111,7 +111,8 @@ def jax_model(a, model: str, batch: int, bn_fp32: bool = False, **model_kw) -> d
     from jaxpar.data import load_dataset, preprocess, train_batches
     from jaxpar.mesh import make_mesh, parse_mesh
     from jaxpar.models import MODELS
-    from jaxpar.step import compile_steps, create_state, make_optimizer
+    from jaxpar.optimizers import make_optimizer
+    from jaxpar.step import compile_steps, create_state
 
     if bn_fp32:  # the variant measured against: BatchNorm outputs (activations) in float32
         norm = resnet_module._norm
@@ -168,7 +169,8 @@ def jax_mlp(a, k: int = 1) -> dict:
     from jaxpar.loop import dispatches
     from jaxpar.mesh import make_mesh, parse_mesh
     from jaxpar.models import MODELS
-    from jaxpar.step import compile_steps, create_state, make_optimizer
+    from jaxpar.optimizers import make_optimizer
+    from jaxpar.step import compile_steps, create_state
 
     ds = load_dataset("synthetic:28x28x1:10")
     mesh = make_mesh(parse_mesh("1"))

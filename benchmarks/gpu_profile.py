@@ -45,7 +45,8 @@ def run_case(a, name: str) -> dict:
     from jaxpar.data import load_dataset, preprocess, train_batches
     from jaxpar.mesh import make_mesh, parse_mesh
     from jaxpar.models import MODELS
-    from jaxpar.step import compile_steps, create_state, make_optimizer
+    from jaxpar.optimizers import make_optimizer
+    from jaxpar.step import compile_steps, create_state
 
     model, batch, options = CASES[name]
     if a.smoke:

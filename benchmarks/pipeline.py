@@ -37,7 +37,8 @@ def step_for(mesh_text: str, schedule, batch: int, dataset: str = "digits"):
     from jaxpar.data import load_dataset, preprocess, train_batches
     from jaxpar.mesh import make_mesh, parse_mesh
     from jaxpar.models import MODELS
-    from jaxpar.step import compile_steps, create_state, make_optimizer
+    from jaxpar.optimizers import make_optimizer
+    from jaxpar.step import compile_steps, create_state
 
     ds = load_dataset(dataset)
     mesh = make_mesh(parse_mesh(mesh_text))

@@ -20,8 +20,9 @@ import numpy as np  # noqa: E402
 from jaxpar.data import device_batch, load_digits, train_indices  # noqa: E402
 from jaxpar.mesh import make_mesh, parse_mesh  # noqa: E402
 from jaxpar.models import MODELS  # noqa: E402
+from jaxpar.optimizers import make_optimizer  # noqa: E402
 from jaxpar.signals import pending  # noqa: E402
-from jaxpar.step import compile_steps, create_state, make_optimizer  # noqa: E402
+from jaxpar.step import compile_steps, create_state  # noqa: E402
 
 
 def ms_per_step(step, state, steps: int):

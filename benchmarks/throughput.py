@@ -28,7 +28,8 @@ import numpy as np
 from jaxpar.data import load_dataset, preprocess, train_batches
 from jaxpar.mesh import make_mesh, parse_mesh, set_xla_flags
 from jaxpar.models import MODELS
-from jaxpar.step import compile_steps, create_state, make_optimizer
+from jaxpar.optimizers import make_optimizer
+from jaxpar.step import compile_steps, create_state
 
 set_xla_flags()  # as train.py, before JAX starts
 

@@ -44,8 +44,9 @@ from gpu import unrolled_scans  # benchmarks/gpu.py, beside this script
 from jaxpar.data import load_dataset, preprocess, train_batches
 from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.models import MODELS
+from jaxpar.optimizers import make_optimizer
 from jaxpar.sharding import batch_sharding, placed, state_shardings
-from jaxpar.step import abstract_state, compile_steps, create_state, make_optimizer
+from jaxpar.step import abstract_state, compile_steps, create_state
 
 PARTS = ("compile", "memory", "throughput")
 MEMORY_IMAGES = {224: ("synthetic:224x224x3:1000", 16), 32: ("synthetic:32x32x3:10", 4)}

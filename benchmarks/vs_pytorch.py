@@ -27,7 +27,8 @@ from jaxpar.data import eval_batches, load_dataset, prefetch, train_batches
 from jaxpar.loop import dispatches, evaluate
 from jaxpar.mesh import make_mesh, parse_mesh, request_devices, set_xla_flags
 from jaxpar.models import MLP
-from jaxpar.step import compile_steps, create_state, make_optimizer
+from jaxpar.optimizers import make_optimizer
+from jaxpar.step import compile_steps, create_state
 
 set_xla_flags()  # as train.py, before JAX starts
 

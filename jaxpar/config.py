@@ -92,9 +92,9 @@ class Config:
         from jaxpar.data import loader
         from jaxpar.data.mixture import LABELS, is_mixture, parse, rows_per_batch
         from jaxpar.models import MODELS
+        from jaxpar.optimizers import OPTIMIZERS
         from jaxpar.pipeline import parse_pipeline
         from jaxpar.quantize import QAT
-        from jaxpar.step import OPTIMIZERS
         from jaxpar.sync import parse_sync
 
         def need(ok, message):

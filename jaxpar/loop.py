@@ -33,24 +33,13 @@ from jaxpar.errors import Diverged, Preempted, UserError
 from jaxpar.mesh import MeshSpec, draw_mesh, make_mesh, parse_mesh
 from jaxpar.models import MODELS, revision
 from jaxpar.models.vit import check_patch_size
+from jaxpar.optimizers import ema_view, frozen, head_paths, make_schedule, with_ema
 from jaxpar.pipeline import schedule_for
 from jaxpar.prune import magnitude_pruning, weight_roles
 from jaxpar.quantize import aware
 from jaxpar.sharding import placed, spec_table, state_shardings
 from jaxpar.signals import Stop, stop_at_once, stop_on_signals
-from jaxpar.step import (
-    abstract_state,
-    all_finite,
-    compile_steps,
-    ema_view,
-    frozen,
-    head_paths,
-    init_state,
-    loss_fn,
-    make_schedule,
-    under_mesh,
-    with_ema,
-)
+from jaxpar.step import abstract_state, all_finite, compile_steps, init_state, loss_fn, under_mesh
 from jaxpar.sync import mode_for, param_mask
 from jaxpar.weights import starting_from
 from jaxpar.workdir import MetricsLog, move_aside, resolve, used, write_config

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import optax
 
 from jaxpar.data import steps_per_epoch, train_batches
+from jaxpar.optimizers import make_optimizer
 from jaxpar.sharding import batch_sharding, check_batch, check_microbatches
-from jaxpar.step import make_optimizer
 
 
 class Mode:

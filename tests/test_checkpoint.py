@@ -25,8 +25,9 @@ from jaxpar.checkpoint import main as list_checkpoints
 from jaxpar.loop import dispatches
 from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.models import MODELS
+from jaxpar.optimizers import make_optimizer
 from jaxpar.sharding import state_shardings
-from jaxpar.step import abstract_state, make_optimizer
+from jaxpar.step import abstract_state
 from jaxpar.workdir import write_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,8 @@ import torch
 import jaxpar
 from jaxpar.config import Config
 from jaxpar.loop import setup
-from jaxpar.step import cross_entropy, make_optimizer
+from jaxpar.optimizers import make_optimizer
+from jaxpar.step import cross_entropy
 
 BASE = {"steps": 4, "batch_size": 32, "log_every": 1}
 MESHES = ("data=2", "fsdp=2,model=2")

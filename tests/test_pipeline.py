@@ -27,10 +27,11 @@ from jaxpar.loop import dispatches, setup
 from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.models import MODELS
 from jaxpar.models.vit import ViT
+from jaxpar.optimizers import make_optimizer
 from jaxpar.pipeline import Schedule
 from jaxpar.plan import format_plan, plan
 from jaxpar.sharding import path_str
-from jaxpar.step import compile_steps, create_state, make_optimizer
+from jaxpar.step import compile_steps, create_state
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -96,8 +96,8 @@ def test_a_vits_stacked_layers_are_pruned_one_by_one_and_their_vectors_stay_dens
     from flax import nnx
 
     from jaxpar.models import ViT
+    from jaxpar.optimizers import head_paths
     from jaxpar.prune import magnitude_pruning, weight_roles
-    from jaxpar.step import head_paths
 
     vit = nnx.eval_shape(lambda: ViT((8, 8, 1), 10, width=32, depth=2, heads=2, mlp_dim=64,
                                      rngs=nnx.Rngs(0)))  # fmt: skip

@@ -21,9 +21,10 @@ from jaxpar.loop import setup
 from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.models import MODELS
 from jaxpar.models.vit import ViT
+from jaxpar.optimizers import make_optimizer
 from jaxpar.plan import plan
 from jaxpar.sharding import path_str
-from jaxpar.step import compile_steps, create_state, make_optimizer
+from jaxpar.step import compile_steps, create_state
 from jaxpar.sync import Stale
 
 

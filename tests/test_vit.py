@@ -23,8 +23,9 @@ from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.models import MODELS
 from jaxpar.models.dropout import dropout as drop
 from jaxpar.models.vit import ViT, check_patch_size, default_patch_size
+from jaxpar.optimizers import make_optimizer
 from jaxpar.sharding import batch_sharding, placed, spec_table, state_shardings
-from jaxpar.step import abstract_state, compile_steps, init_state, make_optimizer
+from jaxpar.step import abstract_state, compile_steps, init_state
 
 IMAGE = (8, 8, 1)  # digits-shaped
 TINY = {"width": 32, "depth": 2, "heads": 8, "mlp_dim": 64}  # heads split on every TP mesh
