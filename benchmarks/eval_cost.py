@@ -20,7 +20,8 @@ import numpy as np
 
 from jaxpar.config import Config
 from jaxpar.data import eval_batch_size, eval_batches
-from jaxpar.loop import evaluate, setup
+from jaxpar.evaluation import evaluate
+from jaxpar.loop import setup
 from jaxpar.mesh import parse_mesh, request_devices
 from jaxpar.sharding import batch_sharding
 

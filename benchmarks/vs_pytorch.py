@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from jaxpar.data import eval_batches, load_dataset, prefetch, train_batches
-from jaxpar.loop import dispatches, evaluate
+from jaxpar.evaluation import evaluate
+from jaxpar.loop import dispatches
 from jaxpar.mesh import make_mesh, parse_mesh, request_devices, set_xla_flags
 from jaxpar.models import MLP
 from jaxpar.optimizers import make_optimizer

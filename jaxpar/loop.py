@@ -4,7 +4,6 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import math
 import sys
 import time
 from functools import partial
@@ -22,17 +21,17 @@ from jaxpar.collectives import collectives
 from jaxpar.config import Config
 from jaxpar.data import (
     Dataset,
-    eval_batch_size,
-    eval_batches,
     load_dataset,
     prefetch,
     preprocess,
 )
 from jaxpar.distill import load_teacher, with_teacher
 from jaxpar.errors import Diverged, Preempted, UserError
+from jaxpar.evaluation import evaluation_data, evaluations
 from jaxpar.mesh import MeshSpec, draw_mesh, make_mesh, parse_mesh
 from jaxpar.models import MODELS, revision
 from jaxpar.models.vit import check_patch_size
+from jaxpar.observe import Profile, Window, fetch, progress, say
 from jaxpar.optimizers import ema_view, frozen, head_paths, make_schedule, with_ema
 from jaxpar.pipeline import schedule_for
 from jaxpar.prune import magnitude_pruning, weight_roles
@@ -49,17 +48,6 @@ def sync(name: str) -> None:
     """A barrier across the processes of a multi-process job (nothing in a single process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
-
-
-def say(*args):
-    """Print from process 0 only: the other processes of a job stay quiet."""
-    if jax.process_index() == 0:
-        print(*args, flush=True)
-
-
-def fetch(x) -> np.ndarray:
-    """A replicated result on the host; works when other processes hold the other devices."""
-    return np.asarray(x.addressable_data(0))
 
 
 @dataclasses.dataclass
@@ -353,47 +341,6 @@ def check_optimizer_flags(saved: dict, cfg: Config, step: int, directory) -> Non
         )
 
 
-def eval_sums(eval_step, state, batches) -> np.ndarray:
-    """Summed loss, correct predictions and count over every example of a test split."""
-    keys = ("loss_sum", "correct", "count")
-    read = lambda sums: np.array([fetch(sums[k]) for k in keys])  # noqa: E731
-    total, previous = np.zeros(3), None
-    for batch in batches:
-        sums = eval_step(state, batch)
-        if previous is not None:  # Sync point: at most 2 batches in flight, as in training.
-            total += read(previous)
-        previous = sums
-    return total + read(previous)
-
-
-def evaluate(eval_step, state, batches) -> dict:
-    """Loss and accuracy over every example of the test split."""
-    loss_sum, correct, count = eval_sums(eval_step, state, batches)
-    return {"eval_loss": float(loss_sum / count), "eval_accuracy": float(correct / count)}
-
-
-def evaluate_parts(eval_step, state, parts: dict) -> dict:
-    """`evaluate` over all the test splits in `parts` (``{source: batches}``) together, and over
-    each one (``eval_loss/<source>``, ``eval_accuracy/<source>``) when there are several."""
-    sums = {name: eval_sums(eval_step, state, batches) for name, batches in parts.items()}
-    loss_sum, correct, count = sum(sums.values())
-    out = {"eval_loss": float(loss_sum / count), "eval_accuracy": float(correct / count)}
-    for name, (loss_sum, correct, count) in sums.items() if len(sums) > 1 else ():
-        out[f"eval_loss/{name}"] = float(loss_sum / count)
-        out[f"eval_accuracy/{name}"] = float(correct / count)
-    return out
-
-
-def evaluations(run: Run, state, parts: dict) -> dict:
-    """`evaluate_parts` of the model, and of its weights' moving average (``ema_eval_loss``,
-    ``ema_eval_accuracy``...) with ``--ema``."""
-    out = evaluate_parts(run.eval_step, state, parts)
-    if run.ema_eval_step is not None:
-        ema = evaluate_parts(run.ema_eval_step, state, parts)
-        out.update({f"ema_{k}": v for k, v in ema.items()})
-    return out
-
-
 def train(cfg: Config) -> dict:
     """Train as `cfg` says; returns the last evaluation line (also in ``metrics.jsonl``)."""
     start = time.time()
@@ -464,27 +411,6 @@ def dispatches(first: int, total: int, most: int, every=(), marks=()) -> list[ra
     return plan
 
 
-def evaluation_batches(run: Run, ds=None):
-    """``() -> batches`` of the test split (of `ds`, else the run's): built once and kept on the
-    devices when the split is in host memory, else read again for each evaluation (ImageNet's
-    50,000 crops are 7.5 GB)."""
-    ds, limit = ds or run.ds, run.cfg.eval_examples
-    # A multiple of the batch shards: a federated run's --batch-size is unused and need not split.
-    unit = math.lcm(run.cfg.batch_size, run.spec.stage * run.spec.data * run.spec.fsdp)
-    size = eval_batch_size(unit, min(len(ds.test_labels), limit or len(ds.test_labels)))
-    batches = partial(eval_batches, ds, size, run.mesh, limit)
-    if isinstance(ds.test_images, np.ndarray):
-        kept = list(batches())
-        return lambda: kept
-    return lambda: prefetch(batches())
-
-
-def evaluation_data(run: Run):
-    """``() -> {source: batches}``: the test split, or each source's of a mixture."""
-    parts = {name: evaluation_batches(run, ds) for name, ds in run.ds.parts or [("", run.ds)]}
-    return lambda: {name: batches() for name, batches in parts.items()}
-
-
 class Steps:
     """The run's train step for each dispatch length, compiled on first use (off the clock)."""
 
@@ -553,149 +479,3 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", prof
                                 "to continue")  # fmt: skip
     bar.close()
     return last_eval
-
-
-class Profile:
-    """A JAX profiler trace of steps [A, B) (``--profile-steps A:B``), else nothing.
-
-    The range is clamped to the steps this run trains: a resume inside it traces the rest, an
-    end past the run stops at its last step, and a trace started is always stopped and written
-    (also when training stops early).
-    """
-
-    def __init__(self, steps: tuple[int, int] | None, directory, total: int):
-        self.first, self.end = steps or (-1, -1)
-        self.end = min(self.end, total)
-        self.directory, self.active = str(directory), False
-
-    @property
-    def marks(self) -> tuple[int, ...]:
-        return (self.first, self.end) if self.first < self.end else ()
-
-    def before(self, step: int) -> None:
-        if not self.active and self.first <= step < self.end:
-            # A folder per trace: the profiler names its own by the second, which a resumed
-            # run's trace can share with the stopped run's.
-            jax.profiler.start_trace(f"{self.directory}/from-step-{step}")
-            self.active = True
-
-    def after(self, done: int, state) -> None:
-        if self.active and done >= self.end:
-            jax.block_until_ready(state)
-            self.stop()
-
-    def stop(self) -> None:
-        self.active = False
-        jax.profiler.stop_trace()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.active:
-            self.stop()
-
-
-def progress(bar, run: Run, step: int, loss: float, line: dict) -> None:
-    bar.set_postfix(loss=f"{loss:.4f}", acc=f"{line['eval_accuracy']:.4f}")
-    if bar.disable:
-        say(
-            f"{run.mode.unit} {step}/{run.total} epoch {step / run.per_epoch:.2f} train_loss "
-            f"{loss:.4f} "
-            f"eval_loss {line['eval_loss']:.4f} eval_accuracy {line['eval_accuracy']:.4f}"
-        )
-
-
-class Window:
-    """Averages train losses over ``log_every`` steps and writes one line per window.
-
-    The partial window travels in checkpoints, so a resumed run writes the same lines; a run's
-    last step writes its partial window but keeps it, so a continued run does too. It also reads
-    the job's agreed stop signal (`stop`) and times training alone (`paused` leaves out
-    compilation, evaluation and checkpoints).
-    """
-
-    def __init__(self, log: MetricsLog, cfg: Config, total: int, losses: list, schedule,
-                 examples_per_step: float | None = None):  # fmt: skip
-        self.log, self.cfg, self.total, self.schedule = log, cfg, total, schedule
-        self.per_step = examples_per_step or cfg.batch_size
-        self.losses, self.logged, self.pending = list(losses), float("nan"), None
-        self.extra = {}  # keys a mode adds to training lines (comm_bytes_per_step)
-        self.latest = {}  # the last dispatch's other metrics (secure_agg_error)
-        self.stop = 0  # the largest signal number pending in any process, as the steps saw it
-        self.wrote = False  # whether a training line was written yet
-        self.start()
-
-    def start(self) -> None:
-        """Start the training clock: examples/s counts the steps timed from here on."""
-        self.since, self.timed, self.idle = time.time(), 0, 0.0
-
-    @contextlib.contextmanager
-    def paused(self):
-        """Leave what runs inside out of the training time."""
-        began = time.time()
-        try:
-            yield
-        finally:
-            self.idle += time.time() - began
-
-    def push(self, step: int, metrics) -> None:
-        """Hold this dispatch's metrics and record the previous one's: reading them waits for
-        that dispatch only, so at most 2 are in flight (CPU-emulated devices deadlock with 100+
-        queued steps) and logging never stalls the devices."""
-        self.flush()
-        self.pending = (step, metrics)
-
-    def shown(self) -> float:
-        """The train loss to print: the last logged window's, or before the first window is
-        logged, the mean of the steps since (not the nan of no window yet)."""
-        if np.isnan(self.logged) and self.losses:
-            return float(np.mean(self.losses))
-        return self.logged
-
-    def flush(self) -> None:
-        if self.pending:
-            self.add(*self.pending)
-            self.pending = None
-
-    def add(self, done: int, metrics) -> None:
-        """Record the steps that end at step `done` (one, or several of one dispatch)."""
-        losses = np.atleast_1d(fetch(metrics["train_loss"]))  # blocks until those steps are done
-        norms = np.atleast_1d(fetch(metrics["grad_norm"]))
-        if "stop" in metrics:
-            self.stop = max(self.stop, int(fetch(metrics["stop"])))
-        self.latest = {
-            k: float(np.atleast_1d(fetch(v))[-1])
-            for k, v in metrics.items()
-            if k not in ("train_loss", "grad_norm", "stop")
-        }  # a mode's own metrics
-        for step, loss, norm in zip(
-            range(done - len(losses) + 1, done + 1), losses, norms, strict=True
-        ):
-            self.record(step, float(loss), float(norm))
-
-    def record(self, step: int, loss: float, grad_norm: float) -> None:
-        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-            raise Diverged(f"the loss is {loss} and the gradient norm {grad_norm} at step "
-                           f"{step}; stopped, nothing of it saved")  # fmt: skip
-        self.losses.append(loss)
-        self.timed += 1
-        if step % self.cfg.log_every == 0 or step == self.total:
-            self.logged = float(np.mean(self.losses))
-            now = time.time()
-            seconds = now - self.since - self.idle
-            self.log.write(
-                step,
-                train_loss=self.logged,
-                grad_norm=grad_norm,
-                lr=float(self.schedule(step - 1)),  # the rate this step applied
-                examples_per_s=self.timed * self.per_step / seconds,
-                **self.extra,
-                **self.latest,
-            )
-            # The next window runs from here: the steps dispatched meanwhile are computing. The
-            # first line's writing is left out (it starts TensorBoard's writer: seconds).
-            self.since, self.timed, self.idle = now if self.wrote else time.time(), 0, 0.0
-            self.wrote = True
-            if step % self.cfg.log_every == 0:  # a run's last, partial window stays open
-                self.losses = []

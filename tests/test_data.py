@@ -361,7 +361,7 @@ def test_stacked_batches_hold_each_steps_batch_sharded_by_rows():
 def test_in_memory_test_splits_stay_on_the_devices_streamed_ones_are_read_again():
     from types import SimpleNamespace
 
-    from jaxpar.loop import evaluation_batches
+    from jaxpar.evaluation import evaluation_batches
 
     mesh = make_mesh(parse_mesh("2"))
     for ds, kept in [(digits(), True), (load_dataset("synthetic:4x4x1:3"), False)]:

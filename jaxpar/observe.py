@@ -1,0 +1,169 @@
+"""What a run shows while it trains: the metrics window that writes ``metrics.jsonl``'s training
+lines, the progress line, the profiler's trace, and printing from one process of a job."""
+
+import contextlib
+import time
+
+import jax
+import numpy as np
+
+from jaxpar.config import Config
+from jaxpar.errors import Diverged
+from jaxpar.workdir import MetricsLog
+
+
+def say(*args):
+    """Print from process 0 only: the other processes of a job stay quiet."""
+    if jax.process_index() == 0:
+        print(*args, flush=True)
+
+
+def fetch(x) -> np.ndarray:
+    """A replicated result on the host; works when other processes hold the other devices."""
+    return np.asarray(x.addressable_data(0))
+
+
+class Profile:
+    """A JAX profiler trace of steps [A, B) (``--profile-steps A:B``), else nothing.
+
+    The range is clamped to the steps this run trains: a resume inside it traces the rest, an
+    end past the run stops at its last step, and a trace started is always stopped and written
+    (also when training stops early).
+    """
+
+    def __init__(self, steps: tuple[int, int] | None, directory, total: int):
+        self.first, self.end = steps or (-1, -1)
+        self.end = min(self.end, total)
+        self.directory, self.active = str(directory), False
+
+    @property
+    def marks(self) -> tuple[int, ...]:
+        return (self.first, self.end) if self.first < self.end else ()
+
+    def before(self, step: int) -> None:
+        if not self.active and self.first <= step < self.end:
+            # A folder per trace: the profiler names its own by the second, which a resumed
+            # run's trace can share with the stopped run's.
+            jax.profiler.start_trace(f"{self.directory}/from-step-{step}")
+            self.active = True
+
+    def after(self, done: int, state) -> None:
+        if self.active and done >= self.end:
+            jax.block_until_ready(state)
+            self.stop()
+
+    def stop(self) -> None:
+        self.active = False
+        jax.profiler.stop_trace()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            self.stop()
+
+
+def progress(bar, run, step: int, loss: float, line: dict) -> None:
+    bar.set_postfix(loss=f"{loss:.4f}", acc=f"{line['eval_accuracy']:.4f}")
+    if bar.disable:
+        say(
+            f"{run.mode.unit} {step}/{run.total} epoch {step / run.per_epoch:.2f} train_loss "
+            f"{loss:.4f} "
+            f"eval_loss {line['eval_loss']:.4f} eval_accuracy {line['eval_accuracy']:.4f}"
+        )
+
+
+class Window:
+    """Averages train losses over ``log_every`` steps and writes one line per window.
+
+    The partial window travels in checkpoints, so a resumed run writes the same lines; a run's
+    last step writes its partial window but keeps it, so a continued run does too. It also reads
+    the job's agreed stop signal (`stop`) and times training alone (`paused` leaves out
+    compilation, evaluation and checkpoints).
+    """
+
+    def __init__(self, log: MetricsLog, cfg: Config, total: int, losses: list, schedule,
+                 examples_per_step: float | None = None):  # fmt: skip
+        self.log, self.cfg, self.total, self.schedule = log, cfg, total, schedule
+        self.per_step = examples_per_step or cfg.batch_size
+        self.losses, self.logged, self.pending = list(losses), float("nan"), None
+        self.extra = {}  # keys a mode adds to training lines (comm_bytes_per_step)
+        self.latest = {}  # the last dispatch's other metrics (secure_agg_error)
+        self.stop = 0  # the largest signal number pending in any process, as the steps saw it
+        self.wrote = False  # whether a training line was written yet
+        self.start()
+
+    def start(self) -> None:
+        """Start the training clock: examples/s counts the steps timed from here on."""
+        self.since, self.timed, self.idle = time.time(), 0, 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave what runs inside out of the training time."""
+        began = time.time()
+        try:
+            yield
+        finally:
+            self.idle += time.time() - began
+
+    def push(self, step: int, metrics) -> None:
+        """Hold this dispatch's metrics and record the previous one's: reading them waits for
+        that dispatch only, so at most 2 are in flight (CPU-emulated devices deadlock with 100+
+        queued steps) and logging never stalls the devices."""
+        self.flush()
+        self.pending = (step, metrics)
+
+    def shown(self) -> float:
+        """The train loss to print: the last logged window's, or before the first window is
+        logged, the mean of the steps since (not the nan of no window yet)."""
+        if np.isnan(self.logged) and self.losses:
+            return float(np.mean(self.losses))
+        return self.logged
+
+    def flush(self) -> None:
+        if self.pending:
+            self.add(*self.pending)
+            self.pending = None
+
+    def add(self, done: int, metrics) -> None:
+        """Record the steps that end at step `done` (one, or several of one dispatch)."""
+        losses = np.atleast_1d(fetch(metrics["train_loss"]))  # blocks until those steps are done
+        norms = np.atleast_1d(fetch(metrics["grad_norm"]))
+        if "stop" in metrics:
+            self.stop = max(self.stop, int(fetch(metrics["stop"])))
+        self.latest = {
+            k: float(np.atleast_1d(fetch(v))[-1])
+            for k, v in metrics.items()
+            if k not in ("train_loss", "grad_norm", "stop")
+        }  # a mode's own metrics
+        for step, loss, norm in zip(
+            range(done - len(losses) + 1, done + 1), losses, norms, strict=True
+        ):
+            self.record(step, float(loss), float(norm))
+
+    def record(self, step: int, loss: float, grad_norm: float) -> None:
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            raise Diverged(f"the loss is {loss} and the gradient norm {grad_norm} at step "
+                           f"{step}; stopped, nothing of it saved")  # fmt: skip
+        self.losses.append(loss)
+        self.timed += 1
+        if step % self.cfg.log_every == 0 or step == self.total:
+            self.logged = float(np.mean(self.losses))
+            now = time.time()
+            seconds = now - self.since - self.idle
+            self.log.write(
+                step,
+                train_loss=self.logged,
+                grad_norm=grad_norm,
+                lr=float(self.schedule(step - 1)),  # the rate this step applied
+                examples_per_s=self.timed * self.per_step / seconds,
+                **self.extra,
+                **self.latest,
+            )
+            # The next window runs from here: the steps dispatched meanwhile are computing. The
+            # first line's writing is left out (it starts TensorBoard's writer: seconds).
+            self.since, self.timed, self.idle = now if self.wrote else time.time(), 0, 0.0
+            self.wrote = True
+            if step % self.cfg.log_every == 0:  # a run's last, partial window stays open
+                self.losses = []
