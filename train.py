@@ -168,6 +168,68 @@ FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxp
 }
 
 
+# A run file's sections (``--config run.toml``): the --help groups, by short names.
+SECTIONS = {"parallelism": "mesh and parallelism", "model": "model", "data": "data",
+            "optimization": "optimization", "federated": "federated learning (jaxpar.federated)",
+            "checkpoint": "workdir and checkpoints", "job": "jobs (several processes or hosts)",
+            "metrics": "observing"}  # fmt: skip
+
+
+def run_file(path: str) -> dict:
+    """A run file's values as ``{Config field: value}``: sections named as in `SECTIONS`, keys
+    named as the flags without their dashes (``batch-size = 64`` in ``[optimization]``).
+
+    >>> import tempfile
+    >>> text = '[optimization]\\nbatch-size = 64\\nlr = 0.1\\n[parallelism]\\nmesh = "2x2"\\n'
+    >>> with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+    ...     _ = f.write(text)
+    >>> sorted(run_file(f.name).items())
+    [('batch_size', 64), ('lr', 0.1), ('mesh', '2x2')]
+    """
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except OSError as e:
+        raise UserError(f"--config {path}: {e.strerror.lower()}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"--config {path} is not valid TOML: {e}") from None
+    home = {flag[2:]: (section, kind) for section, group in SECTIONS.items()
+            for flag, kind, _ in FLAGS[group]}  # fmt: skip
+    values = {}
+    for section, keys in table.items():
+        if not isinstance(keys, dict):
+            where = f"[{home[section][0]}]" if section in home else f"one of {', '.join(SECTIONS)}"
+            raise UserError(f"--config {path}: {section} is outside any section; put it in {where}")
+        if section not in SECTIONS:
+            where = f"; {section} belongs in [{home[section][0]}]" if section in home else ""
+            raise UserError(f"--config {path}: unknown section [{section}]{where}; sections are "
+                            f"{', '.join(SECTIONS)}")  # fmt: skip
+        for key, value in keys.items():
+            name = key.replace("_", "-")
+            if home.get(name, (None,))[0] != section:
+                where = f"; it belongs in [{home[name][0]}]" if name in home else ""
+                raise UserError(f"--config {path}: [{section}] has no key {key}{where}")
+            values[name.replace("-", "_")] = _checked(value, home[name][1], f"--config {path}: "
+                                                      f"[{section}] {key}")  # fmt: skip
+    return values
+
+
+def _checked(value, kind, what: str):
+    """`value` from a run file as the flag of type `kind` takes it, or a `UserError`."""
+    ok = (isinstance(value, bool) if kind is bool
+          else value in kind if isinstance(kind, list)
+          else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
+          else isinstance(value, int) and not isinstance(value, bool) if kind is int
+          else isinstance(value, str))  # fmt: skip
+    if not ok:
+        names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+        expected = f"one of {', '.join(kind)}" if isinstance(kind, list) else names[kind]
+        raise UserError(f"{what} must be {expected}, got {value!r}")
+    return float(value) if kind is float else value
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, status 2 (argparse would also print the usage)
         self.exit(2, f"error: {message} (see --help)\n")
@@ -178,6 +240,8 @@ def parse_args(argv) -> Config:
     AdamW with warmup and cosine decay for the ViTs), else `Config`'s default."""
     defaults = Config()
     parser = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="a run file (TOML, sections as the groups below: "
+                        f"{', '.join(SECTIONS)}); flags given too override it")  # fmt: skip
     for group_name, flags in FLAGS.items():  # --help lists the flags by concern
         group = parser.add_argument_group(group_name)
         for flag, kind, help in flags:
@@ -192,8 +256,13 @@ def parse_args(argv) -> Config:
             else:
                 group.add_argument(flag, type=kind, default=default, help=help)
     argv = _dash_values(sys.argv[1:] if argv is None else argv)
+    path = parser.parse_known_args(argv)[0].config
+    from_file = run_file(path) if path else {}
+    parser.set_defaults(**from_file)  # the command line's flags override the run file
     given = vars(parser.parse_args(argv))
     explicit = vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(given, UNSET))))
+    explicit = {k: from_file.get(k, UNSET) if v is UNSET else v for k, v in explicit.items()}
+    del given["config"], explicit["config"]
     # A federated run's clients train with plain SGD at --lr: no model recipe (AdamW, warmup).
     recipe = dict(recipe_for(given["model"])) if given["clients"] is None else {}
     if explicit["optimizer"] is not UNSET and given["optimizer"] != recipe.get("optimizer"):

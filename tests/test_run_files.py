@@ -1,0 +1,86 @@
+"""Runs described by TOML files (``python train.py --config run.toml [--flag value ...]``): the
+shipped files equal their command lines, flags override a file, a file's values count as given
+(a model's recipe does not replace them), bad files exit 2 with one line, and config.json
+records the effective configuration."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import train as cli
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+# Each shipped run file and the command line it stands for (as its comment and the README say).
+SHIPPED = {
+    "mlp-digits.toml": "--mesh 2x2",
+    "vit-lite-digits.toml": "--model vit-lite --mesh 2x2",
+    "vit-tiny-pipeline.toml": "--model vit-tiny --mesh stage=2,data=2,fsdp=2 --microbatches 4",
+    "fedavg-2nn.toml": "--model 2nn --clients 20 --clients-per-round 10 --local-epochs 1 "
+    "--local-batch 10 --rounds 60 --lr 0.05 --partition shards:2 --eval-every 5",
+}
+
+
+def test_every_shipped_run_file_is_listed_here():
+    assert sorted(p.name for p in CONFIGS.glob("*.toml")) == sorted(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_a_shipped_run_file_is_its_command_line(name):
+    from_file = cli.parse_args(["--config", str(CONFIGS / name)])
+    assert from_file == cli.parse_args(SHIPPED[name].split())
+    from_file.validate()  # a run the checks accept
+
+
+def test_flags_override_the_file_and_the_files_values_override_a_recipe(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[model]\nmodel = "vit-lite"\n[optimization]\noptimizer = "sgd"\nlr = 0.1\n')
+    cfg = cli.parse_args(["--config", str(path), "--lr", "0.2", "--mesh", "4"])
+    assert (cfg.model, cfg.optimizer, cfg.lr, cfg.mesh) == ("vit-lite", "sgd", 0.2, "4")
+    # given in the file, as on the command line: the ViT recipe's AdamW does not replace it
+    flags = ["--model", "vit-lite", "--optimizer", "sgd", "--lr", "0.2", "--mesh", "4"]
+    assert cfg == cli.parse_args(flags)
+    assert cfg.schedule == "cosine"  # what the file leaves out still follows the recipe
+
+
+BAD = {  # run file -> the one line train.py prints
+    "[model]\nbatch-size = 3\n": "[model] has no key batch-size; it belongs in [optimization]",
+    "[optim]\nlr = 3\n": "unknown section [optim]; sections are parallelism, model, data, "
+    "optimization, federated, checkpoint, job, metrics",
+    "lr = 3\n": "lr is outside any section; put it in [optimization]",
+    '[optimization]\nlr = "x"\n': "[optimization] lr must be a number, got 'x'",
+    "[optimization]\nsteps = 2.5\n": "[optimization] steps must be an integer, got 2.5",
+    '[model]\nprecision = "fp16"\n': "[model] precision must be one of fp32, bf16, got 'fp16'",
+    '[model]\nfreeze = "head"\n': "[model] freeze must be one of backbone, got 'head'",
+    '[checkpoint]\nrestart = "yes"\n': "[checkpoint] restart must be true or false, got 'yes'",
+    "[optimization\n": "is not valid TOML: Expected ']' at the end of a table declaration",
+}
+
+
+@pytest.mark.parametrize("text", BAD)
+def test_a_bad_run_file_exits_2_with_one_line_and_writes_nothing(text, tmp_path, capsys):
+    path, workdir = tmp_path / "run.toml", tmp_path / "w"
+    path.write_text(text)
+    assert cli.main(["--config", str(path), "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --config {path}") and err.count("\n") == 1, err
+    assert BAD[text] in err
+    assert not workdir.exists()
+
+
+def test_a_missing_run_file_is_named(tmp_path, capsys):
+    assert cli.main(["--config", str(tmp_path / "none.toml")]) == 2
+    missing = tmp_path / "none.toml"
+    assert capsys.readouterr().err == f"error: --config {missing}: no such file or directory\n"
+
+
+@pytest.mark.slow
+def test_config_json_records_the_effective_configuration(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[optimization]\nsteps = 30\nlr = 0.05\n[metrics]\nlog-every = 2\n")
+    args = ["--config", str(path), "--steps", "2", "--workdir", str(tmp_path / "w")]
+    assert cli.main(args) == 0
+    saved = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert (saved["steps"], saved["lr"], saved["log_every"]) == (2, 0.05, 2)
