@@ -193,7 +193,7 @@ def run_file(path: str) -> dict:
             table = tomllib.load(f)
     except OSError as e:
         raise UserError(f"--config {path}: {e.strerror.lower()}") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"--config {path} is not valid TOML: {e}") from None
     home = {flag[2:]: (section, kind) for section, group in SECTIONS.items()
             for flag, kind, _ in FLAGS[group]}  # fmt: skip
@@ -211,6 +211,8 @@ def run_file(path: str) -> dict:
             if home.get(name, (None,))[0] != section:
                 where = f"; it belongs in [{home[name][0]}]" if name in home else ""
                 raise UserError(f"--config {path}: [{section}] has no key {key}{where}")
+            if name.replace("-", "_") in values:
+                raise UserError(f"--config {path}: [{section}] gives {name} twice")
             values[name.replace("-", "_")] = _checked(value, home[name][1], f"--config {path}: "
                                                       f"[{section}] {key}")  # fmt: skip
     return values
@@ -249,8 +251,9 @@ def parse_args(argv) -> Config:
             default = getattr(defaults, name)
             vit = RECIPES["vit"].get(name)
             help = help if vit is None else f"{help}; ViTs: {vit}"
-            if kind is bool:
-                group.add_argument(flag, action="store_true", help=help)
+            if kind is bool:  # --no-FLAG turns off what a run file turned on
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=False,
+                                   help=help)  # fmt: skip
             elif isinstance(kind, list):
                 group.add_argument(flag, choices=kind, default=default, help=help)
             else:

@@ -26,8 +26,8 @@ MEASURED = {
     "vit-base-b128-h200-cudnn": ("vit-base", 128, "h200", [2388],
                                  "gpu_profile.py (2026-11-27), cuDNN attention: the projection "
                                  "counts XLA's"),
-    # the launch floor (`jaxpar.projection.GPU_LAUNCH_S`) is this point's step over its kernels:
-    # fitted here, not a check
+    # the dispatch floor (`jaxpar.projection.DISPATCH_S`) is this point's step: taken from it,
+    # not a check
     "mlp-b128-h200-fitted": ("mlp", 128, "h200", [round(128 * 390 / 0.2218)],
                              "gpu.py run 1 (2026-11-26): 390 steps in 0.2218 s"),
 }  # fmt: skip

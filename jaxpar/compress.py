@@ -410,6 +410,8 @@ def check(args) -> None:
         raise UserError(f"--calibration-batches must be >= 1, got {args.calibration_batches}")
     if args.save is not None and "int8" not in kinds:
         raise UserError("--save writes the int8 model: add --quantize int8")
+    if args.save is not None and args.save.exists() and not args.save.is_dir():
+        raise UserError(f"--save {args.save} is a file; name a new folder")
     if args.save is not None and args.save.exists() and any(args.save.iterdir()):
         raise UserError(f"--save {args.save} is not empty; name a new folder (nothing is "
                         "overwritten)")  # fmt: skip

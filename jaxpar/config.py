@@ -121,7 +121,7 @@ class Config:
                 f"--data-dir {self.data_dir} is a file, not a directory; pass the directory "
                 "that holds the dataset's files",
             )
-            built_in = self.dataset == "digits" or self.dataset.startswith("synthetic")
+            built_in = self.dataset.split(":")[0] in ("digits", "synthetic")
             need(is_mixture(self.dataset) or not built_in,
                  f"--data-dir with --dataset {self.dataset}: that dataset is built in and reads "
                  "no files; drop --data-dir")  # fmt: skip
@@ -270,9 +270,9 @@ class Config:
                          f"{self.prune_to:g}; a run continued to --steps {self.prune_end} reaches "
                          "it")  # fmt: skip
         if self.warmup_steps > total and self.clients is None:
+            reached = (total - 1) / self.warmup_steps  # the rate of the run's last update
             lines.append(f"note: --warmup-steps {self.warmup_steps} is past the run's end (step "
-                         f"{total}): the learning rate reaches {total / self.warmup_steps:.3g} of "
-                         "--lr")  # fmt: skip
+                         f"{total}): the learning rate reaches {reached:.3g} of --lr")  # fmt: skip
         return lines
 
     def check_federated(self, need) -> None:

@@ -53,10 +53,11 @@ def gloo_report(line: str) -> bool:
 
 
 def relay(proc: subprocess.Popen, prefix: str) -> None:
-    gloo = False  # the line before was gloo's: a blank line now is the end of an interleaved one
+    after = False  # the line before was gloo's: one blank line now ends an interleaved report
     for line in proc.stdout:
-        gloo = gloo_report(line) or (gloo and not line.strip())
-        if not gloo:
+        drop = gloo_report(line) or (after and not line.strip())
+        after = gloo_report(line)
+        if not drop:
             sys.stdout.write(f"{prefix} {line}")
             sys.stdout.flush()
 

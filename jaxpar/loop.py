@@ -69,9 +69,9 @@ class Run:
     eval_step: object
     train_steps: object  # several steps in one program: batches stacked on a leading axis
     compile: object  # (stacked=, signals=) -> (train_step, eval_step) jitted for this run
-    mode: object  # `jaxpar.sync.Mode`: how replicas agree, or federated rounds
+    mode: object  # `jaxpar.mode.Mode`: how replicas agree, or federated rounds
     sync: object  # the mode's jitted every-H-steps program, or None
-    batches: object  # plan -> the device batch of each dispatch (`jaxpar.sync.Mode.batches`)
+    batches: object  # plan -> the device batch of each dispatch (`jaxpar.mode.Mode.batches`)
     ema_eval_step: object = None  # the eval step on the weights' moving average (--ema)
 
     def comm_bytes_per_step(self, train_program, steps: int) -> float:

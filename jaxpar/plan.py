@@ -98,6 +98,7 @@ def projection(run, lowered, compiled, peak_bytes: int) -> dict:
         run.cfg.precision,
         schedule.bubble if schedule else 0.0,
         peak_bytes,
+        run.cfg.steps_per_dispatch,
     )
 
 
@@ -174,7 +175,8 @@ def format_projection(q: dict) -> str:
         f"{e['memory']:.0%} of its bandwidth, links at {e['link']:.0%}; collectives hidden "
         f"behind up to {e['overlap']:.0%} of the computation; at least "
         f"{floor['kernel_s'] * 1e6:g} us a kernel, {floor['dispatch_s'] * 1e3:.2f} ms a step "
-        f"(the host's dispatch), a collective NCCL's latency ({floor['collective_s'] * 1e6:g} us "
+        "(the host's dispatch, shared by --steps-per-dispatch), a collective NCCL's latency "
+        f"({floor['collective_s'] * 1e6:g} us "
         f"+ {floor['hop_s'] * 1e6:g} us a ring step, {floor['hop_between_nodes_s'] * 1e6:g} us "
         "between nodes; or its tree's for an all-reduce)",
         f"  per chip: {q['flops_per_chip'] / 1e12:,.3f} TFLOP and {q['bytes_per_chip'] / 1e9:,.2f}"

@@ -167,6 +167,7 @@ class Kernel:
     flops: float
     bytes: float
     dtype: str  # of a matrix product's operands ("" for the rest)
+    launches: int = 1  # times it runs in one step (a scan's body: once per iteration)
 
 
 def _dims(hlo_type: str) -> list[int]:
@@ -322,7 +323,8 @@ def _region(program: Program, comp: str, times: int) -> list[Kernel]:
         operand_types = [nodes[i][0] if i in nodes else "" for i in ids]
         flops = _flops(op, hlo_type, operand_types, attrs)
         dtype = _SHAPE.search(operand_types[0])[1] if flops and operand_types[0] else ""
-        result.append(Kernel(op, flops * times, (sum(read.values()) + write) * times, dtype))
+        result.append(Kernel(op, flops * times, (sum(read.values()) + write) * times, dtype,
+                             times))  # fmt: skip
         if op == "reduce" and read:
             siblings[max(read, key=read.get)] = (result[-1], dict(read))
     for body, trips in loops:
@@ -409,8 +411,10 @@ def _ring_bytes(kind: str, nbytes: float, n: int) -> float:
 
 
 def project(kernel_list, ops, mesh_shape: dict, hw: Hardware, batch: int, precision: str,
-            bubble: float = 0.0, peak_bytes: int | None = None) -> dict:  # fmt: skip
-    """The step's projected time on `hw` (see the module's docstring).
+            bubble: float = 0.0, peak_bytes: int | None = None,
+            steps_per_dispatch: int = 1) -> dict:  # fmt: skip
+    """The step's projected time on `hw` (see the module's docstring); the host's dispatch is
+    shared by the `steps_per_dispatch` steps of one program.
 
     `kernel_list`: `kernels` of the whole program; `ops`: `jaxpar.collectives.collective_ops` of the
     compiled, partitioned program (per device); `mesh_shape`: ``{axis: size}`` in mesh order.
@@ -421,8 +425,8 @@ def project(kernel_list, ops, mesh_shape: dict, hw: Hardware, batch: int, precis
         peak = chip.fp32 if k.dtype == "f32" else chip.bf16
         c = k.flops / devices / (peak * MATMUL_EFFICIENCY)
         m = k.bytes / devices / (chip.hbm_bw * MEMORY_EFFICIENCY)
-        if max(c, m) < chip.launch_s:
-            launch_s += chip.launch_s
+        if max(c, m) < k.launches * chip.launch_s:  # each launch takes the floor at least
+            launch_s += k.launches * chip.launch_s
         elif c > m:
             compute_s += c
         else:
@@ -456,7 +460,8 @@ def project(kernel_list, ops, mesh_shape: dict, hw: Hardware, batch: int, precis
     communication_s = sum(e["seconds"] for e in links.values())
     hidden_s = min(communication_s, OVERLAP * computation_s)
     device_s = computation_s + communication_s - hidden_s
-    step_s = max(device_s, DISPATCH_S)
+    dispatch_s = DISPATCH_S / steps_per_dispatch
+    step_s = max(device_s, dispatch_s)
     parts = {"compute": compute_s, "memory": memory_s, "launch": launch_s,
              "communication": communication_s - hidden_s}  # fmt: skip
     peak = chip.fp32 if precision == "fp32" else chip.bf16
@@ -467,7 +472,7 @@ def project(kernel_list, ops, mesh_shape: dict, hw: Hardware, batch: int, precis
         "source": chip.source,
         "efficiency": {"matmul": MATMUL_EFFICIENCY, "memory": MEMORY_EFFICIENCY,
                        "link": LINK_EFFICIENCY, "overlap": OVERLAP},  # fmt: skip
-        "floors": {"kernel_s": chip.launch_s, "dispatch_s": DISPATCH_S,
+        "floors": {"kernel_s": chip.launch_s, "dispatch_s": dispatch_s,
                    "collective_s": COLLECTIVE_BASE_S, "tree_s": TREE_BASE_S,
                    "hop_s": HOP_S[False], "hop_between_nodes_s": HOP_S[True]},  # fmt: skip
         "flops_per_chip": flops,
@@ -485,7 +490,7 @@ def project(kernel_list, ops, mesh_shape: dict, hw: Hardware, batch: int, precis
         "images_per_s": batch / step_s,
         "images_per_s_per_chip": batch / step_s / hw.chips,
         "mfu": flops * (1 - bubble) / step_s / peak,
-        "bound": "dispatch" if device_s < DISPATCH_S else max(parts, key=parts.get),
+        "bound": "dispatch" if device_s < dispatch_s else max(parts, key=parts.get),
         "memory_per_chip": {"peak_bytes": peak_bytes, "hbm_bytes": chip.hbm_bytes,
                             "fits": peak_bytes is None or peak_bytes <= chip.hbm_bytes},
     }  # fmt: skip

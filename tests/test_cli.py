@@ -81,6 +81,7 @@ BAD = {
     "--epochs -3": "--epochs must be at least 1",
     "--data-dir /no/such/dir": "data directory /no/such/dir does not exist",
     "--data-dir /": "--data-dir with --dataset digits: that dataset is built in and reads no files",
+    "--dataset synthetic:8x8x1:4 --data-dir /": "--data-dir with --dataset synthetic:8x8x1:4: that",
     "--optimizer lamb": "invalid choice: 'lamb'",
     "--batch-size 4096": "larger than the 1437 training examples",
     "--steps-per-dispatch 0": "--steps-per-dispatch must be at least 1",

@@ -135,6 +135,14 @@ def test_bad_requests_exit_2_with_one_line(tmp_path, capsys, flags, message):
     assert capsys.readouterr().err == f"error: {message}\n"
 
 
+def test_save_naming_a_file_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    assert run(tmp_path, "--quantize", "int8", "--save", str(tmp_path / "afile")) == 2
+    assert capsys.readouterr().err == f"error: --save {tmp_path / 'afile'} is a file; name a new " \
+        "folder\n"  # fmt: skip
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_a_workdir_without_a_checkpoint_is_refused(tmp_path, capsys):
     assert run(tmp_path, "--quantize", "int8") == 2
     err = capsys.readouterr().err

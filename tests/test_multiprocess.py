@@ -147,6 +147,15 @@ def test_the_launcher_drops_gloos_connection_reports_and_keeps_the_rest():
     assert not gloo_report(f"step 3/9 {report}\n")  # a line with more than gloo's is kept
 
 
+def test_the_relay_drops_one_blank_line_after_gloos_report_and_keeps_the_rest(capsys):
+    from jaxpar.launch import relay
+
+    report = "[Gloo] Rank 1 is connected to 1 peer ranks. Expected number of connected peer "
+    lines = [f"{report}ranks is : 1\n", "\n", "\n", "step 1\n", "\n", "done\n"]
+    relay(type("Proc", (), {"stdout": lines})(), "[p0]")
+    assert capsys.readouterr().out == "[p0] \n[p0] step 1\n[p0] \n[p0] done\n"
+
+
 def losses_after(table, step):
     return {k: v for k, v in table.items() if k[0] > step}
 

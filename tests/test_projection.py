@@ -51,6 +51,16 @@ def test_a_scan_counts_its_body_once_per_iteration():
     assert dots[0].bytes == 5 * 2 * (8 * 16 + 16 * 16 + 8 * 16)
 
 
+def test_a_scans_kernels_count_their_launches():
+    def body(c, w):
+        return jnp.tanh(c @ w), None
+
+    ks = kernels(hlo(lambda c, ws: jax.lax.scan(body, c, ws)[0], jnp.ones((4, 8)),
+                     jnp.ones((12, 8, 8))))  # fmt: skip
+    dots = [k for k in ks if k.op == "dot"]
+    assert len(dots) == 1 and dots[0].launches == 12
+
+
 def test_reductions_of_one_tensor_share_its_read():
     x = jnp.ones((256, 64))
     ks = kernels(hlo(lambda x: (x.sum(0), (x * x).sum(0)), x))
@@ -130,6 +140,14 @@ def test_small_kernels_and_collectives_take_at_least_their_latency():
     text = format_projection(q)
     assert "0.14 ms in kernels at the launch floor" in text and "dispatch-bound" in text
     assert "convolutions" not in text  # the CPU's bf16 convolution note only where there are some
+    # the host's dispatch is shared by the steps of one program (--steps-per-dispatch)
+    eight = project(tiny, ops, mesh, hw, batch=128, precision="bf16", steps_per_dispatch=8)
+    assert eight["step_s"] == pytest.approx(max(DISPATCH_S / 8, q["launch_s"] + 2 * collective
+                                                - q["hidden_s"]))  # fmt: skip
+    # a kernel in a scan's body launches once per iteration, each launch at the floor
+    scanned = [Kernel("add", 0.0, 12 * 4e3, "", launches=12)]
+    looped = project(scanned, [], mesh, hw, batch=128, precision="bf16")
+    assert looped["launch_s"] == pytest.approx(12 * CHIPS["h100"].launch_s)
     # a kernel whose roofline time passes the floor takes its roofline time, floor not added
     big = project([Kernel("add", 0.0, 4e9, "")], [], mesh, hw, batch=128, precision="bf16")
     assert big["launch_s"] == 0 and big["memory_s"] > CHIPS["h100"].launch_s

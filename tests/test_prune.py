@@ -134,7 +134,7 @@ def test_ramps_that_end_after_the_run_are_noted_with_what_the_run_reaches():
         "--prune-to 0.5; a run continued to --steps 20 reaches it"
     ]
     assert Config(warmup_steps=20).notes(10) == [
-        "note: --warmup-steps 20 is past the run's end (step 10): the learning rate reaches 0.5 "
+        "note: --warmup-steps 20 is past the run's end (step 10): the learning rate reaches 0.45 "
         "of --lr"
     ]
     assert Config(prune_to=0.5, prune_end=10, warmup_steps=10).notes(10) == []

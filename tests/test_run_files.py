@@ -56,6 +56,7 @@ BAD = {  # run file -> the one line train.py prints
     '[model]\nfreeze = "head"\n': "[model] freeze must be one of backbone, got 'head'",
     '[checkpoint]\nrestart = "yes"\n': "[checkpoint] restart must be true or false, got 'yes'",
     "[optimization\n": "is not valid TOML: Expected ']' at the end of a table declaration",
+    "[optimization]\nbatch-size = 64\nbatch_size = 32\n": "[optimization] gives batch-size twice",
 }
 
 
@@ -68,6 +69,22 @@ def test_a_bad_run_file_exits_2_with_one_line_and_writes_nothing(text, tmp_path,
     assert err.startswith(f"error: --config {path}") and err.count("\n") == 1, err
     assert BAD[text] in err
     assert not workdir.exists()
+
+
+def test_a_file_that_is_not_text_is_refused_in_one_line(tmp_path, capsys):
+    path = tmp_path / "run.toml"
+    path.write_bytes(b"[optimization]\nlr = 0.1 # \xff\n")
+    assert cli.main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --config {path} is not valid TOML") and err.count("\n") == 1
+
+
+def test_a_flag_turns_off_what_the_file_turns_on(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[checkpoint]\nrestart = true\n[metrics]\ndry-run = true\n")
+    assert cli.parse_args(["--config", str(path)]).dry_run
+    cfg = cli.parse_args(["--config", str(path), "--no-dry-run", "--no-restart"])
+    assert not cfg.dry_run and not cfg.restart
 
 
 def test_a_missing_run_file_is_named(tmp_path, capsys):
