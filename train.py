@@ -106,7 +106,7 @@ FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxp
         ("--warmup-steps", int, "linear warmup steps"),
         ("--seed", int, "seed of initialisation, data order and dropout"),
     ],
-    "federated learning (jaxpar.federated)": [
+    "federated learning (jaxpar.modes.federated)": [
         ("--clients", int, "train federated over this many clients holding disjoint data"),
         ("--clients-per-round", int, "clients sampled per round (a function of seed and round)"),
         ("--local-epochs", int, "epochs each client trains on its own data per round"),
@@ -170,7 +170,8 @@ FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxp
 
 # A run file's sections (``--config run.toml``): the --help groups, by short names.
 SECTIONS = {"parallelism": "mesh and parallelism", "model": "model", "data": "data",
-            "optimization": "optimization", "federated": "federated learning (jaxpar.federated)",
+            "optimization": "optimization",
+            "federated": "federated learning (jaxpar.modes.federated)",
             "checkpoint": "workdir and checkpoints", "job": "jobs (several processes or hosts)",
             "metrics": "observing"}  # fmt: skip
 

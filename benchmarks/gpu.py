@@ -26,7 +26,7 @@ this order, while time is left before ``--deadline``:
 - ``resnet50_bn_fp32``: ``resnet50`` with BatchNorm outputs in float32 (jaxpar's choice before
   this benchmark first ran), to measure what bf16 activations are worth.
 - ``resnet50_batch_x2``: ``resnet50`` at twice the batch.
-- ``vit_pipeline``: ``vit`` through the pipeline schedule on one device (`jaxpar.pipeline`,
+- ``vit_pipeline``: ``vit`` through the pipeline schedule on one device (`jaxpar.modes.pipeline`,
   1 stage, ``--pipeline-microbatches`` microbatches): one GPU cannot show a pipeline's speed-up,
   but it shows what the schedule's code path costs against the plain step (``vit``).
 
@@ -299,7 +299,7 @@ def run_part(a) -> dict:
         batch, attention = a.vit_batch, "xla" if a.part == "vit_xla" else "auto"
         options = dict(patch_size=16, attention=attention)
         if a.part == "vit_pipeline":
-            from jaxpar.pipeline import Schedule
+            from jaxpar.modes.pipeline import Schedule
 
             options["stack"] = Schedule(stages=1, microbatches=a.pipeline_microbatches)
         return {**about, "batch": batch, **jax_model(a, "vit-base", batch, **options)}

@@ -50,7 +50,7 @@ def step_for(mesh_text: str, schedule, batch: int, dataset: str = "digits"):
 
 
 def bubble(a) -> dict:
-    from jaxpar.pipeline import Schedule
+    from jaxpar.modes.pipeline import Schedule
 
     contenders = {"data=4": step_for("data=4", None, a.batch, a.dataset)}
     for m in MICROBATCHES:
@@ -77,7 +77,7 @@ def bubble(a) -> dict:
 
 def fsdp(a) -> dict:
     from jaxpar.collectives import collectives
-    from jaxpar.pipeline import Schedule
+    from jaxpar.modes.pipeline import Schedule
 
     out = {}
     for gather in (True, False):

@@ -35,14 +35,14 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxpar import compose
 from jaxpar.errors import UserError
 from jaxpar.mesh import parse_mesh
 from jaxpar.models import REVISIONS, revision
+from jaxpar.modes import compose
 from jaxpar.sharding import placed
 
 # Fields of the manifest that define the run: a checkpoint resumes only into the same ones. The
-# model's and the data's, then those each training mode declares (`jaxpar.compose`: its pins).
+# model's and the data's, then those each training mode declares (`jaxpar.modes.compose`: its pins).
 IDENTITY = tuple(
     dict.fromkeys(
         (
@@ -67,7 +67,7 @@ FORMAT = 2
 
 
 # Names of the train state's parts in a checkpoint: ``{0: model, 1: optimizer}``, and what a
-# `jaxpar.sync` mode adds (DiLoCo's global copy and outer momentum, stale SGD's ring).
+# `jaxpar.modes.sync` mode adds (DiLoCo's global copy and outer momentum, stale SGD's ring).
 ITEMS = {0: "model", 1: "optimizer", 2: "held_params", 3: "outer_optimizer", 4: "teacher"}
 
 
@@ -238,7 +238,7 @@ def model_of(manifest: dict):
     fn = MODELS.lookup(manifest["model"], "model")
     build = lambda rngs: fn(shape, manifest["num_classes"], dtype=dtype, rngs=rngs, **options)  # noqa: E731
     if quantized := manifest.get("quantization"):  # `compress --save`: int8 weights and scales
-        from jaxpar.quantize import post_training
+        from jaxpar.modes.quantize import post_training
 
         sample = jnp.zeros((1, *shape), jnp.float32)
         return lambda rngs: post_training(build(rngs), sample, quantized["activations"]), shape
@@ -268,7 +268,7 @@ def restore_model(workdir, step: int, abstract: dict, shardings: dict) -> dict:
         ahead = jax.tree.map(with_replicas, abstract, shardings)
         laid = ckpts.restore_partial(step, {"model": ahead})["model"]
         mean = lambda tree: jax.tree.map(lambda a: a.mean(axis=0), tree)  # noqa: E731
-        return jax.jit(mean, out_shardings=shardings)(laid)  # as `jaxpar.sync.Local.view`
+        return jax.jit(mean, out_shardings=shardings)(laid)  # as `jaxpar.modes.sync.Local.view`
     finally:
         ckpts.close()
 

@@ -8,14 +8,14 @@ The run's latest checkpoint is restored onto the mesh (the run's, from ``config.
 - ``float32``: the checkpoint as trained (computing in float32 whatever its ``--precision``);
   always measured and listed first.
 - ``int8`` (``--quantize int8``): weights quantized post-training by qwix, one scale per output
-  channel (`jaxpar.quantize`: dense layers keep float inputs; convolutions quantize theirs too,
-  per example, since qwix 0.1.8 quantizes a convolution only with its input).
+  channel (`jaxpar.modes.quantize`: dense layers keep float inputs; convolutions quantize theirs
+  too, per example, since qwix 0.1.8 quantizes a convolution only with its input).
 - ``int8-act`` (``--activations int8``): every dense and convolution input quantized too, with a
   static per-tensor scale calibrated on ``--calibration-batches`` training batches (unaugmented).
 - ``bf16`` (``--quantize bf16``): weights stored, and the model computing, in bfloat16.
 - ``pruned-S`` (``--prune S``): the fraction S of every weight matrix and kernel (of each layer of
   a ViT's stacks), the smallest in magnitude, set to zero at once; vectors stay dense, as in
-  `jaxpar.prune`. With ``--finetune-epochs N``, N epochs of training from the checkpoint,
+  `jaxpar.modes.prune`. With ``--finetune-epochs N``, N epochs of training from the checkpoint,
   pruned the same way by their first update and kept so (``train.py --init-from WORKDIR
   --prune-to S --prune-start 0 --prune-end 1`` in
   ``WORKDIR/compress/pruned-S-from-step-K-N-epochs``, resumed or reused by a later call); the
@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxpar.errors import UserError
-from jaxpar.quantize import unsupported
+from jaxpar.modes.quantize import unsupported
 
 QUANTIZE = ("int8", "bf16")
 
@@ -132,7 +132,7 @@ def calibration_images(trained: Trained, batches: int):
 
 def int8_model(trained: Trained, activations: bool, calibration):
     """The model with int8 weights (and inputs, if `activations`), placed on the mesh."""
-    from jaxpar.quantize import post_training
+    from jaxpar.modes.quantize import post_training
 
     return resharded(post_training(trained.model, calibration, activations), trained.mesh)
 
@@ -157,12 +157,12 @@ def bf16_model(trained: Trained):
 def pruned_model(model, sparsity: float):
     """`model` with the fraction `sparsity` of each matrix and kernel (of each layer of a stack of
     them), the smallest weights in magnitude, set to zero: exactly that many, as
-    `jaxpar.prune` prunes while training."""
+    `jaxpar.modes.prune` prunes while training."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxpar.prune import prune_matrix, weight_roles
+    from jaxpar.modes.prune import prune_matrix, weight_roles
     from jaxpar.sharding import path_str
 
     graphdef, weights, rest = nnx.split(model, nnx.Param, ...)
@@ -258,7 +258,7 @@ def sizes(model, sparse: bool = False) -> dict:
     import jax
     from flax import nnx
 
-    from jaxpar.prune import weight_roles
+    from jaxpar.modes.prune import weight_roles
     from jaxpar.sharding import path_str
 
     state, params = nnx.state(model), nnx.state(model, nnx.Param)

@@ -58,13 +58,13 @@ class Config:
         None  # a workdir (its latest checkpoint) or a weights file to start from
     )
     freeze: str | None = None  # "backbone": only the classifier head trains
-    teacher: str | None = None  # a trained workdir distilled into this model (`jaxpar.distill`)
+    teacher: str | None = None  # a trained workdir distilled into this model (`modes.distill`)
     distill_temperature: float = 4.0
     distill_weight: float = 0.9  # the distillation term's share of the loss
-    prune_to: float | None = None  # magnitude pruning to this sparsity (`jaxpar.prune`)
+    prune_to: float | None = None  # magnitude pruning to this sparsity (`jaxpar.modes.prune`)
     prune_start: int = 0  # step the sparsity starts rising
     prune_end: int | None = None  # step it reaches --prune-to (None: 3/4 of the run)
-    qat: str | None = None  # "int8": quantization-aware training (`jaxpar.quantize`)
+    qat: str | None = None  # "int8": quantization-aware training (`jaxpar.modes.quantize`)
     profile_steps: str | None = None  # "A:B": JAX profiler trace of steps A to B-1
     dry_run: bool = False  # print the plan (placement, memory, collectives) and stop
     project: str | None = None  # with dry_run: CHIP[xN][:nodes=K], the step's time on that
@@ -73,7 +73,7 @@ class Config:
     num_processes: int | None = None
     process_id: int | None = None
     init_timeout: float = 120.0  # seconds the processes of a job wait for each other to start
-    # Federated learning (`jaxpar.federated`): None clients is not federated.
+    # Federated learning (`jaxpar.modes.federated`): None clients is not federated.
     clients: int | None = None
     clients_per_round: int | None = None  # None: 10, or every client when fewer
     local_epochs: int = 1
@@ -88,14 +88,14 @@ class Config:
     secure_agg: bool = False  # simulate secure aggregation's fixed-point sums
 
     def validate(self) -> "Config":
-        from jaxpar import compose
         from jaxpar.data import loader
         from jaxpar.data.mixture import LABELS, is_mixture, parse, rows_per_batch
         from jaxpar.models import MODELS
+        from jaxpar.modes import compose
+        from jaxpar.modes.pipeline import parse_pipeline
+        from jaxpar.modes.quantize import QAT
+        from jaxpar.modes.sync import parse_sync
         from jaxpar.optimizers import OPTIMIZERS
-        from jaxpar.pipeline import parse_pipeline
-        from jaxpar.quantize import QAT
-        from jaxpar.sync import parse_sync
 
         def need(ok, message):
             if not ok:
@@ -260,7 +260,7 @@ class Config:
     def notes(self, total: int) -> list[str]:
         """One line for each flag that this run of `total` steps takes only in part (a later,
         longer run continues it): a ramp that ends after the run."""
-        from jaxpar.prune import sparsity
+        from jaxpar.modes.prune import sparsity
 
         lines = []
         if self.prune_to and self.prune_end and self.prune_end > total:
@@ -281,8 +281,8 @@ class Config:
             need(not given, f"--{given[0].replace('_', '-') if given else ''} goes with --clients "
                  "(federated learning)")  # fmt: skip
             return
-        from jaxpar.federated import parse_partition, server_optimizer
         from jaxpar.mesh import parse_mesh
+        from jaxpar.modes.federated import parse_partition, server_optimizer
 
         need(self.clients >= 1, f"--clients must be at least 1, got {self.clients}")
         spec = parse_mesh(self.mesh) if self.mesh else None

@@ -7,6 +7,7 @@ import itertools
 import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,16 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from jaxpar.checkpoint import FORMAT, Checkpoints, check_fits, versions
+from jaxpar.checkpoint import (
+    FORMAT,
+    Checkpoints,
+    check_fits,
+    check_revision,
+    latest_manifest,
+    model_of,
+    restore_model,
+    versions,
+)
 from jaxpar.collectives import collectives
 from jaxpar.config import Config
 from jaxpar.data import (
@@ -25,21 +35,21 @@ from jaxpar.data import (
     prefetch,
     preprocess,
 )
-from jaxpar.distill import load_teacher, with_teacher
 from jaxpar.errors import Diverged, Preempted, UserError
 from jaxpar.evaluation import evaluation_data, evaluations
 from jaxpar.mesh import MeshSpec, draw_mesh, make_mesh, parse_mesh
 from jaxpar.models import MODELS, revision
 from jaxpar.models.vit import check_patch_size
+from jaxpar.modes.distill import Teacher, with_teacher
+from jaxpar.modes.pipeline import schedule_for
+from jaxpar.modes.prune import magnitude_pruning, weight_roles
+from jaxpar.modes.quantize import aware
+from jaxpar.modes.sync import mode_for, param_mask
 from jaxpar.observe import Profile, Window, fetch, progress, say
 from jaxpar.optimizers import ema_view, frozen, head_paths, make_schedule, with_ema
-from jaxpar.pipeline import schedule_for
-from jaxpar.prune import magnitude_pruning, weight_roles
-from jaxpar.quantize import aware
 from jaxpar.sharding import placed, spec_table, state_shardings
 from jaxpar.signals import Stop, stop_at_once, stop_on_signals
 from jaxpar.step import abstract_state, all_finite, compile_steps, init_state, loss_fn, under_mesh
-from jaxpar.sync import mode_for, param_mask
 from jaxpar.weights import starting_from
 from jaxpar.workdir import MetricsLog, move_aside, resolve, used, write_config
 
@@ -69,9 +79,9 @@ class Run:
     eval_step: object
     train_steps: object  # several steps in one program: batches stacked on a leading axis
     compile: object  # (stacked=, signals=) -> (train_step, eval_step) jitted for this run
-    mode: object  # `jaxpar.mode.Mode`: how replicas agree, or federated rounds
+    mode: object  # `jaxpar.modes.mode.Mode`: how replicas agree, or federated rounds
     sync: object  # the mode's jitted every-H-steps program, or None
-    batches: object  # plan -> the device batch of each dispatch (`jaxpar.mode.Mode.batches`)
+    batches: object  # plan -> the device batch of each dispatch (`jaxpar.modes.mode.Mode.batches`)
     ema_eval_step: object = None  # the eval step on the weights' moving average (--ema)
 
     def comm_bytes_per_step(self, train_program, steps: int) -> float:
@@ -254,6 +264,27 @@ def check_replicas(saved: dict, run: "Run", step: int, directory) -> None:
             f"{run.cfg.sync} on data={before}); this mesh has data={run.spec.data}: resume on a "
             f"mesh with data={before} (fsdp and model may change)"
         )
+
+
+def load_teacher(cfg, ds, mesh) -> Teacher:
+    """Check now that ``--teacher`` holds a checkpoint of a model for this data (image shape and
+    classes), and describe how to restore it onto `mesh`."""
+    source = Path(cfg.teacher)
+    if not (source / "checkpoints").is_dir():
+        raise UserError(f"--teacher {source} has no checkpoints/ folder; name a trained workdir")
+    step, manifest = latest_manifest(source, f"--teacher {source}")
+    for key, here in (("image_shape", list(ds.image_shape)), ("num_classes", ds.num_classes)):
+        if manifest.get(key) != here:
+            raise UserError(f"--teacher {source} was trained with {key} {manifest.get(key)}; "
+                            f"this run's data has {here}")  # fmt: skip
+    check_revision(manifest, manifest["model"], f"--teacher {source}")
+    build, _ = model_of(manifest)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
+    shardings, _ = state_shardings(abstract, mesh)
+    abstract = nnx.to_pure_dict(abstract)
+    restore = partial(restore_model, source, step, abstract, shardings)
+    return Teacher(graphdef, abstract, shardings, restore, cfg.distill_temperature,
+                   cfg.distill_weight)  # fmt: skip
 
 
 def model_options(cfg: Config, spec: MeshSpec) -> dict:

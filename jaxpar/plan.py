@@ -14,7 +14,7 @@ import numpy as np
 from jaxpar.collectives import collective_ops, collectives
 from jaxpar.config import Config
 from jaxpar.mesh import draw_mesh
-from jaxpar.pipeline import schedule_for
+from jaxpar.modes.pipeline import schedule_for
 from jaxpar.sharding import path_str, placed
 
 # The train state's parts (`jaxpar.checkpoint.ITEMS`) as the plan counts them: a DiLoCo run's

@@ -115,7 +115,7 @@ def partition_spec(
 
 
 # Mesh axes that a `jax.vmap(..., spmd_axis_name=...)` being traced already maps over (e.g. the
-# replicas of `jaxpar.sync`): an activation's layout inside may not name them again.
+# replicas of `jaxpar.modes.sync`): an activation's layout inside may not name them again.
 _MAPPED: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("mapped", default=())
 
 

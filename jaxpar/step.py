@@ -113,7 +113,7 @@ def gradients(model, data, accum: int = 1, loss=loss_fn):
 def train_step(state, batch, *, graphdef, keys, prepare, accum=1, loss=loss_fn, teacher=None):
     """One optimizer step. Random keys depend on (seed, step, example position) only, never on
     the mesh or on `accum`: the gradient of ``accum`` microbatches is that of the whole batch.
-    With a `teacher` (`jaxpar.distill`), its logits on the same inputs join the data and the
+    With a `teacher` (`jaxpar.modes.distill`), its logits on the same inputs join the data and the
     loss is the distillation loss; its parameters, ``state[4]``, pass through unchanged."""
     model, optimizer = nnx.merge(graphdef, {0: state[0], 1: state[1]})
     data = step_inputs(optimizer.step[...], batch, keys, prepare)
@@ -237,7 +237,7 @@ def compile_steps(
     a leading steps axis, metrics returned per step. With `signals`, it takes a third argument
     (see `with_signals`). `accum`: the batch is processed as that many microbatches
     (`accumulate`). `step` is one optimizer step, `view(state)` the ``{0: model, 1: optimizer}``
-    that evaluation sees: a `jaxpar.sync` mode's (default: `train_step` and the state itself);
+    that evaluation sees: a `jaxpar.modes.sync` mode's (default: `train_step` and the state itself);
     `batch_ndims` the dimensions of each array of the mode's batch (default: image and label);
     `loss(model, images, labels, example_keys)` the training loss (`loss_fn`).
     """

@@ -178,7 +178,7 @@ BAD = {
     "--clients 4 --label-smoothing 0.1": "--label-smoothing does not apply to federated runs",
     "--sync local:8 --mesh 1": "the mesh has data=1: nothing to average",
     "--model vit-tiny --mesh stage=2,data=2 --sync diloco:2": "--sync diloco:H with a pipeline",
-    # combinations the matrix refuses (jaxpar.compose; every cell in tests/test_compose.py)
+    # combinations the matrix refuses (jaxpar.modes.compose; every cell in tests/test_compose.py)
     "--prune-to 0.5 --sync local:2 --mesh 2": "--sync local:H with --prune-to S is not supported",
     "--prune-to 0.5 --freeze backbone": "--prune-to S with --freeze backbone is not supported",
     "--clients 4 --model vit-tiny --microbatches 2": "--clients N with a pipeline (--microbatches",

@@ -1,4 +1,4 @@
-"""Every cell of the declared matrix (`jaxpar.compose`), generated from its declarations.
+"""Every cell of the declared matrix (`jaxpar.modes.compose`), generated from its declarations.
 
 - A refused cell exits with one line that names both sides, before anything is written.
 - A supported pair reduces to its parts: with one side at its `off` flags, the pair's losses are
@@ -28,10 +28,10 @@ import pytest
 
 import jaxpar
 import train as cli
-from jaxpar import compose
 from jaxpar.config import Config
 from jaxpar.loop import setup
 from jaxpar.models import MODELS, ResNet, ViT
+from jaxpar.modes import compose
 
 ROOT = Path(__file__).resolve().parent.parent
 # Each family's test model: the smallest that has what the family's cells are about (BatchNorm;
@@ -230,7 +230,9 @@ def test_a_refused_cell_exits_2_naming_both_sides(cell, tmp_path, capsys):
 
 def test_the_readme_holds_the_generated_matrix():
     readme = (ROOT / "README.md").read_text()
-    assert compose.table() in readme, "README's matrix is stale: paste python -m jaxpar.compose"
+    assert compose.table() in readme, (
+        "README's matrix is stale: paste python -m jaxpar.modes.compose"
+    )
 
 
 RESUMED = {"every-step": {}, **{f.name: f.example for f in compose.FEATURES if f.name in

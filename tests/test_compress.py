@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 import train as cli
 from jaxpar import compress
 from jaxpar.models import MODELS
-from jaxpar.quantize import aware, post_training
+from jaxpar.modes.quantize import aware, post_training
 from jaxpar.sharding import spec_table
 
 

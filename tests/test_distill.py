@@ -1,5 +1,5 @@
-"""Distillation (`jaxpar.distill`): A = 0 is plain training exactly, the loss is Hinton et al.'s,
-and a ResNet teacher teaches an MLP the same way on any mesh and across a resume."""
+"""Distillation (`jaxpar.modes.distill`): A = 0 is plain training exactly, the loss is Hinton et
+al.'s, and a ResNet teacher teaches an MLP the same way on any mesh and across a resume."""
 
 import json
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import train as cli
-from jaxpar.distill import distill_loss
+from jaxpar.modes.distill import distill_loss
 
 
 def losses(workdir):

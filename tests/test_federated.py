@@ -1,5 +1,5 @@
-"""Federated learning (`jaxpar.federated`): each mode's option reduces to FedAvg, FedAvg to SGD,
-and a run is the same on any mesh and after a resume."""
+"""Federated learning (`jaxpar.modes.federated`): each mode's option reduces to FedAvg, FedAvg to
+SGD, and a run is the same on any mesh and after a resume."""
 
 import dataclasses
 import functools
@@ -16,8 +16,8 @@ from flax import nnx
 import train as cli
 from jaxpar.config import Config
 from jaxpar.data import preprocess
-from jaxpar.federated import partition, secure_sum, summary
 from jaxpar.loop import setup
+from jaxpar.modes.federated import partition, secure_sum, summary
 from jaxpar.step import _keys, cross_entropy
 
 FED = ["--model", "2nn", "--lr", "0.05", "--local-batch", "16", "--eval-every", "2",

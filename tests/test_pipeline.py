@@ -27,8 +27,8 @@ from jaxpar.loop import dispatches, setup
 from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.models import MODELS
 from jaxpar.models.vit import ViT
+from jaxpar.modes.pipeline import Schedule
 from jaxpar.optimizers import make_optimizer
-from jaxpar.pipeline import Schedule
 from jaxpar.plan import format_plan, plan
 from jaxpar.sharding import path_str
 from jaxpar.step import compile_steps, create_state

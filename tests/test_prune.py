@@ -1,5 +1,6 @@
-"""Magnitude pruning while training (`jaxpar.prune`): exact sparsity per layer, zeros that stay
-zero through training and resume, masks sharded like their parameters, the same run on any mesh."""
+"""Magnitude pruning while training (`jaxpar.modes.prune`): exact sparsity per layer, zeros that
+stay zero through training and resume, masks sharded like their parameters, the same run on any
+mesh."""
 
 import json
 
@@ -96,8 +97,8 @@ def test_a_vits_stacked_layers_are_pruned_one_by_one_and_their_vectors_stay_dens
     from flax import nnx
 
     from jaxpar.models import ViT
+    from jaxpar.modes.prune import magnitude_pruning, weight_roles
     from jaxpar.optimizers import head_paths
-    from jaxpar.prune import magnitude_pruning, weight_roles
 
     vit = nnx.eval_shape(lambda: ViT((8, 8, 1), 10, width=32, depth=2, heads=2, mlp_dim=64,
                                      rngs=nnx.Rngs(0)))  # fmt: skip

@@ -21,11 +21,11 @@ from jaxpar.loop import setup
 from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.models import MODELS
 from jaxpar.models.vit import ViT
+from jaxpar.modes.sync import Stale
 from jaxpar.optimizers import make_optimizer
 from jaxpar.plan import plan
 from jaxpar.sharding import path_str
 from jaxpar.step import compile_steps, create_state
-from jaxpar.sync import Stale
 
 
 def train(workdir, mesh="data=4", steps=8, **flags):

@@ -23,7 +23,7 @@ blocks then pin the residual stream to the ``microbatch`` sharding (`constrain`)
 needs to gather weights inside the scan.
 
 How the stacked blocks run is the ``stack`` argument: `scan_layers` (default), or a pipeline
-schedule over the ``stage`` mesh axis (`jaxpar.pipeline.Schedule`), which computes the same.
+schedule over the ``stage`` mesh axis (`jaxpar.modes.pipeline.Schedule`), which computes the same.
 """
 
 from functools import partial
@@ -161,7 +161,7 @@ def embed_patches(conv: nnx.Conv, x, patch: int):
     """`conv` (kernel = stride = `patch`, no padding) applied as what it computes: one matrix
     product of every flattened patch with the flattened kernel. Correctness is decided here: on
     jax 0.10.2 XLA's partitioner miscompiles that strided convolution when it is vmapped over
-    replicas (`jaxpar.sync`) with the kernel's output channels FSDP-sharded (4x4 patches, 64
+    replicas (`jaxpar.modes.sync`) with the kernel's output channels FSDP-sharded (4x4 patches, 64
     channels: logits off by 3); the matrix product partitions correctly."""
     batch, height, width, channels = x.shape
     x = x.reshape(batch, height // patch, patch, width // patch, patch, channels)
@@ -177,7 +177,7 @@ def scan_layers(block, params, x, keys, remat=False, first=0, pin=True):
     axis; `keys` are the examples' dropout keys (or None); `first` is the global index of the
     first layer; `remat` keeps only each layer's input and recomputes the rest in the backward
     pass; `pin` pins the residual stream to the ``microbatch`` sharding (`constrain`). A pipeline
-    (`jaxpar.pipeline.Schedule`) is another function of the first five arguments.
+    (`jaxpar.modes.pipeline.Schedule`) is another function of the first five arguments.
     """
     depth = jax.tree.leaves(params)[0].shape[0]
 

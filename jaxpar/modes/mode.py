@@ -1,8 +1,9 @@
 """What a training mode decides besides its step: the `Mode` every mode derives from.
 
-A mode (`jaxpar.sync`'s every-step, local SGD, DiLoCo and stale SGD; `jaxpar.federated`'s rounds)
-tells the one loop its optimizer, how a batch splits over the mesh, its data and its metrics;
-`Mode` gives what a mode whose step is one batch of examples does, which the others replace.
+A mode (`jaxpar.modes.sync`'s every-step, local SGD, DiLoCo and stale SGD;
+`jaxpar.modes.federated`'s rounds) tells the one loop its optimizer, how a batch splits over the
+mesh, its data and its metrics; `Mode` gives what a mode whose step is one batch of examples does,
+which the others replace.
 """
 
 import jax

@@ -42,7 +42,7 @@ from flax import nnx
 
 from jaxpar.data import device_batch
 from jaxpar.errors import UserError
-from jaxpar.mode import Mode
+from jaxpar.modes.mode import Mode
 from jaxpar.sharding import batch_sharding, mapped_over
 from jaxpar.step import cross_entropy
 
@@ -147,7 +147,7 @@ def summary(parts: list[np.ndarray], labels: np.ndarray) -> dict:
 
 @dataclasses.dataclass
 class Federated(Mode):
-    """``--clients N``: a `jaxpar.sync`-style mode whose step is a federated round."""
+    """``--clients N``: a `jaxpar.modes.sync`-style mode whose step is a federated round."""
 
     parts: list  # example indices of each client (`partition`)
     per_round: int

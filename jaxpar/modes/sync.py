@@ -16,9 +16,10 @@ The replicas are the ``data`` axis groups; each is itself sharded over ``fsdp``/
 
 Each mode tells the one loop how its state is laid out (`layout`), what one step does (`step`),
 what it does every H steps (`sync`, None without) and which model evaluation sees (`view`);
-`jaxpar.mode.Mode` holds what all of these share, and what a mode whose step is not a batch of
-examples (`jaxpar.federated`, whose step is a round) replaces: its optimizer, data and metrics. The
-checkpoint holds the whole state, replica axis, global copy, outer momentum and ring included.
+`jaxpar.modes.mode.Mode` holds what all of these share, and what a mode whose step is not a
+batch of examples (`jaxpar.modes.federated`, whose step is a round) replaces: its optimizer, data
+and metrics. The checkpoint holds the whole state, replica axis, global copy, outer momentum and
+ring included.
 Reductions: ``local:1`` with SGD without momentum and ``diloco:1`` with inner SGD and an outer SGD
 of learning rate 1 without momentum are ``every-step``; so is ``stale:0``.
 
@@ -37,7 +38,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxpar.errors import UserError
-from jaxpar.mode import Mode
+from jaxpar.modes.mode import Mode
 from jaxpar.sharding import (
     mapped_over,
     path_str,
@@ -68,7 +69,7 @@ def mode_for(cfg, spec, ds=None):
     """The `--sync` mode of a run on the mesh sizes `spec` (its ``data`` groups: the replicas),
     or with ``--clients`` the federated mode over `ds`'s training set."""
     if cfg.clients is not None:
-        from jaxpar.federated import make_mode
+        from jaxpar.modes.federated import make_mode
 
         return make_mode(cfg, spec, ds)
     kind, n = parse_sync(cfg.sync)

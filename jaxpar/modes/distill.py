@@ -13,15 +13,11 @@ same teacher whatever happens to its workdir. A = 0 is plain training, exactly.
 
 import dataclasses
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpar.checkpoint import check_revision, latest_manifest, model_of, restore_model
-from jaxpar.errors import UserError
-from jaxpar.sharding import state_shardings
 from jaxpar.step import cross_entropy
 
 TEACHER = 4  # the train state's key of the teacher's parameters
@@ -46,14 +42,13 @@ class Teacher:
     graphdef: object  # of the teacher's model
     abstract: dict  # its model's shapes, a pure dict
     shardings: dict  # their shardings on the run's mesh
-    source: Path
-    step: int
+    restore: object  # () -> its parameters, restored into their shardings
     temperature: float
     weight: float
 
     def params(self) -> dict:
         """The teacher's parameters, restored into their shardings."""
-        return restore_model(self.source, self.step, self.abstract, self.shardings)
+        return self.restore()
 
     def logits(self, params, images) -> jax.Array:
         model = nnx.merge(self.graphdef, params)
@@ -71,22 +66,3 @@ def with_teacher(teacher: Teacher, abstract, shardings, init, step):
     shardings = {**shardings, TEACHER: teacher.shardings}
     return abstract, shardings, lambda: {**init(), TEACHER: teacher.params()}, partial(
         step, teacher=teacher)  # fmt: skip
-
-
-def load_teacher(cfg, ds, mesh) -> Teacher:
-    """Check now that ``--teacher`` holds a checkpoint of a model for this data (image shape and
-    classes), and describe how to restore it onto `mesh`."""
-    source = Path(cfg.teacher)
-    if not (source / "checkpoints").is_dir():
-        raise UserError(f"--teacher {source} has no checkpoints/ folder; name a trained workdir")
-    step, manifest = latest_manifest(source, f"--teacher {source}")
-    for key, here in (("image_shape", list(ds.image_shape)), ("num_classes", ds.num_classes)):
-        if manifest.get(key) != here:
-            raise UserError(f"--teacher {source} was trained with {key} {manifest.get(key)}; "
-                            f"this run's data has {here}")  # fmt: skip
-    check_revision(manifest, manifest["model"], f"--teacher {source}")
-    build, _ = model_of(manifest)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
-    shardings, _ = state_shardings(abstract, mesh)
-    return Teacher(graphdef, nnx.to_pure_dict(abstract), shardings, source, step,
-                   cfg.distill_temperature, cfg.distill_weight)  # fmt: skip

@@ -1,0 +1,14 @@
+"""Training modes: what changes how a run trains, each in its own module, plugged into the one
+loop (`jaxpar.loop`) through `jaxpar.modes.mode.Mode` or the train step's arguments.
+
+- `mode`: the `Mode` every mode derives from (its optimizer, data, metrics).
+- `sync`: how data-parallel replicas agree (``--sync``: every step, local SGD, DiLoCo, stale).
+- `federated`: ``--clients N``, a round of FedAvg and its kin as one step.
+- `pipeline`: a ViT's blocks over the ``stage`` axis (GPipe, circular).
+- `distill`: ``--teacher``'s loss; `prune`: ``--prune-to``'s masks; `quantize`: qwix int8.
+- `compose`: which modes run together, the matrix the config check and the tests read.
+
+This package imports, from the rest of jaxpar, only `jaxpar.errors`, `jaxpar.sharding`,
+`jaxpar.mesh`, `jaxpar.step`, `jaxpar.optimizers`, `jaxpar.models` and `jaxpar.data`: the run
+(`jaxpar.loop`, checkpoints) builds on the modes, not the other way.
+"""
