@@ -302,6 +302,7 @@ def _device_copy(tree):
 
 
 _RESTORE_FAILED = threading.Event()  # set by a failed restore, cleared by the next one
+_RESTORING = threading.Event()  # set while a restore runs: a read may fail before it does
 _QUIET_INSTALLED = threading.Event()
 
 
@@ -310,8 +311,8 @@ def _quiet_failed_reads() -> None:
     when they are collected: "Event loop is closed", or their own read errors reported as
     unraisable exceptions and as asyncio's "exception was never retrieved". Drop those so the
     user sees one error line: "loop is closed" always, the others (raised in Orbax's code) only
-    after a failed restore and before the next restore. Installed before the restore: those
-    reads may end before the failure is handled."""
+    while a restore runs or after it failed, and before the next restore. Installed before the
+    restore: those reads may end before the failure is handled."""
     _RESTORE_FAILED.clear()
     if _QUIET_INSTALLED.is_set():
         return
@@ -332,17 +333,22 @@ def _quiet_failed_reads() -> None:
 def _quiet_if_failed():
     """A restore: if it fails, Orbax's other reads of it end quietly (`_quiet_failed_reads`)."""
     _quiet_failed_reads()
+    _RESTORING.set()
     try:
         yield
     except Exception:
         _RESTORE_FAILED.set()
         raise
+    finally:
+        _RESTORING.clear()
 
 
 def _is_failed_read(e) -> bool:
     if isinstance(e, RuntimeError) and "loop is closed" in str(e):
         return True
-    if not _RESTORE_FAILED.is_set():
+    # A read's error may be reported (a task collected) before the restore's failure reaches
+    # `_quiet_if_failed`: while a restore runs, Orbax's read errors are its failure's too.
+    if not (_RESTORE_FAILED.is_set() or _RESTORING.is_set()):
         return False
     while e is not None:  # the exception, then what it was raised from
         tb = e.__traceback__
