@@ -470,3 +470,31 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def load_teacher(cfg, ds, mesh):
+    """Check now that ``--teacher`` holds a checkpoint of a model for this data (image shape and
+    classes), and describe how to restore it onto `mesh` (a `jaxpar.modes.distill.Teacher`)."""
+    from functools import partial
+
+    from flax import nnx
+
+    from jaxpar.modes.distill import Teacher
+    from jaxpar.sharding import state_shardings
+
+    source = Path(cfg.teacher)
+    if not (source / "checkpoints").is_dir():
+        raise UserError(f"--teacher {source} has no checkpoints/ folder; name a trained workdir")
+    step, manifest = latest_manifest(source, f"--teacher {source}")
+    for key, here in (("image_shape", list(ds.image_shape)), ("num_classes", ds.num_classes)):
+        if manifest.get(key) != here:
+            raise UserError(f"--teacher {source} was trained with {key} {manifest.get(key)}; "
+                            f"this run's data has {here}")  # fmt: skip
+    check_revision(manifest, manifest["model"], f"--teacher {source}")
+    build, _ = model_of(manifest)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
+    shardings, _ = state_shardings(abstract, mesh)
+    abstract = nnx.to_pure_dict(abstract)
+    restore = partial(restore_model, source, step, abstract, shardings)
+    return Teacher(graphdef, abstract, shardings, restore, cfg.distill_temperature,
+                   cfg.distill_weight)  # fmt: skip

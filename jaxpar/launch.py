@@ -55,8 +55,8 @@ def gloo_report(line: str) -> bool:
 def relay(proc: subprocess.Popen, prefix: str) -> None:
     after = False  # the line before was gloo's: one blank line now ends an interleaved report
     for line in proc.stdout:
-        drop = gloo_report(line) or (after and not line.strip())
-        after = gloo_report(line)
+        report = gloo_report(line)
+        drop, after = report or (after and not line.strip()), report
         if not drop:
             sys.stdout.write(f"{prefix} {line}")
             sys.stdout.flush()

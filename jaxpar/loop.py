@@ -7,7 +7,6 @@ import itertools
 import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +20,7 @@ from jaxpar.checkpoint import (
     FORMAT,
     Checkpoints,
     check_fits,
-    check_revision,
-    latest_manifest,
-    model_of,
-    restore_model,
+    load_teacher,
     versions,
 )
 from jaxpar.collectives import collectives
@@ -40,11 +36,11 @@ from jaxpar.evaluation import evaluation_data, evaluations
 from jaxpar.mesh import MeshSpec, draw_mesh, make_mesh, parse_mesh
 from jaxpar.models import MODELS, revision
 from jaxpar.models.vit import check_patch_size
-from jaxpar.modes.distill import Teacher, with_teacher
+from jaxpar.modes.distill import with_teacher
 from jaxpar.modes.pipeline import schedule_for
-from jaxpar.modes.prune import magnitude_pruning, weight_roles
+from jaxpar.modes.prune import check_prune_schedule, magnitude_pruning, prune_end, weight_roles
 from jaxpar.modes.quantize import aware
-from jaxpar.modes.sync import mode_for, param_mask
+from jaxpar.modes.sync import check_replicas, mode_for, param_mask
 from jaxpar.observe import Profile, Window, fetch, progress, say
 from jaxpar.optimizers import ema_view, frozen, head_paths, make_schedule, with_ema
 from jaxpar.sharding import placed, spec_table, state_shardings
@@ -229,64 +225,6 @@ def setup(cfg: Config) -> Run:
     )  # fmt: skip
 
 
-def prune_end(cfg: Config, total: int) -> int | None:
-    """The step the sparsity reaches --prune-to: --prune-end, else 3/4 of the run (None: no
-    pruning). Saved in the manifest: a longer continuation keeps the schedule it began."""
-    if cfg.prune_to is None:
-        return None
-    if cfg.prune_start >= total:
-        raise UserError(f"--prune-start {cfg.prune_start} is not before the run's end at step "
-                        f"{total}: nothing would be pruned; start earlier")  # fmt: skip
-    return cfg.prune_end or max(cfg.prune_start + 1, total * 3 // 4)
-
-
-def check_prune_schedule(saved: dict, run: "Run", step: int, directory) -> None:
-    """A continuation (a longer --steps) keeps the pruning schedule it began: a new end would
-    lower the sparsity due at this step and revive pruned weights."""
-    before, now = saved.get("prune_end"), prune_end(run.cfg, run.total)
-    if before is not None and now != before:
-        raise UserError(
-            f"checkpoint step {step} in {directory} prunes on a schedule that ends at step "
-            f"{before}, and this run's would end at step {now}; pass --prune-end {before} to go "
-            "on with it"
-        )
-
-
-def check_replicas(saved: dict, run: "Run", step: int, directory) -> None:
-    """A checkpoint with a model per replica (``--sync local:H``/``diloco:H``) resumes only on a
-    mesh with as many replicas (``data``); other axes may change."""
-    if getattr(run.mode, "replicas", None) is None:
-        return
-    before = parse_mesh(saved["mesh"]).data
-    if before != run.spec.data:
-        raise UserError(
-            f"checkpoint step {step} in {directory} holds {before} replicas (--sync "
-            f"{run.cfg.sync} on data={before}); this mesh has data={run.spec.data}: resume on a "
-            f"mesh with data={before} (fsdp and model may change)"
-        )
-
-
-def load_teacher(cfg, ds, mesh) -> Teacher:
-    """Check now that ``--teacher`` holds a checkpoint of a model for this data (image shape and
-    classes), and describe how to restore it onto `mesh`."""
-    source = Path(cfg.teacher)
-    if not (source / "checkpoints").is_dir():
-        raise UserError(f"--teacher {source} has no checkpoints/ folder; name a trained workdir")
-    step, manifest = latest_manifest(source, f"--teacher {source}")
-    for key, here in (("image_shape", list(ds.image_shape)), ("num_classes", ds.num_classes)):
-        if manifest.get(key) != here:
-            raise UserError(f"--teacher {source} was trained with {key} {manifest.get(key)}; "
-                            f"this run's data has {here}")  # fmt: skip
-    check_revision(manifest, manifest["model"], f"--teacher {source}")
-    build, _ = model_of(manifest)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
-    shardings, _ = state_shardings(abstract, mesh)
-    abstract = nnx.to_pure_dict(abstract)
-    restore = partial(restore_model, source, step, abstract, shardings)
-    return Teacher(graphdef, abstract, shardings, restore, cfg.distill_temperature,
-                   cfg.distill_weight)  # fmt: skip
-
-
 def model_options(cfg: Config, spec: MeshSpec) -> dict:
     """The model arguments that flags and mesh set: the ViT's patch size, rematerialisation and
     how its layer stack runs (a pipeline schedule over the ``stage`` axis, or one scan)."""
@@ -337,8 +275,8 @@ def open_workdir(run: Run, start: float):
         saved = ckpts.manifest(step)
         check_fits(saved, run.identity(), step, ckpts.directory)
         check_optimizer_flags(saved, cfg, step, ckpts.directory)
-        check_prune_schedule(saved, run, step, ckpts.directory)
-        check_replicas(saved, run, step, ckpts.directory)
+        check_prune_schedule(saved, cfg, run.total, step, ckpts.directory)
+        check_replicas(saved, run.mode, run.spec, cfg.sync, step, ckpts.directory)
         state = ckpts.restore(step, run.abstract, run.shardings)
     except UserError:
         ckpts.close()  # stops Orbax's threads now, not noisily at interpreter exit

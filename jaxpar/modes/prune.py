@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxpar.errors import UserError
 from jaxpar.models.axes import is_weight
 from jaxpar.sharding import path_str
 
@@ -119,3 +120,26 @@ def magnitude_pruning(
         return updates, PruneState(masks, state.count + 1)
 
     return optax.GradientTransformation(init, update)
+
+
+def prune_end(cfg, total: int) -> int | None:
+    """The step the sparsity reaches --prune-to: --prune-end, else 3/4 of the run (None: no
+    pruning). Saved in the manifest: a longer continuation keeps the schedule it began."""
+    if cfg.prune_to is None:
+        return None
+    if cfg.prune_start >= total:
+        raise UserError(f"--prune-start {cfg.prune_start} is not before the run's end at step "
+                        f"{total}: nothing would be pruned; start earlier")  # fmt: skip
+    return cfg.prune_end or max(cfg.prune_start + 1, total * 3 // 4)
+
+
+def check_prune_schedule(saved: dict, cfg, total: int, step: int, directory) -> None:
+    """A continuation (a longer --steps) keeps the pruning schedule it began: a new end would
+    lower the sparsity due at this step and revive pruned weights."""
+    before, now = saved.get("prune_end"), prune_end(cfg, total)
+    if before is not None and now != before:
+        raise UserError(
+            f"checkpoint step {step} in {directory} prunes on a schedule that ends at step "
+            f"{before}, and this run's would end at step {now}; pass --prune-end {before} to go "
+            "on with it"
+        )

@@ -38,6 +38,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxpar.errors import UserError
+from jaxpar.mesh import parse_mesh
 from jaxpar.modes.mode import Mode
 from jaxpar.sharding import (
     mapped_over,
@@ -285,3 +286,17 @@ class Stale(Mode):
 
 
 __all__ = ["DiLoCo", "EveryStep", "Local", "Mode", "Stale", "mode_for", "parse_sync"]
+
+
+def check_replicas(saved: dict, mode, spec, sync: str, step: int, directory) -> None:
+    """A checkpoint with a model per replica (``--sync local:H``/``diloco:H``) resumes only on a
+    mesh with as many replicas (``data``); other axes may change."""
+    if getattr(mode, "replicas", None) is None:
+        return
+    before = parse_mesh(saved["mesh"]).data
+    if before != spec.data:
+        raise UserError(
+            f"checkpoint step {step} in {directory} holds {before} replicas (--sync "
+            f"{sync} on data={before}); this mesh has data={spec.data}: resume on a "
+            f"mesh with data={before} (fsdp and model may change)"
+        )
