@@ -9,12 +9,18 @@ import argparse
 import json
 import sys
 
-from jaxpar.config import Config
-from jaxpar.distributed import job_size, join, peer_lost
-from jaxpar.errors import Diverged, Preempted, UserError
-from jaxpar.mesh import check_batch_spec, check_hosts, parse_mesh, request_devices, set_xla_flags
+from jaxpar.core.errors import Diverged, Preempted, UserError
+from jaxpar.core.mesh import (
+    check_batch_spec,
+    check_hosts,
+    parse_mesh,
+    request_devices,
+    set_xla_flags,
+)
+from jaxpar.core.optimizers import OPTIMIZERS
 from jaxpar.models import RECIPES, recipe_for
-from jaxpar.optimizers import OPTIMIZERS
+from jaxpar.run.config import Config
+from jaxpar.run.distributed import job_size, join, peer_lost
 
 FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxpar.Config
     "mesh and parallelism": [
@@ -318,12 +324,12 @@ def main(argv=None) -> int:
         set_xla_flags()
         join(*job, timeout=cfg.init_timeout)
         if cfg.dry_run:
-            from jaxpar.plan import format_plan, plan
+            from jaxpar.tools.plan import format_plan, plan
 
             p = plan(cfg)
             print(json.dumps(p, indent=1) if cfg.json else format_plan(p))
             return 0
-        from jaxpar.loop import train
+        from jaxpar.run.loop import train
 
         train(cfg)
     except UserError as e:

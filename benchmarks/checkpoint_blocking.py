@@ -31,11 +31,11 @@ jax.config.update("jax_num_cpu_devices", 4)
 
 import numpy as np  # noqa: E402
 
-from jaxpar.checkpoint import Checkpoints  # noqa: E402
-from jaxpar.mesh import make_mesh, parse_mesh  # noqa: E402
+from jaxpar.core.mesh import make_mesh, parse_mesh  # noqa: E402
+from jaxpar.core.optimizers import make_optimizer  # noqa: E402
+from jaxpar.core.step import create_state  # noqa: E402
 from jaxpar.models import MODELS  # noqa: E402
-from jaxpar.optimizers import make_optimizer  # noqa: E402
-from jaxpar.step import create_state  # noqa: E402
+from jaxpar.run.checkpoint import Checkpoints  # noqa: E402
 
 SHAPES = {"mlp": (28, 28, 1), "resnet18": (32, 32, 3)}  # MNIST-size MLP, CIFAR-size ResNet-18
 
@@ -75,10 +75,10 @@ def training_cost(model: str, mesh_text: str, rounds: int) -> dict:
     """Milliseconds a save adds to `steps` train steps, jaxpar's and Orbax's direct save."""
     import orbax.checkpoint as ocp
 
-    from jaxpar.checkpoint import _items
-    from jaxpar.config import Config
-    from jaxpar.loop import setup
-    from jaxpar.sharding import batch_sharding
+    from jaxpar.core.sharding import batch_sharding
+    from jaxpar.run.checkpoint import _items
+    from jaxpar.run.config import Config
+    from jaxpar.run.loop import setup
 
     h, w, c = SHAPES[model]
     b, steps = TRAINING[model]

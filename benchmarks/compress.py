@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py is not installed
 import train as cli  # noqa: E402
-from jaxpar import compress  # noqa: E402
+from jaxpar.tools import compress  # noqa: E402
 
 FLAGS = {"mlp": [], "resnet18": ["--model", "resnet18", "--lr", "0.05"]}
 

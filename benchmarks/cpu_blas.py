@@ -6,8 +6,8 @@ weight gradients ``x^T g`` 1.4-8x faster than XLA, which runs them on Eigen's tr
 custom call (`benchmarks/ffi/openblas_gemm.cc`, built here with g++ against jaxlib's FFI
 headers and scipy-openblas32) computes the products; dense layers with a custom VJP route
 either the weight gradients alone or all eight products (forward, input and weight gradients)
-to it. The programs are the real jaxpar step (`jaxpar.step`, `jaxpar.models.mlp`, dropout, SGD with
-momentum) on one device, batch 128, MNIST-size:
+to it. The programs are the real jaxpar step (`jaxpar.core.step`, `jaxpar.models.mlp`, dropout,
+SGD with momentum) on one device, batch 128, MNIST-size:
 
 - ``XLA dots``: as jaxpar trains (the baseline);
 - ``OpenBLAS weight gradients``: ``x^T g`` by the custom call, the rest by XLA;
@@ -37,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxpar.models.mlp as mlp_module
+from jaxpar.core.mesh import make_mesh, parse_mesh, set_xla_flags
+from jaxpar.core.optimizers import make_optimizer
+from jaxpar.core.step import compile_steps, create_state
 from jaxpar.data import load_dataset, preprocess, train_batches
-from jaxpar.mesh import make_mesh, parse_mesh, set_xla_flags
-from jaxpar.optimizers import make_optimizer
-from jaxpar.step import compile_steps, create_state
 
 set_xla_flags()  # as train.py, before JAX starts
 

@@ -3,7 +3,7 @@
 - dropout masks from `jaxpar.models.dropout`'s unrolled threefry (fused into the dropout's
   elementwise pass) against ``jax.random.bernoulli`` (JAX lowers threefry on the CPU as a
   five-iteration loop); the masks are the same bits, so are the losses (checked here too);
-- `jaxpar.mesh.CPU_XLA_FLAGS` (copy insertion with region analysis: no copy of the donated
+- `jaxpar.core.mesh.CPU_XLA_FLAGS` (copy insertion with region analysis: no copy of the donated
   parameters before their update) against XLA's default, by compiler options per program.
 
 Windows of 50 steps alternate over the four programs, in an order rotated every round; "paired"
@@ -23,11 +23,11 @@ import jax
 import numpy as np
 
 import jaxpar.models.mlp as mlp_module
+from jaxpar.core.mesh import CPU_XLA_FLAGS, make_mesh, parse_mesh
+from jaxpar.core.optimizers import make_optimizer
+from jaxpar.core.step import compile_steps, create_state
 from jaxpar.data import load_dataset, preprocess, train_batches
-from jaxpar.mesh import CPU_XLA_FLAGS, make_mesh, parse_mesh
 from jaxpar.models.dropout import dropout, jax_random_dropout
-from jaxpar.optimizers import make_optimizer
-from jaxpar.step import compile_steps, create_state
 
 
 class Program:

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpar.mesh import set_xla_flags
+from jaxpar.core.mesh import set_xla_flags
 from jaxpar.models.dropout import dropout
 
 set_xla_flags()  # as train.py, before JAX starts

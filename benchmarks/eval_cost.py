@@ -18,12 +18,12 @@ import time
 import jax
 import numpy as np
 
-from jaxpar.config import Config
+from jaxpar.core.mesh import parse_mesh, request_devices
+from jaxpar.core.sharding import batch_sharding
 from jaxpar.data import eval_batch_size, eval_batches
-from jaxpar.evaluation import evaluate
-from jaxpar.loop import setup
-from jaxpar.mesh import parse_mesh, request_devices
-from jaxpar.sharding import batch_sharding
+from jaxpar.run.config import Config
+from jaxpar.run.evaluation import evaluate
+from jaxpar.run.loop import setup
 
 BATCH = 128
 

@@ -32,10 +32,10 @@ def speed(rounds: int) -> dict:
 
     from flax import nnx
 
-    from jaxpar.config import Config
+    from jaxpar.core.step import _keys
     from jaxpar.data import preprocess
-    from jaxpar.loop import setup
-    from jaxpar.step import _keys
+    from jaxpar.run.config import Config
+    from jaxpar.run.loop import setup
 
     cfg = Config(model="2nn", clients=100, clients_per_round=100, local_batch=10, lr=0.05,
                  rounds=1, mesh="1").validate()  # fmt: skip
@@ -100,10 +100,10 @@ def at_once(rounds: int, counts: list[int], dataset: str) -> dict:
     import dataclasses
     from functools import partial
 
-    from jaxpar.config import Config
+    from jaxpar.core.step import _keys
     from jaxpar.data import preprocess
-    from jaxpar.loop import setup
-    from jaxpar.step import _keys
+    from jaxpar.run.config import Config
+    from jaxpar.run.loop import setup
 
     cfg = Config(model="2nn", dataset=dataset, clients=100, clients_per_round=100,
                  local_batch=10, lr=0.05, rounds=1, mesh="1").validate()  # fmt: skip

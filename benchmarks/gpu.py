@@ -89,8 +89,8 @@ def step_flops(graphdef, state, data, prepare) -> float:
     import numpy as np
     from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-    from jaxpar.mesh import AXES
-    from jaxpar.step import compile_steps
+    from jaxpar.core.mesh import AXES
+    from jaxpar.core.step import compile_steps
 
     cpu = np.array(jax.devices("cpu")[:1]).reshape((1,) * len(AXES))
     mesh = Mesh(cpu, AXES, axis_types=(AxisType.Auto,) * len(AXES))
@@ -108,11 +108,11 @@ def jax_model(a, model: str, batch: int, bn_fp32: bool = False, **model_kw) -> d
     import jax.numpy as jnp
 
     import jaxpar.models.resnet as resnet_module
+    from jaxpar.core.mesh import make_mesh, parse_mesh
+    from jaxpar.core.optimizers import make_optimizer
+    from jaxpar.core.step import compile_steps, create_state
     from jaxpar.data import load_dataset, preprocess, train_batches
-    from jaxpar.mesh import make_mesh, parse_mesh
     from jaxpar.models import MODELS
-    from jaxpar.optimizers import make_optimizer
-    from jaxpar.step import compile_steps, create_state
 
     if bn_fp32:  # the variant measured against: BatchNorm outputs (activations) in float32
         norm = resnet_module._norm
@@ -131,7 +131,7 @@ def jax_model(a, model: str, batch: int, bn_fp32: bool = False, **model_kw) -> d
     if model_kw.get("attention", "xla") != "xla":  # cuDNN's attention has no CPU lowering
         from flax import nnx
 
-        from jaxpar.step import abstract_state
+        from jaxpar.core.step import abstract_state
 
         xla_fn = partial(model_fn, attention="xla")
         graphdef, abstract = abstract_state(xla_fn, make_optimizer(lr=0.1))
@@ -165,12 +165,12 @@ def jax_mlp(a, k: int = 1) -> dict:
     import jax
     import numpy as np
 
+    from jaxpar.core.mesh import make_mesh, parse_mesh
+    from jaxpar.core.optimizers import make_optimizer
+    from jaxpar.core.step import compile_steps, create_state
     from jaxpar.data import load_dataset, prefetch, preprocess, train_batches
-    from jaxpar.loop import dispatches
-    from jaxpar.mesh import make_mesh, parse_mesh
     from jaxpar.models import MODELS
-    from jaxpar.optimizers import make_optimizer
-    from jaxpar.step import compile_steps, create_state
+    from jaxpar.run.loop import dispatches
 
     ds = load_dataset("synthetic:28x28x1:10")
     mesh = make_mesh(parse_mesh("1"))
@@ -287,7 +287,7 @@ def run_part(a) -> dict:
             batch = a.vit_batch if a.part == "torchvision_vit" else a.batch
             return {"batch": batch, **torch_model(a, batch, TORCH_MODELS[a.part])}
         return torch_mlp(a)
-    from jaxpar.mesh import set_xla_flags
+    from jaxpar.core.mesh import set_xla_flags
 
     set_xla_flags()
     import jax

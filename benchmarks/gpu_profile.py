@@ -36,17 +36,17 @@ CASES = {  # name: (model, batch, model options)
 
 
 def run_case(a, name: str) -> dict:
-    from jaxpar.mesh import set_xla_flags
+    from jaxpar.core.mesh import set_xla_flags
 
     set_xla_flags()
     import jax
     import jax.numpy as jnp
 
+    from jaxpar.core.mesh import make_mesh, parse_mesh
+    from jaxpar.core.optimizers import make_optimizer
+    from jaxpar.core.step import compile_steps, create_state
     from jaxpar.data import load_dataset, preprocess, train_batches
-    from jaxpar.mesh import make_mesh, parse_mesh
     from jaxpar.models import MODELS
-    from jaxpar.optimizers import make_optimizer
-    from jaxpar.step import compile_steps, create_state
 
     model, batch, options = CASES[name]
     if a.smoke:

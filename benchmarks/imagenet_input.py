@@ -31,9 +31,9 @@ import jax
 import numpy as np
 from PIL import Image
 
+from jaxpar.core.mesh import make_mesh, parse_mesh
 from jaxpar.data import Dataset, train_batches
 from jaxpar.data.imagenet import Records, random_resized_crop
-from jaxpar.mesh import make_mesh, parse_mesh
 
 
 def photo_like(rng, h=375, w=500) -> bytes:

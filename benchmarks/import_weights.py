@@ -1,9 +1,9 @@
 """Importing PyTorch weights: seconds to import, and logits against PyTorch's own forward pass.
 
 ResNet-50 and ViT-B/16 at 224x224 with random weights (BatchNorm statistics random too, so a
-swapped or dropped tensor shows), written as .safetensors, imported with `jaxpar.weights`
-(read, convert, write an Orbax checkpoint), then restored by `jaxpar.predict` and compared with
-PyTorch's logits for the same float32 images. The networks are torchvision's own
+swapped or dropped tensor shows), written as .safetensors, imported with `jaxpar.tools.weights`
+(read, convert, write an Orbax checkpoint), then restored by `jaxpar.tools.predict` and compared
+with PyTorch's logits for the same float32 images. The networks are torchvision's own
 (``torchvision.models.resnet50``, ``vit_b_16``) when torchvision imports, else the test suite's
 torchvision-structured references (`tests/torch_reference.py`). Needs PyTorch.
 
@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jaxpar.predict import predict  # noqa: E402
-from jaxpar.weights import import_weights  # noqa: E402
+from jaxpar.tools.predict import predict  # noqa: E402
+from jaxpar.tools.weights import import_weights  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
 
 

@@ -30,11 +30,11 @@ jax.config.update("jax_num_cpu_devices", 4)
 
 import numpy as np  # noqa: E402
 
+from jaxpar.core.mesh import make_mesh, parse_mesh  # noqa: E402
+from jaxpar.core.optimizers import make_optimizer  # noqa: E402
+from jaxpar.core.step import compile_steps, create_state  # noqa: E402
 from jaxpar.data import load_dataset, prefetch, preprocess, train_batches  # noqa: E402
-from jaxpar.mesh import make_mesh, parse_mesh  # noqa: E402
 from jaxpar.models import MODELS  # noqa: E402
-from jaxpar.optimizers import make_optimizer  # noqa: E402
-from jaxpar.step import compile_steps, create_state  # noqa: E402
 
 # Steps per chunk: a multiple of the input's own runs (`jaxpar.data.CHUNK_STEPS`, 64 MLP steps
 # read and put at once), so every chunk holds the same share of that lumpy work.

@@ -11,7 +11,8 @@ Parts, chosen with ``--parts``:
 - ``fsdp``: the collective bytes and compiled peak memory per device of the ``vit-small`` step on
   ``stage=2,fsdp=4`` with the layer weights all-gathered once per step before the ticks
   (``Schedule(gather=True)``, the default) and inside every tick (``gather=False``), read from
-  the compiled program (`jaxpar.collectives.collectives` counts loop bodies once per iteration).
+  the compiled program (`jaxpar.cost.collectives.collectives` counts loop bodies once per
+  iteration).
   Nothing runs.
 
     python benchmarks/pipeline.py                       # both parts, about 5 minutes here
@@ -34,11 +35,11 @@ STAGES = 4
 
 def step_for(mesh_text: str, schedule, batch: int, dataset: str = "digits"):
     """``(compiled train step, state, batch)`` for vit-small on `dataset` under `mesh_text`."""
+    from jaxpar.core.mesh import make_mesh, parse_mesh
+    from jaxpar.core.optimizers import make_optimizer
+    from jaxpar.core.step import compile_steps, create_state
     from jaxpar.data import load_dataset, preprocess, train_batches
-    from jaxpar.mesh import make_mesh, parse_mesh
     from jaxpar.models import MODELS
-    from jaxpar.optimizers import make_optimizer
-    from jaxpar.step import compile_steps, create_state
 
     ds = load_dataset(dataset)
     mesh = make_mesh(parse_mesh(mesh_text))
@@ -76,7 +77,7 @@ def bubble(a) -> dict:
 
 
 def fsdp(a) -> dict:
-    from jaxpar.collectives import collectives
+    from jaxpar.cost.collectives import collectives
     from jaxpar.modes.pipeline import Schedule
 
     out = {}

@@ -26,7 +26,7 @@ MEASURED = {
     "vit-base-b128-h200-cudnn": ("vit-base", 128, "h200", [2388],
                                  "gpu_profile.py (2026-11-27), cuDNN attention: the projection "
                                  "counts XLA's"),
-    # the dispatch floor (`jaxpar.projection.DISPATCH_S`) is this point's step: taken from it,
+    # the dispatch floor (`jaxpar.cost.projection.DISPATCH_S`) is this point's step: taken from it,
     # not a check
     "mlp-b128-h200-fitted": ("mlp", 128, "h200", [round(128 * 390 / 0.2218)],
                              "gpu.py run 1 (2026-11-26): 390 steps in 0.2218 s"),
@@ -37,8 +37,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(MEASURED))
     a = parser.parse_args()
-    from jaxpar.config import Config
-    from jaxpar.plan import plan
+    from jaxpar.run.config import Config
+    from jaxpar.tools.plan import plan
 
     rows = []
     for case in a.cases.split(","):

@@ -1,6 +1,6 @@
 """Per-device memory and collectives of each sharding strategy, from XLA's compiled step.
 
-For each model and strategy on 8 (emulated) devices, `jaxpar.plan` compiles the train step on
+For each model and strategy on 8 (emulated) devices, `jaxpar.tools.plan` compiles the train step on
 abstract shapes. Reported: parameter + optimizer bytes per device against data parallel (ZeRO
 accounting: DP keeps everything on every device, FSDP should keep 1/N), the compiled peak, and the
 collectives with the summed sizes of their results. Result sizes are not wire bytes (a ring
@@ -28,7 +28,7 @@ def main():
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     args = parser.parse_args()
     request_devices(args.devices)
-    from jaxpar.plan import plan  # after the device count is set
+    from jaxpar.tools.plan import plan  # after the device count is set
 
     rows = []
     for model in args.models:

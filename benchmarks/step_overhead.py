@@ -25,12 +25,12 @@ import optax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from jaxpar.core.mesh import make_mesh, parse_mesh  # noqa: E402
+from jaxpar.core.optimizers import make_optimizer  # noqa: E402
+from jaxpar.core.sharding import batch_sharding  # noqa: E402
+from jaxpar.core.step import compile_steps, create_state  # noqa: E402
 from jaxpar.data import device_batch, load_digits, train_indices  # noqa: E402
-from jaxpar.mesh import make_mesh, parse_mesh  # noqa: E402
 from jaxpar.models import MLP  # noqa: E402
-from jaxpar.optimizers import make_optimizer  # noqa: E402
-from jaxpar.sharding import batch_sharding  # noqa: E402
-from jaxpar.step import compile_steps, create_state  # noqa: E402
 
 
 def hand_written(mesh, din, classes, seed=0):

@@ -1,6 +1,7 @@
 """What the multi-process stop agreement costs: the train step with and without the pending-signal
-argument (`jaxpar.step.with_signals`, one tiny max all-reduce per dispatch), same model, mesh and
-batch, interleaved in rounds in this process; the ratio is the figure (the machine is noisy).
+argument (`jaxpar.core.step.with_signals`, one tiny max all-reduce per dispatch), same model,
+mesh and batch, interleaved in rounds in this process; the ratio is the figure (the machine is
+noisy).
 
     python benchmarks/stop_agreement.py             # prints a table, then one JSON line
     python benchmarks/stop_agreement.py --meshes 1 2x2 --steps 300 --rounds 4
@@ -17,12 +18,12 @@ jax.config.update("jax_num_cpu_devices", 4)
 
 import numpy as np  # noqa: E402
 
+from jaxpar.core.mesh import make_mesh, parse_mesh  # noqa: E402
+from jaxpar.core.optimizers import make_optimizer  # noqa: E402
+from jaxpar.core.step import compile_steps, create_state  # noqa: E402
 from jaxpar.data import device_batch, load_digits, train_indices  # noqa: E402
-from jaxpar.mesh import make_mesh, parse_mesh  # noqa: E402
 from jaxpar.models import MODELS  # noqa: E402
-from jaxpar.optimizers import make_optimizer  # noqa: E402
-from jaxpar.signals import pending  # noqa: E402
-from jaxpar.step import compile_steps, create_state  # noqa: E402
+from jaxpar.run.signals import pending  # noqa: E402
 
 
 def ms_per_step(step, state, steps: int):

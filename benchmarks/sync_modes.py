@@ -31,9 +31,9 @@ MODES = ("every-step", "local:4", "local:8", "diloco:4", "diloco:8", "stale:1", 
 
 def accuracy(a) -> dict:
     import jaxpar
-    from jaxpar.config import Config
     from jaxpar.models import recipe_for
-    from jaxpar.plan import plan
+    from jaxpar.run.config import Config
+    from jaxpar.tools.plan import plan
 
     out = {}
     # The model's recipe (the ViTs: AdamW, warmup, cosine), as train.py applies it.
@@ -52,9 +52,9 @@ def accuracy(a) -> dict:
 
 
 def step_cost(a) -> dict:
-    from jaxpar.config import Config
     from jaxpar.data import train_batches
-    from jaxpar.loop import setup
+    from jaxpar.run.config import Config
+    from jaxpar.run.loop import setup
 
     contenders = {}
     for mode in ("every-step", "local:8"):

@@ -25,11 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpar.core.mesh import make_mesh, parse_mesh, set_xla_flags
+from jaxpar.core.optimizers import make_optimizer
+from jaxpar.core.step import compile_steps, create_state
 from jaxpar.data import load_dataset, preprocess, train_batches
-from jaxpar.mesh import make_mesh, parse_mesh, set_xla_flags
 from jaxpar.models import MODELS
-from jaxpar.optimizers import make_optimizer
-from jaxpar.step import compile_steps, create_state
 
 set_xla_flags()  # as train.py, before JAX starts
 

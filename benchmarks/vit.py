@@ -1,7 +1,7 @@
 """ViT on the CPU: compile time against depth, memory with rematerialisation, throughput and MFU.
 
 All on one CPU device, float32 (the CPU's fast path), from jaxpar's own train step
-(`jaxpar.step.compile_steps`, SGD with momentum). Parts, chosen with ``--parts``:
+(`jaxpar.core.step.compile_steps`, SGD with momentum). Parts, chosen with ``--parts``:
 
 - ``compile``: the ``vit-base`` train step (224x224x3 images, 1000 classes, patch 16, batch 8),
   traced, lowered and compiled ahead of time on abstract inputs (as ``--dry-run`` does), at
@@ -41,12 +41,12 @@ import numpy as np
 from flax import nnx
 from gpu import unrolled_scans  # benchmarks/gpu.py, beside this script
 
+from jaxpar.core.mesh import make_mesh, parse_mesh
+from jaxpar.core.optimizers import make_optimizer
+from jaxpar.core.sharding import batch_sharding, placed, state_shardings
+from jaxpar.core.step import abstract_state, compile_steps, create_state
 from jaxpar.data import load_dataset, preprocess, train_batches
-from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.models import MODELS
-from jaxpar.optimizers import make_optimizer
-from jaxpar.sharding import batch_sharding, placed, state_shardings
-from jaxpar.step import abstract_state, compile_steps, create_state
 
 PARTS = ("compile", "memory", "throughput")
 MEMORY_IMAGES = {224: ("synthetic:224x224x3:1000", 16), 32: ("synthetic:32x32x3:10", 4)}
@@ -61,7 +61,7 @@ def abstract_step(mesh, ds, model, batch, accum=1, **overrides):
     train_step, _ = compile_steps(graphdef, shardings, mesh, 0, 4, preprocess(ds), accum=accum)
     state = placed(nnx.to_pure_dict(abstract), shardings)
     # With `accum` the step takes the same global batch and splits it into micro-batches itself
-    # (`jaxpar.step.microbatches`); were it to take them stacked, (accum, batch / accum, ...),
+    # (`jaxpar.core.step.microbatches`); were it to take them stacked, (accum, batch / accum, ...),
     # the shapes here would change accordingly.
     data = {
         "image": jax.ShapeDtypeStruct(

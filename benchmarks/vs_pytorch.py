@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from jaxpar.core.mesh import make_mesh, parse_mesh, request_devices, set_xla_flags
+from jaxpar.core.optimizers import make_optimizer
+from jaxpar.core.step import compile_steps, create_state
 from jaxpar.data import eval_batches, load_dataset, prefetch, train_batches
-from jaxpar.evaluation import evaluate
-from jaxpar.loop import dispatches
-from jaxpar.mesh import make_mesh, parse_mesh, request_devices, set_xla_flags
 from jaxpar.models import MLP
-from jaxpar.optimizers import make_optimizer
-from jaxpar.step import compile_steps, create_state
+from jaxpar.run.evaluation import evaluate
+from jaxpar.run.loop import dispatches
 
 set_xla_flags()  # as train.py, before JAX starts
 

@@ -8,9 +8,8 @@ The mesh utilities are importable from here:
 4
 """
 
-from jaxpar.config import Config
-from jaxpar.errors import UserError
-from jaxpar.mesh import (
+from jaxpar.core.errors import UserError
+from jaxpar.core.mesh import (
     AXES,
     MeshSpec,
     draw_mesh,
@@ -19,14 +18,15 @@ from jaxpar.mesh import (
     parse_mesh,
     request_devices,
 )
-from jaxpar.sharding import RULES, batch_sharding, partition_spec, state_shardings
+from jaxpar.core.sharding import RULES, batch_sharding, partition_spec, state_shardings
+from jaxpar.run.config import Config
 
 
 def __getattr__(name):
     """`jaxpar.train` is imported on first use: ``python -m jaxpar.checkpoint`` and the other
     entry points then run without their own module imported twice."""
     if name == "train":
-        from jaxpar.loop import train
+        from jaxpar.run.loop import train
 
         return train
     raise AttributeError(f"module 'jaxpar' has no attribute {name!r}")

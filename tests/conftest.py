@@ -40,11 +40,11 @@ os.environ.update(CACHE)
 for name, value in CACHE.items():
     jax.config.update(name.lower(), value if name.endswith("DIR") else int(value))
 
+from jaxpar.core.mesh import make_mesh, parse_mesh, set_xla_flags  # noqa: E402
+from jaxpar.core.optimizers import make_optimizer  # noqa: E402
+from jaxpar.core.step import compile_steps, create_state  # noqa: E402
 from jaxpar.data import device_batch, load_digits, train_indices  # noqa: E402
-from jaxpar.mesh import make_mesh, parse_mesh, set_xla_flags  # noqa: E402
 from jaxpar.models import MODELS  # noqa: E402
-from jaxpar.optimizers import make_optimizer  # noqa: E402
-from jaxpar.step import compile_steps, create_state  # noqa: E402
 
 set_xla_flags()  # the XLA flags train.py runs with, before the backend starts
 

@@ -20,15 +20,15 @@ from flax import nnx
 import train as cli
 from jaxpar import Config
 from jaxpar import train as train_run
-from jaxpar.checkpoint import Checkpoints
-from jaxpar.checkpoint import main as list_checkpoints
-from jaxpar.loop import dispatches
-from jaxpar.mesh import make_mesh, parse_mesh
+from jaxpar.core.mesh import make_mesh, parse_mesh
+from jaxpar.core.optimizers import make_optimizer
+from jaxpar.core.sharding import state_shardings
+from jaxpar.core.step import abstract_state
 from jaxpar.models import MODELS
-from jaxpar.optimizers import make_optimizer
-from jaxpar.sharding import state_shardings
-from jaxpar.step import abstract_state
-from jaxpar.workdir import write_config
+from jaxpar.run.checkpoint import Checkpoints
+from jaxpar.run.checkpoint import main as list_checkpoints
+from jaxpar.run.loop import dispatches
+from jaxpar.run.workdir import write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,9 +85,9 @@ def test_a_save_returns_before_the_state_is_donated_and_saves_it_whole(room, tmp
     """`save` hands a device copy to Orbax in a background thread; with no device memory for
     the copy (`has_room_for` false) Orbax copies to the host before `save` returns. Either way
     the state given to `save` is what is on disk, though the caller overwrites it right after."""
-    import jaxpar.checkpoint
+    import jaxpar.run.checkpoint
 
-    monkeypatch.setattr(jaxpar.checkpoint, "has_room_for", lambda tree: room)
+    monkeypatch.setattr(jaxpar.run.checkpoint, "has_room_for", lambda tree: room)
     _, state, *_ = trained("mlp", "adamw", "2x2")
     expected = jax.tree.map(np.asarray, state)
     mutated = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)
@@ -268,9 +268,9 @@ def test_a_signal_before_the_first_step_stops_at_once_and_the_rerun_starts_over(
 ):
     """SIGTERM while the run sets up (data, compilation, workdir) once killed it with no message
     and left a workdir the same command refused."""
-    import jaxpar.loop
+    import jaxpar.run.loop
 
-    setup = jaxpar.loop.setup
+    setup = jaxpar.run.loop.setup
 
     def interrupted(cfg):
         run = setup(cfg)
@@ -278,12 +278,12 @@ def test_a_signal_before_the_first_step_stops_at_once_and_the_rerun_starts_over(
         return run
 
     args = ["--steps", "2", "--workdir", str(tmp_path)]
-    monkeypatch.setattr(jaxpar.loop, "setup", interrupted)
+    monkeypatch.setattr(jaxpar.run.loop, "setup", interrupted)
     assert cli.main(args) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert err == ("preempted: stopped by signal 15 before the first step; nothing was saved; "
                    "rerun the same command to start over\n")  # fmt: skip
-    monkeypatch.setattr(jaxpar.loop, "setup", setup)
+    monkeypatch.setattr(jaxpar.run.loop, "setup", setup)
     assert cli.main(args) == 0
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import train as cli
-from jaxpar.config import Config
-from jaxpar.distributed import CLUSTERS, detect_cluster, job_size
-from jaxpar.mesh import layout_names, parse_mesh
-from jaxpar.plan import plan
+from jaxpar.core.mesh import layout_names, parse_mesh
+from jaxpar.run.config import Config
+from jaxpar.run.distributed import CLUSTERS, detect_cluster, job_size
+from jaxpar.tools.plan import plan
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -254,7 +254,7 @@ def test_own_model_and_dataset_by_module_name_beside_a_models_package_of_ones_ow
     assert resumed.returncode == 0 and "resum" in resumed.stdout + resumed.stderr, resumed.stderr
     assert [r["step"] for r in read_metrics(tmp_path / "w") if "eval_loss" in r][-1] == 4
     # The shadowing case: the project's folder first on the path (python -c, or -m, there).
-    code = "import jaxpar.loop, jaxpar.predict"
+    code = "import jaxpar.run.loop, jaxpar.tools.predict"
     imported = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                               text=True, timeout=300)  # fmt: skip
     assert imported.returncode == 0, imported.stderr
@@ -278,7 +278,7 @@ def test_paths_that_are_files_are_refused_before_anything_is_written(tmp_path, c
         assert err.count("\n") == 1 and err.startswith("error: ") and words in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing written
     assert file.read_text() == "not a directory\n"
-    # checked by Config.validate, before the run starts (jaxpar.workdir refuses it only later)
+    # checked by Config.validate, before the run starts (jaxpar.run.workdir refuses it only later)
     with pytest.raises(cli.UserError, match=f"--workdir {file} is a file; name a directory"):
         cli.Config(workdir=str(file)).validate()
 
@@ -353,7 +353,7 @@ def test_a_partial_cluster_environment_is_refused_in_one_line(env, monkeypatch, 
 
 
 def test_one_process_flags_are_a_single_process_run(monkeypatch):
-    from jaxpar.distributed import job_size
+    from jaxpar.run.distributed import job_size
 
     for name in JOB_ENV:
         monkeypatch.delenv(name, raising=False)
@@ -401,7 +401,7 @@ NOT_PEERS = [
 
 
 def test_collective_failures_are_told_from_other_errors():
-    from jaxpar.distributed import peer_lost
+    from jaxpar.run.distributed import peer_lost
 
     for message in PEER_DIED:
         assert peer_lost(RuntimeError(message)), message
@@ -420,12 +420,12 @@ def test_collective_failures_are_told_from_other_errors():
 def test_multiprocess_errors_other_than_collectives_keep_their_traceback(
     message, tmp_path, capsys, monkeypatch
 ):
-    import jaxpar.loop
+    import jaxpar.run.loop
 
     def fail(cfg):
         raise jax.errors.JaxRuntimeError(message)
 
-    monkeypatch.setattr(jaxpar.loop, "train", fail)
+    monkeypatch.setattr(jaxpar.run.loop, "train", fail)
     monkeypatch.setattr(jax, "process_count", lambda: 2)  # as in a job's process
     argv = ["--steps", "1", "--workdir", str(tmp_path / "w")]
     if message in PEER_DIED:
@@ -494,7 +494,7 @@ def test_bf16_computes_matmuls_in_bf16_and_keeps_fp32_parameters():
 
     from jaxpar import Config
     from jaxpar.data import train_batches
-    from jaxpar.loop import setup
+    from jaxpar.run.loop import setup
 
     run = setup(Config(precision="bf16", mesh="2"))
     state = run.init()
@@ -510,7 +510,7 @@ def test_bf16_computes_matmuls_in_bf16_and_keeps_fp32_parameters():
 def test_bf16_resnet_convolves_in_bf16_and_keeps_fp32_statistics():
     from jaxpar import Config
     from jaxpar.data import train_batches
-    from jaxpar.loop import setup
+    from jaxpar.run.loop import setup
 
     run = setup(Config(model="resnet8", dataset="synthetic:8x8x3:10", precision="bf16", mesh="2"))
     state = run.init()
@@ -541,7 +541,7 @@ def test_bf16_resnet_convolves_in_bf16_and_keeps_fp32_statistics():
 
 
 def test_xla_flags_respect_the_user(monkeypatch):
-    import jaxpar.mesh as mesh
+    import jaxpar.core.mesh as mesh
 
     def installed(cuda: bool, cpu: bool, user: str):
         found = lambda n: n if cuda and "cuda12" in n else None  # noqa: E731

@@ -28,10 +28,10 @@ import pytest
 
 import jaxpar
 import train as cli
-from jaxpar.config import Config
-from jaxpar.loop import setup
 from jaxpar.models import MODELS, ResNet, ViT
 from jaxpar.modes import compose
+from jaxpar.run.config import Config
+from jaxpar.run.loop import setup
 
 ROOT = Path(__file__).resolve().parent.parent
 # Each family's test model: the smallest that has what the family's cells are about (BatchNorm;
@@ -252,9 +252,9 @@ class TestResume:
 def test_a_resume_refuses_changing_exactly_what_each_feature_pins():
     """The declared pins are what tells a run with the feature from the run without it in a
     checkpoint's identity (which `check_fits` compares field by field): no more, no less."""
-    from jaxpar.checkpoint import IDENTITY
     from jaxpar.data import load_dataset
-    from jaxpar.loop import identity
+    from jaxpar.run.checkpoint import IDENTITY
+    from jaxpar.run.loop import identity
 
     def of(flags: dict) -> dict:
         cfg = Config(**flags)

@@ -1,5 +1,5 @@
-"""Compression of trained runs (`jaxpar.compress`): int8 quantization by qwix keeps accuracy and
-sharding at a quarter of the bytes, one-shot pruning is exact per matrix, results accumulate in
+"""Compression of trained runs (`jaxpar.tools.compress`): int8 quantization by qwix keeps accuracy
+and sharding at a quarter of the bytes, one-shot pruning is exact per matrix, results accumulate in
 compress.json, and bad requests exit with status 2."""
 
 import json
@@ -13,10 +13,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import train as cli
-from jaxpar import compress
+from jaxpar.core.sharding import spec_table
 from jaxpar.models import MODELS
 from jaxpar.modes.quantize import aware, post_training
-from jaxpar.sharding import spec_table
+from jaxpar.tools import compress
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +96,8 @@ def test_compress_save_writes_the_int8_model_that_predict_serves(resnet8_run, tm
     rebuilds it from the manifest and computes what compress measured; readers that need float
     weights refuse it in one line."""
     from jaxpar import UserError
-    from jaxpar.checkpoint import latest_manifest
-    from jaxpar.predict import inputs, latest, predict, restored
+    from jaxpar.run.checkpoint import latest_manifest
+    from jaxpar.tools.predict import inputs, latest, predict, restored
 
     out = tmp_path / "int8"
     flags = ["--quantize", "int8", "--activations", "int8", "--mesh", "1", "--save", str(out)]

@@ -15,6 +15,8 @@ from conftest import digits
 
 import train as cli
 from jaxpar import UserError
+from jaxpar.core.mesh import make_mesh, parse_mesh
+from jaxpar.core.sharding import batch_sharding
 from jaxpar.data import (
     crop_and_flip,
     device_batch,
@@ -24,8 +26,6 @@ from jaxpar.data import (
     train_batches,
     train_indices,
 )
-from jaxpar.mesh import make_mesh, parse_mesh
-from jaxpar.sharding import batch_sharding
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -361,7 +361,7 @@ def test_stacked_batches_hold_each_steps_batch_sharded_by_rows():
 def test_in_memory_test_splits_stay_on_the_devices_streamed_ones_are_read_again():
     from types import SimpleNamespace
 
-    from jaxpar.evaluation import evaluation_batches
+    from jaxpar.run.evaluation import evaluation_batches
 
     mesh = make_mesh(parse_mesh("2"))
     for ds, kept in [(digits(), True), (load_dataset("synthetic:4x4x1:3"), False)]:

@@ -14,11 +14,11 @@ import pytest
 from flax import nnx
 
 import train as cli
-from jaxpar.config import Config
+from jaxpar.core.step import _keys, cross_entropy
 from jaxpar.data import preprocess
-from jaxpar.loop import setup
 from jaxpar.modes.federated import partition, secure_sum, summary
-from jaxpar.step import _keys, cross_entropy
+from jaxpar.run.config import Config
+from jaxpar.run.loop import setup
 
 FED = ["--model", "2nn", "--lr", "0.05", "--local-batch", "16", "--eval-every", "2",
        "--log-every", "1"]  # fmt: skip

@@ -4,7 +4,7 @@ import pytest
 from jax.sharding import AxisType
 
 import jaxpar
-from jaxpar.mesh import MeshSpec, draw_mesh, layout_names, make_mesh, parse_mesh
+from jaxpar.core.mesh import MeshSpec, draw_mesh, layout_names, make_mesh, parse_mesh
 
 
 @pytest.mark.parametrize(
@@ -103,7 +103,7 @@ def test_request_devices_after_start_keeps_devices():
 
 
 def test_batch_is_checked_from_the_sizes_alone():
-    from jaxpar.mesh import check_batch_spec
+    from jaxpar.core.mesh import check_batch_spec
 
     check_batch_spec(128, parse_mesh("data=2,fsdp=2,model=2"))
     check_batch_spec(3, parse_mesh("1x8"))  # model does not split the batch
@@ -122,7 +122,7 @@ def platforms():
 
 
 def test_emulated_cpu_devices_are_capped_only_where_the_cpu_computes(platforms, monkeypatch):
-    import jaxpar.mesh as mesh
+    import jaxpar.core.mesh as mesh
 
     assert mesh.MAX_CPU_DEVICES >= 64  # the README's dry run of ResNet-50 on fsdp=64
     jaxpar.request_devices(mesh.MAX_CPU_DEVICES)

@@ -13,8 +13,8 @@ import pytest
 
 import train as cli
 from jaxpar import UserError
-from jaxpar.launch import gloo_report
-from jaxpar.mesh import layout_names, make_mesh, parse_mesh
+from jaxpar.core.mesh import layout_names, make_mesh, parse_mesh
+from jaxpar.tools.launch import gloo_report
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ["--mesh", "2x2", "--log-every", "1", "--eval-every", "5", "--batch-size", "64"]
@@ -148,7 +148,7 @@ def test_the_launcher_drops_gloos_connection_reports_and_keeps_the_rest():
 
 
 def test_the_relay_drops_one_blank_line_after_gloos_report_and_keeps_the_rest(capsys):
-    from jaxpar.launch import relay
+    from jaxpar.tools.launch import relay
 
     report = "[Gloo] Rank 1 is connected to 1 peer ranks. Expected number of connected peer "
     lines = [f"{report}ranks is : 1\n", "\n", "\n", "step 1\n", "\n", "done\n"]

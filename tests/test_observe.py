@@ -10,10 +10,10 @@ from test_sharding import MLP_GOLDEN, MLP_PARAMS
 
 import train as cli
 from jaxpar import Config
-from jaxpar.checkpoint import Checkpoints
-from jaxpar.observe import Window
-from jaxpar.plan import plan
-from jaxpar.plot import main as plot_main
+from jaxpar.run.checkpoint import Checkpoints
+from jaxpar.run.observe import Window
+from jaxpar.tools.plan import plan
+from jaxpar.tools.plot import main as plot_main
 
 STRATEGIES = {"dp": "8x1", "fsdp": "fsdp=8", "fsdp_tp": "fsdp=4,model=2"}
 
@@ -116,7 +116,7 @@ def test_profile_range_is_clamped_to_the_run(tmp_path):
 
 def test_examples_per_s_counts_training_time_only(monkeypatch):
     clock = type("Clock", (), {"now": 0.0, "time": lambda self: self.now})()
-    monkeypatch.setattr("jaxpar.observe.time", clock)  # the metrics window's clock only
+    monkeypatch.setattr("jaxpar.run.observe.time", clock)  # the metrics window's clock only
     written = []
 
     def write(self, step, **values):  # the first write starts TensorBoard's writer: 100 s

@@ -20,18 +20,18 @@ import pytest
 from flax import nnx
 
 import jaxpar
-from jaxpar.checkpoint import Checkpoints
-from jaxpar.config import Config
+from jaxpar.core.mesh import make_mesh, parse_mesh
+from jaxpar.core.optimizers import make_optimizer
+from jaxpar.core.sharding import path_str
+from jaxpar.core.step import compile_steps, create_state
 from jaxpar.data import load_dataset, preprocess, train_batches
-from jaxpar.loop import dispatches, setup
-from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.models import MODELS
 from jaxpar.models.vit import ViT
 from jaxpar.modes.pipeline import Schedule
-from jaxpar.optimizers import make_optimizer
-from jaxpar.plan import format_plan, plan
-from jaxpar.sharding import path_str
-from jaxpar.step import compile_steps, create_state
+from jaxpar.run.checkpoint import Checkpoints
+from jaxpar.run.config import Config
+from jaxpar.run.loop import dispatches, setup
+from jaxpar.tools.plan import format_plan, plan
 
 ROOT = Path(__file__).resolve().parent.parent
 

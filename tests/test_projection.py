@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 import train as cli
-from jaxpar.plan import format_projection
-from jaxpar.projection import (
+from jaxpar.cost.projection import (
     CHIPS,
     COLLECTIVE_BASE_S,
     DISPATCH_S,
@@ -25,6 +24,7 @@ from jaxpar.projection import (
     latency,
     project,
 )
+from jaxpar.tools.plan import format_projection
 
 
 def hlo(f, *args) -> str:

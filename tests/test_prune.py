@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import train as cli
-from jaxpar.checkpoint import Checkpoints
-from jaxpar.config import Config
-from jaxpar.loop import setup
-from jaxpar.sharding import path_str
+from jaxpar.core.sharding import path_str
+from jaxpar.run.checkpoint import Checkpoints
+from jaxpar.run.config import Config
+from jaxpar.run.loop import setup
 
 ARGS = ["--prune-to", "0.9", "--prune-start", "2", "--prune-end", "6", "--log-every", "1",
         "--batch-size", "64", "--checkpoint-every", "4"]  # fmt: skip
@@ -96,9 +96,9 @@ def test_a_vits_stacked_layers_are_pruned_one_by_one_and_their_vectors_stay_dens
     import optax
     from flax import nnx
 
+    from jaxpar.core.optimizers import head_paths
     from jaxpar.models import ViT
     from jaxpar.modes.prune import magnitude_pruning, weight_roles
-    from jaxpar.optimizers import head_paths
 
     vit = nnx.eval_shape(lambda: ViT((8, 8, 1), 10, width=32, depth=2, heads=2, mlp_dim=64,
                                      rngs=nnx.Rngs(0)))  # fmt: skip
@@ -127,7 +127,7 @@ def test_a_vits_stacked_layers_are_pruned_one_by_one_and_their_vectors_stay_dens
 def test_ramps_that_end_after_the_run_are_noted_with_what_the_run_reaches():
     """--prune-end or --warmup-steps past the run's end: accepted (a longer run continues the
     ramp) with one line saying what this run reaches; none when the ramp ends in the run."""
-    from jaxpar.config import Config
+    from jaxpar.run.config import Config
 
     prune = Config(prune_to=0.5, prune_end=20).notes(10)
     assert prune == [

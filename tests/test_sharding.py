@@ -10,12 +10,12 @@ from conftest import BATCH, digits, trained
 from jax.sharding import PartitionSpec as P
 
 import jaxpar
+from jaxpar.core.mesh import CPU_XLA_FLAGS, make_mesh, parse_mesh
+from jaxpar.core.optimizers import make_optimizer
+from jaxpar.core.sharding import check_batch, partition_spec, path_str, spec_table, state_shardings
+from jaxpar.core.step import abstract_state
 from jaxpar.data import device_batch, train_indices
-from jaxpar.mesh import CPU_XLA_FLAGS, make_mesh, parse_mesh
 from jaxpar.models import MODELS
-from jaxpar.optimizers import make_optimizer
-from jaxpar.sharding import check_batch, partition_spec, path_str, spec_table, state_shardings
-from jaxpar.step import abstract_state
 
 STRATEGIES = {
     "dp": "8x1",

@@ -7,20 +7,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# A package's imports from the rest of jaxpar, as its __init__ docstring states them.
+# The packages in their layers: each imports, from the rest of jaxpar, only the packages before
+# it, as its __init__ docstring states. Nothing imports the tools but their entry points.
+LAYERS = ["core", "cost", "models", "data", "modes", "run", "tools"]
 MAY_IMPORT = {
-    "jaxpar.data": {"jaxpar.errors", "jaxpar.registry", "jaxpar.sharding"},
-    "jaxpar.models": {"jaxpar.errors", "jaxpar.registry", "jaxpar.sharding"},
-    "jaxpar.modes": {
-        "jaxpar.errors",
-        "jaxpar.sharding",
-        "jaxpar.mesh",
-        "jaxpar.step",
-        "jaxpar.optimizers",
+    "jaxpar.core": set(),
+    "jaxpar.cost": {"jaxpar.core"},
+    "jaxpar.models": {"jaxpar.core"},
+    "jaxpar.data": {"jaxpar.core"},
+    "jaxpar.modes": {"jaxpar.core", "jaxpar.models", "jaxpar.data"},
+    "jaxpar.run": {"jaxpar.core", "jaxpar.cost", "jaxpar.models", "jaxpar.data", "jaxpar.modes"},
+    "jaxpar.tools": {
+        "jaxpar.core",
+        "jaxpar.cost",
         "jaxpar.models",
         "jaxpar.data",
-    },
+        "jaxpar.modes",
+        "jaxpar.run",
+    },  # fmt: skip
 }
+# Beside the packages, only the public names (`__init__`) and the commands users know.
+ENTRY_POINTS = {"checkpoint", "compress", "launch", "plot", "predict", "weights"}
 
 
 def modules() -> dict[str, Path]:
@@ -110,3 +117,18 @@ def test_packages_import_only_what_they_declare():
             package + ".") for m in deps if not m.startswith(package)}  # fmt: skip
         extra = {m for m in outside if not any(m == a or m.startswith(a + ".") for a in allowed)}
         assert not extra, f"{package} imports {sorted(extra)}"
+
+
+def test_every_module_sits_in_a_package():
+    flat = {p.stem for p in (ROOT / "jaxpar").glob("*.py")} - {"__init__"}
+    assert flat == ENTRY_POINTS, f"modules beside the packages: {sorted(flat - ENTRY_POINTS)}"
+    packages = {p.name for p in (ROOT / "jaxpar").iterdir() if (p / "__init__.py").exists()}
+    assert packages == set(LAYERS) and set(MAY_IMPORT) == {f"jaxpar.{p}" for p in LAYERS}
+
+
+def test_entry_points_only_run_their_tool():
+    for name in ENTRY_POINTS:
+        path = ROOT / "jaxpar" / f"{name}.py"
+        deps = imports(path, modules())
+        assert len(deps) == 1 and deps.pop().endswith(f".{name}"), f"jaxpar/{name}.py: {deps}"
+        assert len(path.read_text().splitlines()) < 12, f"jaxpar/{name}.py is not thin"

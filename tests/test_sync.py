@@ -14,18 +14,18 @@ import pytest
 from flax import nnx
 
 import jaxpar
-from jaxpar.checkpoint import Checkpoints
-from jaxpar.config import Config
+from jaxpar.core.mesh import make_mesh, parse_mesh
+from jaxpar.core.optimizers import make_optimizer
+from jaxpar.core.sharding import path_str
+from jaxpar.core.step import compile_steps, create_state
 from jaxpar.data import train_batches
-from jaxpar.loop import setup
-from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.models import MODELS
 from jaxpar.models.vit import ViT
 from jaxpar.modes.sync import Stale
-from jaxpar.optimizers import make_optimizer
-from jaxpar.plan import plan
-from jaxpar.sharding import path_str
-from jaxpar.step import compile_steps, create_state
+from jaxpar.run.checkpoint import Checkpoints
+from jaxpar.run.config import Config
+from jaxpar.run.loop import setup
+from jaxpar.tools.plan import plan
 
 
 def train(workdir, mesh="data=4", steps=8, **flags):
@@ -144,9 +144,9 @@ def test_readers_of_one_model_read_the_model_a_sync_mode_evaluates(local4, tmp_p
     Orbax traceback on a model per replica): local SGD's replicas' mean, DiLoCo's global copy;
     a DiLoCo checkpoint between syncs is refused in one line naming the step to continue to."""
     import train as cli
-    from jaxpar import predict
-    from jaxpar.checkpoint import latest_manifest
-    from jaxpar.weights import checkpoint_weights
+    from jaxpar.run.checkpoint import latest_manifest
+    from jaxpar.tools import predict
+    from jaxpar.tools.weights import checkpoint_weights
 
     between = train(tmp_path / "local", steps=6, sync="local:4")  # replicas apart at step 6
     for run in (between, local4):

@@ -17,15 +17,15 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import jaxpar
-from jaxpar.collectives import collectives
+from jaxpar.core.mesh import make_mesh, parse_mesh
+from jaxpar.core.optimizers import make_optimizer
+from jaxpar.core.sharding import batch_sharding, placed, spec_table, state_shardings
+from jaxpar.core.step import abstract_state, compile_steps, init_state
+from jaxpar.cost.collectives import collectives
 from jaxpar.data import device_batch, train_indices
-from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.models import MODELS
 from jaxpar.models.dropout import dropout as drop
 from jaxpar.models.vit import ViT, check_patch_size, default_patch_size
-from jaxpar.optimizers import make_optimizer
-from jaxpar.sharding import batch_sharding, placed, spec_table, state_shardings
-from jaxpar.step import abstract_state, compile_steps, init_state
 
 IMAGE = (8, 8, 1)  # digits-shaped
 TINY = {"width": 32, "depth": 2, "heads": 8, "mlp_dim": 64}  # heads split on every TP mesh
@@ -189,7 +189,8 @@ def test_undivisible_head_count_is_replicated_and_reported():
 
 
 def vit_step(mesh, dropout=0.0, accum=1):
-    """``(train_step, state_shardings, graphdef)`` for a tiny ViT on the digits, via jaxpar.step."""
+    """``(train_step, state_shardings, graphdef)`` for a tiny ViT on the digits
+    (`jaxpar.core.step`)."""
     ds = digits()
     model_fn = partial(ViT, ds.image_shape, ds.num_classes, **TINY, dropout=dropout)
     graphdef, abstract = abstract_state(model_fn, make_optimizer())

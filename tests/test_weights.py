@@ -19,17 +19,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import train as cli
-from jaxpar import predict as predict_cli
-from jaxpar import weights as weights_cli
-from jaxpar.checkpoint import FORMAT, IDENTITY, Checkpoints, check_fits
-from jaxpar.config import Config
+from jaxpar.core.errors import UserError
+from jaxpar.core.sharding import path_str
 from jaxpar.data import load_dataset
-from jaxpar.errors import UserError
-from jaxpar.loop import train
 from jaxpar.models import MODELS, revision
-from jaxpar.predict import predict
-from jaxpar.sharding import path_str
-from jaxpar.weights import convert, import_weights, read_tensors
+from jaxpar.models.pytorch import convert, read_tensors
+from jaxpar.run.checkpoint import FORMAT, IDENTITY, Checkpoints, check_fits
+from jaxpar.run.config import Config
+from jaxpar.run.loop import train
+from jaxpar.tools import predict as predict_cli
+from jaxpar.tools import weights as weights_cli
+from jaxpar.tools.predict import predict
+from jaxpar.tools.weights import import_weights
 from tests import torch_reference as ref
 
 

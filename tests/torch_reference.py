@@ -1,7 +1,8 @@
 """PyTorch reference networks with torchvision's module names (torchvision itself does not install
 beside this project's CPU build of torch): the ResNets of ``torchvision.models.resnet`` and the
 ViT of ``torchvision.models.vision_transformer``, written from their published structure. Their
-``state_dict()`` keys are torchvision's, so `jaxpar.weights` reads them as it reads real files.
+``state_dict()`` keys are torchvision's, so `jaxpar.models.pytorch` reads them as it reads real
+files.
 """
 
 import torch

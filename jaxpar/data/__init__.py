@@ -7,9 +7,9 @@
 - `jaxpar.data.batches`: the batch order, a function of (seed, step) alone; each device's rows;
   grain worker processes; prefetching; evaluation batches; preprocessing on the devices.
 
-This package imports, from the rest of jaxpar, only `jaxpar.errors`, `jaxpar.registry` and
-`jaxpar.sharding` (where a batch's rows go). Its modules import one way: datasets, then mixture,
-then batches; `load_dataset` here chooses between a dataset and a mixture.
+This package imports, from the rest of jaxpar, only `jaxpar.core` (errors, the registry, and
+where a batch's rows go). Its modules import one way: datasets, then mixture, then batches;
+`load_dataset` here chooses between a dataset and a mixture.
 """
 
 from jaxpar.data.batches import (

@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpar.core.errors import UserError
+from jaxpar.core.sharding import batch_sharding
 from jaxpar.data.datasets import Dataset, read_rows
 from jaxpar.data.mixture import sampler
-from jaxpar.errors import UserError
-from jaxpar.sharding import batch_sharding
 
 # --- order, batches, prefetching ----------------------------------------------------------
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxpar.errors import UserError
-from jaxpar.registry import Registry
+from jaxpar.core.errors import UserError
+from jaxpar.core.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +237,7 @@ def load_tfds(name: str, data_dir=None) -> Dataset:
     return Dataset(name, x, y, tx, ty, classes, mean=mean, std=std, augment=augment)
 
 
-# A user's own loader is named module:attribute (`jaxpar.registry`): ``fn(name, data_dir)``
+# A user's own loader is named module:attribute (`jaxpar.core.registry`): ``fn(name, data_dir)``
 # returning a `Dataset`.
 DATASETS = Registry(
     {"digits": load_digits, **dict.fromkeys(TFDS, load_tfds), "synthetic": load_synthetic}
@@ -246,7 +246,7 @@ DATASETS = Registry(
 
 def loader(name: str):
     """The loader of dataset `name`: a registered one (``synthetic:HxWxC:K`` passes options after
-    its colon), or a ``module:attribute`` imported (`jaxpar.registry`); else a `UserError`."""
+    its colon), or a ``module:attribute`` imported (`jaxpar.core.registry`); else a `UserError`."""
     head = name.split(":")[0]
     if dict.__contains__(DATASETS, head) and (head == name or head == "synthetic"):
         return DATASETS[head]

@@ -36,8 +36,8 @@ from functools import cached_property
 
 import numpy as np
 
+from jaxpar.core.errors import UserError
 from jaxpar.data.datasets import DATASETS, Dataset, known, loader, read_rows
-from jaxpar.errors import UserError
 
 LABELS = ("shared", "joint")
 

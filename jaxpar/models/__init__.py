@@ -1,14 +1,16 @@
 """Flax NNX models: the MLPs, ResNets and ViTs, by name in `MODELS` (a user's own as
-``module:attribute``). They name logical axes only; `jaxpar.sharding.RULES` maps them to the mesh.
+``module:attribute``). They name logical axes only; `jaxpar.core.sharding.RULES` maps them to the
+mesh.
+`jaxpar.models.pytorch` maps PyTorch's names and layouts (torchvision, timm) onto them.
 
-This package imports, from the rest of jaxpar, only `jaxpar.errors`, `jaxpar.registry` and
-`jaxpar.sharding` (activation sharding constraints by logical axis).
+This package imports, from the rest of jaxpar, only `jaxpar.core` (errors, the registry, and
+activation sharding constraints by logical axis).
 """
 
+from jaxpar.core.registry import Registry
 from jaxpar.models.mlp import MLP, TwoNN
 from jaxpar.models.resnet import ResNet, ResNet8, ResNet18, ResNet34, ResNet50
 from jaxpar.models.vit import ViT, ViTBase, ViTLite, ViTSmall, ViTTiny
-from jaxpar.registry import Registry
 
 MODELS = Registry(
     {

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpar.models.axes import axes
+from jaxpar.core.axes import axes
 from jaxpar.models.dropout import dropout, example_keys
 
 

@@ -8,8 +8,8 @@ ImageNet stem (7x7 stride-2 conv and max pooling).
 
 Convolutions and the max pooling pad symmetrically, ``(k - 1) // 2`` on each side, as
 torchvision's ResNets do, so published PyTorch weights compute the same logits here
-(`jaxpar.weights`). ``SAME`` padding, which jaxpar used before (revision 1, `REVISIONS`), pads a
-stride-2 layer 0 before and 1 after: the same shapes, other numbers.
+(`jaxpar.models.pytorch`). ``SAME`` padding, which jaxpar used before (revision 1, `REVISIONS`),
+pads a stride-2 layer 0 before and 1 after: the same shapes, other numbers.
 """
 
 from functools import partial
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpar.models.axes import axes
+from jaxpar.core.axes import axes
 
 
 def _conv(cin, cout, k, stride, dtype, rngs):

@@ -18,7 +18,7 @@ own key (`jaxpar.models.dropout`): call ``model(images, train=True, rngs=keys)``
 of shape ``(batch,)``, ``keys[i] = fold_in(step_key, global position of example i)``. A single key
 is taken as the key of a whole global batch (example ``i`` gets ``fold_in(key, i)``).
 
-Trace the train step under its mesh (`jaxpar.step.under_mesh`, or ``jax.set_mesh(mesh)``): the
+Trace the train step under its mesh (`jaxpar.core.step.under_mesh`, or ``jax.set_mesh(mesh)``): the
 blocks then pin the residual stream to the ``microbatch`` sharding (`constrain`), which FSDP
 needs to gather weights inside the scan.
 
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpar.models.axes import axes
+from jaxpar.core.axes import axes
 from jaxpar.models.dropout import dropout as drop
 from jaxpar.models.dropout import example_keys
 
@@ -44,7 +44,7 @@ _dense_init = nnx.initializers.xavier_uniform()
 
 def _user_error(message):
     # Imported here: jaxpar's package imports the models, so a top-level import would be circular.
-    from jaxpar.errors import UserError
+    from jaxpar.core.errors import UserError
 
     return UserError(message)
 
@@ -52,7 +52,7 @@ def _user_error(message):
 def constrain(x, *names):
     """Pin an activation's layout by logical names on the mesh the program is traced under.
 
-    The names go through `jaxpar.sharding.RULES` (``batch`` -> ``data``, ``fsdp``). It takes
+    The names go through `jaxpar.core.sharding.RULES` (``batch`` -> ``data``, ``fsdp``). It takes
     effect when the step is traced inside ``jax.set_mesh(mesh)``; without a mesh in context it
     leaves `x` to XLA. Performance is decided here: without it, XLA partitions the scanned blocks
     under FSDP by keeping the weights sharded and moving the activations instead (ViT-Lite,
@@ -62,7 +62,7 @@ def constrain(x, *names):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not {"data", "fsdp", "model"} <= set(mesh.axis_names):
         return x
-    from jaxpar.sharding import activation_spec  # here: jaxpar imports the models
+    from jaxpar.core.sharding import activation_spec  # here: jaxpar imports the models
 
     return jax.lax.with_sharding_constraint(x, activation_spec(names, x.shape, mesh))
 
@@ -82,7 +82,7 @@ def check_patch_size(image_shape, patch_size: int | None) -> int:
     >>> check_patch_size((8, 8, 1), 3)
     Traceback (most recent call last):
     ...
-    jaxpar.errors.UserError: --patch-size 3 does not divide the 8x8 image; use one of 1, 2, 4, 8
+    jaxpar.core.errors.UserError: --patch-size 3 does not divide the 8x8 image; use one of ...
     """
     height, width = image_shape[:2]
     given = patch_size is not None

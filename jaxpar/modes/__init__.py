@@ -1,5 +1,5 @@
 """Training modes: what changes how a run trains, each in its own module, plugged into the one
-loop (`jaxpar.loop`) through `jaxpar.modes.mode.Mode` or the train step's arguments.
+loop (`jaxpar.run.loop`) through `jaxpar.modes.mode.Mode` or the train step's arguments.
 
 - `mode`: the `Mode` every mode derives from (its optimizer, data, metrics).
 - `sync`: how data-parallel replicas agree (``--sync``: every step, local SGD, DiLoCo, stale).
@@ -8,7 +8,6 @@ loop (`jaxpar.loop`) through `jaxpar.modes.mode.Mode` or the train step's argume
 - `distill`: ``--teacher``'s loss; `prune`: ``--prune-to``'s masks; `quantize`: qwix int8.
 - `compose`: which modes run together, the matrix the config check and the tests read.
 
-This package imports, from the rest of jaxpar, only `jaxpar.errors`, `jaxpar.sharding`,
-`jaxpar.mesh`, `jaxpar.step`, `jaxpar.optimizers`, `jaxpar.models` and `jaxpar.data`: the run
-(`jaxpar.loop`, checkpoints) builds on the modes, not the other way.
+This package imports, from the rest of jaxpar, only `jaxpar.core`, `jaxpar.models` and
+`jaxpar.data`: the run (`jaxpar.run.loop`, checkpoints) builds on the modes, not the other way.
 """

@@ -21,7 +21,7 @@ import itertools
 import sys
 from collections.abc import Callable
 
-from jaxpar.errors import UserError
+from jaxpar.core.errors import UserError
 
 FAMILIES = {  # model family -> how `--model` names its members
     "mlp": ("mlp", "2nn"),
@@ -42,7 +42,7 @@ def family(model: str) -> str:
 
 
 def _stages(cfg) -> int:
-    from jaxpar.mesh import parse_mesh
+    from jaxpar.core.mesh import parse_mesh
 
     return parse_mesh(cfg.mesh).stage if cfg.mesh else 1
 
@@ -71,7 +71,7 @@ class Feature:
     # share of the batch (a replica's, a microbatch's): there the family's cell resumes instead.
     off_under_batchnorm: bool = True
     # What a resume keeps: the checkpoint manifest's fields this feature sets, which a resume
-    # must match (`jaxpar.checkpoint.IDENTITY` is made of them), and what else it must keep.
+    # must match (`jaxpar.run.checkpoint.IDENTITY` is made of them), and what else it must keep.
     pins: tuple = ()
     keeps: str = ""
 
@@ -186,7 +186,7 @@ def check(cfg) -> None:
         if reason := FAMILY_REFUSED.get((f.name, kind)):
             raise UserError(f"{f.named(cfg)} with --model {cfg.model} is not supported: {reason}")
     if cfg.mesh:
-        from jaxpar.mesh import parse_mesh
+        from jaxpar.core.mesh import parse_mesh
 
         spec = parse_mesh(cfg.mesh)
         for (name, of, axis), reason in AXIS_REFUSED.items():

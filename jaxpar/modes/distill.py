@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpar.step import cross_entropy
+from jaxpar.core.step import cross_entropy
 
 TEACHER = 4  # the train state's key of the teacher's parameters
 

@@ -40,11 +40,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxpar.core.errors import UserError
+from jaxpar.core.sharding import batch_sharding, mapped_over
+from jaxpar.core.step import cross_entropy
 from jaxpar.data import device_batch
-from jaxpar.errors import UserError
 from jaxpar.modes.mode import Mode
-from jaxpar.sharding import batch_sharding, mapped_over
-from jaxpar.step import cross_entropy
 
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 CLIENTS = "data"  # the mesh axis the clients of a round are spread over

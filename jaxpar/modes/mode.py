@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxpar.core.optimizers import make_optimizer
+from jaxpar.core.sharding import batch_sharding, check_batch, check_microbatches
 from jaxpar.data import steps_per_epoch, train_batches
-from jaxpar.optimizers import make_optimizer
-from jaxpar.sharding import batch_sharding, check_batch, check_microbatches
 
 
 class Mode:

@@ -39,10 +39,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpar.errors import UserError
+from jaxpar.core.errors import UserError
+from jaxpar.core.sharding import RULES, partition_spec
+from jaxpar.core.step import microbatches
 from jaxpar.models.vit import scan_layers
-from jaxpar.sharding import RULES, partition_spec
-from jaxpar.step import microbatches
 
 
 def _stage_axis() -> str:

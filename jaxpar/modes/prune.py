@@ -5,7 +5,7 @@ at step ``--prune-start`` to S at ``--prune-end`` along ``S * (1 - (1 - t)**3)``
 Every `EVERY` steps while it rises, and at its end, each such parameter keeps its
 ``n - round(sparsity * n)`` largest weights by magnitude; after every update the rest are set to
 exactly zero. A weight once pruned stays pruned (it ranks as zero).
-What is pruned follows the logical axes the models carry (`jaxpar.models.axes.is_weight`): weight
+What is pruned follows the logical axes the models carry (`jaxpar.core.axes.is_weight`): weight
 matrices and kernels; biases, BatchNorm and LayerNorm scales, the PReLU slope, position
 embeddings and per-head attention biases stay dense. A weight that stacks layers on its leading
 axis (logical name ``layers``: a ViT's blocks) is pruned layer by layer, each slice to the
@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxpar.errors import UserError
-from jaxpar.models.axes import is_weight
-from jaxpar.sharding import path_str
+from jaxpar.core.axes import is_weight
+from jaxpar.core.errors import UserError
+from jaxpar.core.sharding import path_str
 
 EVERY = 10  # steps between re-rankings while the sparsity rises
 
@@ -58,7 +58,7 @@ def _key(path) -> str:
 
 def weight_roles(params: nnx.State) -> dict[str, bool]:
     """The weight matrices and kernels among the parameters (an abstract model's `nnx.Param`
-    state), by the logical axes they carry (`jaxpar.models.axes.is_weight`): ``{path: whether its
+    state), by the logical axes they carry (`jaxpar.core.axes.is_weight`): ``{path: whether its
     leading axis stacks layers}``. Biases, scales, position tables and per-head vectors are not
     in it: they stay dense."""
     found = {}
@@ -101,7 +101,7 @@ def magnitude_pruning(
         fraction = sparsity(target, start, end, state.count + 1)
 
         # Ranks the weights before this update: pruned at its first update, a trained
-        # checkpoint loses the weights a one-shot prune of it would (`jaxpar.compress`).
+        # checkpoint loses the weights a one-shot prune of it would (`jaxpar.tools.compress`).
         def mask(path, p, m):
             if weights is None:
                 return prune_matrix(p, m, fraction, False) if p.ndim >= 2 else m

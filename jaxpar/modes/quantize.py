@@ -11,7 +11,7 @@ makes of its float weights (tests/test_compress.py): its checkpoints stay float3
 with no further loss.
 
 qwix keeps each weight's logical axis names on its int8 values and its scales, so
-`jaxpar.sharding.state_shardings` places them like the float weight and its output channels.
+`jaxpar.core.sharding.state_shardings` places them like the float weight and its output channels.
 ViTs are refused (`unsupported`).
 """
 

@@ -37,14 +37,14 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxpar.errors import UserError
-from jaxpar.mesh import parse_mesh
-from jaxpar.modes.mode import Mode
-from jaxpar.sharding import (
+from jaxpar.core.errors import UserError
+from jaxpar.core.mesh import parse_mesh
+from jaxpar.core.sharding import (
     mapped_over,
     path_str,
 )
-from jaxpar.step import gradients, loss_fn, step_inputs, train_step
+from jaxpar.core.step import gradients, loss_fn, step_inputs, train_step
+from jaxpar.modes.mode import Mode
 
 REPLICAS = "data"  # the mesh axis whose groups are the replicas
 
@@ -105,7 +105,7 @@ def param_mask(abstract) -> dict:
 
 
 class EveryStep(Mode):
-    """Synchronous data parallelism: the state as it is, `jaxpar.step.train_step`."""
+    """Synchronous data parallelism: the state as it is, `jaxpar.core.step.train_step`."""
 
     period = 0  # steps between syncs (0: none)
 

@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-from jaxpar.errors import UserError
+from jaxpar.core.errors import UserError
 
 
 class Registry(dict):

@@ -7,9 +7,9 @@ import time
 import jax
 import numpy as np
 
-from jaxpar.config import Config
-from jaxpar.errors import Diverged
-from jaxpar.workdir import MetricsLog
+from jaxpar.core.errors import Diverged
+from jaxpar.run.config import Config
+from jaxpar.run.workdir import MetricsLog
 
 
 def say(*args):

@@ -7,7 +7,7 @@ from functools import partial
 import numpy as np
 
 from jaxpar.data import eval_batch_size, eval_batches, prefetch
-from jaxpar.observe import fetch
+from jaxpar.run.observe import fetch
 
 
 def eval_sums(eval_step, state, batches) -> np.ndarray:

@@ -1,9 +1,9 @@
 """Stopping on SIGTERM/SIGINT after the same step in every process of a job.
 
 A signal may reach one process only (one evicted pod). Each process then passes its pending
-signal number into the train step (`jaxpar.step.with_signals`), which returns the job's maximum;
-every process reads that value for the same dispatch, so all of them save the same checkpoint and
-stop together. A single process needs no agreement and stops on its own flag.
+signal number into the train step (`jaxpar.core.step.with_signals`), which returns the job's
+maximum; every process reads that value for the same dispatch, so all of them save the same
+checkpoint and stop together. A single process needs no agreement and stops on its own flag.
 """
 
 import contextlib
@@ -13,15 +13,15 @@ import signal
 import jax
 import numpy as np
 
-from jaxpar.errors import Preempted
-from jaxpar.step import signal_sharding
+from jaxpar.core.errors import Preempted
+from jaxpar.core.step import signal_sharding
 
 
 class Stop:
     """Where a SIGTERM/SIGINT stops the run. One process stops after the step it arrives in.
     Several processes must agree, whichever of them got it: each step then takes this process's
-    pending signal number and returns the job's maximum (`jaxpar.step.with_signals`), which every
-    process reads for the same dispatch (`Window.stop`). That costs one tiny all-reduce per
+    pending signal number and returns the job's maximum (`jaxpar.core.step.with_signals`), which
+    every process reads for the same dispatch (`Window.stop`). That costs one tiny all-reduce per
     dispatch (+0.45 ms on the MLP's 2.1 ms step on a 2x2 CPU mesh), so a single process skips it.
     """
 
@@ -58,7 +58,7 @@ def stop_on_signals(mesh):
 def stop_at_once():
     """Before training starts (loading data, compiling, opening the workdir) SIGTERM/SIGINT end
     the run at once with `Preempted`: there is nothing to save yet, and the same command then
-    starts over (`jaxpar.loop.open_workdir`)."""
+    starts over (`jaxpar.run.loop.open_workdir`)."""
 
     def stop(signum, _):
         raise Preempted(signum, f"stopped by signal {signum} before the first step; nothing was "

@@ -3,7 +3,7 @@
 
 import re
 
-from jaxpar.projection import array_bytes
+from jaxpar.cost.projection import array_bytes
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _OP = re.compile(r"= (\(.*?\)|\S+) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
@@ -61,7 +61,7 @@ def collectives(hlo_text: str) -> dict:
     return out
 
 
-_GROUPS = re.compile(  # the three spellings of `jaxpar.projection.replica_groups`
+_GROUPS = re.compile(  # the three spellings of `jaxpar.cost.projection.replica_groups`
     r"(?:replica_groups|source_target_pairs)=(mesh\[[^\]]*\](?:, device_ids=\(\S+\))? \{[^}]*\}"
     r"|\{[\d,{}]*\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)"
 )

@@ -6,7 +6,7 @@ def axes(*names: str | None) -> dict:
 
     The names are stored where Flax keeps them (``out_sharding``), but Flax's eager sharding is
     off for these variables: models build anywhere, with or without a mesh, and jaxpar's rules
-    table (`jaxpar.sharding.RULES`) decides the placement.
+    table (`jaxpar.core.sharding.RULES`) decides the placement.
 
     >>> axes("embed", "hidden")
     {'out_sharding': ('embed', 'hidden'), 'eager_sharding': False}

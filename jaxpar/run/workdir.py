@@ -13,8 +13,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxpar.config import Config
-from jaxpar.errors import UserError
+from jaxpar.core.errors import UserError
+from jaxpar.run.config import Config
 
 RUN_FILES = (
     "config.json",

@@ -34,7 +34,7 @@ import re
 
 import numpy as np
 
-from jaxpar.errors import UserError
+from jaxpar.core.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,8 +416,9 @@ def project(kernel_list, ops, mesh_shape: dict, hw: Hardware, batch: int, precis
     """The step's projected time on `hw` (see the module's docstring); the host's dispatch is
     shared by the `steps_per_dispatch` steps of one program.
 
-    `kernel_list`: `kernels` of the whole program; `ops`: `jaxpar.collectives.collective_ops` of the
-    compiled, partitioned program (per device); `mesh_shape`: ``{axis: size}`` in mesh order.
+    `kernel_list`: `kernels` of the whole program; `ops`:
+    `jaxpar.cost.collectives.collective_ops` of the compiled, partitioned program (per device);
+    `mesh_shape`: ``{axis: size}`` in mesh order.
     """
     chip, devices = hw.chip, math.prod(mesh_shape.values())
     compute_s = memory_s = launch_s = flops = nbytes = 0.0

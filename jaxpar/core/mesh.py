@@ -2,8 +2,8 @@
 
 A mesh always has the four axes ``stage``, ``data``, ``fsdp`` and ``model`` (size 1 where
 unused), so pipeline, data, FSDP, tensor and 2D-grid parallelism are just different sizes of the
-same mesh, and one rules table (`jaxpar.sharding.RULES`) serves them all. ``stage`` is outermost:
-with ``data`` it may span hosts; ``model`` stays inside a host.
+same mesh, and one rules table (`jaxpar.core.sharding.RULES`) serves them all. ``stage`` is
+outermost: with ``data`` it may span hosts; ``model`` stays inside a host.
 
 The grammar of ``--mesh``:
 
@@ -34,10 +34,10 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from jaxpar.errors import UserError
+from jaxpar.core.errors import UserError
 
 AXES = ("stage", "data", "fsdp", "model")
-LAYOUTS_DIR = Path(__file__).resolve().parent.parent / "meshes"
+LAYOUTS_DIR = Path(__file__).resolve().parents[2] / "meshes"
 _GRAMMAR = (
     "use DxM (data x model, e.g. 2x2), N (data parallel), named sizes such as "
     "stage=2,data=2,fsdp=2,model=2, or a layout name from meshes/"
@@ -156,9 +156,9 @@ def parse_mesh(text: str | None, device_count: int | None = None) -> MeshSpec:
 
 
 def check_batch_spec(batch_size: int, spec: MeshSpec) -> None:
-    """`jaxpar.sharding.check_batch` from the sizes alone, before any device exists: the
+    """`jaxpar.core.sharding.check_batch` from the sizes alone, before any device exists: the
     batch-sharding axes (``data`` x ``fsdp``) must divide `batch_size`."""
-    from jaxpar.sharding import RULES
+    from jaxpar.core.sharding import RULES
 
     ways = 1
     for a in RULES["batch"]:

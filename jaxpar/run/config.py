@@ -5,7 +5,7 @@ import json
 import math
 from pathlib import Path
 
-from jaxpar.errors import UserError
+from jaxpar.core.errors import UserError
 
 # The federated-learning fields: any of them given without --clients is refused.
 FEDERATED = ("clients_per_round", "local_epochs", "local_batch", "rounds", "partition",
@@ -88,6 +88,7 @@ class Config:
     secure_agg: bool = False  # simulate secure aggregation's fixed-point sums
 
     def validate(self) -> "Config":
+        from jaxpar.core.optimizers import OPTIMIZERS
         from jaxpar.data import loader
         from jaxpar.data.mixture import LABELS, is_mixture, parse, rows_per_batch
         from jaxpar.models import MODELS
@@ -95,7 +96,6 @@ class Config:
         from jaxpar.modes.pipeline import parse_pipeline
         from jaxpar.modes.quantize import QAT
         from jaxpar.modes.sync import parse_sync
-        from jaxpar.optimizers import OPTIMIZERS
 
         def need(ok, message):
             if not ok:
@@ -220,8 +220,8 @@ class Config:
             need(self.prune_to is not None or not given, f"{flag} goes with --prune-to")
         need(self.init_timeout > 0, f"--init-timeout must be positive, got {self.init_timeout:g}")
         if self.project is not None:
-            from jaxpar.mesh import parse_mesh
-            from jaxpar.projection import parse_hardware
+            from jaxpar.core.mesh import parse_mesh
+            from jaxpar.cost.projection import parse_hardware
 
             chips = parse_hardware(self.project).chips
             devices = parse_mesh(self.mesh).size if self.mesh else chips
@@ -281,7 +281,7 @@ class Config:
             need(not given, f"--{given[0].replace('_', '-') if given else ''} goes with --clients "
                  "(federated learning)")  # fmt: skip
             return
-        from jaxpar.mesh import parse_mesh
+        from jaxpar.core.mesh import parse_mesh
         from jaxpar.modes.federated import parse_partition, server_optimizer
 
         need(self.clients >= 1, f"--clients must be at least 1, got {self.clients}")

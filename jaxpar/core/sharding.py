@@ -42,7 +42,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxpar.errors import UserError
+from jaxpar.core.errors import UserError
 
 RULES: dict[str, tuple[str, ...]] = {
     "batch": ("stage", "data", "fsdp"),

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxpar.sharding import batch_sharding, state_shardings
+from jaxpar.core.sharding import batch_sharding, state_shardings
 
 
 def _keys(seed: int):

@@ -2,7 +2,7 @@
 
 A process is part of a job when it is given a coordinator (``--coordinator HOST:PORT
 --num-processes N --process-id I``, or the ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
-``JAX_PROCESS_ID`` environment variables, as `jaxpar.launch` sets them), or when it runs under
+``JAX_PROCESS_ID`` environment variables, as `jaxpar.tools.launch` sets them), or when it runs under
 SLURM or Open MPI with more than one task, where JAX's cluster detection finds the coordinator.
 Everything must happen before the JAX backend starts.
 
@@ -18,7 +18,7 @@ import time
 
 import jax
 
-from jaxpar.errors import UserError
+from jaxpar.core.errors import UserError
 
 # A dead peer is noticed by the coordination service within this time (JAX's default is 100 s).
 HEARTBEAT_TIMEOUT_S = 20

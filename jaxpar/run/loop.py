@@ -16,24 +16,25 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from jaxpar.checkpoint import (
-    FORMAT,
-    Checkpoints,
-    check_fits,
-    load_teacher,
-    versions,
+from jaxpar.core.errors import Diverged, Preempted, UserError
+from jaxpar.core.mesh import MeshSpec, draw_mesh, make_mesh, parse_mesh
+from jaxpar.core.optimizers import ema_view, frozen, head_paths, make_schedule, with_ema
+from jaxpar.core.sharding import placed, spec_table, state_shardings
+from jaxpar.core.step import (
+    abstract_state,
+    all_finite,
+    compile_steps,
+    init_state,
+    loss_fn,
+    under_mesh,
 )
-from jaxpar.collectives import collectives
-from jaxpar.config import Config
+from jaxpar.cost.collectives import collectives
 from jaxpar.data import (
     Dataset,
     load_dataset,
     prefetch,
     preprocess,
 )
-from jaxpar.errors import Diverged, Preempted, UserError
-from jaxpar.evaluation import evaluation_data, evaluations
-from jaxpar.mesh import MeshSpec, draw_mesh, make_mesh, parse_mesh
 from jaxpar.models import MODELS, revision
 from jaxpar.models.vit import check_patch_size
 from jaxpar.modes.distill import with_teacher
@@ -41,13 +42,19 @@ from jaxpar.modes.pipeline import schedule_for
 from jaxpar.modes.prune import check_prune_schedule, magnitude_pruning, prune_end, weight_roles
 from jaxpar.modes.quantize import aware
 from jaxpar.modes.sync import check_replicas, mode_for, param_mask
-from jaxpar.observe import Profile, Window, fetch, progress, say
-from jaxpar.optimizers import ema_view, frozen, head_paths, make_schedule, with_ema
-from jaxpar.sharding import placed, spec_table, state_shardings
-from jaxpar.signals import Stop, stop_at_once, stop_on_signals
-from jaxpar.step import abstract_state, all_finite, compile_steps, init_state, loss_fn, under_mesh
-from jaxpar.weights import starting_from
-from jaxpar.workdir import MetricsLog, move_aside, resolve, used, write_config
+from jaxpar.run.checkpoint import (
+    FORMAT,
+    Checkpoints,
+    check_fits,
+    load_teacher,
+    versions,
+)
+from jaxpar.run.config import Config
+from jaxpar.run.evaluation import evaluation_data, evaluations
+from jaxpar.run.init_from import starting_from
+from jaxpar.run.observe import Profile, Window, fetch, progress, say
+from jaxpar.run.signals import Stop, stop_at_once, stop_on_signals
+from jaxpar.run.workdir import MetricsLog, move_aside, resolve, used, write_config
 
 
 def sync(name: str) -> None:
@@ -142,7 +149,7 @@ def patch_size(cfg: Config, ds) -> int | None:
 
 def identity(cfg: Config, ds) -> dict:
     """What a checkpoint of a run of `cfg` on `ds` must match to resume
-    (`jaxpar.checkpoint.IDENTITY`: the model's and data's fields, and the modes' pins)."""
+    (`jaxpar.run.checkpoint.IDENTITY`: the model's and data's fields, and the modes' pins)."""
     c = cfg
     return {
         "model": c.model,

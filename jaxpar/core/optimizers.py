@@ -4,7 +4,7 @@ AdamW, Adam, Lion, Adafactor, Muon) with its schedule (``--schedule``, ``--warmu
 the weights in the optimizer state, `ema_view` reads it).
 
 Each wrapper keeps the state's structure whatever its setting, so a checkpoint's layout follows
-from the flags that change what it holds (`jaxpar.checkpoint.IDENTITY`), not from their values.
+from the flags that change what it holds (`jaxpar.run.checkpoint.IDENTITY`), not from their values.
 """
 
 from typing import NamedTuple
@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxpar.models.axes import is_head
-from jaxpar.sharding import path_str
+from jaxpar.core.axes import is_head
+from jaxpar.core.sharding import path_str
 
 
 def make_schedule(lr=0.01, schedule="constant", warmup_steps=0, total_steps=1):
@@ -151,7 +151,7 @@ def ema_view(state: dict) -> dict:
 
 def head_paths(params: nnx.State) -> frozenset[str]:
     """The classifier head's parameters (an abstract model's `nnx.Param` state), by their
-    logical axes (`jaxpar.models.axes.is_head`: a ``classes`` axis)."""
+    logical axes (`jaxpar.core.axes.is_head`: a ``classes`` axis)."""
     found = set()
 
     def one(path, var):

@@ -11,13 +11,13 @@ import math
 import jax
 import numpy as np
 
-from jaxpar.collectives import collective_ops, collectives
-from jaxpar.config import Config
-from jaxpar.mesh import draw_mesh
+from jaxpar.core.mesh import draw_mesh
+from jaxpar.core.sharding import path_str, placed
+from jaxpar.cost.collectives import collective_ops, collectives
 from jaxpar.modes.pipeline import schedule_for
-from jaxpar.sharding import path_str, placed
+from jaxpar.run.config import Config
 
-# The train state's parts (`jaxpar.checkpoint.ITEMS`) as the plan counts them: a DiLoCo run's
+# The train state's parts (`jaxpar.run.checkpoint.ITEMS`) as the plan counts them: a DiLoCo run's
 # global copy or stale SGD's ring of old models ("held"), DiLoCo's outer momentum, a teacher.
 PARTS = {0: "params", 1: "optimizer", 2: "held", 3: "outer_optimizer", 4: "teacher"}
 LABELS = {"held": "held models (DiLoCo's global copy, stale SGD's ring)",
@@ -25,7 +25,7 @@ LABELS = {"held": "held models (DiLoCo's global copy, stale SGD's ring)",
 
 
 def plan(cfg: Config) -> dict:
-    from jaxpar.loop import setup  # the same mesh, shardings and step as a real run
+    from jaxpar.run.loop import setup  # the same mesh, shardings and step as a real run
 
     run = setup(cfg.validate())
     sizes = dict(run.mesh.shape)
@@ -79,9 +79,9 @@ def plan(cfg: Config) -> dict:
 
 
 def projection(run, lowered, compiled, peak_bytes: int) -> dict:
-    """The step projected onto ``--project``'s hardware (`jaxpar.projection`): kernels from the
+    """The step projected onto ``--project``'s hardware (`jaxpar.cost.projection`): kernels from the
     program before optimisation, collectives from the compiled one."""
-    from jaxpar.projection import kernels, parse_hardware, project
+    from jaxpar.cost.projection import kernels, parse_hardware, project
 
     schedule = schedule_for(run.cfg, run.spec)
     ops = collective_ops(compiled.as_text())

@@ -1,0 +1,14 @@
+"""The run: one training job from its configuration to its workdir.
+
+- `config`: `Config`, every flag's value, checked against the rest before anything starts.
+- `loop`: set-up (mesh, data, model, step, modes) and the one training loop.
+- `checkpoint`: Orbax checkpoints, their manifests, restoring a model or a teacher from them.
+- `init_from`: ``--init-from``, a run that starts from another run's or PyTorch's weights.
+- `workdir`: the run folder (config.json, resumes, what may be overwritten).
+- `observe`: metrics lines, the metrics window, progress and profiling.
+- `evaluation`: the test split's loss and accuracy; `signals`: SIGTERM and SIGINT saves;
+  `distributed`: multi-process start-up and a lost peer.
+
+This package imports, from the rest of jaxpar, only `jaxpar.core`, `jaxpar.cost`,
+`jaxpar.models`, `jaxpar.data` and `jaxpar.modes`: the tools build on the run.
+"""
