@@ -78,7 +78,7 @@ def training_cost(model: str, mesh_text: str, rounds: int) -> dict:
     from jaxpar.core.sharding import batch_sharding
     from jaxpar.run.checkpoint import _items
     from jaxpar.run.config import Config
-    from jaxpar.run.loop import setup
+    from jaxpar.run.setup import setup
 
     h, w, c = SHAPES[model]
     b, steps = TRAINING[model]

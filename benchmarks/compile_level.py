@@ -25,7 +25,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 from jaxpar.core.mesh import set_xla_flags
 set_xla_flags()
 from jaxpar.run.config import Config
-from jaxpar.run.loop import setup
+from jaxpar.run.setup import setup
 from jaxpar.models import MODELS, ResNet, ViT
 MODELS["vit-cell"] = partial(ViT, width=32, depth=2, heads=2, mlp_dim=64, patch_size=2)
 MODELS["resnet-cell"] = partial(ResNet, stage_sizes=(1,), width=8)

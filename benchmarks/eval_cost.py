@@ -23,7 +23,7 @@ from jaxpar.core.sharding import batch_sharding
 from jaxpar.data import eval_batch_size, eval_batches
 from jaxpar.run.config import Config
 from jaxpar.run.evaluation import evaluate
-from jaxpar.run.loop import setup
+from jaxpar.run.setup import setup
 
 BATCH = 128
 

@@ -35,7 +35,7 @@ def speed(rounds: int) -> dict:
     from jaxpar.core.step import _keys
     from jaxpar.data import preprocess
     from jaxpar.run.config import Config
-    from jaxpar.run.loop import setup
+    from jaxpar.run.setup import setup
 
     cfg = Config(model="2nn", clients=100, clients_per_round=100, local_batch=10, lr=0.05,
                  rounds=1, mesh="1").validate()  # fmt: skip
@@ -103,7 +103,7 @@ def at_once(rounds: int, counts: list[int], dataset: str) -> dict:
     from jaxpar.core.step import _keys
     from jaxpar.data import preprocess
     from jaxpar.run.config import Config
-    from jaxpar.run.loop import setup
+    from jaxpar.run.setup import setup
 
     cfg = Config(model="2nn", dataset=dataset, clients=100, clients_per_round=100,
                  local_batch=10, lr=0.05, rounds=1, mesh="1").validate()  # fmt: skip

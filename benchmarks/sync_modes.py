@@ -54,7 +54,7 @@ def accuracy(a) -> dict:
 def step_cost(a) -> dict:
     from jaxpar.data import train_batches
     from jaxpar.run.config import Config
-    from jaxpar.run.loop import setup
+    from jaxpar.run.setup import setup
 
     contenders = {}
     for mode in ("every-step", "local:8"):

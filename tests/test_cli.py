@@ -494,7 +494,7 @@ def test_bf16_computes_matmuls_in_bf16_and_keeps_fp32_parameters():
 
     from jaxpar import Config
     from jaxpar.data import train_batches
-    from jaxpar.run.loop import setup
+    from jaxpar.run.setup import setup
 
     run = setup(Config(precision="bf16", mesh="2"))
     state = run.init()
@@ -510,7 +510,7 @@ def test_bf16_computes_matmuls_in_bf16_and_keeps_fp32_parameters():
 def test_bf16_resnet_convolves_in_bf16_and_keeps_fp32_statistics():
     from jaxpar import Config
     from jaxpar.data import train_batches
-    from jaxpar.run.loop import setup
+    from jaxpar.run.setup import setup
 
     run = setup(Config(model="resnet8", dataset="synthetic:8x8x3:10", precision="bf16", mesh="2"))
     state = run.init()

@@ -31,7 +31,7 @@ import train as cli
 from jaxpar.models import MODELS, ResNet, ViT
 from jaxpar.modes import compose
 from jaxpar.run.config import Config
-from jaxpar.run.loop import setup
+from jaxpar.run.setup import setup
 
 ROOT = Path(__file__).resolve().parent.parent
 # Each family's test model: the smallest that has what the family's cells are about (BatchNorm;
@@ -254,7 +254,7 @@ def test_a_resume_refuses_changing_exactly_what_each_feature_pins():
     checkpoint's identity (which `check_fits` compares field by field): no more, no less."""
     from jaxpar.data import load_dataset
     from jaxpar.run.checkpoint import IDENTITY
-    from jaxpar.run.loop import identity
+    from jaxpar.run.setup import identity
 
     def of(flags: dict) -> dict:
         cfg = Config(**flags)

@@ -18,7 +18,7 @@ from jaxpar.core.step import _keys, cross_entropy
 from jaxpar.data import preprocess
 from jaxpar.modes.federated import partition, secure_sum, summary
 from jaxpar.run.config import Config
-from jaxpar.run.loop import setup
+from jaxpar.run.setup import setup
 
 FED = ["--model", "2nn", "--lr", "0.05", "--local-batch", "16", "--eval-every", "2",
        "--log-every", "1"]  # fmt: skip

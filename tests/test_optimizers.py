@@ -20,7 +20,7 @@ import jaxpar
 from jaxpar.core.optimizers import make_optimizer
 from jaxpar.core.step import cross_entropy
 from jaxpar.run.config import Config
-from jaxpar.run.loop import setup
+from jaxpar.run.setup import setup
 
 BASE = {"steps": 4, "batch_size": 32, "log_every": 1}
 MESHES = ("data=2", "fsdp=2,model=2")

@@ -30,7 +30,8 @@ from jaxpar.models.vit import ViT
 from jaxpar.modes.pipeline import Schedule
 from jaxpar.run.checkpoint import Checkpoints
 from jaxpar.run.config import Config
-from jaxpar.run.loop import dispatches, setup
+from jaxpar.run.loop import dispatches
+from jaxpar.run.setup import setup
 from jaxpar.tools.plan import format_plan, plan
 
 ROOT = Path(__file__).resolve().parent.parent

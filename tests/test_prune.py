@@ -11,7 +11,7 @@ import train as cli
 from jaxpar.core.sharding import path_str
 from jaxpar.run.checkpoint import Checkpoints
 from jaxpar.run.config import Config
-from jaxpar.run.loop import setup
+from jaxpar.run.setup import setup
 
 ARGS = ["--prune-to", "0.9", "--prune-start", "2", "--prune-end", "6", "--log-every", "1",
         "--batch-size", "64", "--checkpoint-every", "4"]  # fmt: skip

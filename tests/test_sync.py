@@ -24,7 +24,7 @@ from jaxpar.models.vit import ViT
 from jaxpar.modes.sync import Stale
 from jaxpar.run.checkpoint import Checkpoints
 from jaxpar.run.config import Config
-from jaxpar.run.loop import setup
+from jaxpar.run.setup import setup
 from jaxpar.tools.plan import plan
 
 

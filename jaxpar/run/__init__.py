@@ -1,7 +1,9 @@
 """The run: one training job from its configuration to its workdir.
 
 - `config`: `Config`, every flag's value, checked against the rest before anything starts.
-- `loop`: set-up (mesh, data, model, step, modes) and the one training loop.
+- `setup`: a `Run` from a config: mesh, data, model, optimizer, modes, compiled steps.
+- `resume`: where a run starts: its latest checkpoint, checked, or a fresh state.
+- `loop`: the one training loop: dispatches of steps, evaluation, checkpoints, signals.
 - `checkpoint`: Orbax checkpoints, their manifests, restoring a model or a teacher from them.
 - `init_from`: ``--init-from``, a run that starts from another run's or PyTorch's weights.
 - `workdir`: the run folder (config.json, resumes, what may be overwritten).

@@ -58,7 +58,7 @@ def stop_on_signals(mesh):
 def stop_at_once():
     """Before training starts (loading data, compiling, opening the workdir) SIGTERM/SIGINT end
     the run at once with `Preempted`: there is nothing to save yet, and the same command then
-    starts over (`jaxpar.run.loop.open_workdir`)."""
+    starts over (`jaxpar.run.resume.open_workdir`)."""
 
     def stop(signum, _):
         raise Preempted(signum, f"stopped by signal {signum} before the first step; nothing was "

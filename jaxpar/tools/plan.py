@@ -25,7 +25,7 @@ LABELS = {"held": "held models (DiLoCo's global copy, stale SGD's ring)",
 
 
 def plan(cfg: Config) -> dict:
-    from jaxpar.run.loop import setup  # the same mesh, shardings and step as a real run
+    from jaxpar.run.setup import setup  # the same mesh, shardings and step as a real run
 
     run = setup(cfg.validate())
     sizes = dict(run.mesh.shape)

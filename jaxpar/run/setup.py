@@ -1,0 +1,210 @@
+"""A run's set-up from its `Config`: mesh, data, model, optimizer, modes and the compiled steps,
+with the shardings they are laid out in (`Run`); the run's own workdir is neither read nor written.
+"""
+
+import dataclasses
+import functools
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxpar.core.errors import UserError
+from jaxpar.core.mesh import MeshSpec, make_mesh, parse_mesh
+from jaxpar.core.optimizers import ema_view, frozen, head_paths, make_schedule, with_ema
+from jaxpar.core.sharding import placed, spec_table, state_shardings
+from jaxpar.core.step import abstract_state, compile_steps, init_state, loss_fn, under_mesh
+from jaxpar.cost.collectives import collectives
+from jaxpar.data import Dataset, load_dataset, preprocess
+from jaxpar.models import MODELS, revision
+from jaxpar.models.vit import check_patch_size
+from jaxpar.modes.distill import with_teacher
+from jaxpar.modes.pipeline import schedule_for
+from jaxpar.modes.prune import magnitude_pruning, prune_end, weight_roles
+from jaxpar.modes.quantize import aware
+from jaxpar.modes.sync import mode_for, param_mask
+from jaxpar.run.checkpoint import FORMAT, load_teacher, versions
+from jaxpar.run.config import Config
+from jaxpar.run.init_from import starting_from
+from jaxpar.run.observe import say
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything fixed for a run: mesh, data, shardings, compiled steps."""
+
+    cfg: Config
+    spec: MeshSpec
+    mesh: jax.sharding.Mesh
+    ds: Dataset
+    per_epoch: int
+    total: int
+    schedule: object  # step -> learning rate
+    init: object  # () -> fresh state in its shardings
+    abstract: object  # the state's shapes and dtypes, a pure dict (restore target)
+    shardings: object
+    replicated: list
+    train_step: object
+    eval_step: object
+    train_steps: object  # several steps in one program: batches stacked on a leading axis
+    compile: object  # (stacked=, signals=) -> (train_step, eval_step) jitted for this run
+    mode: object  # `jaxpar.modes.mode.Mode`: how replicas agree, or federated rounds
+    sync: object  # the mode's jitted every-H-steps program, or None
+    batches: object  # plan -> the device batch of each dispatch (`jaxpar.modes.mode.Mode.batches`)
+    ema_eval_step: object = None  # the eval step on the weights' moving average (--ema)
+
+    def comm_bytes_per_step(self, train_program, steps: int) -> float:
+        """Collective bytes per optimizer step and device, from the compiled programs: a
+        dispatch of `steps` steps, plus the mode's sync program over its period."""
+        train = sum(c["bytes"] for c in collectives(train_program.as_text()).values()) / steps
+        return train + self.sync_bytes / (self.mode.period or 1)
+
+    @functools.cached_property
+    def sync_bytes(self) -> float:
+        """Collective bytes of one run of the mode's sync program (0 without one); compiled
+        for this once per run, not once per dispatch length."""
+        if self.sync is None:
+            return 0.0
+        program = self.sync.lower(placed(self.abstract, self.shardings)).compile()
+        return sum(c["bytes"] for c in collectives(program.as_text()).values())
+
+    def synced(self, state, done: int):
+        """`state` after the mode's periodic sync when step `done` ends a period (local SGD's
+        average, DiLoCo's outer step), else as it is."""
+        if self.sync is None or done % self.mode.period:
+            return state
+        return self.sync(state)
+
+    @functools.cached_property
+    def about(self) -> dict:
+        """The part of every checkpoint manifest that does not change during the run."""
+        return {
+            **self.identity(),
+            "format": FORMAT,
+            "precision": self.cfg.precision,
+            "normalization": {
+                "mean": [float(m) for m in self.ds.mean],
+                "std": [float(s) for s in self.ds.std],
+                "uint8": np.dtype(self.ds.train_images.dtype) == np.uint8,
+            },  # fmt: skip
+            "mesh": str(self.spec),
+            "devices": jax.device_count(),
+            "processes": jax.process_count(),
+            "partition_specs": {k: str(v) for k, v in spec_table(self.shardings, "0/").items()},
+            "versions": versions(),
+            "config": dataclasses.asdict(self.cfg),
+            "prune_end": prune_end(self.cfg, self.total),
+        }
+
+    def identity(self) -> dict:
+        """What a checkpoint must match to resume into this run."""
+        return identity(self.cfg, self.ds)
+
+    @property
+    def patch_size(self) -> int | None:
+        """The ViT's patch size (it shapes the parameters); None for other models."""
+        return patch_size(self.cfg, self.ds)
+
+
+def patch_size(cfg: Config, ds) -> int | None:
+    """A ViT's patch size on `ds` (it shapes the parameters); None for other models."""
+    if not cfg.model.startswith("vit-"):
+        return None
+    return check_patch_size(ds.image_shape, cfg.patch_size)
+
+
+def identity(cfg: Config, ds) -> dict:
+    """What a checkpoint of a run of `cfg` on `ds` must match to resume
+    (`jaxpar.run.checkpoint.IDENTITY`: the model's and data's fields, and the modes' pins)."""
+    c = cfg
+    return {
+        "model": c.model,
+        "dataset": c.dataset,
+        "image_shape": list(ds.image_shape),
+        "num_classes": ds.num_classes,
+        "batch_size": c.batch_size,
+        "optimizer": c.optimizer,
+        "seed": c.seed,
+        "patch_size": patch_size(c, ds),
+        "sync": None if c.sync == "every-step" else c.sync,
+        "revision": revision(c.model),
+        "freeze": c.freeze,
+        "prune_to": c.prune_to,
+        "qat": c.qat,
+        "teacher": c.teacher,
+        "federated": c.federated(),
+        "ema": c.ema is not None,  # the average rides in the optimizer state
+    }
+
+
+def setup(cfg: Config) -> Run:
+    spec = parse_mesh(cfg.mesh, jax.device_count())
+    mesh = make_mesh(spec)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.labels, cfg.resize_sources)
+    mode = mode_for(cfg, spec, ds)
+    mode.check(cfg, mesh)
+    per_epoch = mode.steps_per_epoch(ds, cfg.batch_size)
+    total = cfg.steps or cfg.epochs * per_epoch
+    if cfg.schedule == "cosine" and cfg.warmup_steps >= total:
+        raise UserError(
+            f"--warmup-steps {cfg.warmup_steps} leaves no step of the cosine decay in a run of "
+            f"{total} steps; use fewer warmup steps or more --steps/--epochs"
+        )
+    dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
+    model_fn = partial(MODELS[cfg.model], ds.image_shape, ds.num_classes, dtype=dtype,
+                       **model_options(cfg, spec))  # fmt: skip
+    if cfg.qat:  # the model computes with int8-rounded weights; float ones are trained, saved
+        model_fn = aware(model_fn, ds.image_shape)
+    tx = mode.optimizer(cfg, total)
+    # What --freeze trains and --prune-to prunes follows the parameters' logical axes.
+    params = nnx.state(nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0))), nnx.Param)
+    tx = frozen(tx, head_paths(params)) if cfg.freeze else tx  # only the head trains
+    if cfg.prune_to is not None:  # masks in the optimizer state, applied after every update
+        end, roles = prune_end(cfg, total), weight_roles(params)
+        tx = optax.chain(tx, magnitude_pruning(cfg.prune_to, cfg.prune_start, end, roles))
+    if cfg.ema is not None:  # outermost: the average of the parameters every update gives
+        tx = with_ema(tx, cfg.ema)
+    graphdef, abstract = abstract_state(model_fn, tx, cfg.seed)
+    base, replicated = state_shardings(abstract, mesh)
+    plain, mask = nnx.to_pure_dict(abstract), param_mask(abstract)
+    abstract, shardings = mode.layout(plain, base, mesh, mask)
+    fresh = partial(init_state, model_fn, tx, base, cfg.seed)
+    if cfg.init_from:  # random weights, then those of --init-from (a fresh head if it differs)
+        fresh = starting_from(cfg.init_from, cfg.model, ds.image_shape, fresh, plain[0], base[0],
+                              say)  # fmt: skip
+    laid = jax.jit(mode.init, out_shardings=shardings)
+    init, step = (lambda: laid(fresh())), mode.step
+    if cfg.teacher:  # its parameters ride in the state, restored onto this mesh
+        abstract, shardings, init, step = with_teacher(load_teacher(cfg, ds, mesh), abstract,
+                                                       shardings, init, step)  # fmt: skip
+    ndim = 1 + len(ds.image_shape)
+    loss = partial(loss_fn, smoothing=cfg.label_smoothing) if cfg.label_smoothing else loss_fn
+    compile = partial(compile_steps, graphdef, shardings, mesh, cfg.seed, ndim, preprocess(ds),
+                      accum=cfg.grad_accum, step=step, view=mode.view,
+                      batch_ndims=mode.batch_ndims(ndim), loss=loss)  # fmt: skip
+    ema_eval = None
+    if cfg.ema is not None:
+        ema_eval = compile(view=lambda state: ema_view(mode.view(state)))[1]
+    sync = None
+    if mode.sync is not None:  # every H steps, its own program: the loop calls it (`synced`)
+        sync = jax.jit(under_mesh(mode.sync, mesh), in_shardings=(shardings,),
+                       out_shardings=shardings, donate_argnums=0)  # fmt: skip
+    schedule = make_schedule(cfg.lr, cfg.schedule, cfg.warmup_steps, total)
+    batches = partial(mode.batches, ds, cfg.batch_size, cfg.seed, mesh=mesh,
+                      workers=cfg.data_workers)  # fmt: skip
+    return Run(
+        cfg, spec, mesh, ds, per_epoch, total, schedule, init, abstract, shardings, replicated,
+        *compile(), compile(stacked=True)[0], compile, mode, sync, batches, ema_eval,
+    )  # fmt: skip
+
+
+def model_options(cfg: Config, spec: MeshSpec) -> dict:
+    """The model arguments that flags and mesh set: the ViT's patch size, rematerialisation and
+    how its layer stack runs (a pipeline schedule over the ``stage`` axis, or one scan)."""
+    stack = schedule_for(cfg, spec)  # also refuses a pipeline for the models that cannot
+    if not cfg.model.startswith("vit-"):
+        return {}
+    return {"patch_size": cfg.patch_size, "remat": cfg.remat == "block", "stack": stack}
