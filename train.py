@@ -19,11 +19,13 @@ from jaxpar.core.mesh import (
 )
 from jaxpar.core.optimizers import OPTIMIZERS
 from jaxpar.models import RECIPES, recipe_for
-from jaxpar.run.config import Config
+from jaxpar.run.config import SECTIONS, Config
 from jaxpar.run.distributed import job_size, join, peer_lost
 
-FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxpar.Config
-    "mesh and parallelism": [
+# Config's sections (`jaxpar.run.config.SECTIONS`) -> [(flag, type, or a list of choices, help)]:
+# --help's groups, a run file's sections. Defaults: the sections' own.
+FLAGS = {
+    "parallelism": [
         (
             "--mesh",
             str,
@@ -112,7 +114,7 @@ FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxp
         ("--warmup-steps", int, "linear warmup steps"),
         ("--seed", int, "seed of initialisation, data order and dropout"),
     ],
-    "federated learning (jaxpar.modes.federated)": [
+    "federated": [
         ("--clients", int, "train federated over this many clients holding disjoint data"),
         ("--clients-per-round", int, "clients sampled per round (a function of seed and round)"),
         ("--local-epochs", int, "epochs each client trains on its own data per round"),
@@ -126,13 +128,13 @@ FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxp
         ("--dp-noise", float, "DP-FedAvg: noise multiplier z (std z*clip/m on the mean)"),
         ("--secure-agg", bool, "simulate secure aggregation's fixed-point sums (mod 2^32)"),
     ],
-    "workdir and checkpoints": [
+    "checkpoint": [
         ("--workdir", str, "where the run writes (None: runs/DATE-TIME)"),
         ("--restart", bool, "start over in a used workdir, its run moved into previous-DATE-TIME/"),
         ("--checkpoint-every", int, "steps between checkpoints (0: at the end only)"),
         ("--keep", int, "checkpoints to keep"),
     ],
-    "jobs (several processes or hosts)": [
+    "job": [
         (
             "--coordinator",
             str,
@@ -143,7 +145,7 @@ FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxp
         ("--process-id", int, "this process's index in the job (or JAX_PROCESS_ID)"),
         ("--init-timeout", float, "seconds the job's processes wait for each other to start"),
     ],
-    "observing": [
+    "metrics": [
         ("--eval-every", int, "steps between evaluations (0: every epoch)"),
         (
             "--eval-examples",
@@ -174,14 +176,6 @@ FLAGS = {  # group -> [(flag, type, or a list of choices, help)]; defaults: jaxp
 }
 
 
-# A run file's sections (``--config run.toml``): the --help groups, by short names.
-SECTIONS = {"parallelism": "mesh and parallelism", "model": "model", "data": "data",
-            "optimization": "optimization",
-            "federated": "federated learning (jaxpar.modes.federated)",
-            "checkpoint": "workdir and checkpoints", "job": "jobs (several processes or hosts)",
-            "metrics": "observing"}  # fmt: skip
-
-
 def run_file(path: str) -> dict:
     """A run file's values as ``{Config field: value}``: sections named as in `SECTIONS`, keys
     named as the flags without their dashes (``batch-size = 64`` in ``[optimization]``).
@@ -202,8 +196,8 @@ def run_file(path: str) -> dict:
         raise UserError(f"--config {path}: {e.strerror.lower()}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"--config {path} is not valid TOML: {e}") from None
-    home = {flag[2:]: (section, kind) for section, group in SECTIONS.items()
-            for flag, kind, _ in FLAGS[group]}  # fmt: skip
+    home = {flag[2:]: (section, kind) for section, group in FLAGS.items()
+            for flag, kind, _ in group}  # fmt: skip
     values = {}
     for section, keys in table.items():
         if not isinstance(keys, dict):
@@ -247,15 +241,15 @@ class Parser(argparse.ArgumentParser):
 def parse_args(argv) -> Config:
     """Flags -> `Config`. A flag left out takes the model's recipe (`jaxpar.models.RECIPES`, e.g.
     AdamW with warmup and cosine decay for the ViTs), else `Config`'s default."""
-    defaults = Config()
+    defaults = Config().flat()
     parser = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", help="a run file (TOML, sections as the groups below: "
                         f"{', '.join(SECTIONS)}); flags given too override it")  # fmt: skip
-    for group_name, flags in FLAGS.items():  # --help lists the flags by concern
-        group = parser.add_argument_group(group_name)
+    for section, flags in FLAGS.items():  # --help lists the flags by concern
+        group = parser.add_argument_group(SECTIONS[section].__doc__)
         for flag, kind, help in flags:
             name = flag[2:].replace("-", "_")
-            default = getattr(defaults, name)
+            default = defaults[name]
             vit = RECIPES["vit"].get(name)
             help = help if vit is None else f"{help}; ViTs: {vit}"
             if kind is bool:  # --no-FLAG turns off what a run file turned on
@@ -279,7 +273,8 @@ def parse_args(argv) -> Config:
         recipe.pop("weight_decay", None)  # the recipe's decay was tuned for its optimizer
     if "warmup_steps" in recipe and given["steps"]:  # a short run: warm up for a tenth of it
         recipe["warmup_steps"] = min(recipe["warmup_steps"], given["steps"] // 10)
-    return Config(**{k: recipe.get(k, v) if explicit[k] is UNSET else v for k, v in given.items()})
+    return Config.of(**{k: recipe.get(k, v) if explicit[k] is UNSET else v
+                        for k, v in given.items()})  # fmt: skip
 
 
 UNSET = object()  # a flag the command line did not give
@@ -309,25 +304,25 @@ def main(argv=None) -> int:
         cfg = parse_args(argv).validate()
         # Before JAX starts: emulate this process's share of the mesh's devices on the CPU
         # (ignored on GPUs), then join the multi-process job if this is part of one.
-        job = (cfg.coordinator, cfg.num_processes, cfg.process_id)
+        job = (cfg.job.coordinator, cfg.job.num_processes, cfg.job.process_id)
         processes = job_size(*job)[1]
         devices = processes
-        if cfg.mesh:  # what the sizes alone decide, before any device is emulated
-            spec = parse_mesh(cfg.mesh)
+        if cfg.parallelism.mesh:  # what the sizes alone decide, before any device is emulated
+            spec = parse_mesh(cfg.parallelism.mesh)
             check_hosts(spec, processes)
-            if cfg.clients is None:  # a federated round has no global batch
-                check_batch_spec(cfg.batch_size, spec)
+            if cfg.federated.clients is None:  # a federated round has no global batch
+                check_batch_spec(cfg.optimization.batch_size, spec)
             devices = spec.size
         if devices % processes:
             raise UserError(f"mesh of {devices} devices does not split over {processes} processes")
         request_devices(devices // processes)  # refuses more CPU devices than it can emulate
         set_xla_flags()
-        join(*job, timeout=cfg.init_timeout)
-        if cfg.dry_run:
+        join(*job, timeout=cfg.job.init_timeout)
+        if cfg.metrics.dry_run:
             from jaxpar.tools.plan import format_plan, plan
 
             p = plan(cfg)
-            print(json.dumps(p, indent=1) if cfg.json else format_plan(p))
+            print(json.dumps(p, indent=1) if cfg.metrics.json else format_plan(p))
             return 0
         from jaxpar.run.loop import train
 

@@ -82,7 +82,7 @@ def training_cost(model: str, mesh_text: str, rounds: int) -> dict:
 
     h, w, c = SHAPES[model]
     b, steps = TRAINING[model]
-    cfg = Config(model=model, dataset=f"synthetic:{h}x{w}x{c}:10", mesh=mesh_text, batch_size=b)
+    cfg = Config.of(model=model, dataset=f"synthetic:{h}x{w}x{c}:10", mesh=mesh_text, batch_size=b)
     run = setup(cfg.validate())
     state = run.init()
     batch = {

@@ -31,7 +31,7 @@ MODELS["vit-cell"] = partial(ViT, width=32, depth=2, heads=2, mlp_dim=64, patch_
 MODELS["resnet-cell"] = partial(ResNet, stage_sizes=(1,), width=8)
 flags = json.loads(sys.argv[1])
 start = time.perf_counter()
-run = setup(Config(steps=3, batch_size=32, log_every=1, **flags).validate())
+run = setup(Config.of(steps=3, batch_size=32, log_every=1, **flags).validate())
 state, losses = run.init(), []
 plan = [range(s, s + 1) for s in range(run.total)]
 with contextlib.closing(run.batches(plan)) as batches:

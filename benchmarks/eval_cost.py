@@ -34,7 +34,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     request_devices(parse_mesh(args.mesh).size)  # CPU devices to emulate, before JAX starts
-    cfg = Config(model="mlp", dataset="synthetic:28x28x1:10", mesh=args.mesh, batch_size=BATCH)
+    cfg = Config.of(model="mlp", dataset="synthetic:28x28x1:10", mesh=args.mesh, batch_size=BATCH)
     run = setup(cfg.validate())
     state = run.init()
     n, train = len(run.ds.test_labels), len(run.ds.train_labels)

@@ -37,7 +37,7 @@ def speed(rounds: int) -> dict:
     from jaxpar.run.config import Config
     from jaxpar.run.setup import setup
 
-    cfg = Config(model="2nn", clients=100, clients_per_round=100, local_batch=10, lr=0.05,
+    cfg = Config.of(model="2nn", clients=100, clients_per_round=100, local_batch=10, lr=0.05,
                  rounds=1, mesh="1").validate()  # fmt: skip
     run = setup(cfg)
     mode, ds, graphdef = run.mode, run.ds, run.compile.args[0]
@@ -105,7 +105,7 @@ def at_once(rounds: int, counts: list[int], dataset: str) -> dict:
     from jaxpar.run.config import Config
     from jaxpar.run.setup import setup
 
-    cfg = Config(model="2nn", dataset=dataset, clients=100, clients_per_round=100,
+    cfg = Config.of(model="2nn", dataset=dataset, clients=100, clients_per_round=100,
                  local_batch=10, lr=0.05, rounds=1, mesh="1").validate()  # fmt: skip
     run = setup(cfg)
     host = run.mode.round_rows(0)

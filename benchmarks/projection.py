@@ -45,7 +45,7 @@ def main():
         model, batch, chip, measured, where = MEASURED[case]
         extra = {"patch_size": 16} if model.startswith("vit") else {}
         data = "synthetic:28x28x1:10" if model == "mlp" else "synthetic:224x224x3:1000"
-        cfg = Config(model=model, dataset=data, batch_size=batch,
+        cfg = Config.of(model=model, dataset=data, batch_size=batch,
                      precision="bf16", dry_run=True, project=f"{chip}x1", **extra)  # fmt: skip
         start = time.perf_counter()
         q = plan(cfg.validate())["projection"]

@@ -36,7 +36,7 @@ def main():
         base = None
         for name, mesh in STRATEGIES.items():
             mesh = mesh.format(n=args.devices, h=args.devices // 2)
-            p = plan(Config(model=model, dataset=dataset, batch_size=batch, mesh=mesh))
+            p = plan(Config.of(model=model, dataset=dataset, batch_size=batch, mesh=mesh))
             d = p["per_device"]
             state = d["params"] + d["optimizer"]
             base = base or state

@@ -39,7 +39,7 @@ def accuracy(a) -> dict:
     # The model's recipe (the ViTs: AdamW, warmup, cosine), as train.py applies it.
     recipe = {**recipe_for(a.model), **({"patch_size": 4} if a.model.startswith("vit") else {})}
     for mode in a.modes.split(","):
-        cfg = Config(model=a.model, mesh="data=4", sync=mode, epochs=a.epochs,
+        cfg = Config.of(model=a.model, mesh="data=4", sync=mode, epochs=a.epochs,
                      workdir=tempfile.mkdtemp(), **recipe)  # fmt: skip
         last = jaxpar.train(cfg)
         per_step = plan(cfg)["sync"]["comm_bytes_per_step"]
@@ -58,7 +58,7 @@ def step_cost(a) -> dict:
 
     contenders = {}
     for mode in ("every-step", "local:8"):
-        run = setup(Config(mesh="data=4", sync=mode, steps=100).validate())
+        run = setup(Config.of(mesh="data=4", sync=mode, steps=100).validate())
         batch = next(train_batches(run.ds, 128, 0, range(1), run.mesh))
         state = run.init()
         contenders[mode] = [run.train_step, state, batch]

@@ -119,8 +119,8 @@ def test_interrupted_then_resumed_on_another_mesh_equals_uninterrupted(case, tmp
         request.getfixturevalue("tiny_vit")  # registers vit-test for this test
     # --log-every 5 does not divide the stop step 9: the partial window travels in the checkpoint
     common = dict(CASES[case], log_every=5, eval_every=7)
-    train_run(Config(**common, mesh="2x2", steps=16, workdir=str(tmp_path / "a")))
-    train_run(Config(**common, mesh="2x2", steps=9, workdir=str(tmp_path / "b")))
+    train_run(Config.of(**common, mesh="2x2", steps=16, workdir=str(tmp_path / "a")))
+    train_run(Config.of(**common, mesh="2x2", steps=9, workdir=str(tmp_path / "b")))
     stopped = metrics(tmp_path / "b")
     assert [x["step"] for x in stopped][-2:] == [9, 9]  # the finished run's last lines
     if case == "mlp":  # a run no longer, with another flag, trains nothing and changes no file
@@ -128,14 +128,14 @@ def test_interrupted_then_resumed_on_another_mesh_equals_uninterrupted(case, tmp
         before = files()
         for steps in (4, 9):
             capsys.readouterr()
-            train_run(Config(**{**common, "lr": 0.5}, mesh="2x2", steps=steps,
+            train_run(Config.of(**{**common, "lr": 0.5}, mesh="2x2", steps=steps,
                              workdir=str(tmp_path / "b")))  # fmt: skip
             out = capsys.readouterr().out
             assert f"already at step 9 of {steps}" in out and "at step 9," in out
             assert files() == before
     # a longer --steps continues the finished run, here on another mesh
     capsys.readouterr()
-    train_run(Config(**common, mesh="fsdp=4,model=2", steps=16, workdir=str(tmp_path / "b")))
+    train_run(Config.of(**common, mesh="fsdp=4,model=2", steps=16, workdir=str(tmp_path / "b")))
     # every line equals the uninterrupted run's; the lines written only because the first run
     # ended at step 9 (a partial window, a final evaluation) are moved aside
     assert_same_run(metrics(tmp_path / "b"), metrics(tmp_path / "a"), after=0)
@@ -160,13 +160,13 @@ def test_dispatches_end_where_evaluation_checkpoints_and_profiling_need():
 @pytest.mark.slow
 def test_several_steps_per_dispatch_give_the_same_run_and_resume(tmp_path):
     common = dict(CASES["mlp"], log_every=3, eval_every=7, checkpoint_every=5)
-    train_run(Config(**common, mesh="2x2", steps=16, workdir=str(tmp_path / "a")))
+    train_run(Config.of(**common, mesh="2x2", steps=16, workdir=str(tmp_path / "a")))
     train_run(
-        Config(**common, mesh="2x2", steps=9, steps_per_dispatch=4, workdir=str(tmp_path / "b"))
+        Config.of(**common, mesh="2x2", steps=9, steps_per_dispatch=4, workdir=str(tmp_path / "b"))
     )
     # resumed with another dispatch length, on another mesh
     train_run(
-        Config(**common, mesh="2", steps=16, steps_per_dispatch=3, workdir=str(tmp_path / "b"))
+        Config.of(**common, mesh="2", steps=16, steps_per_dispatch=3, workdir=str(tmp_path / "b"))
     )
     assert_same_run(metrics(tmp_path / "b"), metrics(tmp_path / "a"), after=0)
     assert sorted(int(p.name) for p in (tmp_path / "b" / "checkpoints").iterdir()) == [10, 15, 16]
@@ -363,13 +363,14 @@ def test_optimizer_flags_may_change_on_resume_and_momentum_is_named(tmp_path, ca
 
 
 def test_config_history_is_never_overwritten(tmp_path):
-    first, second, third = (Config(lr=lr) for lr in (0.1, 0.2, 0.3))
+    first, second, third = (Config.of(lr=lr) for lr in (0.1, 0.2, 0.3))
     write_config(tmp_path, first, 0)
     write_config(tmp_path, second, 3)  # two resumes from the same checkpoint, step 3
     write_config(tmp_path, third, 3)
-    assert json.loads((tmp_path / "config.before-step-3.json").read_text())["lr"] == 0.1
-    assert json.loads((tmp_path / "config.before-step-3-2.json").read_text())["lr"] == 0.2
-    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.3
+    lr = lambda name: json.loads((tmp_path / name).read_text())["optimization"]["lr"]  # noqa: E731
+    assert lr("config.before-step-3.json") == 0.1
+    assert lr("config.before-step-3-2.json") == 0.2
+    assert lr("config.json") == 0.3
 
 
 @pytest.mark.slow

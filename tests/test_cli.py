@@ -52,7 +52,7 @@ def test_default_run_reaches_95_percent_on_2x2(tmp_path):
     assert len(evals) == 30  # one per epoch
     assert evals[-1]["step"] == 330 and evals[-1]["eval_accuracy"] >= 0.95
     config = json.loads((tmp_path / "w" / "config.json").read_text())
-    assert config["mesh"] == "2x2" and config["batch_size"] == 128
+    assert config["parallelism"]["mesh"] == "2x2" and config["optimization"]["batch_size"] == 128
 
 
 @pytest.mark.slow
@@ -234,9 +234,14 @@ def test_another_optimizer_than_a_recipes_drops_the_recipes_weight_decay():
     """The ViT recipe's decay (0.05) was tuned for AdamW; Adam has none (once a refusal of a
     flag the user never gave), and SGD's is coupled. The rest of the recipe stays."""
     cfg = cli.parse_args(["--model", "vit-lite", "--optimizer", "adam"]).validate()
-    assert (cfg.optimizer, cfg.weight_decay, cfg.lr, cfg.schedule) == ("adam", 0.0, 1e-3, "cosine")
+    assert (
+        cfg.optimization.optimizer,
+        cfg.optimization.weight_decay,
+        cfg.optimization.lr,
+        cfg.optimization.schedule,
+    ) == ("adam", 0.0, 1e-3, "cosine")
     cfg = cli.parse_args(["--model", "vit-lite", "--optimizer", "adamw"])
-    assert cfg.weight_decay == 0.05
+    assert cfg.optimization.weight_decay == 0.05
 
 
 def test_own_model_and_dataset_by_module_name_beside_a_models_package_of_ones_own(tmp_path):
@@ -280,7 +285,7 @@ def test_paths_that_are_files_are_refused_before_anything_is_written(tmp_path, c
     assert file.read_text() == "not a directory\n"
     # checked by Config.validate, before the run starts (jaxpar.run.workdir refuses it only later)
     with pytest.raises(cli.UserError, match=f"--workdir {file} is a file; name a directory"):
-        cli.Config(workdir=str(file)).validate()
+        cli.Config.of(workdir=str(file)).validate()
 
 
 JOB_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_COORDINATOR_PORT",
@@ -496,7 +501,7 @@ def test_bf16_computes_matmuls_in_bf16_and_keeps_fp32_parameters():
     from jaxpar.data import train_batches
     from jaxpar.run.setup import setup
 
-    run = setup(Config(precision="bf16", mesh="2"))
+    run = setup(Config.of(precision="bf16", mesh="2"))
     state = run.init()
     assert {x.dtype.name for x in jax.tree.leaves(run.abstract)} <= STATE_DTYPES
     batch = next(train_batches(run.ds, 128, 0, range(1), run.mesh))
@@ -512,7 +517,9 @@ def test_bf16_resnet_convolves_in_bf16_and_keeps_fp32_statistics():
     from jaxpar.data import train_batches
     from jaxpar.run.setup import setup
 
-    run = setup(Config(model="resnet8", dataset="synthetic:8x8x3:10", precision="bf16", mesh="2"))
+    run = setup(
+        Config.of(model="resnet8", dataset="synthetic:8x8x3:10", precision="bf16", mesh="2")
+    )
     state = run.init()
     batch = next(train_batches(run.ds, 16, 0, range(1), run.mesh))
     program = run.train_step.lower(state, batch).as_text().splitlines()
@@ -578,7 +585,7 @@ def test_grad_accum_is_a_memory_knob_not_a_change_of_the_run(tmp_path):
 @pytest.mark.slow
 def test_remat_and_grad_accum_lower_the_planned_peak_memory():
     peak = {
-        flags: plan(Config(mesh="1", model="vit-lite", batch_size=128, **dict(flags)))[
+        flags: plan(Config.of(mesh="1", model="vit-lite", batch_size=128, **dict(flags)))[
             "per_device"
         ]["compiled_peak"]
         for flags in ((), (("remat", "block"),), (("grad_accum", 4),))
@@ -593,7 +600,7 @@ def test_vit_learns_the_digits_with_its_recipe(tmp_path):
     # only --model: the ViT recipe (AdamW, warmup, cosine) and the default patch (4 on 8x8)
     args = ["--model", "vit-lite", "--mesh", "1", "--steps", "66"]
     assert cli.main([*args, "--eval-every", "66", "--workdir", str(tmp_path)]) == 0
-    config = json.loads((tmp_path / "config.json").read_text())
+    config = json.loads((tmp_path / "config.json").read_text())["optimization"]
     assert (config["optimizer"], config["schedule"], config["lr"]) == ("adamw", "cosine", 1e-3)
     assert config["warmup_steps"] == 6  # a tenth of a short run
     assert read_metrics(tmp_path)[-1]["eval_accuracy"] >= 0.95

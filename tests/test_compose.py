@@ -54,7 +54,7 @@ def tiny_models():
 def source(model: str, dataset: str) -> str:
     """A workdir of `model` trained 2 steps on `dataset`: a teacher, or weights to start from."""
     workdir = WORK / f"source-{model}-{abs(hash(dataset))}"
-    jaxpar.train(Config(model=model, dataset=dataset, steps=2, batch_size=32,
+    jaxpar.train(Config.of(model=model, dataset=dataset, steps=2, batch_size=32,
                         workdir=str(workdir)))  # fmt: skip
     return str(workdir)
 
@@ -75,7 +75,7 @@ def flags_of(model: str, *parts: dict) -> dict:
 
 @functools.cache
 def _losses(items: tuple) -> np.ndarray:
-    run = setup(Config(**dict(items)).validate())
+    run = setup(Config.of(**dict(items)).validate())
     state, losses = run.init(), []
     plan = [range(step, step + 1) for step in range(run.total)]
     with contextlib.closing(run.batches(plan)) as batches:
@@ -126,11 +126,11 @@ def resumes(flags: dict, tmp_path) -> None:
     steps = "rounds" if "rounds" in flags else "steps"
     flags[steps] = 5
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    jaxpar.train(Config(**flags, workdir=str(whole)))
+    jaxpar.train(Config.of(**flags, workdir=str(whole)))
     shutil.copytree(whole, cut)
     for later in ("4", "5"):  # as if killed after the step-2 save
         shutil.rmtree(cut / "checkpoints" / later)
-    jaxpar.train(Config(**{**flags, "mesh": other_mesh(flags)}, workdir=str(cut)))
+    jaxpar.train(Config.of(**{**flags, "mesh": other_mesh(flags)}, workdir=str(cut)))
     assert_same_run(lines(cut), lines(whole))
 
 
@@ -142,7 +142,7 @@ def other_mesh(flags: dict) -> str:
     for axis in ("model", "fsdp"):
         mesh = f"{flags['mesh']},{axis}=2"
         try:
-            compose.check(Config(**{**flags, "mesh": mesh}))
+            compose.check(Config.of(**{**flags, "mesh": mesh}))
             return mesh
         except jaxpar.UserError:
             continue
@@ -153,7 +153,7 @@ def test_a_refused_mesh_axis_exits_2():
     for (name, kind, axis), _ in compose.AXIS_REFUSED.items():
         flags = flags_of(MODEL[kind], compose.BY_NAME[name].example, {"mesh": f"data=2,{axis}=2"})
         with pytest.raises(jaxpar.UserError, match=f"on a mesh with {axis}=2 is not supported"):
-            Config(**flags).validate()
+            Config.of(**flags).validate()
 
 
 PAIRS = {f"{a.name}+{b.name}": (a, b) for a, b in compose.supported_pairs()}
@@ -214,8 +214,8 @@ def test_a_refused_cell_exits_2_naming_both_sides(cell, tmp_path, capsys):
     else:
         one = [f for f in (a, b) if compose.families(f) != list(compose.FAMILIES)]
         flags = flags_of(model_for(*one[:1]), a.example, b.example)
-    cfg = Config(**flags)
-    sides = [a.named(cfg), f"--model {cfg.model}" if isinstance(b, str) else b.named(cfg)]
+    cfg = Config.of(**flags)
+    sides = [a.named(cfg), f"--model {cfg.model.model}" if isinstance(b, str) else b.named(cfg)]
     argv = [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     workdir = tmp_path / "w"
     assert cli.main([*argv, "--workdir", str(workdir)]) == 2
@@ -224,7 +224,7 @@ def test_a_refused_cell_exits_2_naming_both_sides(cell, tmp_path, capsys):
     if isinstance(b, str) or compose.REFUSED.get(frozenset({a.name, b.name})):
         assert all(side in err for side in sides), (sides, err)
     else:  # no family runs both: the run's model is refused for one side
-        assert f"--model {cfg.model}" in err and any(side in err for side in sides), err
+        assert f"--model {cfg.model.model}" in err and any(side in err for side in sides), err
     assert not workdir.exists()
 
 
@@ -257,8 +257,8 @@ def test_a_resume_refuses_changing_exactly_what_each_feature_pins():
     from jaxpar.run.setup import identity
 
     def of(flags: dict) -> dict:
-        cfg = Config(**flags)
-        return identity(cfg, load_dataset(cfg.dataset))
+        cfg = Config.of(**flags)
+        return identity(cfg, load_dataset(cfg.data.dataset))
 
     for f in compose.FEATURES:
         base = {**BASE, "model": model_for(f), **f.needs}
@@ -273,9 +273,9 @@ def test_a_pipeline_resumes_without_its_stages_and_with_another_grad_accum(tmp_p
     flags = {**flags_of("vit-compose", {"mesh": "stage=2,data=2", "microbatches": 2}),
              "steps": 4, "log_every": 3, "checkpoint_every": 2, "keep": 5}  # fmt: skip
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    jaxpar.train(Config(**flags, workdir=str(whole)))
+    jaxpar.train(Config.of(**flags, workdir=str(whole)))
     shutil.copytree(whole, cut)
     shutil.rmtree(cut / "checkpoints" / "4")
     later = {**flags, "mesh": "data=2", "microbatches": 0, "grad_accum": 2}
-    jaxpar.train(Config(**later, workdir=str(cut)))
+    jaxpar.train(Config.of(**later, workdir=str(cut)))
     assert_same_run(lines(cut), lines(whole))

@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from conftest import digits
 
 import train as cli
-from jaxpar import UserError
+from jaxpar import Config, UserError
 from jaxpar.core.mesh import make_mesh, parse_mesh
 from jaxpar.core.sharding import batch_sharding
 from jaxpar.data import (
@@ -365,7 +365,7 @@ def test_in_memory_test_splits_stay_on_the_devices_streamed_ones_are_read_again(
 
     mesh = make_mesh(parse_mesh("2"))
     for ds, kept in [(digits(), True), (load_dataset("synthetic:4x4x1:3"), False)]:
-        cfg = SimpleNamespace(batch_size=500, eval_examples=None)
+        cfg = Config.of(batch_size=500, eval_examples=None)
         run = SimpleNamespace(ds=ds, cfg=cfg, mesh=mesh, spec=parse_mesh("2"))
         batches = evaluation_batches(run)
         first, again = batches(), batches()

@@ -28,7 +28,7 @@ FED = ["--model", "2nn", "--lr", "0.05", "--local-batch", "16", "--eval-every", 
 def fed_run(mesh: str = "1", **options):
     """A federated run set up on digits (8 clients, 4 per round, the 2NN): its `Run`, fresh
     state and the host rows of round 0."""
-    cfg = Config(model="2nn", clients=8, clients_per_round=4, local_batch=16, lr=0.05,
+    cfg = Config.of(model="2nn", clients=8, clients_per_round=4, local_batch=16, lr=0.05,
                  rounds=3, mesh=mesh, **options).validate()  # fmt: skip
     run = setup(cfg)
     return run, run.init()

@@ -20,7 +20,7 @@ STRATEGIES = {"dp": "8x1", "fsdp": "fsdp=8", "fsdp_tp": "fsdp=4,model=2"}
 
 @pytest.fixture(scope="module")
 def plans():
-    return {s: plan(Config(mesh=m, batch_size=64)) for s, m in STRATEGIES.items()}
+    return {s: plan(Config.of(mesh=m, batch_size=64)) for s, m in STRATEGIES.items()}
 
 
 @pytest.mark.slow
@@ -124,7 +124,7 @@ def test_examples_per_s_counts_training_time_only(monkeypatch):
         clock.now += 100.0 if len(written) == 1 else 1.0
 
     log = type("Log", (), {"write": write})()
-    window = Window(log, Config(batch_size=10, log_every=2), 6, [], lambda step: 0.1)
+    window = Window(log, Config.of(batch_size=10, log_every=2), 6, [], lambda step: 0.1)
     window.start()  # t=0
     metrics = {"train_loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0), "stop": jnp.int32(0)}
     window.push(1, metrics)
@@ -149,7 +149,7 @@ def test_examples_per_s_counts_training_time_only(monkeypatch):
 
 @pytest.mark.slow
 def test_plan_shows_a_tensor_parallel_vit_block_s_all_reduces():
-    p = plan(Config(mesh="1x4", model="vit-lite", batch_size=64))  # vit-lite: 4 heads
+    p = plan(Config.of(mesh="1x4", model="vit-lite", batch_size=64))  # vit-lite: 4 heads
     specs = {r["path"]: r["spec"] for r in p["params"]}
     assert specs["blocks/query/kernel"] == "P(None, None, 'model', None)"
     # attention out and MLP out are row-parallel: one all-reduce each in the scanned block

@@ -29,7 +29,7 @@ MESHES = ("data=2", "fsdp=2,model=2")
 @functools.cache
 def _run(items: tuple):
     """Losses of each step and the final state of a run of `items` (trained once)."""
-    run = setup(Config(**{**BASE, **dict(items)}).validate())
+    run = setup(Config.of(**{**BASE, **dict(items)}).validate())
     state, losses = run.init(), []
     plan = [range(step, step + 1) for step in range(run.total)]
     with contextlib.closing(run.batches(plan)) as batches:
@@ -116,11 +116,13 @@ def test_a_moving_average_of_decay_0_evaluates_as_the_model(tmp_path):
     """Evaluated beside the model: at decay 0 the average is the model, so the two evaluations
     agree exactly; a resume must keep (or keep out) the average the checkpoint holds."""
     workdir = tmp_path / "w"
-    line = jaxpar.train(Config(**{**BASE, "steps": 3}, mesh="2x2", ema=0.0, workdir=str(workdir)))
+    line = jaxpar.train(
+        Config.of(**{**BASE, "steps": 3}, mesh="2x2", ema=0.0, workdir=str(workdir))
+    )
     assert line["ema_eval_loss"] == line["eval_loss"]
     assert line["ema_eval_accuracy"] == line["eval_accuracy"]
     with pytest.raises(jaxpar.UserError, match="ema=True there, False here"):
-        jaxpar.train(Config(**{**BASE, "steps": 4}, mesh="2x2", workdir=str(workdir)))
+        jaxpar.train(Config.of(**{**BASE, "steps": 4}, mesh="2x2", workdir=str(workdir)))
 
 
 def test_adafactor_decays_decoupled_at_the_learning_rate():
@@ -136,15 +138,15 @@ def test_adafactor_decays_decoupled_at_the_learning_rate():
 
 def test_muon_is_refused_where_it_would_be_adam():
     with pytest.raises(jaxpar.UserError, match="optax's Muon orthogonalises 2-D weights only"):
-        Config(model="resnet8", optimizer="muon").validate()
+        Config.of(model="resnet8", optimizer="muon").validate()
 
 
 def test_the_average_starts_from_the_weights_the_run_starts_from(tmp_path):
     """--init-from loads weights after the state is built: the average must start from them,
     not from the random initialisation it replaces (at decay 0 the two evaluations agree)."""
     source = tmp_path / "source"
-    trained = jaxpar.train(Config(**{**BASE, "steps": 3}, mesh="2", workdir=str(source)))
-    line = jaxpar.train(Config(**{**BASE, "steps": 1}, lr=1e-30, mesh="2", ema=0.5,
+    trained = jaxpar.train(Config.of(**{**BASE, "steps": 3}, mesh="2", workdir=str(source)))
+    line = jaxpar.train(Config.of(**{**BASE, "steps": 1}, lr=1e-30, mesh="2", ema=0.5,
                                init_from=str(source), workdir=str(tmp_path / "w")))  # fmt: skip
     assert line["eval_loss"] == trained["eval_loss"]  # lr 1e-30: the weights it started from
     assert line["ema_eval_loss"] == line["eval_loss"], line

@@ -6,7 +6,6 @@ gives the one-device losses and parameters. Tolerances are float32 reassociation
 outputs, gradients and losses, 1e-4 for parameters after three AdamW steps.
 """
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -111,7 +110,7 @@ def test_bubble_fraction():
 
 def train(workdir, mesh, steps=3, params=True, **flags):
     """Train TINY with the real loop; returns (train losses per step, final parameters)."""
-    cfg = Config(model=MODEL, mesh=mesh, steps=steps, batch_size=16, log_every=1, seed=SEED,
+    cfg = Config.of(model=MODEL, mesh=mesh, steps=steps, batch_size=16, log_every=1, seed=SEED,
                  workdir=str(workdir), **flags)  # fmt: skip
     jaxpar.train(cfg)
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -190,7 +189,7 @@ def test_checkpoints_move_between_pipelined_and_plain_meshes(one_device, tmp_pat
 
 
 def test_layer_stack_is_split_over_stages():
-    run = setup(Config(model=MODEL, mesh="stage=4,data=2", batch_size=16, steps=1))
+    run = setup(Config.of(model=MODEL, mesh="stage=4,data=2", batch_size=16, steps=1))
     shardings = run.shardings[0]
     kernel = shardings["blocks"]["mlp_in"]["kernel"]
     assert kernel.spec[0] == "stage"
@@ -200,7 +199,7 @@ def test_layer_stack_is_split_over_stages():
 
 @pytest.mark.slow
 def test_plan_shows_the_pipeline_and_remat_bounds_its_memory():
-    cfg = Config(model=MODEL, mesh="stage=4,data=2", batch_size=64, microbatches=8, steps=1)
+    cfg = Config.of(model=MODEL, mesh="stage=4,data=2", batch_size=64, microbatches=8, steps=1)
     planned = plan(cfg)
     text = format_plan(planned)
     assert "pipeline gpipe: 4 stages x 8 microbatches, 11 ticks, bubble 27.3%" in text
@@ -210,7 +209,7 @@ def test_plan_shows_the_pipeline_and_remat_bounds_its_memory():
     stage = planned["pipeline"]["per_stage_bytes"]
     assert 0 < stage["layer_stack"] < stage["params"]  # embedding and head are not staged
     # --remat block keeps only each tick's stage inputs for the backward pass
-    remat = plan(dataclasses.replace(cfg, remat="block"))["per_device"]
+    remat = plan(cfg.replace(remat="block"))["per_device"]
     assert remat["compiled_temporaries"] < 0.8 * planned["per_device"]["compiled_temporaries"]
 
 

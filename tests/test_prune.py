@@ -73,7 +73,7 @@ def test_a_longer_continuation_keeps_the_schedule_it_began(tmp_path, capsys):
 
 
 def test_masks_are_sharded_like_their_parameters():
-    run = setup(Config(mesh="fsdp=4,model=2", prune_to=0.5, steps=10).validate())
+    run = setup(Config.of(mesh="fsdp=4,model=2", prune_to=0.5, steps=10).validate())
     params = dict(_leaves(run.shardings[0]))
     masks = {k: s for k, s in _leaves(run.shardings[1]) if "mask" in k}
     assert masks, "the optimizer state holds no masks"
@@ -129,13 +129,13 @@ def test_ramps_that_end_after_the_run_are_noted_with_what_the_run_reaches():
     ramp) with one line saying what this run reaches; none when the ramp ends in the run."""
     from jaxpar.run.config import Config
 
-    prune = Config(prune_to=0.5, prune_end=20).notes(10)
+    prune = Config.of(prune_to=0.5, prune_end=20).notes(10)
     assert prune == [
         "note: --prune-end 20 is past the run's end (step 10): it ends at sparsity 0.438, not "
         "--prune-to 0.5; a run continued to --steps 20 reaches it"
     ]
-    assert Config(warmup_steps=20).notes(10) == [
+    assert Config.of(warmup_steps=20).notes(10) == [
         "note: --warmup-steps 20 is past the run's end (step 10): the learning rate reaches 0.45 "
         "of --lr"
     ]
-    assert Config(prune_to=0.5, prune_end=10, warmup_steps=10).notes(10) == []
+    assert Config.of(prune_to=0.5, prune_end=10, warmup_steps=10).notes(10) == []

@@ -3,12 +3,15 @@ shipped files equal their command lines, flags override a file, a file's values 
 (a model's recipe does not replace them), bad files exit 2 with one line, and config.json
 records the effective configuration."""
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 import train as cli
+from jaxpar.core.errors import UserError
+from jaxpar.run.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -38,11 +41,18 @@ def test_flags_override_the_file_and_the_files_values_override_a_recipe(tmp_path
     path = tmp_path / "run.toml"
     path.write_text('[model]\nmodel = "vit-lite"\n[optimization]\noptimizer = "sgd"\nlr = 0.1\n')
     cfg = cli.parse_args(["--config", str(path), "--lr", "0.2", "--mesh", "4"])
-    assert (cfg.model, cfg.optimizer, cfg.lr, cfg.mesh) == ("vit-lite", "sgd", 0.2, "4")
+    assert (
+        cfg.model.model,
+        cfg.optimization.optimizer,
+        cfg.optimization.lr,
+        cfg.parallelism.mesh,
+    ) == ("vit-lite", "sgd", 0.2, "4")
     # given in the file, as on the command line: the ViT recipe's AdamW does not replace it
     flags = ["--model", "vit-lite", "--optimizer", "sgd", "--lr", "0.2", "--mesh", "4"]
     assert cfg == cli.parse_args(flags)
-    assert cfg.schedule == "cosine"  # what the file leaves out still follows the recipe
+    assert (
+        cfg.optimization.schedule == "cosine"
+    )  # what the file leaves out still follows the recipe
 
 
 BAD = {  # run file -> the one line train.py prints
@@ -82,9 +92,9 @@ def test_a_file_that_is_not_text_is_refused_in_one_line(tmp_path, capsys):
 def test_a_flag_turns_off_what_the_file_turns_on(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text("[checkpoint]\nrestart = true\n[metrics]\ndry-run = true\n")
-    assert cli.parse_args(["--config", str(path)]).dry_run
+    assert cli.parse_args(["--config", str(path)]).metrics.dry_run
     cfg = cli.parse_args(["--config", str(path), "--no-dry-run", "--no-restart"])
-    assert not cfg.dry_run and not cfg.restart
+    assert not cfg.metrics.dry_run and not cfg.checkpoint.restart
 
 
 def test_a_missing_run_file_is_named(tmp_path, capsys):
@@ -100,4 +110,56 @@ def test_config_json_records_the_effective_configuration(tmp_path):
     args = ["--config", str(path), "--steps", "2", "--workdir", str(tmp_path / "w")]
     assert cli.main(args) == 0
     saved = json.loads((tmp_path / "w" / "config.json").read_text())
-    assert (saved["steps"], saved["lr"], saved["log_every"]) == (2, 0.05, 2)
+    o, m = saved["optimization"], saved["metrics"]
+    assert (o["steps"], o["lr"], m["log_every"]) == (2, 0.05, 2)
+
+
+def test_the_sections_are_the_help_groups_and_hold_every_flag():
+    from jaxpar.run.config import SECTIONS
+
+    assert list(cli.FLAGS) == list(SECTIONS)
+    for name, section in SECTIONS.items():
+        fields = [f.name for f in dataclasses.fields(section)]
+        assert [flag[2:].replace("-", "_") for flag, _, _ in cli.FLAGS[name]] == fields, name
+
+
+def test_a_section_refuses_its_own_bad_values_alone():
+    from jaxpar.run.config import Federated, Optimization, Parallelism
+
+    with pytest.raises(UserError, match="--lr must be positive"):
+        Optimization(lr=-1.0).check()
+    with pytest.raises(UserError, match="--local-batch goes with --clients"):
+        Federated(local_batch=5).check()
+    with pytest.raises(UserError, match="--outer-lr and --outer-momentum go with --sync diloco"):
+        Parallelism(outer_lr=0.5).check()
+    Optimization(lr=0.5).check()
+
+
+def test_config_json_in_sections_and_the_old_flat_form_give_the_same_config():
+    cfg = Config.of(mesh="2x2", lr=0.05, clients=4, eval_every=3)
+    assert Config.from_json(json.loads(cfg.to_json())) == cfg
+    assert Config.from_json(cfg.flat()) == cfg  # as config.json was before sections
+    assert Config.from_json({**cfg.flat(), "retired_flag": 1}) == cfg
+    with pytest.raises(TypeError, match="no field 'nope'"):
+        Config.of(nope=1)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_saved_with_a_flat_config_resumes(tmp_path, capsys):
+    """A run saved before the sections (flat config.json and manifest) resumes; the resume
+    check reads the old manifest's momentum."""
+    workdir = tmp_path / "w"
+    assert cli.main(["--steps", "2", "--momentum", "0.5", "--workdir", str(workdir)]) == 0
+    flat = lambda path: path.write_text(json.dumps(Config.from_json(json.loads(  # noqa: E731
+        path.read_text())).flat()))  # fmt: skip
+    flat(workdir / "config.json")
+    manifest = workdir / "checkpoints" / "2" / "manifest" / "metadata"
+    saved = json.loads(manifest.read_text())
+    assert "optimization" in saved["config"]  # what this version writes, made flat as before
+    saved["config"] = Config.from_json(saved["config"]).flat()
+    manifest.write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert cli.main(["--steps", "4", "--momentum", "0", "--workdir", str(workdir)]) == 2
+    assert "trained with --momentum 0.5" in capsys.readouterr().err
+    assert cli.main(["--steps", "4", "--momentum", "0.5", "--workdir", str(workdir)]) == 0
+    assert "resumed from step 2" in capsys.readouterr().out

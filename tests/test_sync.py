@@ -31,7 +31,7 @@ from jaxpar.tools.plan import plan
 def train(workdir, mesh="data=4", steps=8, **flags):
     """Losses per step, the last line's comm_bytes_per_step, and the final model's arrays."""
     flags = {"momentum": 0.0, **flags}
-    cfg = Config(mesh=mesh, steps=steps, log_every=1, workdir=str(workdir), **flags)
+    cfg = Config.of(mesh=mesh, steps=steps, log_every=1, workdir=str(workdir), **flags)
     jaxpar.train(cfg)
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     train_lines = [x for x in lines if "train_loss" in x]
@@ -89,7 +89,7 @@ def test_same_data_size_other_splits_give_the_same_run(tmp_path):
 
 
 def test_comm_bytes_per_step_fall_by_h(every_step, local4):
-    every = plan(Config(mesh="data=4", steps=8))["sync"]["comm_bytes_per_step"]
+    every = plan(Config.of(mesh="data=4", steps=8))["sync"]["comm_bytes_per_step"]
     assert local4[1]["comm_bytes_per_step"] == pytest.approx(every / 4, rel=0.05)
     assert "comm_bytes_per_step" not in every_step[1]  # every-step lines keep their schema
 
@@ -97,9 +97,9 @@ def test_comm_bytes_per_step_fall_by_h(every_step, local4):
 def test_the_plan_counts_held_models_apart_from_the_optimizer_state():
     """--dry-run once counted stale SGD's ring and DiLoCo's global copy as optimizer state."""
     base = {"mesh": "data=4", "steps": 8, "momentum": 0.0}
-    every = plan(Config(**base))["per_device"]
-    stale = plan(Config(**base, sync="stale:2"))["per_device"]
-    diloco = plan(Config(**base, sync="diloco:2"))["per_device"]
+    every = plan(Config.of(**base))["per_device"]
+    stale = plan(Config.of(**base, sync="stale:2"))["per_device"]
+    diloco = plan(Config.of(**base, sync="diloco:2"))["per_device"]
     assert every.keys() >= {"params", "optimizer"} and "held" not in every
     assert stale["held"] == 2 * every["params"] and stale["optimizer"] == every["optimizer"]
     assert diloco["held"] == every["params"] and diloco["outer_optimizer"] == every["params"]
@@ -173,7 +173,7 @@ def test_readers_of_one_model_read_the_model_a_sync_mode_evaluates(local4, tmp_p
 
 def test_a_model_per_replica_resumes_only_on_as_many_replicas(local4, capsys):
     """It once said "corrupt" and suggested --restart."""
-    cfg = Config(mesh="data=2", steps=12, sync="local:4", momentum=0.0, log_every=1,
+    cfg = Config.of(mesh="data=2", steps=12, sync="local:4", momentum=0.0, log_every=1,
                  workdir=str(local4[3]))  # fmt: skip
     with pytest.raises(jaxpar.UserError, match=r"holds 4 replicas \(--sync local:4 on data=4\); "
                        r"this mesh has data=2: resume on a mesh with data=4"):  # fmt: skip
@@ -236,7 +236,7 @@ def small_vit():
 def test_local_sgd_replicas_of_a_vit_under_fsdp(small_vit):
     losses = {}
     for sync in ("every-step", "local:1"):
-        cfg = Config(model=small_vit, mesh="data=2,fsdp=2", sync=sync, momentum=0.0, steps=2,
+        cfg = Config.of(model=small_vit, mesh="data=2,fsdp=2", sync=sync, momentum=0.0, steps=2,
                      batch_size=16, optimizer="sgd")  # fmt: skip
         run = setup(cfg.validate())
         state, out = run.init(), []

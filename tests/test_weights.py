@@ -89,7 +89,7 @@ def resnet8(tmp_path_factory):
 
 def fine_tune(resnet8, mesh, source, name, **flags):
     workdir = resnet8["root"] / name
-    cfg = Config(mesh=mesh, model="resnet8", steps=3, log_every=1, batch_size=64,
+    cfg = Config.of(mesh=mesh, model="resnet8", steps=3, log_every=1, batch_size=64,
                  workdir=str(workdir), init_from=str(source), **flags)  # fmt: skip
     train(cfg)
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

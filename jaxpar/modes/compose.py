@@ -44,14 +44,15 @@ def family(model: str) -> str:
 def _stages(cfg) -> int:
     from jaxpar.core.mesh import parse_mesh
 
-    return parse_mesh(cfg.mesh).stage if cfg.mesh else 1
+    return parse_mesh(cfg.parallelism.mesh).stage if cfg.parallelism.mesh else 1
 
 
 def _pipeline_asked(cfg) -> str:
     """What asks for a pipeline: ``stage=2 in the mesh``, ``--microbatches 4``..."""
     asked = [f"stage={_stages(cfg)} in the mesh"] if _stages(cfg) > 1 else []
-    asked += [f"--microbatches {cfg.microbatches}"] if cfg.microbatches > 1 else []
-    asked += [f"--pipeline {cfg.pipeline}"] if cfg.pipeline != "gpipe" else []
+    p = cfg.parallelism
+    asked += [f"--microbatches {p.microbatches}"] if p.microbatches > 1 else []
+    asked += [f"--pipeline {p.pipeline}"] if p.pipeline != "gpipe" else []
     return "a pipeline (" + " and ".join(asked) + ")"
 
 
@@ -80,7 +81,7 @@ class Feature:
 
 
 def _sync(kind: str) -> Callable:
-    return lambda c: c.sync.startswith(f"{kind}:") and c.sync != "stale:0"
+    return lambda c: c.parallelism.sync.startswith(f"{kind}:") and c.parallelism.sync != "stale:0"
 
 
 _REPLICAS = "a mesh with as many data-parallel devices (one model per replica)"
@@ -94,30 +95,31 @@ FEATURES = [
             keeps=_REPLICAS),
     Feature("stale", "--sync stale:T", _sync("stale"), {"sync": "stale:2"}, group="sync",
             pins=("sync",)),
-    Feature("federated", "--clients N", lambda c: c.clients is not None,
+    Feature("federated", "--clients N", lambda c: c.federated.clients is not None,
             {"clients": 8, "clients_per_round": 4, "local_batch": 16}, pins=("federated",)),
     Feature("pipeline", "a pipeline (stage > 1 in --mesh, --microbatches, --pipeline)",
-            lambda c: _stages(c) > 1 or c.microbatches > 1 or c.pipeline != "gpipe",
+            lambda c: _stages(c) > 1 or c.parallelism.microbatches > 1
+            or c.parallelism.pipeline != "gpipe",
             {"mesh": "stage=2,data=2"}, off={}, asked=_pipeline_asked),
-    Feature("grad_accum", "--grad-accum K", lambda c: c.grad_accum > 1, {"grad_accum": 2},
-            off={}, off_under_batchnorm=False),
-    Feature("prune", "--prune-to S", lambda c: c.prune_to is not None, {"prune_to": 0.5},
+    Feature("grad_accum", "--grad-accum K", lambda c: c.parallelism.grad_accum > 1,
+            {"grad_accum": 2}, off={}, off_under_batchnorm=False),
+    Feature("prune", "--prune-to S", lambda c: c.model.prune_to is not None, {"prune_to": 0.5},
             off={"prune_to": 0.0}, pins=("prune_to",),
             keeps="its schedule's end (--prune-end, or 3/4 of the run that began it)"),
-    Feature("distill", "--teacher DIR", lambda c: c.teacher is not None, {"teacher": "TEACHER"},
-            off={"distill_weight": 0.0}, pins=("teacher",)),
-    Feature("qat", "--qat int8", lambda c: c.qat is not None, {"qat": "int8"}, pins=("qat",)),
-    Feature("freeze", "--freeze backbone", lambda c: c.freeze is not None,
+    Feature("distill", "--teacher DIR", lambda c: c.model.teacher is not None,
+            {"teacher": "TEACHER"}, off={"distill_weight": 0.0}, pins=("teacher",)),
+    Feature("qat", "--qat int8", lambda c: c.model.qat is not None, {"qat": "int8"}, pins=("qat",)),
+    Feature("freeze", "--freeze backbone", lambda c: c.model.freeze is not None,
             {"freeze": "backbone"}, pins=("freeze",)),
-    Feature("init_from", "--init-from", lambda c: c.init_from is not None,
+    Feature("init_from", "--init-from", lambda c: c.model.init_from is not None,
             {"init_from": "INIT"}, keeps="nothing: it sets the first start's weights only"),
-    Feature("workers", "--data-workers N", lambda c: c.data_workers > 0, {"data_workers": 1},
+    Feature("workers", "--data-workers N", lambda c: c.data.data_workers > 0, {"data_workers": 1},
             off={}),
-    Feature("mixture", "--dataset A=S,B=S (mixture)", lambda c: "=" in c.dataset,
+    Feature("mixture", "--dataset A=S,B=S (mixture)", lambda c: "=" in c.data.dataset,
             {"dataset": "synthetic:8x8x1:10=0.75,synthetic:8x8x1:5=0.25"},
             pins=("dataset",)),
     # The average never changes the training: on, the losses are the run's without it.
-    Feature("ema", "--ema DECAY", lambda c: c.ema is not None, {"ema": 0.9}, off={},
+    Feature("ema", "--ema DECAY", lambda c: c.optimization.ema is not None, {"ema": 0.9}, off={},
             pins=("ema",)),
 ]  # fmt: skip
 BY_NAME = {f.name: f for f in FEATURES}
@@ -181,19 +183,21 @@ def check(cfg) -> None:
     for a, b in itertools.combinations(on, 2):
         if reason := REFUSED.get(frozenset({a.name, b.name})):
             raise UserError(f"{a.named(cfg)} with {b.named(cfg)} is not supported: {reason}")
-    kind = family(cfg.model)
+    kind = family(cfg.model.model)
     for f in on:
         if reason := FAMILY_REFUSED.get((f.name, kind)):
-            raise UserError(f"{f.named(cfg)} with --model {cfg.model} is not supported: {reason}")
-    if cfg.mesh:
+            raise UserError(
+                f"{f.named(cfg)} with --model {cfg.model.model} is not supported: {reason}"
+            )
+    if cfg.parallelism.mesh:
         from jaxpar.core.mesh import parse_mesh
 
-        spec = parse_mesh(cfg.mesh)
+        spec = parse_mesh(cfg.parallelism.mesh)
         for (name, of, axis), reason in AXIS_REFUSED.items():
             if of == kind and getattr(spec, axis) > 1 and BY_NAME[name] in on:
                 raise UserError(f"{BY_NAME[name].named(cfg)} on a mesh with {axis}="
-                                f"{getattr(spec, axis)} is not supported for --model {cfg.model}: "
-                                f"{reason}")  # fmt: skip
+                                f"{getattr(spec, axis)} is not supported for --model "
+                                f"{cfg.model.model}: {reason}")  # fmt: skip
 
 
 def pinned() -> tuple:

@@ -199,7 +199,7 @@ class Federated(Mode):
         return state
 
     def optimizer(self, cfg, total: int) -> optax.GradientTransformation:
-        return server_optimizer(cfg.server_optimizer, cfg.server_lr)
+        return server_optimizer(cfg.federated.server_optimizer, cfg.federated.server_lr)
 
     def check(self, cfg, mesh) -> None:
         """Nothing: a round has no global batch to split."""
@@ -477,13 +477,14 @@ def make_mode(cfg, spec, ds) -> Federated:
         raise UserError(f"--clients spreads clients over the data axis only; mesh {spec} also "
                         "uses stage, fsdp or model: use --mesh data=N")  # fmt: skip
     labels = np.asarray(ds.train_labels[np.arange(len(ds.train_labels))])  # also from a `Tiled`
-    parts = partition(labels, cfg.clients, cfg.partition, cfg.seed)
+    f, o = cfg.federated, cfg.optimization
+    parts = partition(labels, f.clients, f.partition, o.seed)
     return Federated(
-        parts=parts, per_round=cfg.clients_per_round, local_epochs=cfg.local_epochs,
-        local_batch=cfg.local_batch, lr=cfg.lr, seed=cfg.seed, shards=spec.data,
-        prox_mu=cfg.prox_mu, dp_clip=cfg.dp_clip, dp_noise=cfg.dp_noise,
-        secure_agg=cfg.secure_agg, about=summary(parts, labels),
-        rounds=cfg.steps or cfg.epochs * max(1, cfg.clients // cfg.clients_per_round),  # setup's
+        parts=parts, per_round=f.clients_per_round, local_epochs=f.local_epochs,
+        local_batch=f.local_batch, lr=o.lr, seed=o.seed, shards=spec.data,
+        prox_mu=f.prox_mu, dp_clip=f.dp_clip, dp_noise=f.dp_noise,
+        secure_agg=f.secure_agg, about=summary(parts, labels),
+        rounds=o.steps or o.epochs * max(1, f.clients // f.clients_per_round),  # setup's
     )  # fmt: skip
 
 

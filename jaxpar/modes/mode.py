@@ -22,14 +22,14 @@ class Mode:
 
     def optimizer(self, cfg, total: int) -> optax.GradientTransformation:
         """The optimizer the state holds (a schedule over `total` steps)."""
-        return make_optimizer(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,
-                              cfg.schedule, cfg.warmup_steps, total,
-                              cfg.clip_grad_norm)  # fmt: skip
+        o = cfg.optimization
+        return make_optimizer(o.optimizer, o.lr, o.momentum, o.weight_decay, o.schedule,
+                              o.warmup_steps, total, o.clip_grad_norm)  # fmt: skip
 
     def check(self, cfg, mesh) -> None:
         """Refuse a batch that does not split over the mesh's batch shards (or microbatches)."""
-        check_batch(cfg.batch_size, mesh)
-        check_microbatches(cfg.batch_size, cfg.grad_accum, mesh)
+        check_batch(cfg.optimization.batch_size, mesh)
+        check_microbatches(cfg.optimization.batch_size, cfg.parallelism.grad_accum, mesh)
 
     def steps_per_epoch(self, ds, batch_size: int) -> int:
         return steps_per_epoch(ds, batch_size)

@@ -206,14 +206,14 @@ def schedule_for(cfg, spec) -> Schedule | None:
     """
     from jaxpar.models import MODELS  # here: the models import jaxpar
 
-    repeats = parse_pipeline(cfg.pipeline)
-    microbatches = cfg.microbatches or spec.stage
+    repeats = parse_pipeline(cfg.parallelism.pipeline)
+    microbatches = cfg.parallelism.microbatches or spec.stage
     if (spec.stage, microbatches, repeats) == (1, 1, 1):
         return None
-    depth = getattr(MODELS[cfg.model], "keywords", {}).get("depth")  # stacked models only
+    depth = getattr(MODELS[cfg.model.model], "keywords", {}).get("depth")  # stacked models only
     ways = spec.data * spec.fsdp
-    check_pipeline(cfg.model, depth, spec.stage, microbatches, repeats, cfg.batch_size,
-                   cfg.grad_accum, ways)  # fmt: skip
+    check_pipeline(cfg.model.model, depth, spec.stage, microbatches, repeats,
+                   cfg.optimization.batch_size, cfg.parallelism.grad_accum, ways)  # fmt: skip
     return Schedule(spec.stage, microbatches, repeats)
 
 

@@ -125,12 +125,13 @@ def magnitude_pruning(
 def prune_end(cfg, total: int) -> int | None:
     """The step the sparsity reaches --prune-to: --prune-end, else 3/4 of the run (None: no
     pruning). Saved in the manifest: a longer continuation keeps the schedule it began."""
-    if cfg.prune_to is None:
+    m = cfg.model
+    if m.prune_to is None:
         return None
-    if cfg.prune_start >= total:
-        raise UserError(f"--prune-start {cfg.prune_start} is not before the run's end at step "
+    if m.prune_start >= total:
+        raise UserError(f"--prune-start {m.prune_start} is not before the run's end at step "
                         f"{total}: nothing would be pruned; start earlier")  # fmt: skip
-    return cfg.prune_end or max(cfg.prune_start + 1, total * 3 // 4)
+    return m.prune_end or max(m.prune_start + 1, total * 3 // 4)
 
 
 def check_prune_schedule(saved: dict, cfg, total: int, step: int, directory) -> None:

@@ -69,26 +69,27 @@ def parse_sync(text: str) -> tuple[str, int]:
 def mode_for(cfg, spec, ds=None):
     """The `--sync` mode of a run on the mesh sizes `spec` (its ``data`` groups: the replicas),
     or with ``--clients`` the federated mode over `ds`'s training set."""
-    if cfg.clients is not None:
+    if cfg.federated.clients is not None:
         from jaxpar.modes.federated import make_mode
 
         return make_mode(cfg, spec, ds)
-    kind, n = parse_sync(cfg.sync)
+    sync = cfg.parallelism.sync
+    kind, n = parse_sync(sync)
     replicas = spec.data
     if kind in ("local", "diloco") and replicas == 1:
         raise UserError(
-            f"--sync {cfg.sync} averages data-parallel replicas, but the mesh has data=1: nothing "
+            f"--sync {sync} averages data-parallel replicas, but the mesh has data=1: nothing "
             "to average; use a mesh with data > 1 (e.g. --mesh data=4)"
         )
     if kind in ("local", "diloco") and spec.stage > 1:
         raise UserError(
-            f"--sync {cfg.sync} with pipeline stages (stage={spec.stage}) is not supported yet; "
+            f"--sync {sync} with pipeline stages (stage={spec.stage}) is not supported yet; "
             "use --sync every-step or stale:T with stage > 1"
         )
     if kind == "local":
         return Local(replicas, n)
     if kind == "diloco":
-        return DiLoCo(replicas, n, cfg.outer_lr, cfg.outer_momentum)
+        return DiLoCo(replicas, n, cfg.parallelism.outer_lr, cfg.parallelism.outer_momentum)
     if kind == "stale" and n > 0:
         return Stale(n)
     return EveryStep()

@@ -482,7 +482,7 @@ def load_teacher(cfg, ds, mesh):
     from jaxpar.core.sharding import state_shardings
     from jaxpar.modes.distill import Teacher
 
-    source = Path(cfg.teacher)
+    source = Path(cfg.model.teacher)
     if not (source / "checkpoints").is_dir():
         raise UserError(f"--teacher {source} has no checkpoints/ folder; name a trained workdir")
     step, manifest = latest_manifest(source, f"--teacher {source}")
@@ -496,5 +496,5 @@ def load_teacher(cfg, ds, mesh):
     shardings, _ = state_shardings(abstract, mesh)
     abstract = nnx.to_pure_dict(abstract)
     restore = partial(restore_model, source, step, abstract, shardings)
-    return Teacher(graphdef, abstract, shardings, restore, cfg.distill_temperature,
-                   cfg.distill_weight)  # fmt: skip
+    return Teacher(graphdef, abstract, shardings, restore, cfg.model.distill_temperature,
+                   cfg.model.distill_weight)  # fmt: skip

@@ -55,9 +55,9 @@ def evaluation_batches(run, ds=None):
     """``() -> batches`` of the test split (of `ds`, else the run's): built once and kept on the
     devices when the split is in host memory, else read again for each evaluation (ImageNet's
     50,000 crops are 7.5 GB)."""
-    ds, limit = ds or run.ds, run.cfg.eval_examples
+    ds, limit = ds or run.ds, run.cfg.metrics.eval_examples
     # A multiple of the batch shards: a federated run's --batch-size is unused and need not split.
-    unit = math.lcm(run.cfg.batch_size, run.spec.stage * run.spec.data * run.spec.fsdp)
+    unit = math.lcm(run.cfg.optimization.batch_size, run.spec.stage * run.spec.data * run.spec.fsdp)
     size = eval_batch_size(unit, min(len(ds.test_labels), limit or len(ds.test_labels)))
     batches = partial(eval_batches, ds, size, run.mesh, limit)
     if isinstance(ds.test_images, np.ndarray):

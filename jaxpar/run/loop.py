@@ -35,18 +35,18 @@ def train(cfg: Config) -> dict:
         say(f"note: {r}")
     for line in cfg.notes(run.total):
         say(line)
-    if cfg.freeze and not cfg.init_from and first == 0:
+    if cfg.model.freeze and not cfg.model.init_from and first == 0:
         say("note: --freeze backbone without --init-from: the head trains on a random backbone")
     for line in run.mode.announce(workdir):
         say(line)
     if run.mode.period and run.total % run.mode.period:
         say(
-            f"note: --sync {cfg.sync}: the run ends {run.total % run.mode.period} steps after its "
-            "last sync; its evaluation sees the model a sync then gives"
+            f"note: --sync {cfg.parallelism.sync}: the run ends {run.total % run.mode.period} "
+            "steps after its last sync; its evaluation sees the model a sync then gives"
         )
     try:
         window = Window(log, cfg, run.total, losses, run.schedule,
-                        run.mode.examples_per_step(cfg.batch_size))  # fmt: skip
+                        run.mode.examples_per_step(cfg.optimization.batch_size))  # fmt: skip
         model_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(run.abstract[0]))
         window.extra.update(run.mode.traffic(model_bytes))
         last_eval = loop(run, state, first, ckpts, window, workdir / "profile")
@@ -63,7 +63,7 @@ def train(cfg: Config) -> dict:
         log.close()
     if first >= run.total:
         say(f"already at step {first} of {run.total}: pass a larger --steps or --epochs to go on")
-    if cfg.eval_examples == 0:
+    if cfg.metrics.eval_examples == 0:
         say(f"trained to step {run.total} without evaluating (--eval-examples 0), "
             f"{time.time() - start:.1f}s; workdir {workdir}")  # fmt: skip
     elif last_eval:
@@ -106,7 +106,7 @@ class Steps:
             with self.window.paused():
                 jitted = self.run.compile(stacked=n > 1, signals=self.stop.shared)[0]
                 self.compiled[n] = jitted.lower(state, batch, *self.stop.args()).compile()
-                if self.run.cfg.sync != "every-step":  # a mode that changes communication
+                if self.run.cfg.parallelism.sync != "every-step":  # it changes communication
                     self.window.extra["comm_bytes_per_step"] = self.run.comm_bytes_per_step(
                         self.compiled[n], n
                     )
@@ -115,13 +115,14 @@ class Steps:
 
 def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", profile_dir) -> dict:
     cfg, log = run.cfg, window.log
-    eval_every = cfg.eval_every or run.per_epoch
+    eval_every = cfg.metrics.eval_every or run.per_epoch
     eval_data = evaluation_data(run)
-    profile = Profile(cfg.profile_range(), profile_dir, run.total)
+    profile = Profile(cfg.metrics.profile_range(), profile_dir, run.total)
     # Performance is decided here for tiny models: one dispatch per step costs more host time
     # than their step computes; --steps-per-dispatch K runs K steps as one program.
-    every = (eval_every, cfg.checkpoint_every, run.mode.period)
-    plan = dispatches(first, run.total, cfg.steps_per_dispatch, every, profile.marks)
+    save_every = cfg.checkpoint.checkpoint_every
+    every = (eval_every, save_every, run.mode.period)
+    plan = dispatches(first, run.total, cfg.parallelism.steps_per_dispatch, every, profile.marks)
     batches = prefetch(run.batches(plan))
     bar = tqdm(initial=first, total=run.total, unit="step",
                disable=not sys.stderr.isatty() or jax.process_index())  # fmt: skip
@@ -141,14 +142,14 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", prof
             profile.after(done, state)
             window.push(done, metrics)  # Sync point: reads the previous dispatch's metrics.
             bar.update(len(steps))
-            if (done % eval_every == 0 or done == run.total) and cfg.eval_examples != 0:
+            if (done % eval_every == 0 or done == run.total) and cfg.metrics.eval_examples != 0:
                 window.flush()
                 with window.paused():
                     last_eval = log.write(done, **evaluations(run, state, eval_data()))
                 progress(bar, run, done, window.shown(), last_eval)
             signum = stop.agreed(window)  # in a job, the same in every process
             final = done == run.total or bool(signum)
-            if final or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+            if final or (save_every and done % save_every == 0):
                 window.flush()
                 with window.paused():
                     if not fetch(all_finite(state)):  # never save a broken state

@@ -86,7 +86,7 @@ class Window:
     def __init__(self, log: MetricsLog, cfg: Config, total: int, losses: list, schedule,
                  examples_per_step: float | None = None):  # fmt: skip
         self.log, self.cfg, self.total, self.schedule = log, cfg, total, schedule
-        self.per_step = examples_per_step or cfg.batch_size
+        self.per_step = examples_per_step or cfg.optimization.batch_size
         self.losses, self.logged, self.pending = list(losses), float("nan"), None
         self.extra = {}  # keys a mode adds to training lines (comm_bytes_per_step)
         self.latest = {}  # the last dispatch's other metrics (secure_agg_error)
@@ -148,7 +148,7 @@ class Window:
                            f"{step}; stopped, nothing of it saved")  # fmt: skip
         self.losses.append(loss)
         self.timed += 1
-        if step % self.cfg.log_every == 0 or step == self.total:
+        if step % self.cfg.metrics.log_every == 0 or step == self.total:
             self.logged = float(np.mean(self.losses))
             now = time.time()
             seconds = now - self.since - self.idle
@@ -165,5 +165,5 @@ class Window:
             # first line's writing is left out (it starts TensorBoard's writer: seconds).
             self.since, self.timed, self.idle = now if self.wrote else time.time(), 0, 0.0
             self.wrote = True
-            if step % self.cfg.log_every == 0:  # a run's last, partial window stays open
+            if step % self.cfg.metrics.log_every == 0:  # a run's last, partial window stays open
                 self.losses = []

@@ -38,32 +38,33 @@ def open_workdir(run: Run, start: float):
     """
     cfg = run.cfg
     workdir = resolve(cfg)
-    ckpts = Checkpoints(workdir, cfg.keep) if (workdir / "checkpoints").is_dir() else None
+    keep = cfg.checkpoint.keep
+    ckpts = Checkpoints(workdir, keep) if (workdir / "checkpoints").is_dir() else None
     step = ckpts.latest() if ckpts else None
     # A run that saved nothing (killed while starting, compiling or before its first save)
     # starts over in place, as a scheduler's requeue of the same command expects; its files
     # are kept, moved aside as --restart does.
     unsaved = step is None and bool(used(workdir))
     sync("jaxpar:workdir-read")  # every process decided on the same files; now write
-    if cfg.restart or unsaved:
+    if cfg.checkpoint.restart or unsaved:
         if ckpts:
             ckpts.close()
         ckpts, step = None, None
         if moved := move_aside(workdir):
-            say(f"--restart: moved the previous run to {moved}" if cfg.restart else
+            say(f"--restart: moved the previous run to {moved}" if cfg.checkpoint.restart else
                 f"the previous run in {workdir} saved no checkpoint: its files moved to "
                 f"{moved}; starting over")  # fmt: skip
         sync("jaxpar:workdir-moved")
     log = MetricsLog(workdir / "metrics.jsonl", start, run.mode.stamp)
     if step is None:
         write_config(workdir, cfg, 0)
-        return workdir, Checkpoints(workdir, cfg.keep), log, run.init(), 0, []
+        return workdir, Checkpoints(workdir, keep), log, run.init(), 0, []
     try:
         saved = ckpts.manifest(step)
         check_fits(saved, run.identity(), step, ckpts.directory)
         check_optimizer_flags(saved, cfg, step, ckpts.directory)
         check_prune_schedule(saved, cfg, run.total, step, ckpts.directory)
-        check_replicas(saved, run.mode, run.spec, cfg.sync, step, ckpts.directory)
+        check_replicas(saved, run.mode, run.spec, cfg.parallelism.sync, step, ckpts.directory)
         state = ckpts.restore(step, run.abstract, run.shardings)
     except UserError:
         ckpts.close()  # stops Orbax's threads now, not noisily at interpreter exit
@@ -79,19 +80,20 @@ def open_workdir(run: Run, start: float):
 
 def scheduled(run: Run, line: dict) -> bool:
     """Whether this run writes `line` at its step (an evaluation or training line on schedule)."""
-    step, every = line["step"], run.cfg.log_every
+    step, every = line["step"], run.cfg.metrics.log_every
     if "eval_loss" in line:
-        every = run.cfg.eval_every or run.per_epoch
+        every = run.cfg.metrics.eval_every or run.per_epoch
     return step % every == 0 or step == run.total
 
 
 def check_optimizer_flags(saved: dict, cfg: Config, step: int, directory) -> None:
     """Name the flag when a change gives the optimizer state another structure (SGD's momentum
     buffer exists only with momentum > 0); other optimizer flags may change on resume."""
-    before = saved.get("config", {}).get("momentum", cfg.momentum)
-    if cfg.optimizer == "sgd" and (before > 0) != (cfg.momentum > 0):
+    now = cfg.optimization.momentum
+    before = Config.from_json(saved["config"]).optimization.momentum if "config" in saved else now
+    if cfg.optimization.optimizer == "sgd" and (before > 0) != (now > 0):
         raise UserError(
             f"checkpoint step {step} in {directory} was trained with --momentum {before}, which "
-            f"{'keeps' if before > 0 else 'has no'} a momentum buffer; --momentum {cfg.momentum} "
+            f"{'keeps' if before > 0 else 'has no'} a momentum buffer; --momentum {now} "
             f"cannot resume it: use a momentum {'> 0' if before > 0 else 'of 0'}, or --restart"
         )

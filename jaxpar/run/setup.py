@@ -84,7 +84,7 @@ class Run:
         return {
             **self.identity(),
             "format": FORMAT,
-            "precision": self.cfg.precision,
+            "precision": self.cfg.model.precision,
             "normalization": {
                 "mean": [float(m) for m in self.ds.mean],
                 "std": [float(s) for s in self.ds.std],
@@ -95,7 +95,7 @@ class Run:
             "processes": jax.process_count(),
             "partition_specs": {k: str(v) for k, v in spec_table(self.shardings, "0/").items()},
             "versions": versions(),
-            "config": dataclasses.asdict(self.cfg),
+            "config": dataclasses.asdict(self.cfg),  # in sections (`Config.from_json`)
             "prune_end": prune_end(self.cfg, self.total),
         }
 
@@ -111,9 +111,9 @@ class Run:
 
 def patch_size(cfg: Config, ds) -> int | None:
     """A ViT's patch size on `ds` (it shapes the parameters); None for other models."""
-    if not cfg.model.startswith("vit-"):
+    if not cfg.model.model.startswith("vit-"):
         return None
-    return check_patch_size(ds.image_shape, cfg.patch_size)
+    return check_patch_size(ds.image_shape, cfg.model.patch_size)
 
 
 def identity(cfg: Config, ds) -> dict:
@@ -121,80 +121,80 @@ def identity(cfg: Config, ds) -> dict:
     (`jaxpar.run.checkpoint.IDENTITY`: the model's and data's fields, and the modes' pins)."""
     c = cfg
     return {
-        "model": c.model,
-        "dataset": c.dataset,
+        "model": c.model.model,
+        "dataset": c.data.dataset,
         "image_shape": list(ds.image_shape),
         "num_classes": ds.num_classes,
-        "batch_size": c.batch_size,
-        "optimizer": c.optimizer,
-        "seed": c.seed,
+        "batch_size": c.optimization.batch_size,
+        "optimizer": c.optimization.optimizer,
+        "seed": c.optimization.seed,
         "patch_size": patch_size(c, ds),
-        "sync": None if c.sync == "every-step" else c.sync,
-        "revision": revision(c.model),
-        "freeze": c.freeze,
-        "prune_to": c.prune_to,
-        "qat": c.qat,
-        "teacher": c.teacher,
-        "federated": c.federated(),
-        "ema": c.ema is not None,  # the average rides in the optimizer state
+        "sync": None if c.parallelism.sync == "every-step" else c.parallelism.sync,
+        "revision": revision(c.model.model),
+        "freeze": c.model.freeze,
+        "prune_to": c.model.prune_to,
+        "qat": c.model.qat,
+        "teacher": c.model.teacher,
+        "federated": c.federated.settings(),
+        "ema": c.optimization.ema is not None,  # the average rides in the optimizer state
     }
 
 
 def setup(cfg: Config) -> Run:
-    spec = parse_mesh(cfg.mesh, jax.device_count())
+    m, o, d = cfg.model, cfg.optimization, cfg.data
+    spec = parse_mesh(cfg.parallelism.mesh, jax.device_count())
     mesh = make_mesh(spec)
-    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.labels, cfg.resize_sources)
+    ds = load_dataset(d.dataset, d.data_dir, d.labels, d.resize_sources)
     mode = mode_for(cfg, spec, ds)
     mode.check(cfg, mesh)
-    per_epoch = mode.steps_per_epoch(ds, cfg.batch_size)
-    total = cfg.steps or cfg.epochs * per_epoch
-    if cfg.schedule == "cosine" and cfg.warmup_steps >= total:
+    per_epoch = mode.steps_per_epoch(ds, o.batch_size)
+    total = o.steps or o.epochs * per_epoch
+    if o.schedule == "cosine" and o.warmup_steps >= total:
         raise UserError(
-            f"--warmup-steps {cfg.warmup_steps} leaves no step of the cosine decay in a run of "
+            f"--warmup-steps {o.warmup_steps} leaves no step of the cosine decay in a run of "
             f"{total} steps; use fewer warmup steps or more --steps/--epochs"
         )
-    dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
-    model_fn = partial(MODELS[cfg.model], ds.image_shape, ds.num_classes, dtype=dtype,
+    dtype = jnp.bfloat16 if m.precision == "bf16" else jnp.float32
+    model_fn = partial(MODELS[m.model], ds.image_shape, ds.num_classes, dtype=dtype,
                        **model_options(cfg, spec))  # fmt: skip
-    if cfg.qat:  # the model computes with int8-rounded weights; float ones are trained, saved
+    if m.qat:  # the model computes with int8-rounded weights; float ones are trained, saved
         model_fn = aware(model_fn, ds.image_shape)
     tx = mode.optimizer(cfg, total)
     # What --freeze trains and --prune-to prunes follows the parameters' logical axes.
     params = nnx.state(nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0))), nnx.Param)
-    tx = frozen(tx, head_paths(params)) if cfg.freeze else tx  # only the head trains
-    if cfg.prune_to is not None:  # masks in the optimizer state, applied after every update
+    tx = frozen(tx, head_paths(params)) if m.freeze else tx  # only the head trains
+    if m.prune_to is not None:  # masks in the optimizer state, applied after every update
         end, roles = prune_end(cfg, total), weight_roles(params)
-        tx = optax.chain(tx, magnitude_pruning(cfg.prune_to, cfg.prune_start, end, roles))
-    if cfg.ema is not None:  # outermost: the average of the parameters every update gives
-        tx = with_ema(tx, cfg.ema)
-    graphdef, abstract = abstract_state(model_fn, tx, cfg.seed)
+        tx = optax.chain(tx, magnitude_pruning(m.prune_to, m.prune_start, end, roles))
+    if o.ema is not None:  # outermost: the average of the parameters every update gives
+        tx = with_ema(tx, o.ema)
+    graphdef, abstract = abstract_state(model_fn, tx, o.seed)
     base, replicated = state_shardings(abstract, mesh)
     plain, mask = nnx.to_pure_dict(abstract), param_mask(abstract)
     abstract, shardings = mode.layout(plain, base, mesh, mask)
-    fresh = partial(init_state, model_fn, tx, base, cfg.seed)
-    if cfg.init_from:  # random weights, then those of --init-from (a fresh head if it differs)
-        fresh = starting_from(cfg.init_from, cfg.model, ds.image_shape, fresh, plain[0], base[0],
-                              say)  # fmt: skip
+    fresh = partial(init_state, model_fn, tx, base, o.seed)
+    if m.init_from:  # random weights, then those of --init-from (a fresh head if it differs)
+        fresh = starting_from(m.init_from, m.model, ds.image_shape, fresh, plain[0], base[0], say)
     laid = jax.jit(mode.init, out_shardings=shardings)
     init, step = (lambda: laid(fresh())), mode.step
-    if cfg.teacher:  # its parameters ride in the state, restored onto this mesh
+    if m.teacher:  # its parameters ride in the state, restored onto this mesh
         abstract, shardings, init, step = with_teacher(load_teacher(cfg, ds, mesh), abstract,
                                                        shardings, init, step)  # fmt: skip
     ndim = 1 + len(ds.image_shape)
-    loss = partial(loss_fn, smoothing=cfg.label_smoothing) if cfg.label_smoothing else loss_fn
-    compile = partial(compile_steps, graphdef, shardings, mesh, cfg.seed, ndim, preprocess(ds),
-                      accum=cfg.grad_accum, step=step, view=mode.view,
+    loss = partial(loss_fn, smoothing=o.label_smoothing) if o.label_smoothing else loss_fn
+    compile = partial(compile_steps, graphdef, shardings, mesh, o.seed, ndim, preprocess(ds),
+                      accum=cfg.parallelism.grad_accum, step=step, view=mode.view,
                       batch_ndims=mode.batch_ndims(ndim), loss=loss)  # fmt: skip
     ema_eval = None
-    if cfg.ema is not None:
+    if o.ema is not None:
         ema_eval = compile(view=lambda state: ema_view(mode.view(state)))[1]
     sync = None
     if mode.sync is not None:  # every H steps, its own program: the loop calls it (`synced`)
         sync = jax.jit(under_mesh(mode.sync, mesh), in_shardings=(shardings,),
                        out_shardings=shardings, donate_argnums=0)  # fmt: skip
-    schedule = make_schedule(cfg.lr, cfg.schedule, cfg.warmup_steps, total)
-    batches = partial(mode.batches, ds, cfg.batch_size, cfg.seed, mesh=mesh,
-                      workers=cfg.data_workers)  # fmt: skip
+    schedule = make_schedule(o.lr, o.schedule, o.warmup_steps, total)
+    batches = partial(mode.batches, ds, o.batch_size, o.seed, mesh=mesh,
+                      workers=d.data_workers)  # fmt: skip
     return Run(
         cfg, spec, mesh, ds, per_epoch, total, schedule, init, abstract, shardings, replicated,
         *compile(), compile(stacked=True)[0], compile, mode, sync, batches, ema_eval,
@@ -205,6 +205,10 @@ def model_options(cfg: Config, spec: MeshSpec) -> dict:
     """The model arguments that flags and mesh set: the ViT's patch size, rematerialisation and
     how its layer stack runs (a pipeline schedule over the ``stage`` axis, or one scan)."""
     stack = schedule_for(cfg, spec)  # also refuses a pipeline for the models that cannot
-    if not cfg.model.startswith("vit-"):
+    if not cfg.model.model.startswith("vit-"):
         return {}
-    return {"patch_size": cfg.patch_size, "remat": cfg.remat == "block", "stack": stack}
+    return {
+        "patch_size": cfg.model.patch_size,
+        "remat": cfg.parallelism.remat == "block",
+        "stack": stack,
+    }

@@ -33,7 +33,7 @@ RUN_FILES = (
 def resolve(cfg: Config) -> Path:
     """The run's workdir: ``--workdir``, else a new ``runs/DATE-TIME`` that process 0 names for
     the whole job (processes start at different times; one run must go to one folder)."""
-    workdir = Path(cfg.workdir or default_workdir())
+    workdir = Path(cfg.checkpoint.workdir or default_workdir())
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir {workdir} is a file; name a directory")
     return workdir

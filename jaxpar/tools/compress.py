@@ -79,16 +79,13 @@ def run_config(workdir: Path, mesh: str | None, data_dir: str | None):
     path = workdir / "config.json"
     if not path.is_file():
         raise UserError(f"{workdir} has no config.json: name a workdir of a train.py run")
-    saved = json.loads(path.read_text())
-    known = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in saved.items() if k in known})
-    return dataclasses.replace(
-        cfg, mesh=mesh or cfg.mesh, data_dir=data_dir or cfg.data_dir, workdir=str(workdir)
-    )
+    cfg = Config.from_json(json.loads(path.read_text()))  # in sections, or flat as before
+    return cfg.replace(mesh=mesh or cfg.parallelism.mesh, data_dir=data_dir or cfg.data.data_dir,
+                       workdir=str(workdir))  # fmt: skip
 
 
 def restore_run(cfg) -> Trained:
-    """`cfg.workdir`'s latest checkpoint on `cfg.mesh`, in a model computing in float32 (whatever
+    """`cfg`'s workdir's latest checkpoint on its mesh, in a model computing in float32 (whatever
     ``--precision`` the run trained with)."""
     import jax
     from flax import nnx
@@ -97,10 +94,10 @@ def restore_run(cfg) -> Trained:
     from jaxpar.data import load_dataset
     from jaxpar.tools.predict import latest, restored
 
-    workdir = Path(cfg.workdir)
+    workdir = Path(cfg.checkpoint.workdir)
     step, manifest = latest(workdir)
-    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.labels, cfg.resize_sources)
-    spec = parse_mesh(cfg.mesh, jax.device_count())
+    ds = load_dataset(cfg.data.dataset, cfg.data.data_dir, cfg.data.labels, cfg.data.resize_sources)
+    spec = parse_mesh(cfg.parallelism.mesh, jax.device_count())
     mesh = make_mesh(spec)
     graphdef, weights, _ = restored(workdir, step, manifest, mesh, precision="fp32")
     return Trained(workdir, step, manifest, cfg, ds, spec, mesh, nnx.merge(graphdef, weights))
@@ -126,7 +123,9 @@ def calibration_images(trained: Trained, batches: int):
     from jaxpar.data import preprocess, train_batches
 
     c, prepare = trained.cfg, preprocess(trained.ds)
-    batches = train_batches(trained.ds, c.batch_size, c.seed, range(batches), trained.mesh)
+    batches = train_batches(
+        trained.ds, c.optimization.batch_size, c.optimization.seed, range(batches), trained.mesh
+    )
     return jnp.concatenate([prepare(b["image"]) for b in batches])
 
 
@@ -185,19 +184,19 @@ def finetune_config(trained: Trained, sparsity: float, epochs: int):
     `sparsity` by the first update (ranked as `pruned_model` ranks them) and kept so, in
     ``WORKDIR/compress/<variant>-from-step-N-E-epochs``: a folder per checkpoint and length, so a
     later call resumes or reuses only the same fine-tuning."""
-    from jaxpar.run.config import Config
+    from jaxpar.run.config import Model
 
     t = trained
-    if t.cfg.clients is not None:
+    if t.cfg.federated.clients is not None:
         raise UserError(
             f"{t.workdir} is a federated run; --finetune-epochs trains centrally: prune it "
             "without fine-tuning (--finetune-epochs 0)"
         )
     out = t.workdir / "compress" / f"{variant_name(sparsity)}-from-step-{t.step}-{epochs}-epochs"
-    return dataclasses.replace(
-        t.cfg, workdir=str(out), init_from=str(t.workdir), prune_to=sparsity, prune_start=0,
+    return t.cfg.replace(
+        workdir=str(out), init_from=str(t.workdir), prune_to=sparsity, prune_start=0,
         prune_end=1, epochs=epochs, steps=None, teacher=None, profile_steps=None,
-        distill_temperature=Config.distill_temperature, distill_weight=Config.distill_weight,
+        distill_temperature=Model.distill_temperature, distill_weight=Model.distill_weight,
         warmup_steps=0,  # from trained weights: no warmup (the run's could outlast the epochs)
         checkpoint_every=0, restart=False, dry_run=False, project=None, json=False,
         coordinator=None, num_processes=None, process_id=None,
@@ -233,7 +232,7 @@ def evaluate(trained: Trained, model, passes: int = 3, seconds: float = 1.0):
         hits = (jnp.argmax(logits, -1) == batch["label"]) * batch["mask"]
         return jnp.stack([jnp.sum(hits), jnp.sum(batch["mask"])])
 
-    size = eval_batch_size(t.cfg.batch_size, len(t.ds.test_labels))
+    size = eval_batch_size(t.cfg.optimization.batch_size, len(t.ds.test_labels))
     batches = lambda: eval_batches(t.ds, size, t.mesh)  # noqa: E731
     if isinstance(t.ds.test_images, np.ndarray):  # the split fits in memory: keep it on devices
         kept = list(batches())
@@ -358,11 +357,11 @@ def compress(cfg, quantize=(), activations=None, prune=None, finetune_epochs=0,
 
     from jaxpar.run.loop import train
 
-    if "int8" in quantize and unsupported(cfg.model):
-        raise UserError(unsupported(cfg.model))
+    if "int8" in quantize and unsupported(cfg.model.model):
+        raise UserError(unsupported(cfg.model.model))
     t = restore_run(cfg)
     tuning = finetune_config(t, prune, finetune_epochs) if finetune_epochs else None
-    say(f"{t.workdir} step {t.step}: {t.manifest['model']} on {t.cfg.dataset}, mesh {t.spec}")
+    say(f"{t.workdir} step {t.step}: {t.manifest['model']} on {t.cfg.data.dataset}, mesh {t.spec}")
     timed = partial(measure, seconds=seconds)
     variants = [timed(t, "float32", t.model)]
     if "int8" in quantize:
@@ -381,7 +380,7 @@ def compress(cfg, quantize=(), activations=None, prune=None, finetune_epochs=0,
         if tuning is not None:
             extra["test_accuracy_before_finetune"] = evaluate(t, model, passes=0)[0]
             train(tuning)
-            model = restore_run(dataclasses.replace(cfg, workdir=tuning.workdir)).model
+            model = restore_run(cfg.replace(workdir=tuning.workdir)).model
         variants.append(timed(t, variant_name(prune), model, **extra))
     for v in variants:
         v["eval_vs_float32"] = v["eval_images_per_s"] / variants[0]["eval_images_per_s"]
@@ -442,9 +441,11 @@ def main(argv=None) -> int:
         cfg = run_config(args.workdir, args.mesh, args.data_dir)
         from jaxpar.core.mesh import check_batch_spec, parse_mesh, request_devices
 
-        spec = parse_mesh(cfg.mesh) if cfg.mesh else None
+        spec = parse_mesh(cfg.parallelism.mesh) if cfg.parallelism.mesh else None
         if spec is not None:
-            check_batch_spec(cfg.batch_size, spec)  # the evaluation batches split as training's
+            check_batch_spec(
+                cfg.optimization.batch_size, spec
+            )  # the evaluation batches split as training's
         request_devices(spec.size if spec else 1)  # before JAX starts
         quantize = tuple(args.quantize.split(",")) if args.quantize else ()
         variants = compress(cfg, quantize, args.activations, args.prune, args.finetune_epochs,

@@ -50,7 +50,7 @@ def plan(cfg: Config) -> dict:
             rows.append({"path": key[2:], "shape": list(a.shape), "spec": str(s.spec),
                          "bytes_per_device": per_device, "sharded_ways": ways})  # fmt: skip
     args = placed(abstract, run.shardings)
-    batch = run.mode.abstract_batch(run.ds, cfg.batch_size, run.mesh)
+    batch = run.mode.abstract_batch(run.ds, cfg.optimization.batch_size, run.mesh)
     lowered = run.train_step.lower(args, batch)
     compiled = lowered.compile()
     comm = run.comm_bytes_per_step(compiled, 1)
@@ -73,8 +73,10 @@ def plan(cfg: Config) -> dict:
         "collectives": collectives(compiled.as_text()),
         "replicated": [str(r) for r in run.replicated],
         "pipeline": pipeline_plan(run, per_stage),
-        "sync": {"mode": run.cfg.sync, "comm_bytes_per_step": comm},
-        "projection": projection(run, lowered, compiled, memory["peak"]) if cfg.project else None,
+        "sync": {"mode": run.cfg.parallelism.sync, "comm_bytes_per_step": comm},
+        "projection": projection(run, lowered, compiled, memory["peak"])
+        if cfg.metrics.project
+        else None,
     }
 
 
@@ -93,12 +95,12 @@ def projection(run, lowered, compiled, peak_bytes: int) -> dict:
         kernels(lowered.as_text(dialect="hlo")),
         ops,
         dict(run.mesh.shape),
-        parse_hardware(run.cfg.project),
-        run.cfg.batch_size,
-        run.cfg.precision,
+        parse_hardware(run.cfg.metrics.project),
+        run.cfg.optimization.batch_size,
+        run.cfg.model.precision,
         schedule.bubble if schedule else 0.0,
         peak_bytes,
-        run.cfg.steps_per_dispatch,
+        run.cfg.parallelism.steps_per_dispatch,
     )
 
 
@@ -108,7 +110,7 @@ def pipeline_plan(run, per_stage: dict) -> dict | None:
     if schedule is None:
         return None
     return {
-        "schedule": run.cfg.pipeline,
+        "schedule": run.cfg.parallelism.pipeline,
         "stages": schedule.stages,
         "microbatches": schedule.microbatches,
         "repeats": schedule.repeats,
