@@ -386,17 +386,17 @@ def test_checkpoint_listing_as_json_prints_json_alone(tmp_path):
     assert manifest["model"] == "mlp" and manifest["partition_specs"]
 
 
-def readme_block(marker: str) -> str:
-    """The README's ```python block that contains `marker`, as a user would paste it."""
-    blocks = (ROOT / "README.md").read_text().split("```python\n")[1:]
+def docs_block(marker: str) -> str:
+    """The ```python block of docs/checkpoints.md holding `marker`, as a user would paste it."""
+    blocks = (ROOT / "docs" / "checkpoints.md").read_text().split("```python\n")[1:]
     return next(b.split("```")[0] for b in blocks if marker in b)
 
 
 @pytest.mark.slow
-def test_readme_orbax_recipe_works_as_pasted_with_a_relative_path(tmp_path):
+def test_the_docs_orbax_recipe_works_as_pasted_with_a_relative_path(tmp_path):
     workdir = tmp_path / "runs" / "NAME"
     assert cli.main(["--steps", "330", "--mesh", "1", "--workdir", str(workdir)]) == 0
-    code = readme_block("PyTreeCheckpointer")
+    code = docs_block("PyTreeCheckpointer")
     assert '"runs/NAME/checkpoints/330/state"' in code  # relative: run from the workdir's parent
     code += '\nimport sys\nassert "jaxpar" not in sys.modules\n'
     code += 'print(kernel.shape, int(state["optimizer"]["step"]))\n'

@@ -228,10 +228,10 @@ def test_a_refused_cell_exits_2_naming_both_sides(cell, tmp_path, capsys):
     assert not workdir.exists()
 
 
-def test_the_readme_holds_the_generated_matrix():
-    readme = (ROOT / "README.md").read_text()
-    assert compose.table() in readme, (
-        "README's matrix is stale: paste python -m jaxpar.modes.compose"
+def test_the_docs_hold_the_generated_matrix():
+    page = (ROOT / "docs" / "composing.md").read_text()
+    assert compose.table() in page, (
+        "docs/composing.md's matrix is stale: paste python -m jaxpar.modes.compose"
     )
 
 

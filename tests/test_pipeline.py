@@ -214,8 +214,8 @@ def test_plan_shows_the_pipeline_and_remat_bounds_its_memory():
 
 
 @pytest.mark.slow
-def test_the_readme_pipeline_example_compiles_without_involuntary_rematerialization():
-    """The README's first pipeline example: XLA once printed "Involuntary full
+def test_the_docs_pipeline_example_compiles_without_involuntary_rematerialization():
+    """docs/pipeline.md's first example: XLA once printed "Involuntary full
     rematerialization" (the class token and position embeddings broadcast from their
     FSDP-split width into the batch's layout); they are gathered whole first now."""
     args = ["--model", "vit-tiny", "--mesh", "stage=2,data=2,fsdp=2", "--microbatches", "4"]

@@ -69,7 +69,7 @@ def constrain(x, *names):
 
 def default_patch_size(image_shape) -> int:
     """4 for images of at most 64 pixels, 16 above (ViT-B/16 at 224). Measured on the 8x8
-    digits (README, "ViT recipe"): patch 2's 16 tokens overfit the 1,437 images (87-91% in
+    digits (docs/models.md, "ViT recipe"): patch 2's 16 tokens overfit the 1,437 images (87-91% in
     eleven runs) where patch 4 reaches 98-99%; 4 on 32x32 is the CIFAR ViTs' (ViT-Lite-7/4)."""
     return 4 if max(image_shape[:2]) <= 64 else 16
 

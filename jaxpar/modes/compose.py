@@ -1,11 +1,11 @@
-"""Which training modes compose: one declared matrix, read by the config check, the README's table
-and the tests.
+"""Which training modes compose: one declared matrix, read by the config check,
+docs/composing.md's table and the tests.
 
 A `Feature` is a mode that flags turn on (``--sync local:H``, ``--prune-to``, ``--clients``...).
 Any two features are supported together unless `REFUSED` names the pair, and a feature runs on
 every model family unless `FAMILY_REFUSED` names the cell; each refusal carries its reason.
 `check` refuses a run that asks for a refused cell in one line (exit status 2, nothing written),
-naming both sides; ``python -m jaxpar.modes.compose`` prints the matrix for the README; and
+naming both sides; ``python -m jaxpar.modes.compose`` prints the matrix for docs/composing.md; and
 ``tests/test_compose.py`` runs every supported cell, generated from the same declarations:
 
 - a pair reduces to its parts: with one side at its `Feature.off` flags (``--sync local:1``,
