@@ -219,13 +219,15 @@ def run_file(path: str) -> dict:
     return values
 
 
+TAKES = {bool: bool, int: int, float: (int, float), str: str}  # a flag's type: TOML's values
+
+
 def _checked(value, kind, what: str):
     """`value` from a run file as the flag of type `kind` takes it, or a `UserError`."""
-    ok = (isinstance(value, bool) if kind is bool
-          else value in kind if isinstance(kind, list)
-          else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
-          else isinstance(value, int) and not isinstance(value, bool) if kind is int
-          else isinstance(value, str))  # fmt: skip
+    if isinstance(kind, list):  # choices
+        ok = value in kind
+    else:  # TOML's true is no number here, though Python's bool is an int
+        ok = isinstance(value, TAKES[kind]) and (kind is bool or not isinstance(value, bool))
     if not ok:
         names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
         expected = f"one of {', '.join(kind)}" if isinstance(kind, list) else names[kind]
