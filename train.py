@@ -219,6 +219,16 @@ def run_file(path: str) -> dict:
     return values
 
 
+def title(section: str) -> str:
+    """A --help group's heading: the run file's section, and what it holds where that says more.
+
+    >>> title("checkpoint"), title("data")
+    ('[checkpoint] workdir and checkpoints', '[data]')
+    """
+    about = SECTIONS[section].__doc__
+    return f"[{section}]" if about == section else f"[{section}] {about}"
+
+
 TAKES = {bool: bool, int: int, float: (int, float), str: str}  # a flag's type: TOML's values
 
 
@@ -248,7 +258,7 @@ def parse_args(argv) -> Config:
     parser.add_argument("--config", help="a run file (TOML, sections as the groups below: "
                         f"{', '.join(SECTIONS)}); flags given too override it")  # fmt: skip
     for section, flags in FLAGS.items():  # --help lists the flags by concern
-        group = parser.add_argument_group(SECTIONS[section].__doc__)
+        group = parser.add_argument_group(title(section))
         for flag, kind, help in flags:
             name = flag[2:].replace("-", "_")
             default = defaults[name]

@@ -124,7 +124,7 @@ def platforms():
 def test_emulated_cpu_devices_are_capped_only_where_the_cpu_computes(platforms, monkeypatch):
     import jaxpar.core.mesh as mesh
 
-    assert mesh.MAX_CPU_DEVICES >= 64  # the README's dry run of ResNet-50 on fsdp=64
+    assert mesh.MAX_CPU_DEVICES >= 64  # docs/runs.md's dry run of ResNet-50 on fsdp=64
     jaxpar.request_devices(mesh.MAX_CPU_DEVICES)
     with pytest.raises(jaxpar.UserError, match="at most 2048 CPU devices are emulated"):
         jaxpar.request_devices(mesh.MAX_CPU_DEVICES + 1)

@@ -16,7 +16,7 @@ from jaxpar.run.config import Config
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 
-# Each shipped run file and the command line it stands for (as its comment and the README say).
+# Each shipped run file and the command line it stands for (as its comment and docs/flags.md say).
 SHIPPED = {
     "mlp-digits.toml": "--mesh 2x2",
     "vit-lite-digits.toml": "--model vit-lite --mesh 2x2",

@@ -61,7 +61,7 @@ class Feature:
     """A mode of training that flags turn on, and how the tests exercise it."""
 
     name: str  # its row and column in the matrix
-    flag: str  # how errors and the README name it
+    flag: str  # how errors and docs/composing.md name it
     on: Callable  # Config -> whether a run uses it
     example: dict  # Config fields that turn it on in the tests (small; TEACHER, INIT: fixtures)
     off: dict | None = None  # fields at which it equals the run without it (None: none exist)
