@@ -220,7 +220,8 @@ def evaluate(trained: Trained, model, passes: int = 3, seconds: float = 1.0):
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxpar.data import eval_batch_size, eval_batches, preprocess
+    from jaxpar.data import preprocess
+    from jaxpar.run.evaluation import evaluation_batches
 
     t = trained
     graphdef, state = nnx.split(model)
@@ -232,11 +233,7 @@ def evaluate(trained: Trained, model, passes: int = 3, seconds: float = 1.0):
         hits = (jnp.argmax(logits, -1) == batch["label"]) * batch["mask"]
         return jnp.stack([jnp.sum(hits), jnp.sum(batch["mask"])])
 
-    size = eval_batch_size(t.cfg.optimization.batch_size, len(t.ds.test_labels))
-    batches = lambda: eval_batches(t.ds, size, t.mesh)  # noqa: E731
-    if isinstance(t.ds.test_images, np.ndarray):  # the split fits in memory: keep it on devices
-        kept = list(batches())
-        batches = lambda: kept  # noqa: E731
+    batches = evaluation_batches(t)  # the run's own evaluation batches, kept where they fit
 
     def one_pass():  # sums stay on the devices: one host sync per pass
         return np.asarray(sum(sums(state, b) for b in batches()))
@@ -380,7 +377,7 @@ def compress(cfg, quantize=(), activations=None, prune=None, finetune_epochs=0,
         if tuning is not None:
             extra["test_accuracy_before_finetune"] = evaluate(t, model, passes=0)[0]
             train(tuning)
-            model = restore_run(cfg.replace(workdir=tuning.workdir)).model
+            model = restore_run(cfg.replace(workdir=tuning.checkpoint.workdir)).model
         variants.append(timed(t, variant_name(prune), model, **extra))
     for v in variants:
         v["eval_vs_float32"] = v["eval_images_per_s"] / variants[0]["eval_images_per_s"]
