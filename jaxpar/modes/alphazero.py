@@ -1,0 +1,139 @@
+"""AlphaZero's self-play on the mesh (the first part of ``--game``, issue #32): games of a pgx
+environment, each move chosen by Gumbel MuZero search (mctx) with a policy-value network.
+
+Each device searches its own games with no traffic between devices inside the search: the games
+are split over the batch axes with `jax.shard_map` (mctx's descent is a `while_loop`; under plain
+GSPMD partitioning every descent step would synchronise the devices). mctx draws its noise from
+one key per call, so each game is searched as a batch of one (`jax.vmap` over the games), from
+its own key: (seed, iteration, the game's global index). The same seed then plays the same games
+on any mesh.
+
+The network is any jaxpar model with ``num_actions + 1`` outputs: the policy's logits, then the
+value (through tanh), both from the view of the player to move.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import mctx
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from jaxpar.core.errors import UserError
+from jaxpar.core.sharding import RULES
+
+
+def game(name: str):
+    """The pgx environment `name` (``tic_tac_toe``, ``connect_four``, ``othello``, ...)."""
+    import pgx  # here: importing pgx starts JAX's backend, which must wait for the device count
+
+    if name not in pgx.available_envs():
+        raise UserError(f"--game {name} is not a pgx game; choose one of "
+                        f"{', '.join(pgx.available_envs())}")  # fmt: skip
+    return pgx.make(name)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Samples:
+    """What self-play gives for training, per game and ply (leading axes ``[games, plies]``)."""
+
+    observation: jax.Array  # the position, from the view of the player to move
+    policy: jax.Array  # the search's improved policy (the target of the network's logits)
+    value: jax.Array  # the game's outcome for the player to move (+1, 0, -1)
+    valid: jax.Array  # a move was made at this ply (False once the game is over)
+
+
+def policy_value(graphdef, params, observation, legal):
+    """The network's policy logits (illegal moves at the lowest float) and value in [-1, 1]."""
+    out = nnx.merge(graphdef, params)(observation.astype(jnp.float32))
+    logits = jnp.where(legal, out[..., :-1], jnp.finfo(jnp.float32).min)
+    return logits, jnp.tanh(out[..., -1])
+
+
+def outcomes(reward, valid, ended):
+    """Each ply's value target from the mover's view, from the rewards of the moves (``[plies]``):
+    the move that ends the game takes its reward, each earlier one the negated value of the next
+    (the players alternate), and plies after the end 0.
+
+    >>> import numpy as np
+    >>> r = np.array([0, 0, 0, 0, 0, 1, 0, 0, 0.0])  # the sixth move wins
+    >>> v, e = np.arange(9) < 6, np.arange(9) == 5
+    >>> outcomes(r, v, e).tolist()
+    [-1.0, 1.0, -1.0, 1.0, -1.0, 1.0, 0.0, 0.0, 0.0]
+    """
+
+    def back(later, ply):
+        r, v, e = ply
+        z = jnp.where(v, r + jnp.where(e, 0.0, -later), 0.0)
+        return z, z
+
+    return jax.lax.scan(back, jnp.float32(0), (reward, valid, ended), reverse=True)[1]
+
+
+def play(env, graphdef, simulations: int, plies: int):
+    """``(params, key) -> Samples`` of one game played to the end (or `plies` moves)."""
+
+    def recurrent(params, key, action, state):
+        mover = state.current_player
+        state = jax.vmap(env.step)(state, action)
+        logits, value = policy_value(graphdef, params, state.observation, state.legal_action_mask)
+        out = mctx.RecurrentFnOutput(
+            reward=state.rewards[jnp.arange(action.shape[0]), mover],
+            discount=jnp.where(state.terminated, 0.0, -1.0),  # the other player moves next
+            prior_logits=logits,
+            value=jnp.where(state.terminated, 0.0, value),
+        )
+        return out, state
+
+    def one_game(params, key):
+        start, moves = jax.random.split(key)
+
+        def ply(state, t):
+            root = jax.tree.map(lambda x: x[None], state)  # a batch of one game
+            logits, value = policy_value(graphdef, params, root.observation,
+                                         root.legal_action_mask)  # fmt: skip
+            search = mctx.gumbel_muzero_policy(
+                params, jax.random.fold_in(moves, t),
+                mctx.RootFnOutput(prior_logits=logits, value=value, embedding=root), recurrent,
+                simulations, invalid_actions=~root.legal_action_mask,
+            )  # fmt: skip
+            after = env.step(state, search.action[0])  # nothing happens once the game is over
+            record = (
+                state.observation,
+                search.action_weights[0],
+                after.rewards[state.current_player],
+                ~state.terminated,
+                after.terminated,
+            )
+            return after, record  # fmt: skip
+
+        _, (obs, policy, reward, valid, ended) = jax.lax.scan(ply, env.init(start),
+                                                              jnp.arange(plies))  # fmt: skip
+        return Samples(obs, policy, outcomes(reward, valid, ended & valid), valid)
+
+    return one_game
+
+
+def selfplay(env, graphdef, mesh, seed: int, simulations: int, plies: int, together: int = 1):
+    """``(params, iteration, games) -> Samples``: the games whose global indices `games` holds,
+    split over the mesh's batch axes, each searched on its own device (jitted).
+
+    A device plays its games `together` at a time (`jax.lax.map`): the network then always sees
+    batches of `together` positions, whatever the mesh, and XLA's products round alike (on the
+    CPU, a product over 4 rows and one over 1 row differ in their last bits, which would change a
+    search). Each device's number of games must be a multiple of `together`."""
+    one_game = play(env, graphdef, simulations, plies)
+    games = PartitionSpec(tuple(a for a in RULES["batch"] if mesh.shape[a] > 1) or None)
+
+    def local(params, iteration, indices):
+        base = jax.random.fold_in(jax.random.key(seed), iteration)
+        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
+        return jax.lax.map(lambda k: one_game(params, k), keys, batch_size=together)
+
+    # check_vma=False: mctx's while_loop starts its carry from constants the same on every
+    # device and ends it with this device's values, which the check refuses; nothing crosses.
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(), games),
+                            out_specs=games, check_vma=False)  # fmt: skip
+    return jax.jit(sharded)

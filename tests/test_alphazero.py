@@ -1,0 +1,80 @@
+"""AlphaZero's self-play (`jaxpar.modes.alphazero`): the same seed plays the same games on any
+mesh, each device searching its own games with no collective in the compiled program, and the
+value targets are the games' outcomes from each mover's view."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxpar.core.errors import UserError
+from jaxpar.core.mesh import make_mesh, parse_mesh
+from jaxpar.cost.collectives import collective_ops
+from jaxpar.models import MLP
+from jaxpar.modes.alphazero import game, selfplay
+
+GAMES, SIMULATIONS, PLIES = 4, 8, 9
+
+
+@functools.cache
+def tic_tac_toe():
+    env = game("tic_tac_toe")
+    net = MLP(env.observation_shape, env.num_actions + 1, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(net)
+    return env, graphdef, params
+
+
+@functools.cache
+def played(mesh_text: str):
+    env, graphdef, params = tic_tac_toe()
+    mesh = make_mesh(parse_mesh(mesh_text, jax.device_count()))
+    run = selfplay(env, graphdef, mesh, seed=0, simulations=SIMULATIONS, plies=PLIES)
+    samples = run(params, 3, jnp.arange(GAMES))
+    return jax.tree.map(np.asarray, samples), run, params
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["data=2,fsdp=2", "2x2", "4x1"])
+def test_the_same_seed_plays_the_same_games_on_any_mesh(mesh):
+    one, _, _ = played("1")
+    other, _, _ = played(mesh)
+    for name in ("observation", "policy", "value", "valid"):
+        np.testing.assert_array_equal(getattr(one, name), getattr(other, name), err_msg=name)
+
+
+@pytest.mark.slow
+def test_each_game_is_its_own_and_iterations_differ():
+    one, run, params = played("1")
+    alone = jax.tree.map(np.asarray, run(params, 3, jnp.arange(2, 4)))  # games 2 and 3 alone
+    np.testing.assert_array_equal(alone.policy, one.policy[2:])
+    later = np.asarray(run(params, 4, jnp.arange(GAMES)).policy)
+    assert not np.array_equal(later, one.policy)
+
+
+@pytest.mark.slow
+def test_value_targets_are_the_outcomes_for_each_mover():
+    samples, _, _ = played("1")
+    for value, valid, policy in zip(samples.value, samples.valid, samples.policy, strict=True):
+        n = int(valid.sum())
+        assert 5 <= n <= PLIES and valid[:n].all() and not valid[n:].any()  # a prefix of moves
+        assert value[n - 1] in (-1.0, 0.0, 1.0) and not value[n:].any()
+        np.testing.assert_array_equal(value[: n - 1], -value[1:n])  # the players alternate
+        np.testing.assert_allclose(policy[:n].sum(-1), 1.0, rtol=1e-6)  # distributions
+    # a win is the last mover's: +1 for the move that ends the game (0 for a draw)
+    last = [float(v[int(m.sum()) - 1]) for v, m in zip(samples.value, samples.valid, strict=True)]
+    assert set(last) <= {0.0, 1.0}
+
+
+@pytest.mark.slow
+def test_the_search_runs_without_collectives():
+    _, run, params = played("data=2,fsdp=2")
+    text = run.lower(params, 3, jnp.arange(GAMES)).compile().as_text()
+    assert "while" in text and collective_ops(text) == []
+
+
+def test_an_unknown_game_is_named():
+    with pytest.raises(UserError, match="--game checkers is not a pgx game; choose one of"):
+        game("checkers")
