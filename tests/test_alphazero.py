@@ -14,7 +14,14 @@ from jaxpar.core.errors import UserError
 from jaxpar.core.mesh import make_mesh, parse_mesh
 from jaxpar.cost.collectives import collective_ops
 from jaxpar.models import MLP
-from jaxpar.modes.alphazero import game, selfplay
+from jaxpar.modes.alphazero import (
+    game,
+    match,
+    perfect_player,
+    random_player,
+    selfplay,
+    tic_tac_toe_values,
+)
 
 GAMES, SIMULATIONS, PLIES = 4, 8, 9
 
@@ -78,3 +85,32 @@ def test_the_search_runs_without_collectives():
 def test_an_unknown_game_is_named():
     with pytest.raises(UserError, match="--game checkers is not a pgx game; choose one of"):
         game("checkers")
+
+
+@pytest.mark.slow
+def test_perfect_play_never_loses_and_draws_itself():
+    env = game("tic_tac_toe")
+    key = jax.random.key(0)
+    assert match(env, perfect_player, perfect_player, 200, key) == {
+        "win": 0.0, "draw": 1.0, "loss": 0.0}  # fmt: skip
+    against_random = match(env, perfect_player, random_player, 1000, key)
+    assert against_random["loss"] == 0.0 and against_random["win"] > 0.8
+    chance = match(env, random_player, random_player, 1000, key)  # the match itself is fair
+    assert 0.3 < chance["win"] < 0.55 and 0.3 < chance["loss"] < 0.55
+
+
+def test_the_perfect_values_cover_every_position_reached_in_play():
+    values = tic_tac_toe_values()
+    reached, frontier = set(), {(0,) * 9}
+    while frontier:  # every position a game reaches, the mover's marks as 1
+        reached |= frontier
+        frontier = {
+            tuple((0, 2, 1)[c] for c in b[:m] + (1,) + b[m + 1 :])
+            for b in frontier
+            if values[sum(c * 3**i for i, c in enumerate(b))].max() > -2
+            for m in range(9)
+            if b[m] == 0
+        } - reached
+    assert len(reached) == 5478  # tic-tac-toe's legal positions
+    rows = [sum(c * 3**i for i, c in enumerate(b)) for b in reached]
+    assert sum(values[r].max() > -2 for r in rows) == 4520  # those with a move left

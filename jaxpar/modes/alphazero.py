@@ -10,13 +10,19 @@ on any mesh.
 
 The network is any jaxpar model with ``num_actions + 1`` outputs: the policy's logits, then the
 value (through tanh), both from the view of the player to move.
+
+Evaluation plays agents against each other (`match`): a uniformly random player, the network
+without search, and for tic-tac-toe perfect play (`perfect`, exact minimax over every position).
 """
 
 import dataclasses
+import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
 import mctx
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
@@ -137,3 +143,98 @@ def selfplay(env, graphdef, mesh, seed: int, simulations: int, plies: int, toget
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(), games),
                             out_specs=games, check_vma=False)  # fmt: skip
     return jax.jit(sharded)
+
+
+# Agents: ``(key, state) -> logits`` over the moves of a batch of positions (pgx states).
+
+
+def random_player(key, state):
+    """Every legal move alike."""
+    return jnp.where(state.legal_action_mask, 0.0, jnp.finfo(jnp.float32).min)
+
+
+def network_player(graphdef, params):
+    """The network's policy without search: its most likely legal move."""
+
+    def player(key, state):
+        logits, _ = policy_value(graphdef, params, state.observation, state.legal_action_mask)
+        return jnp.where(logits == logits.max(-1, keepdims=True), 0.0, jnp.finfo(jnp.float32).min)
+
+    return player
+
+
+_LINES = ((0, 1, 2), (3, 4, 5), (6, 7, 8), (0, 3, 6), (1, 4, 7), (2, 5, 8), (0, 4, 8), (2, 4, 6))
+
+
+@functools.cache
+def tic_tac_toe_values() -> np.ndarray:
+    """Every tic-tac-toe move's value under perfect play, for the player making it: row
+    ``sum(cell_i * 3**i)`` of a position (a cell 0 empty, 1 the mover's, 2 the opponent's; the
+    cells of pgx's observation, row by row), column the move; -2 where the move is illegal or the
+    game is over. Exact minimax over every position (a fraction of a second).
+
+    >>> values = tic_tac_toe_values()
+    >>> values[0].tolist()  # the empty board: every first move draws
+    [0, 0, 0, 0, 0, 0, 0, 0, 0]
+    >>> values[1 + 3 + 2 * 27 + 2 * 81].tolist()  # two each in the top and middle rows: win, block
+    [-2, -2, 1, -2, -2, 0, -1, -1, -1]
+    """
+
+    def won(board, mark):
+        return any(all(board[i] == mark for i in line) for line in _LINES)
+
+    def after(board, move):  # the mover marks `move`; then the other player moves
+        return tuple((0, 2, 1)[c] for c in board[:move] + (1,) + board[move + 1 :])
+
+    @functools.cache
+    def value(board):  # for the player to move
+        if won(board, 2):
+            return -1
+        if 0 not in board:
+            return 0
+        return max(-value(after(board, m)) for m in range(9) if board[m] == 0)
+
+    table = np.full((3**9, 9), -2, np.int8)
+    for board in itertools.product((0, 1, 2), repeat=9):
+        if not (won(board, 1) or won(board, 2) or 0 not in board):
+            row = sum(c * 3**i for i, c in enumerate(board))
+            for m in range(9):
+                if board[m] == 0:
+                    table[row, m] = -value(after(board, m))
+    return table
+
+
+def perfect_player(key, state):
+    """Tic-tac-toe's perfect play: any of the best moves (`tic_tac_toe_values`)."""
+    cells = state.observation.reshape(*state.observation.shape[:-3], 9, 2).astype(jnp.int32)
+    rows = (cells[..., 0] + 2 * cells[..., 1]) @ (3 ** jnp.arange(9))
+    values = jnp.asarray(tic_tac_toe_values())[rows].astype(jnp.float32)
+    best = values == values.max(-1, keepdims=True)
+    return jnp.where(best & state.legal_action_mask, 0.0, jnp.finfo(jnp.float32).min)
+
+
+def match(env, first, second, games: int, key) -> dict:
+    """`games` games of agent `first` against agent `second`, each sampling its moves from its
+    logits; who opens is drawn per game. Returns `first`'s ``win``, ``draw`` and ``loss`` rates."""
+
+    @jax.jit
+    def play(key):
+        start, sides, key = jax.random.split(key, 3)
+        state = jax.vmap(env.init)(jax.random.split(start, games))
+        first_is = jax.random.bernoulli(sides, 0.5, (games,)).astype(jnp.int32)  # its player id
+
+        def move(carry):
+            state, key, score = carry
+            key, a, b = jax.random.split(key, 3)
+            mine = state.current_player == first_is
+            action = jnp.where(mine, jax.random.categorical(a, first(a, state)),
+                               jax.random.categorical(b, second(b, state)))  # fmt: skip
+            state = jax.vmap(env.step)(state, action)
+            return state, key, score + state.rewards[jnp.arange(games), first_is]
+
+        done = lambda carry: ~carry[0].terminated.all()  # noqa: E731
+        return jax.lax.while_loop(done, move, (state, key, jnp.zeros(games)))[2]
+
+    score = np.asarray(play(key))
+    return {"win": float((score > 0).mean()), "draw": float((score == 0).mean()),
+            "loss": float((score < 0).mean())}  # fmt: skip
