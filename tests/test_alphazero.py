@@ -15,7 +15,10 @@ from jaxpar.core.mesh import make_mesh, parse_mesh
 from jaxpar.cost.collectives import collective_ops
 from jaxpar.models import MLP
 from jaxpar.modes.alphazero import (
+    Replay,
+    Samples,
     game,
+    loss,
     match,
     perfect_player,
     random_player,
@@ -114,3 +117,43 @@ def test_the_perfect_values_cover_every_position_reached_in_play():
     assert len(reached) == 5478  # tic-tac-toe's legal positions
     rows = [sum(c * 3**i for i, c in enumerate(b)) for b in reached]
     assert sum(values[r].max() > -2 for r in rows) == 4520  # those with a move left
+
+
+def test_the_replay_ring_keeps_the_last_positions_in_order():
+    obs = jax.ShapeDtypeStruct((2,), jnp.int32)
+    ring = Replay.empty(5, obs, actions=3)
+    valid = np.array([[True, True, False], [True, False, False]])  # 2 games: 2 and 1 moves
+    samples = Samples(
+        observation=np.arange(12).reshape(2, 3, 2), policy=np.ones((2, 3, 3)) / 3,
+        value=np.array([[1.0, -1.0, 0.0], [0.5, 0.0, 0.0]]), valid=valid,
+    )  # fmt: skip
+    ring = jax.jit(Replay.remember)(ring, samples)
+    assert ring.filled.tolist() == [True, True, True, False, False] and int(ring.position) == 3
+    assert ring.observation[:3].tolist() == [[0, 1], [2, 3], [6, 7]]  # game 0's plies, game 1's
+    assert ring.value[:3].tolist() == [1.0, -1.0, 0.5]
+    ring = ring.remember(samples)  # wraps: positions 3, 4, then 0
+    assert int(ring.position) == 1 and ring.filled.all()
+    assert ring.observation.tolist() == [[6, 7], [2, 3], [6, 7], [0, 1], [2, 3]]
+    many = Replay.empty(2, obs, actions=3).remember(samples)  # 3 positions, room for 2: the last
+    assert many.observation.tolist() == [[6, 7], [2, 3]] and int(many.position) == 1
+    drawn = ring.sample(jax.random.key(0), 64)
+    assert drawn["observation"].shape == (64, 2)
+    half = Replay.empty(5, obs, actions=3).remember(samples)
+    chosen = half.sample(jax.random.key(1), 200)["observation"].tolist()
+    assert all(o in ([0, 1], [2, 3], [6, 7]) for o in chosen)  # only filled entries
+
+
+def test_the_loss_is_cross_entropy_plus_squared_error():
+    env, graphdef, params = tic_tac_toe()
+    rng = np.random.default_rng(0)
+    observation = rng.integers(0, 2, (6, 3, 3, 2)).astype(bool)
+    policy = rng.dirichlet(np.ones(9), 6).astype(np.float32)
+    value = rng.choice([-1.0, 0.0, 1.0], 6).astype(np.float32)
+    batch = {"observation": observation, "policy": policy, "value": value}
+    total, parts = loss(graphdef, params, batch)
+    out = np.asarray(nnx.merge(graphdef, params)(observation.astype(np.float32)), np.float64)
+    logits = out[:, :-1] - out[:, :-1].max(-1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ce, se = -(policy * log_p).sum(-1).mean(), np.square(np.tanh(out[:, -1]) - value).mean()
+    np.testing.assert_allclose([parts["policy_loss"], parts["value_loss"]], [ce, se], rtol=1e-5)
+    np.testing.assert_allclose(total, ce + se, rtol=1e-5)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import mctx
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import PartitionSpec
 
@@ -143,6 +144,61 @@ def selfplay(env, graphdef, mesh, seed: int, simulations: int, plies: int, toget
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(), games),
                             out_specs=games, check_vma=False)  # fmt: skip
     return jax.jit(sharded)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Replay:
+    """The last positions self-play gave, a ring of `size` entries (in the train state)."""
+
+    observation: jax.Array  # [size, *observation shape]
+    policy: jax.Array  # [size, actions]
+    value: jax.Array  # [size]
+    filled: jax.Array  # [size] bool: an entry holds a position
+    position: jax.Array  # int32: where the next position goes
+
+    @classmethod
+    def empty(cls, size: int, observation, actions: int) -> "Replay":
+        """`observation`: one position's shape and dtype (``jax.ShapeDtypeStruct``)."""
+        return cls(jnp.zeros((size, *observation.shape), observation.dtype),
+                   jnp.zeros((size, actions), jnp.float32), jnp.zeros(size, jnp.float32),
+                   jnp.zeros(size, bool), jnp.int32(0))  # fmt: skip
+
+    def remember(self, samples: Samples) -> "Replay":
+        """This ring with the positions of `samples` written on, game by game (in the order of
+        their global indices), ply by ply; only the last `size` when there are more."""
+        size = self.filled.shape[0]
+        valid = samples.valid.reshape(-1)
+        rank = jnp.cumsum(valid) - 1  # a position's place among this iteration's
+        count = rank[-1] + 1
+        keep = valid & (rank >= count - size)
+        slot = jnp.where(keep, (self.position + rank) % size, size)  # size: dropped
+
+        def put(ring, new):
+            new = new.reshape(-1, *ring.shape[1:]).astype(ring.dtype)
+            return ring.at[slot].set(new, mode="drop")
+
+        return Replay(put(self.observation, samples.observation),
+                      put(self.policy, samples.policy), put(self.value, samples.value),
+                      self.filled.at[slot].set(True, mode="drop"),
+                      (self.position + count) % size)  # fmt: skip
+
+    def sample(self, key, batch: int) -> dict:
+        """`batch` positions drawn uniformly (with replacement) from the filled entries."""
+        chosen = jax.random.choice(key, self.filled.shape[0], (batch,),
+                                   p=self.filled / self.filled.sum())  # fmt: skip
+        return {"observation": self.observation[chosen], "policy": self.policy[chosen],
+                "value": self.value[chosen]}  # fmt: skip
+
+
+def loss(graphdef, params, batch: dict):
+    """AlphaZero's loss on positions: cross-entropy of the network's policy against the
+    search's, plus the squared error of its value against the game's outcome. Returns
+    ``(loss, {"policy_loss", "value_loss"})``."""
+    out = nnx.merge(graphdef, params)(batch["observation"].astype(jnp.float32))
+    policy = jnp.mean(optax.softmax_cross_entropy(out[..., :-1], batch["policy"]))
+    value = jnp.mean(jnp.square(jnp.tanh(out[..., -1]) - batch["value"]))
+    return policy + value, {"policy_loss": policy, "value_loss": value}
 
 
 # Agents: ``(key, state) -> logits`` over the moves of a batch of positions (pgx states).
