@@ -23,9 +23,11 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))  # pgx installs a `tests`
+import torch_reference as ref  # noqa: E402
+
 from jaxpar.tools.predict import predict  # noqa: E402
 from jaxpar.tools.weights import import_weights  # noqa: E402
-from tests import torch_reference as ref  # noqa: E402
 
 
 def network(name: str):

@@ -19,7 +19,8 @@ from jaxpar.modes.alphazero import (
     Samples,
     game,
     loss,
-    match,
+    matcher,
+    network_player,
     perfect_player,
     random_player,
     selfplay,
@@ -94,11 +95,11 @@ def test_an_unknown_game_is_named():
 def test_perfect_play_never_loses_and_draws_itself():
     env = game("tic_tac_toe")
     key = jax.random.key(0)
-    assert match(env, perfect_player, perfect_player, 200, key) == {
+    assert matcher(env, perfect_player, perfect_player, 200)(None, key) == {
         "win": 0.0, "draw": 1.0, "loss": 0.0}  # fmt: skip
-    against_random = match(env, perfect_player, random_player, 1000, key)
+    against_random = matcher(env, perfect_player, random_player, 1000)(None, key)
     assert against_random["loss"] == 0.0 and against_random["win"] > 0.8
-    chance = match(env, random_player, random_player, 1000, key)  # the match itself is fair
+    chance = matcher(env, random_player, random_player, 1000)(None, key)  # the match is fair
     assert 0.3 < chance["win"] < 0.55 and 0.3 < chance["loss"] < 0.55
 
 
@@ -157,3 +158,14 @@ def test_the_loss_is_cross_entropy_plus_squared_error():
     ce, se = -(policy * log_p).sum(-1).mean(), np.square(np.tanh(out[:, -1]) - value).mean()
     np.testing.assert_allclose([parts["policy_loss"], parts["value_loss"]], [ce, se], rtol=1e-5)
     np.testing.assert_allclose(total, ce + se, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_one_compiled_match_serves_any_network_parameters():
+    env, graphdef, params = tic_tac_toe()
+    play = matcher(env, network_player(graphdef), perfect_player, 100)
+    untrained = play(params, jax.random.key(0))
+    assert untrained["win"] == 0.0 and untrained["loss"] > 0.2  # no one beats perfect play
+    other = jax.tree.map(lambda x: -x, params)
+    assert play(other, jax.random.key(0)) != untrained  # the same program, other weights
+    assert play.program._cache_size() == 1  # compiled once (jax.jit's count of its programs)

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+import torch_reference as ref  # beside this file (pgx installs a package named tests)
 from flax import nnx
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -31,7 +32,6 @@ from jaxpar.tools import predict as predict_cli
 from jaxpar.tools import weights as weights_cli
 from jaxpar.tools.predict import predict
 from jaxpar.tools.weights import import_weights
-from tests import torch_reference as ref
 
 
 def save(net, path: Path, names=lambda d: d) -> Path:

@@ -11,7 +11,7 @@ on any mesh.
 The network is any jaxpar model with ``num_actions + 1`` outputs: the policy's logits, then the
 value (through tanh), both from the view of the player to move.
 
-Evaluation plays agents against each other (`match`): a uniformly random player, the network
+Evaluation plays players against each other (`matcher`): a uniformly random player, the network
 without search, and for tic-tac-toe perfect play (`perfect`, exact minimax over every position).
 """
 
@@ -201,18 +201,20 @@ def loss(graphdef, params, batch: dict):
     return policy + value, {"policy_loss": policy, "value_loss": value}
 
 
-# Agents: ``(key, state) -> logits`` over the moves of a batch of positions (pgx states).
+# Players: ``(params, key, state) -> logits`` over the moves of a batch of positions (pgx
+# states); `params` are the network's (the others ignore them), an argument of the compiled
+# match rather than a constant in it, so one program serves every evaluation of a run.
 
 
-def random_player(key, state):
+def random_player(params, key, state):
     """Every legal move alike."""
     return jnp.where(state.legal_action_mask, 0.0, jnp.finfo(jnp.float32).min)
 
 
-def network_player(graphdef, params):
+def network_player(graphdef):
     """The network's policy without search: its most likely legal move."""
 
-    def player(key, state):
+    def player(params, key, state):
         logits, _ = policy_value(graphdef, params, state.observation, state.legal_action_mask)
         return jnp.where(logits == logits.max(-1, keepdims=True), 0.0, jnp.finfo(jnp.float32).min)
 
@@ -260,7 +262,7 @@ def tic_tac_toe_values() -> np.ndarray:
     return table
 
 
-def perfect_player(key, state):
+def perfect_player(params, key, state):
     """Tic-tac-toe's perfect play: any of the best moves (`tic_tac_toe_values`)."""
     cells = state.observation.reshape(*state.observation.shape[:-3], 9, 2).astype(jnp.int32)
     rows = (cells[..., 0] + 2 * cells[..., 1]) @ (3 ** jnp.arange(9))
@@ -269,12 +271,13 @@ def perfect_player(key, state):
     return jnp.where(best & state.legal_action_mask, 0.0, jnp.finfo(jnp.float32).min)
 
 
-def match(env, first, second, games: int, key) -> dict:
-    """`games` games of agent `first` against agent `second`, each sampling its moves from its
-    logits; who opens is drawn per game. Returns `first`'s ``win``, ``draw`` and ``loss`` rates."""
+def matcher(env, first, second, games: int):
+    """``(params, key) -> {"win", "draw", "loss"}``: `games` games of player `first` against
+    player `second`, each sampling its moves from its logits, who opens drawn per game; the rates
+    are `first`'s. Compiled once, for any `params`."""
 
     @jax.jit
-    def play(key):
+    def play(params, key):
         start, sides, key = jax.random.split(key, 3)
         state = jax.vmap(env.init)(jax.random.split(start, games))
         first_is = jax.random.bernoulli(sides, 0.5, (games,)).astype(jnp.int32)  # its player id
@@ -283,14 +286,18 @@ def match(env, first, second, games: int, key) -> dict:
             state, key, score = carry
             key, a, b = jax.random.split(key, 3)
             mine = state.current_player == first_is
-            action = jnp.where(mine, jax.random.categorical(a, first(a, state)),
-                               jax.random.categorical(b, second(b, state)))  # fmt: skip
+            action = jnp.where(mine, jax.random.categorical(a, first(params, a, state)),
+                               jax.random.categorical(b, second(params, b, state)))  # fmt: skip
             state = jax.vmap(env.step)(state, action)
             return state, key, score + state.rewards[jnp.arange(games), first_is]
 
         done = lambda carry: ~carry[0].terminated.all()  # noqa: E731
         return jax.lax.while_loop(done, move, (state, key, jnp.zeros(games)))[2]
 
-    score = np.asarray(play(key))
-    return {"win": float((score > 0).mean()), "draw": float((score == 0).mean()),
-            "loss": float((score < 0).mean())}  # fmt: skip
+    def rates(params, key) -> dict:
+        score = np.asarray(play(params, key))
+        return {"win": float((score > 0).mean()), "draw": float((score == 0).mean()),
+                "loss": float((score < 0).mean())}  # fmt: skip
+
+    rates.program = play
+    return rates
