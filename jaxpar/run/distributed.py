@@ -20,8 +20,11 @@ import jax
 
 from jaxpar.core.errors import UserError
 
-# A dead peer is noticed by the coordination service within this time (JAX's default is 100 s).
-HEARTBEAT_TIMEOUT_S = 20
+# A silent peer is noticed by the coordination service within this time (JAX's default is 100 s).
+# A crashed peer is noticed at once (its collectives break); this bound is for hung hosts, and
+# must outlast stalls of a loaded machine: at 20 s, one CI run saw both processes of a healthy
+# 2-process job declared silent at once (by the wall clock, it seems: 18 s after the test began).
+HEARTBEAT_TIMEOUT_S = 60
 INIT_TIMEOUT_S = 120  # --init-timeout's default: how long processes wait for each other to start
 # The variables JAX's cluster detection reads (jax/_src/clusters/slurm_cluster.py and
 # ompi_cluster.py), the task count first: SLURM's srun and Open MPI's mpirun set them per task.
