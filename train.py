@@ -128,6 +128,18 @@ FLAGS = {
         ("--dp-noise", float, "DP-FedAvg: noise multiplier z (std z*clip/m on the mean)"),
         ("--secure-agg", bool, "simulate secure aggregation's fixed-point sums (mod 2^32)"),
     ],
+    "game": [
+        (
+            "--game",
+            str,
+            "train AlphaZero by self-play on this pgx game: tic_tac_toe, connect_four, othello, "
+            "hex, go_9x9, animal_shogi, gardner_chess",
+        ),  # fmt: skip
+        ("--simulations", int, "simulations of Gumbel MuZero's search (mctx) per move"),
+        ("--selfplay-games", int, "games of self-play per iteration, over all batch devices"),
+        ("--replay-size", int, "positions the replay ring keeps"),
+        ("--updates-per-iteration", int, "optimizer updates per iteration, --batch-size each"),
+    ],
     "checkpoint": [
         ("--workdir", str, "where the run writes (None: runs/DATE-TIME)"),
         ("--restart", bool, "start over in a used workdir, its run moved into previous-DATE-TIME/"),

@@ -151,7 +151,7 @@ def test_the_loss_is_cross_entropy_plus_squared_error():
     policy = rng.dirichlet(np.ones(9), 6).astype(np.float32)
     value = rng.choice([-1.0, 0.0, 1.0], 6).astype(np.float32)
     batch = {"observation": observation, "policy": policy, "value": value}
-    total, parts = loss(graphdef, params, batch)
+    total, parts = loss(nnx.merge(graphdef, params), batch)
     out = np.asarray(nnx.merge(graphdef, params)(observation.astype(np.float32)), np.float64)
     logits = out[:, :-1] - out[:, :-1].max(-1, keepdims=True)
     log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))

@@ -79,8 +79,9 @@ def outcomes(reward, valid, ended):
     return jax.lax.scan(back, jnp.float32(0), (reward, valid, ended), reverse=True)[1]
 
 
-def play(env, graphdef, simulations: int, plies: int):
-    """``(params, key) -> Samples`` of one game played to the end (or `plies` moves)."""
+def searcher(env, graphdef, simulations: int):
+    """``(params, key, state) -> mctx.PolicyOutput``: Gumbel MuZero's search of one position (a
+    pgx state), as a batch of one (mctx draws its noise from one key per call)."""
 
     def recurrent(params, key, action, state):
         mover = state.current_player
@@ -94,27 +95,35 @@ def play(env, graphdef, simulations: int, plies: int):
         )
         return out, state
 
+    def search(params, key, state):
+        root = jax.tree.map(lambda x: x[None], state)
+        logits, value = policy_value(graphdef, params, root.observation, root.legal_action_mask)
+        return mctx.gumbel_muzero_policy(
+            params, key, mctx.RootFnOutput(prior_logits=logits, value=value, embedding=root),
+            recurrent, simulations, invalid_actions=~root.legal_action_mask,
+        )  # fmt: skip
+
+    return search
+
+
+def play(env, graphdef, simulations: int, plies: int):
+    """``(params, key) -> Samples`` of one game played to the end (or `plies` moves)."""
+    search = searcher(env, graphdef, simulations)
+
     def one_game(params, key):
         start, moves = jax.random.split(key)
 
         def ply(state, t):
-            root = jax.tree.map(lambda x: x[None], state)  # a batch of one game
-            logits, value = policy_value(graphdef, params, root.observation,
-                                         root.legal_action_mask)  # fmt: skip
-            search = mctx.gumbel_muzero_policy(
-                params, jax.random.fold_in(moves, t),
-                mctx.RootFnOutput(prior_logits=logits, value=value, embedding=root), recurrent,
-                simulations, invalid_actions=~root.legal_action_mask,
-            )  # fmt: skip
-            after = env.step(state, search.action[0])  # nothing happens once the game is over
+            chosen = search(params, jax.random.fold_in(moves, t), state)
+            after = env.step(state, chosen.action[0])  # nothing happens once the game is over
             record = (
                 state.observation,
-                search.action_weights[0],
+                chosen.action_weights[0],
                 after.rewards[state.current_player],
                 ~state.terminated,
                 after.terminated,
             )
-            return after, record  # fmt: skip
+            return after, record
 
         _, (obs, policy, reward, valid, ended) = jax.lax.scan(ply, env.init(start),
                                                               jnp.arange(plies))  # fmt: skip
@@ -191,11 +200,11 @@ class Replay:
                 "value": self.value[chosen]}  # fmt: skip
 
 
-def loss(graphdef, params, batch: dict):
+def loss(model, batch: dict):
     """AlphaZero's loss on positions: cross-entropy of the network's policy against the
     search's, plus the squared error of its value against the game's outcome. Returns
     ``(loss, {"policy_loss", "value_loss"})``."""
-    out = nnx.merge(graphdef, params)(batch["observation"].astype(jnp.float32))
+    out = model(batch["observation"].astype(jnp.float32))
     policy = jnp.mean(optax.softmax_cross_entropy(out[..., :-1], batch["policy"]))
     value = jnp.mean(jnp.square(jnp.tanh(out[..., -1]) - batch["value"]))
     return policy + value, {"policy_loss": policy, "value_loss": value}
@@ -262,6 +271,20 @@ def tic_tac_toe_values() -> np.ndarray:
     return table
 
 
+def search_player(env, graphdef, simulations: int):
+    """The network with search (`searcher`), each position searched from its own key: the move
+    the search chooses."""
+    search = searcher(env, graphdef, simulations)
+
+    def player(params, key, state):
+        keys = jax.random.split(key, state.current_player.shape[0])
+        action = jax.vmap(lambda k, s: search(params, k, s).action[0])(keys, state)
+        chosen = jax.nn.one_hot(action, state.legal_action_mask.shape[-1], dtype=bool)
+        return jnp.where(chosen, 0.0, jnp.finfo(jnp.float32).min)
+
+    return player
+
+
 def perfect_player(params, key, state):
     """Tic-tac-toe's perfect play: any of the best moves (`tic_tac_toe_values`)."""
     cells = state.observation.reshape(*state.observation.shape[:-3], 9, 2).astype(jnp.int32)
@@ -295,7 +318,7 @@ def matcher(env, first, second, games: int):
         return jax.lax.while_loop(done, move, (state, key, jnp.zeros(games)))[2]
 
     def rates(params, key) -> dict:
-        score = np.asarray(play(params, key))
+        score = np.asarray(play(params, key).addressable_data(0))  # replicated
         return {"win": float((score > 0).mean()), "draw": float((score == 0).mean()),
                 "loss": float((score < 0).mean())}  # fmt: skip
 

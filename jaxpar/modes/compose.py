@@ -121,6 +121,9 @@ FEATURES = [
     # The average never changes the training: on, the losses are the run's without it.
     Feature("ema", "--ema DECAY", lambda c: c.optimization.ema is not None, {"ema": 0.9}, off={},
             pins=("ema",)),
+    Feature("game", "--game NAME", lambda c: c.game.game is not None,
+            {"game": "tic_tac_toe", "simulations": 4, "selfplay_games": 16, "replay_size": 256,
+             "updates_per_iteration": 2}, pins=("game",)),
 ]  # fmt: skip
 BY_NAME = {f.name: f for f in FEATURES}
 
@@ -153,6 +156,16 @@ REFUSED = {  # {feature, feature} -> why the two do not run together
                                     "retrain; prune without --freeze, or prune the trained run "
                                     "with python -m jaxpar.compress",
 }  # fmt: skip
+_SELFPLAY = "not yet: an AlphaZero iteration is self-play and plain updates of one network"
+REFUSED |= {  # --game with every other mode: none composes with self-play yet
+    frozenset({"game", f.name}): _SELFPLAY for f in FEATURES if f.name != "game"
+}  # fmt: skip
+REFUSED |= {
+    frozenset({"game", "federated"}): "the clients' data are examples; a game makes its own",
+    frozenset({"game", "mixture"}): "a game makes its own data by self-play",
+    frozenset({"game", "workers"}): "a game makes its own data by self-play, on the devices",
+    frozenset({"game", "pipeline"}): "the policy-value network is an MLP: it has no stages",
+}
 FAMILY_REFUSED = {  # (feature, family) -> why the feature does not run on that family
     ("pipeline", "mlp"): "its layers are not uniform: only the ViTs' stacked blocks split into "
                          "stages",
@@ -162,6 +175,8 @@ FAMILY_REFUSED = {  # (feature, family) -> why the feature does not run on that 
                              "batches",
     ("qat", "vit"): "qwix replaces each weight as a module attribute, and a ViT's scanned "
                     "blocks are one stacked array per weight that it cannot replace",
+    ("game", "resnet"): "not yet: BatchNorm's statistics in self-play and training",
+    ("game", "vit"): "not yet: a position is no image of patches",
 }  # fmt: skip
 _VMAPPED_CONV = ("XLA's partitioner (jax 0.10.2) miscompiles convolutions vmapped over the "
                  "replicas with their channels sharded over model: the losses change; use "

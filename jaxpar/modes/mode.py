@@ -19,6 +19,8 @@ class Mode:
     """What a run's mode decides besides its step: here, what a mode of one batch per step does."""
 
     unit = "step"  # what the printed progress counts (a federated run's: rounds)
+    rate = "examples_per_s"  # the training lines' speed: `examples_per_step` per second
+    eval_key = "eval_accuracy"  # a key every evaluation line holds
 
     def optimizer(self, cfg, total: int) -> optax.GradientTransformation:
         """The optimizer the state holds (a schedule over `total` steps)."""
@@ -61,6 +63,17 @@ class Mode:
     def traffic(self, param_bytes: int) -> dict:
         """Constant keys of every training line (a federated round's bytes)."""
         return {}
+
+    def shown(self, line: dict) -> dict:
+        """What the progress line shows of an evaluation `line`."""
+        return {"eval_loss": line["eval_loss"], "eval_accuracy": line["eval_accuracy"]}
+
+    def summary(self, line: dict) -> str:
+        """The run's last words on its last evaluation `line`."""
+        ema = (f"; its weights' moving average {line['ema_eval_accuracy']:.2%}"
+               if "ema_eval_accuracy" in line else "")  # fmt: skip
+        return (f"final test accuracy {line['eval_accuracy']:.2%} (eval_loss "
+                f"{line['eval_loss']:.4f}) at step {line['step']}{ema}")  # fmt: skip
 
     def announce(self, workdir) -> list[str]:
         """Lines to print when a run starts (and files to write in `workdir`)."""

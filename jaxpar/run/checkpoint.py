@@ -61,14 +61,15 @@ IDENTITY = tuple(
 )
 # What a manifest written before a field existed means by its absence.
 ABSENT = {"revision": 1, "freeze": None, "prune_to": None, "qat": None, "federated": None,
-          "teacher": None, "ema": False}  # fmt: skip
+          "teacher": None, "ema": False, "game": None}  # fmt: skip
 # The layout of the saved state. 2: the optimizer state always holds a step count (schedules).
 FORMAT = 2
 
 
 # Names of the train state's parts in a checkpoint: ``{0: model, 1: optimizer}``, and what a
 # `jaxpar.modes.sync` mode adds (DiLoCo's global copy and outer momentum, stale SGD's ring).
-ITEMS = {0: "model", 1: "optimizer", 2: "held_params", 3: "outer_optimizer", 4: "teacher"}
+ITEMS = {0: "model", 1: "optimizer", 2: "held_params", 3: "outer_optimizer", 4: "teacher",
+         5: "replay"}  # fmt: skip
 
 
 def _items(state) -> dict:

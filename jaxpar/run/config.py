@@ -267,6 +267,37 @@ class Federated:
 
 
 @dataclasses.dataclass(frozen=True)
+class Game:
+    """games and search (jaxpar.modes.games)"""
+
+    game: str | None = None  # a pgx game: AlphaZero self-play and training (None: images)
+    simulations: int = 32  # of Gumbel MuZero's search per move
+    selfplay_games: int = 1024  # per iteration, over all the batch devices
+    replay_size: int = 65536  # positions the replay ring keeps
+    updates_per_iteration: int = 8  # optimizer updates on --batch-size positions each
+
+    def check(self) -> None:
+        if self.game is None:
+            given = [f.name for f in dataclasses.fields(self)
+                     if getattr(self, f.name) != f.default]  # fmt: skip
+            need(not given, f"--{given[0].replace('_', '-') if given else ''} goes with --game")
+            return
+        from jaxpar.modes.games import GAMES
+
+        need(self.game in GAMES, f"--game {self.game} is not supported; choose one of "
+             f"{', '.join(GAMES)}")  # fmt: skip
+        _at_least(self, one=("simulations", "selfplay_games", "replay_size",
+                             "updates_per_iteration"))  # fmt: skip
+
+    def settings(self) -> dict | None:
+        """What a game's checkpoint must match to resume (None: no game)."""
+        if self.game is None:
+            return None
+        return {"game": self.game, "replay_size": self.replay_size,
+                "updates_per_iteration": self.updates_per_iteration}  # the iteration's count
+
+
+@dataclasses.dataclass(frozen=True)
 class Checkpoint:
     """workdir and checkpoints"""
 
@@ -329,7 +360,8 @@ class Metrics:
 
 # A run file's sections and config.json's, in the --help's order: the name -> its dataclass.
 SECTIONS = {"parallelism": Parallelism, "model": Model, "data": Data,
-            "optimization": Optimization, "federated": Federated, "checkpoint": Checkpoint,
+            "optimization": Optimization, "federated": Federated, "game": Game,
+            "checkpoint": Checkpoint,
             "job": Job, "metrics": Metrics}  # fmt: skip
 # Each field's section, by the field's (the flag's) name.
 HOME = {f.name: name for name, kind in SECTIONS.items() for f in dataclasses.fields(kind)}
@@ -345,6 +377,7 @@ class Config:
     data: Data = Data()
     optimization: Optimization = Optimization()
     federated: Federated = Federated()
+    game: Game = Game()
     checkpoint: Checkpoint = Checkpoint()
     job: Job = Job()
     metrics: Metrics = Metrics()
@@ -413,6 +446,8 @@ class Config:
         compose.check(self)  # the declared matrix of modes that run together
         if f.clients is not None:
             self.check_federated()
+        if self.game.game is not None:
+            self.check_game()
         need(m.teacher is None or not o.label_smoothing, "--label-smoothing with --teacher: "
              "the teacher's soft targets take its place; use --distill-temperature and "
              "--distill-weight")  # fmt: skip
@@ -447,6 +482,18 @@ class Config:
         need(not given, f"{given[0] if given else ''} does not apply to federated runs "
              "(--clients): the clients train with plain SGD at --lr; the server's optimizer is "
              "--server-optimizer")  # fmt: skip
+
+    def check_game(self) -> None:
+        """What a game's run (``--game``) refuses of the other sections: it makes its own data,
+        one iteration is one step, and the policy-value network trains on the mover's positions
+        without labels to smooth."""
+        d, o, p = self.data, self.optimization, self.parallelism
+        need(d == Data(), f"--game with --dataset {d.dataset}: a game makes its own data by "
+             "self-play; drop the data flags")  # fmt: skip
+        need(p.steps_per_dispatch == 1, "--steps-per-dispatch with --game is not supported "
+             "yet: one iteration is one dispatch")  # fmt: skip
+        need(not o.label_smoothing, "--label-smoothing with --game: the policy's targets are "
+             "the search's visit distribution, already soft")  # fmt: skip
 
     def notes(self, total: int) -> list[str]:
         """One line for each flag that this run of `total` steps takes only in part (a later,

@@ -70,3 +70,10 @@ def evaluation_data(run):
     """``() -> {source: batches}``: the test split, or each source's of a mixture."""
     parts = {name: evaluation_batches(run, ds) for name, ds in run.ds.parts or [("", run.ds)]}
     return lambda: {name: batches() for name, batches in parts.items()}
+
+
+def evaluator(run):
+    """``(state, step) -> the evaluation line's values`` of a run of images (`evaluations` on
+    the test split, or each source's)."""
+    data = evaluation_data(run)
+    return lambda state, step: evaluations(run, state, data())

@@ -17,7 +17,7 @@ from jaxpar.core.step import all_finite
 from jaxpar.data import prefetch
 from jaxpar.run.checkpoint import Checkpoints
 from jaxpar.run.config import Config
-from jaxpar.run.evaluation import evaluation_data, evaluations
+from jaxpar.run.evaluation import evaluator
 from jaxpar.run.observe import Profile, Window, fetch, progress, say
 from jaxpar.run.resume import manifest, open_workdir
 from jaxpar.run.setup import Run, setup
@@ -46,7 +46,8 @@ def train(cfg: Config) -> dict:
         )
     try:
         window = Window(log, cfg, run.total, losses, run.schedule,
-                        run.mode.examples_per_step(cfg.optimization.batch_size))  # fmt: skip
+                        run.mode.examples_per_step(cfg.optimization.batch_size),
+                        run.mode.rate)  # fmt: skip
         model_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(run.abstract[0]))
         window.extra.update(run.mode.traffic(model_bytes))
         last_eval = loop(run, state, first, ckpts, window, workdir / "profile")
@@ -67,11 +68,7 @@ def train(cfg: Config) -> dict:
         say(f"trained to step {run.total} without evaluating (--eval-examples 0), "
             f"{time.time() - start:.1f}s; workdir {workdir}")  # fmt: skip
     elif last_eval:
-        ema = (f"; its weights' moving average {last_eval['ema_eval_accuracy']:.2%}"
-               if "ema_eval_accuracy" in last_eval else "")  # fmt: skip
-        say(f"final test accuracy {last_eval['eval_accuracy']:.2%} (eval_loss "
-            f"{last_eval['eval_loss']:.4f}) at step {last_eval['step']}{ema}, "
-            f"{time.time() - start:.1f}s; workdir {workdir}")  # fmt: skip
+        say(f"{run.mode.summary(last_eval)}, {time.time() - start:.1f}s; workdir {workdir}")
     return last_eval
 
 
@@ -116,7 +113,7 @@ class Steps:
 def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", profile_dir) -> dict:
     cfg, log = run.cfg, window.log
     eval_every = cfg.metrics.eval_every or run.per_epoch
-    eval_data = evaluation_data(run)
+    evaluate = run.evaluate or evaluator(run)
     profile = Profile(cfg.metrics.profile_range(), profile_dir, run.total)
     # Performance is decided here for tiny models: one dispatch per step costs more host time
     # than their step computes; --steps-per-dispatch K runs K steps as one program.
@@ -126,7 +123,7 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", prof
     batches = prefetch(run.batches(plan))
     bar = tqdm(initial=first, total=run.total, unit="step",
                disable=not sys.stderr.isatty() or jax.process_index())  # fmt: skip
-    last_eval = log.last("eval_accuracy", upto=first)  # not lines past the checkpoint
+    last_eval = log.last(run.mode.eval_key, upto=first)  # not lines past the checkpoint
     window.start()
     # Closing the batches on the way out (a signal, an error) stops the input thread and workers.
     with stop_on_signals(run.mesh) as stop, profile, contextlib.closing(batches):
@@ -145,7 +142,7 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", prof
             if (done % eval_every == 0 or done == run.total) and cfg.metrics.eval_examples != 0:
                 window.flush()
                 with window.paused():
-                    last_eval = log.write(done, **evaluations(run, state, eval_data()))
+                    last_eval = log.write(done, **evaluate(state, done))
                 progress(bar, run, done, window.shown(), last_eval)
             signum = stop.agreed(window)  # in a job, the same in every process
             final = done == run.total or bool(signum)

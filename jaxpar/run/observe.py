@@ -65,12 +65,12 @@ class Profile:
 
 
 def progress(bar, run, step: int, loss: float, line: dict) -> None:
-    bar.set_postfix(loss=f"{loss:.4f}", acc=f"{line['eval_accuracy']:.4f}")
+    shown = run.mode.shown(line)
+    bar.set_postfix(loss=f"{loss:.4f}", **{k: f"{v:.4f}" for k, v in shown.items()})
     if bar.disable:
         say(
             f"{run.mode.unit} {step}/{run.total} epoch {step / run.per_epoch:.2f} train_loss "
-            f"{loss:.4f} "
-            f"eval_loss {line['eval_loss']:.4f} eval_accuracy {line['eval_accuracy']:.4f}"
+            f"{loss:.4f} " + " ".join(f"{k} {v:.4f}" for k, v in shown.items())
         )
 
 
@@ -84,8 +84,9 @@ class Window:
     """
 
     def __init__(self, log: MetricsLog, cfg: Config, total: int, losses: list, schedule,
-                 examples_per_step: float | None = None):  # fmt: skip
+                 examples_per_step: float | None = None, rate: str = "examples_per_s"):  # fmt: skip
         self.log, self.cfg, self.total, self.schedule = log, cfg, total, schedule
+        self.rate = rate  # the speed's key in training lines
         self.per_step = examples_per_step or cfg.optimization.batch_size
         self.losses, self.logged, self.pending = list(losses), float("nan"), None
         self.extra = {}  # keys a mode adds to training lines (comm_bytes_per_step)
@@ -157,7 +158,7 @@ class Window:
                 train_loss=self.logged,
                 grad_norm=grad_norm,
                 lr=float(self.schedule(step - 1)),  # the rate this step applied
-                examples_per_s=self.timed * self.per_step / seconds,
+                **{self.rate: self.timed * self.per_step / seconds},
                 **self.extra,
                 **self.latest,
             )

@@ -81,7 +81,7 @@ def open_workdir(run: Run, start: float):
 def scheduled(run: Run, line: dict) -> bool:
     """Whether this run writes `line` at its step (an evaluation or training line on schedule)."""
     step, every = line["step"], run.cfg.metrics.log_every
-    if "eval_loss" in line:
+    if run.mode.eval_key in line:
         every = run.cfg.metrics.eval_every or run.per_epoch
     return step % every == 0 or step == run.total
 

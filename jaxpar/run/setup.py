@@ -22,6 +22,7 @@ from jaxpar.data import Dataset, load_dataset, preprocess
 from jaxpar.models import MODELS, revision
 from jaxpar.models.vit import check_patch_size
 from jaxpar.modes.distill import with_teacher
+from jaxpar.modes.games import EPOCH, AlphaZero
 from jaxpar.modes.pipeline import schedule_for
 from jaxpar.modes.prune import magnitude_pruning, prune_end, weight_roles
 from jaxpar.modes.quantize import aware
@@ -55,6 +56,7 @@ class Run:
     sync: object  # the mode's jitted every-H-steps program, or None
     batches: object  # plan -> the device batch of each dispatch (`jaxpar.modes.mode.Mode.batches`)
     ema_eval_step: object = None  # the eval step on the weights' moving average (--ema)
+    evaluate: object = None  # (state, step) -> an evaluation line; None: the test split's
 
     def comm_bytes_per_step(self, train_program, steps: int) -> float:
         """Collective bytes per optimizer step and device, from the compiled programs: a
@@ -137,6 +139,7 @@ def identity(cfg: Config, ds) -> dict:
         "teacher": c.model.teacher,
         "federated": c.federated.settings(),
         "ema": c.optimization.ema is not None,  # the average rides in the optimizer state
+        "game": c.game.settings(),
     }
 
 
@@ -144,16 +147,14 @@ def setup(cfg: Config) -> Run:
     m, o, d = cfg.model, cfg.optimization, cfg.data
     spec = parse_mesh(cfg.parallelism.mesh, jax.device_count())
     mesh = make_mesh(spec)
+    if cfg.game.game is not None:
+        return game_setup(cfg, spec, mesh)
     ds = load_dataset(d.dataset, d.data_dir, d.labels, d.resize_sources)
     mode = mode_for(cfg, spec, ds)
     mode.check(cfg, mesh)
     per_epoch = mode.steps_per_epoch(ds, o.batch_size)
     total = o.steps or o.epochs * per_epoch
-    if o.schedule == "cosine" and o.warmup_steps >= total:
-        raise UserError(
-            f"--warmup-steps {o.warmup_steps} leaves no step of the cosine decay in a run of "
-            f"{total} steps; use fewer warmup steps or more --steps/--epochs"
-        )
+    check_warmup(o, total)
     dtype = jnp.bfloat16 if m.precision == "bf16" else jnp.float32
     model_fn = partial(MODELS[m.model], ds.image_shape, ds.num_classes, dtype=dtype,
                        **model_options(cfg, spec))  # fmt: skip
@@ -198,6 +199,45 @@ def setup(cfg: Config) -> Run:
     return Run(
         cfg, spec, mesh, ds, per_epoch, total, schedule, init, abstract, shardings, replicated,
         *compile(), compile(stacked=True)[0], compile, mode, sync, batches, ema_eval,
+    )  # fmt: skip
+
+
+def check_warmup(o, total: int) -> None:
+    if o.schedule == "cosine" and o.warmup_steps >= total:
+        raise UserError(
+            f"--warmup-steps {o.warmup_steps} leaves no step of the cosine decay in a run of "
+            f"{total} steps; use fewer warmup steps or more --steps/--epochs"
+        )
+
+
+def game_setup(cfg: Config, spec: MeshSpec, mesh) -> Run:
+    """A run of AlphaZero on ``--game`` (`jaxpar.modes.games`): its network is ``--model`` with
+    a position as input and each move's logit and the value as outputs; a step is an iteration
+    of ``--updates-per-iteration`` optimizer updates."""
+    m, o = cfg.model, cfg.optimization
+    mode = AlphaZero(cfg.game, o.seed)
+    mode.check(cfg, mesh)
+    ds = mode.dataset()
+    total = o.steps or o.epochs * EPOCH
+    updates = cfg.game.updates_per_iteration
+    check_warmup(o, total * updates)
+    dtype = jnp.bfloat16 if m.precision == "bf16" else jnp.float32
+    model_fn = partial(MODELS[m.model], ds.image_shape, ds.num_classes, dtype=dtype)
+    tx = mode.optimizer(cfg, total)
+    graphdef, abstract = abstract_state(model_fn, tx, o.seed)
+    base, replicated = state_shardings(abstract, mesh)
+    abstract, shardings = mode.layout(nnx.to_pure_dict(abstract), base, mesh, None)
+    fresh = partial(init_state, model_fn, tx, base, o.seed)
+    laid = jax.jit(mode.init, out_shardings=shardings)
+    compile = partial(compile_steps, graphdef, shardings, mesh, o.seed, 1 + len(ds.image_shape),
+                      step=mode.step, batch_ndims=mode.batch_ndims(0))  # fmt: skip
+    rate = make_schedule(o.lr, o.schedule, o.warmup_steps, total * updates)
+    network = nnx.graphdef(nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0))))
+    evaluate = mode.evaluator(network, mesh, cfg.metrics.eval_examples)
+    return Run(
+        cfg, spec, mesh, ds, EPOCH, total, lambda step: rate(step * updates), lambda: laid(fresh()),
+        abstract, shardings, replicated, *compile(), compile(stacked=True)[0], compile, mode, None,
+        partial(mode.batches, ds, o.batch_size, o.seed, mesh=mesh), evaluate=evaluate,
     )  # fmt: skip
 
 

@@ -1,0 +1,215 @@
+"""``--game``: AlphaZero as a mode of the one loop (issue #32), on `jaxpar.modes.alphazero`'s
+self-play, replay ring, loss and players.
+
+One step of the loop is one iteration: ``--selfplay-games`` games of self-play with the current
+network (each searched by Gumbel MuZero with ``--simulations`` per move, split over the batch
+axes with no traffic between devices inside the search), their positions written into the replay
+ring, then ``--updates-per-iteration`` optimizer updates, each on ``--batch-size`` positions drawn
+from the ring and split over the batch axes as any batch is. Everything random comes from the
+seed, the iteration and a game's global index, so the same seed trains the same network on any
+mesh and across a resume: the ring, its write position and the optimizer's step count (the
+iteration is its updates divided by ``--updates-per-iteration``) are in the checkpoint.
+
+Evaluation plays the network with search against a uniformly random player, and for tic-tac-toe
+against perfect play; ``--eval-examples`` is the number of games of each match.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxpar.core.errors import UserError
+from jaxpar.core.sharding import RULES, batch_sharding
+from jaxpar.data import Dataset
+from jaxpar.modes.alphazero import (
+    Replay,
+    game,
+    loss,
+    matcher,
+    perfect_player,
+    random_player,
+    search_player,
+    selfplay,
+)
+from jaxpar.modes.mode import Mode
+
+# The games a run may name, each with the most moves a game of it is played for: two players
+# alternating, perfect information. A game still going after them counts as a draw.
+PLIES = {
+    "tic_tac_toe": 9,
+    "connect_four": 42,
+    "othello": 128,  # 60 discs, and passes
+    "hex": 122,  # 121 cells and the swap
+    "go_9x9": 162,  # pgx ends go after twice the board's points
+    "animal_shogi": 256,
+    "gardner_chess": 256,
+}
+GAMES = tuple(PLIES)
+SEARCH_BATCH = 8  # a device searches its games this many at a time (at most)
+EVAL_GAMES = 256  # games of each evaluation match unless --eval-examples says otherwise
+EPOCH = 10  # iterations per "epoch": evaluation's default period
+
+
+def search_batch(games: int) -> int:
+    """How many games a device searches together: the same on every mesh, so the network's
+    products round alike (`jaxpar.modes.alphazero.selfplay`).
+
+    >>> search_batch(1024), search_batch(12), search_batch(5)
+    (8, 4, 1)
+    """
+    return math.gcd(games, SEARCH_BATCH)
+
+
+class AlphaZero(Mode):
+    """AlphaZero's iterations (module docstring); `check` keeps the mesh the search runs on."""
+
+    unit = "iteration"
+    period = 0
+    sync = None
+    rate = "selfplay_games_per_s"
+    eval_key = "eval_vs_random_win_rate"
+
+    def __init__(self, settings, seed: int):
+        self.settings, self.seed = settings, seed
+        self.env = game(settings.game)
+        self.plies = PLIES[settings.game]
+        self.observation = jax.eval_shape(self.env.init, jax.random.key(0)).observation
+        self.mesh = self.batch_size = None  # set by `check`
+
+    def dataset(self) -> Dataset:
+        """A stand-in for the data a run of images reads: the network's input shape (a
+        position) and outputs (each move's logit, then the value); no examples."""
+        shape, dtype = self.observation.shape, np.dtype(self.observation.dtype)
+        empty = np.zeros((0, *shape), dtype)
+        none = np.zeros(0, np.int32)
+        return Dataset(f"game:{self.settings.game}", empty, none, empty, none,
+                       self.env.num_actions + 1)  # fmt: skip
+
+    def check(self, cfg, mesh) -> None:
+        super().check(cfg, mesh)  # --batch-size positions split over the batch shards
+        ways = math.prod(mesh.shape[a] for a in RULES["batch"])
+        games = self.settings.selfplay_games
+        together = search_batch(games)
+        if games % (ways * together):
+            raise UserError(
+                f"--selfplay-games {games} does not split over the mesh's {ways} batch devices "
+                f"in searches of {together} games (the largest power of 2 up to "
+                f"{SEARCH_BATCH} dividing it): use a multiple of {ways * together}"
+            )
+        self.mesh, self.batch_size = mesh, cfg.optimization.batch_size
+
+    def steps_per_epoch(self, ds, batch_size: int) -> int:
+        return EPOCH
+
+    def optimizer(self, cfg, total: int) -> optax.GradientTransformation:
+        return super().optimizer(cfg, total * self.settings.updates_per_iteration)
+
+    def batch_ndims(self, image_ndim: int) -> dict[str, int]:
+        return {"games": 1}
+
+    def games(self, mesh) -> jax.Array:
+        """Every game's global index, each device holding its own (an iteration's batch)."""
+        every = np.arange(self.settings.selfplay_games, dtype=np.int32)
+        return jax.make_array_from_callback(every.shape, batch_sharding(mesh), every.__getitem__)
+
+    def batches(self, ds, batch_size: int, seed: int, plan, mesh, workers: int = 0):
+        games = {"games": self.games(mesh)}
+        for _ in plan:
+            yield games
+
+    def abstract_batch(self, ds, batch_size: int, mesh) -> dict:
+        n = self.settings.selfplay_games
+        return {"games": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=batch_sharding(mesh))}
+
+    def examples_per_step(self, batch_size: int) -> float:
+        return self.settings.selfplay_games
+
+    def stamp(self, step: int) -> dict:
+        return {"iteration": step}
+
+    def replay(self) -> Replay:
+        return Replay.empty(self.settings.replay_size, self.observation, self.env.num_actions)
+
+    def layout(self, abstract, shardings, mesh, params):
+        """The state with the replay ring (item 5), whole on every device: updates draw any of
+        its positions."""
+        ring = dataclasses.asdict(jax.eval_shape(self.replay))
+        whole = NamedSharding(mesh, PartitionSpec())
+        return {**abstract, 5: ring}, {**shardings, 5: jax.tree.map(lambda _: whole, ring)}
+
+    def init(self, state):
+        return {**state, 5: dataclasses.asdict(self.replay())}
+
+    def view(self, state):
+        return state
+
+    def step(self, state, batch, *, graphdef, keys, **_):
+        """One iteration: self-play, the ring, then the updates (a `lax.scan`)."""
+        s = self.settings
+        model, optimizer = nnx.merge(graphdef, {0: state[0], 1: state[1]})
+        network, params = nnx.split(model)
+        iteration = optimizer.step[...] // s.updates_per_iteration
+        play = selfplay(self.env, network, self.mesh, self.seed, s.simulations, self.plies,
+                        search_batch(s.selfplay_games))  # fmt: skip
+        samples = play(params, iteration, batch["games"])
+        ring = Replay(**state[5]).remember(samples)
+        draws = jax.random.split(jax.random.fold_in(keys[0], iteration), s.updates_per_iteration)
+        size = self.batch_size
+
+        def update(carry, key):
+            model, optimizer = nnx.merge(graphdef, carry)
+            positions = jax.tree.map(
+                lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(self.mesh, x.ndim)),
+                ring.sample(key, size),
+            )  # an update's positions split over the batch axes, as any batch
+            (total, parts), grads = nnx.value_and_grad(loss, has_aux=True)(model, positions)
+            optimizer.update(model, grads)
+            metrics = {"train_loss": total, "grad_norm": optax.tree.norm(grads), **parts}
+            return nnx.to_pure_dict(nnx.state((model, optimizer))), metrics
+
+        trained, metrics = jax.lax.scan(update, {0: state[0], 1: state[1]}, draws)
+        metrics = {k: jnp.mean(v) for k, v in metrics.items()}
+        metrics["positions"] = jnp.sum(samples.valid)
+        metrics["replay_positions"] = jnp.sum(ring.filled)
+        return {**state, **trained, 5: dataclasses.asdict(ring)}, metrics
+
+    def evaluator(self, network, mesh, games: int | None):
+        """``(state, step) -> the evaluation line``: the network with search against each
+        opponent, in `games` games (`EVAL_GAMES` if None), with keys from the seed and the step
+        and the parameters whole on every device: the same line on any mesh."""
+        games = EVAL_GAMES if games is None else games
+        agent = search_player(self.env, network, self.settings.simulations)
+        opponents = {"random": random_player}
+        if self.settings.game == "tic_tac_toe":
+            opponents["perfect"] = perfect_player
+        matches = {name: matcher(self.env, agent, other, games)
+                   for name, other in opponents.items()}  # fmt: skip
+        whole = NamedSharding(mesh, PartitionSpec())
+
+        def evaluate(state, step: int) -> dict:
+            params = jax.device_put(state[0], whole)
+            key = jax.random.fold_in(jax.random.key(self.seed), step)
+            line = {}
+            for i, (name, match) in enumerate(matches.items()):
+                rates = match(params, jax.random.fold_in(key, i))
+                line.update({f"eval_vs_{name}_{k}_rate": v for k, v in rates.items()})
+            return line
+
+        return evaluate
+
+    def shown(self, line: dict) -> dict:
+        return {k: line[k] for k in ("eval_vs_random_win_rate", "eval_vs_perfect_draw_rate")
+                if k in line}  # fmt: skip
+
+    def summary(self, line: dict) -> str:
+        rates = [f"against {who} play {line[f'eval_vs_{who}_win_rate']:.1%} won, "
+                 f"{line[f'eval_vs_{who}_draw_rate']:.1%} drawn, "
+                 f"{line[f'eval_vs_{who}_loss_rate']:.1%} lost"
+                 for who in ("random", "perfect") if f"eval_vs_{who}_win_rate" in line]  # fmt: skip
+        return f"final play with search {'; '.join(rates)} at step {line['step']}"
