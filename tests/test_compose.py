@@ -97,8 +97,9 @@ def lines(workdir) -> list[dict]:
 
 def numbers(rows: list[dict]) -> list[tuple]:
     """What a run computed, line by line: its step, losses and accuracy (and its moving
-    average's, with --ema)."""
-    keys = ("train_loss", "eval_loss", "eval_accuracy", "ema_eval_loss", "ema_eval_accuracy")
+    average's, with --ema; a game's results against random play)."""
+    keys = ("train_loss", "eval_loss", "eval_accuracy", "ema_eval_loss", "ema_eval_accuracy",
+            *(f"eval_vs_random_{k}_rate" for k in ("win", "draw", "loss")))  # fmt: skip
     return [(r["step"], *(r.get(k, np.nan) for k in keys)) for r in rows]
 
 
@@ -237,7 +238,7 @@ def test_the_docs_hold_the_generated_matrix():
 
 RESUMED = {"every-step": {}, **{f.name: f.example for f in compose.FEATURES if f.name in
                                 ("local", "diloco", "stale", "federated", "prune",
-                                 "ema")}}  # fmt: skip
+                                 "ema", "game")}}  # fmt: skip
 
 
 @pytest.mark.slow

@@ -293,8 +293,11 @@ class Game:
         """What a game's checkpoint must match to resume (None: no game)."""
         if self.game is None:
             return None
-        return {"game": self.game, "replay_size": self.replay_size,
-                "updates_per_iteration": self.updates_per_iteration}  # the iteration's count
+        return {
+            "game": self.game,
+            "replay_size": self.replay_size,
+            "updates_per_iteration": self.updates_per_iteration,
+        }  # the iteration's count
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,108 @@
+"""``--game`` (`jaxpar.modes.games`): AlphaZero trained by the one loop gives the same metrics on
+one device and on a 2x2 mesh, its lines say what an iteration did, and bad input exits 2 with one
+line before anything is written. (Resuming on another mesh: tests/test_compose.py's resume of
+every mode; the refusals of other modes: its matrix.)"""
+
+import functools
+import json
+
+import numpy as np
+import pytest
+
+import jaxpar
+import train as cli
+from jaxpar.modes import compose
+from jaxpar.modes.games import GAMES, PLIES, search_batch
+from jaxpar.run.config import Config
+
+SMALL = {**compose.BY_NAME["game"].example, "batch_size": 32, "eval_examples": 32}
+
+
+@functools.cache
+def trained(mesh: str, workdir: str) -> list[dict]:
+    cfg = Config.of(**SMALL, mesh=mesh, steps=3, log_every=1, eval_every=3, workdir=workdir)
+    jaxpar.train(cfg)
+    with open(f"{workdir}/metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("games")
+    return {mesh: trained(mesh, str(base / mesh)) for mesh in ("1", "2x2")}
+
+
+EXACT = ("step", "iteration", "positions", "replay_positions")
+RATES = [
+    f"eval_vs_{who}_{k}_rate" for who in ("random", "perfect") for k in ("win", "draw", "loss")
+]
+LOSSES = ("train_loss", "policy_loss", "value_loss", "grad_norm")
+
+
+@pytest.mark.slow
+def test_the_same_seed_trains_the_same_agent_on_one_device_and_on_2x2(runs):
+    one, grid = runs["1"], runs["2x2"]
+    assert [sorted(x) for x in one] == [sorted(x) for x in grid]
+    for a, b in zip(one, grid, strict=True):
+        # Self-play's games and the evaluation's are the same games: counts and rates exactly.
+        assert {k: a[k] for k in (*EXACT, *RATES) if k in a} == {
+            k: b[k] for k in (*EXACT, *RATES) if k in b
+        }
+        # The updates' products are split other ways over the devices: they round otherwise.
+        got = [b[k] for k in LOSSES if k in b]
+        np.testing.assert_allclose(got, [a[k] for k in LOSSES if k in a], rtol=2e-4)
+
+
+@pytest.mark.slow
+def test_each_line_says_what_its_iteration_did(runs):
+    lines = runs["1"]
+    train = [x for x in lines if "train_loss" in x]
+    assert [x["iteration"] for x in train] == [1, 2, 3]
+    for x in train:
+        assert set(LOSSES) | {"selfplay_games_per_s", "positions", "lr"} <= set(x)
+        assert 5 * 16 <= x["positions"] <= 9 * 16  # 16 games of 5 to 9 moves
+        np.testing.assert_allclose(x["train_loss"], x["policy_loss"] + x["value_loss"], rtol=1e-5)
+    # The ring fills with each iteration's positions, up to its size.
+    filled = np.cumsum([x["positions"] for x in train])
+    assert [x["replay_positions"] for x in train] == np.minimum(filled, 256).tolist()
+    (evaluation,) = [x for x in lines if "eval_vs_random_win_rate" in x]
+    assert evaluation["step"] == 3 and set(RATES) <= set(evaluation)
+    for who in ("random", "perfect"):
+        total = sum(evaluation[f"eval_vs_{who}_{k}_rate"] for k in ("win", "draw", "loss"))
+        assert total == pytest.approx(1.0)
+    assert evaluation["eval_vs_perfect_win_rate"] == 0.0  # no one beats perfect play
+
+
+BAD = {
+    "--game chess": "--game chess is not supported; choose one of tic_tac_toe, connect_four",
+    "--game tic_tac_toe --simulations 0": "--simulations must be at least 1, got 0",
+    "--simulations 8": "--simulations goes with --game",
+    "--game tic_tac_toe --selfplay-games 12 --mesh 4x1 --batch-size 32": (
+        "--selfplay-games 12 does not split over the mesh's 4 batch devices in searches of 4 "
+        "games (the largest power of 2 up to 8 dividing it): use a multiple of 16"
+    ),
+    "--game tic_tac_toe --dataset mnist": "--game with --dataset mnist: a game makes its own data",
+    "--game tic_tac_toe --steps-per-dispatch 2": "--steps-per-dispatch with --game is not supported",
+    "--game tic_tac_toe --sync stale:2": "--sync stale:T with --game NAME is not supported",
+    "--game tic_tac_toe --model resnet8": "--game NAME with --model resnet8 is not supported",
+}
+
+
+@pytest.mark.parametrize("flags", BAD)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(flags, tmp_path, capsys):
+    workdir = tmp_path / "w"
+    assert cli.main([*flags.split(), "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and BAD[flags] in err, err
+    assert not workdir.exists()
+
+
+def test_the_games_are_pgx_games_of_two_players_taking_turns():
+    import pgx
+
+    assert set(GAMES) <= set(pgx.available_envs())
+    for name in GAMES:
+        env = pgx.make(name)
+        assert env.num_players == 2, name
+    assert PLIES["tic_tac_toe"] == 9 and PLIES["connect_four"] == 42  # the boards' cells
+    assert [search_batch(n) for n in (16, 24, 6, 7)] == [8, 8, 2, 1]
