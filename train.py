@@ -19,6 +19,7 @@ from jaxpar.core.mesh import (
 )
 from jaxpar.core.optimizers import OPTIMIZERS
 from jaxpar.models import RECIPES, recipe_for
+from jaxpar.modes.games import RECIPE as GAME_RECIPE
 from jaxpar.run.config import SECTIONS, Config
 from jaxpar.run.distributed import job_size, join, peer_lost
 
@@ -139,6 +140,12 @@ FLAGS = {
         ("--selfplay-games", int, "games of self-play per iteration, over all batch devices"),
         ("--replay-size", int, "positions the replay ring keeps"),
         ("--updates-per-iteration", int, "optimizer updates per iteration, --batch-size each"),
+        (
+            "--root-parallel",
+            int,
+            "K searches of each move with different keys, on K devices of the batch axes "
+            "where there are, their choices put to a vote (1: one search)",
+        ),  # fmt: skip
     ],
     "checkpoint": [
         ("--workdir", str, "where the run writes (None: runs/DATE-TIME)"),
@@ -264,7 +271,8 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv) -> Config:
     """Flags -> `Config`. A flag left out takes the model's recipe (`jaxpar.models.RECIPES`, e.g.
-    AdamW with warmup and cosine decay for the ViTs), else `Config`'s default."""
+    AdamW with warmup and cosine decay for the ViTs) or a game's (`jaxpar.modes.games.RECIPE`),
+    else `Config`'s default."""
     defaults = Config().flat()
     parser = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", help="a run file (TOML, sections as the groups below: "
@@ -274,8 +282,8 @@ def parse_args(argv) -> Config:
         for flag, kind, help in flags:
             name = flag[2:].replace("-", "_")
             default = defaults[name]
-            vit = RECIPES["vit"].get(name)
-            help = help if vit is None else f"{help}; ViTs: {vit}"
+            for who, recipe in (("ViTs", RECIPES["vit"]), ("games", GAME_RECIPE)):
+                help = help if name not in recipe else f"{help}; {who}: {recipe[name]}"
             if kind is bool:  # --no-FLAG turns off what a run file turned on
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=False,
                                    help=help)  # fmt: skip
@@ -293,6 +301,8 @@ def parse_args(argv) -> Config:
     del given["config"], explicit["config"]
     # A federated run's clients train with plain SGD at --lr: no model recipe (AdamW, warmup).
     recipe = dict(recipe_for(given["model"])) if given["clients"] is None else {}
+    if given["game"] is not None:  # a game's run: its own (`jaxpar.modes.games.RECIPE`)
+        recipe = dict(GAME_RECIPE)
     if explicit["optimizer"] is not UNSET and given["optimizer"] != recipe.get("optimizer"):
         recipe.pop("weight_decay", None)  # the recipe's decay was tuned for its optimizer
     if "warmup_steps" in recipe and given["steps"]:  # a short run: warm up for a tenth of it

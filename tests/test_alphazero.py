@@ -39,10 +39,10 @@ def tic_tac_toe():
 
 
 @functools.cache
-def played(mesh_text: str):
+def played(mesh_text: str, root: int = 1):
     env, graphdef, params = tic_tac_toe()
     mesh = make_mesh(parse_mesh(mesh_text, jax.device_count()))
-    run = selfplay(env, graphdef, mesh, seed=0, simulations=SIMULATIONS, plies=PLIES)
+    run = selfplay(env, graphdef, mesh, seed=0, simulations=SIMULATIONS, plies=PLIES, root=root)
     samples = run(params, 3, jnp.arange(GAMES))
     return jax.tree.map(np.asarray, samples), run, params
 
@@ -54,6 +54,27 @@ def test_the_same_seed_plays_the_same_games_on_any_mesh(mesh):
     other, _, _ = played(mesh)
     for name in ("observation", "policy", "value", "valid"):
         np.testing.assert_array_equal(getattr(one, name), getattr(other, name), err_msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["data=2", "4x1"])
+def test_root_parallel_search_plays_the_same_games_on_any_mesh(mesh):
+    """Two searches per move: on one device one after the other, on data=2 one per device, on 4
+    devices two groups of two devices, each group its own games."""
+    one, _, _ = played("1", root=2)
+    other, run, params = played(mesh, root=2)
+    for name in ("observation", "policy", "value", "valid"):
+        np.testing.assert_array_equal(getattr(one, name), getattr(other, name), err_msg=name)
+    plain, _, _ = played("1")
+    assert not np.array_equal(one.policy, plain.policy)  # two searches' mean: another policy
+    np.testing.assert_allclose(one.policy[one.valid].sum(-1), 1.0, rtol=1e-5)
+    # One all-gather per move, of each member's choice: the search itself sends nothing (and the
+    # games played leave their groups once, at the end).
+    ops = collective_ops(run.lower(params, 3, jnp.arange(GAMES)).compile().as_text())
+    games = GAMES // (parse_mesh(mesh).size // 2)  # a device's: its group's
+    looped = [c for c in ops if c["count"] > 1]
+    assert {c["kind"] for c in looped} == {"all-gather"}, ops
+    assert sum(c["count"] for c in looped) == games * PLIES, ops
 
 
 @pytest.mark.slow

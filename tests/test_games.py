@@ -4,6 +4,7 @@ line before anything is written. (Resuming on another mesh: tests/test_compose.p
 every mode; the refusals of other modes: its matrix.)"""
 
 import functools
+import io
 import json
 
 import numpy as np
@@ -11,9 +12,12 @@ import pytest
 
 import jaxpar
 import train as cli
+from jaxpar.core.errors import UserError
 from jaxpar.modes import compose
 from jaxpar.modes.games import GAMES, PLIES, search_batch
 from jaxpar.run.config import Config
+from jaxpar.tools.play import main as play_main
+from jaxpar.tools.play import play
 
 SMALL = {**compose.BY_NAME["game"].example, "batch_size": 32, "eval_examples": 32}
 
@@ -27,9 +31,14 @@ def trained(mesh: str, workdir: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def workdirs(tmp_path_factory):
     base = tmp_path_factory.mktemp("games")
-    return {mesh: trained(mesh, str(base / mesh)) for mesh in ("1", "2x2")}
+    return {mesh: str(base / mesh) for mesh in ("1", "2x2")}
+
+
+@pytest.fixture(scope="module")
+def runs(workdirs):
+    return {mesh: trained(mesh, workdir) for mesh, workdir in workdirs.items()}
 
 
 EXACT = ("step", "iteration", "positions", "replay_positions")
@@ -78,11 +87,16 @@ BAD = {
     "--game tic_tac_toe --simulations 0": "--simulations must be at least 1, got 0",
     "--simulations 8": "--simulations goes with --game",
     "--game tic_tac_toe --selfplay-games 12 --mesh 4x1 --batch-size 32": (
-        "--selfplay-games 12 does not split over the mesh's 4 batch devices in searches of 4 "
-        "games (the largest power of 2 up to 8 dividing it): use a multiple of 16"
+        "--selfplay-games 12 does not split over the mesh's 4 groups of devices in searches of "
+        "4 games (the largest power of 2 up to 8 dividing it): use a multiple of 16"
     ),
+    "--game tic_tac_toe --selfplay-games 2 --root-parallel 2 --mesh 4x1 --batch-size 32": (
+        "--selfplay-games 2 does not split over the mesh's 2 groups of devices (4 batch devices, "
+        "--root-parallel 2) in searches of 2 games"
+    ),
+    "--game tic_tac_toe --root-parallel 0": "--root-parallel must be at least 1, got 0",
     "--game tic_tac_toe --dataset mnist": "--game with --dataset mnist: a game makes its own data",
-    "--game tic_tac_toe --steps-per-dispatch 2": "--steps-per-dispatch with --game is not supported",
+    "--game tic_tac_toe --steps-per-dispatch 2": "--steps-per-dispatch with --game is not",
     "--game tic_tac_toe --sync stale:2": "--sync stale:T with --game NAME is not supported",
     "--game tic_tac_toe --model resnet8": "--game NAME with --model resnet8 is not supported",
 }
@@ -106,3 +120,63 @@ def test_the_games_are_pgx_games_of_two_players_taking_turns():
         assert env.num_players == 2, name
     assert PLIES["tic_tac_toe"] == 9 and PLIES["connect_four"] == 42  # the boards' cells
     assert [search_batch(n) for n in (16, 24, 6, 7)] == [8, 8, 2, 1]
+
+
+LINES = ((0, 1, 2), (3, 4, 5), (6, 7, 8), (0, 3, 6), (1, 4, 7), (2, 5, 8), (0, 4, 8), (2, 4, 6))
+
+
+def plain_game(workdir: str, seed: int) -> tuple[list[str], list[int], str]:
+    """A --plain game against the lowest free cell, opening: the lines written, every move in
+    order, and the result returned."""
+    moves, written = [], []
+
+    def read() -> str:
+        moves.append(min(set(range(9)) - set(moves)))
+        return f"{moves[-1]}\n"
+
+    def write(text: str) -> None:
+        written.append(text)
+        if text.startswith("move "):
+            moves.append(int(text.split()[1]))
+
+    result = play(workdir, human_first=True, seed=seed, plain=True, read=read, write=write)
+    return "".join(written).splitlines(), moves, result
+
+
+@pytest.mark.slow
+def test_the_agent_plays_by_lines_and_the_result_is_the_boards(runs, workdirs):
+    lines, moves, result = plain_game(workdirs["1"], seed=0)
+    assert lines == [f"move {m}" for m in moves[1::2]] + [f"result {result}"]
+    assert len(set(moves)) == len(moves) <= 9  # legal: each cell once
+    won = [any(all(c in moves[side::2] for c in line) for line in LINES) for side in (0, 1)]
+    assert result == ("win" if won[1] else "loss" if won[0] else "draw")
+    assert won[0] or won[1] or len(moves) == 9  # the game went to its end
+    assert plain_game(workdirs["1"], seed=0) == (lines, moves, result)  # the seed decides
+
+
+@pytest.mark.slow
+def test_an_illegal_move_in_plain_play_exits_2_with_one_line(runs, workdirs, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("4\n4\n4\n"))
+    assert play_main([workdirs["1"], "--plain", "--human-first"]) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith("move ") and err.count("\n") == 1
+    assert "error: '4' is not a legal move here; legal moves: " in err
+
+
+@pytest.mark.slow
+def test_play_refuses_a_workdir_of_images(tmp_path, capsys):
+    jaxpar.train(Config.of(steps=1, eval_examples=0, workdir=str(tmp_path)))
+    assert play_main([str(tmp_path), "--plain"]) == 2
+    assert "holds a model of images (mlp on digits), not an agent" in capsys.readouterr().err
+    with pytest.raises(UserError, match="has no checkpoints/ folder"):
+        play(str(tmp_path / "nothing"))
+
+
+def test_a_game_takes_its_own_training_defaults_and_given_flags_win():
+    o = cli.parse_args(["--game", "tic_tac_toe"]).optimization
+    assert (o.optimizer, o.lr, o.schedule, o.batch_size, o.epochs) == ("adam", 1e-3, "cosine",
+                                                                       512, 10)  # fmt: skip
+    given = ["--game", "tic_tac_toe", "--optimizer", "sgd", "--epochs", "3"]
+    o = cli.parse_args(given).optimization
+    assert (o.optimizer, o.lr, o.epochs) == ("sgd", 1e-3, 3)
+    assert cli.parse_args([]).optimization.optimizer == "sgd"  # images keep theirs

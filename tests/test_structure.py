@@ -27,7 +27,7 @@ MAY_IMPORT = {
     },  # fmt: skip
 }
 # Beside the packages, only the public names (`__init__`) and the commands users know.
-ENTRY_POINTS = {"checkpoint", "compress", "launch", "plot", "predict", "weights"}
+ENTRY_POINTS = {"checkpoint", "compress", "launch", "play", "plot", "predict", "weights"}
 
 
 def modules() -> dict[str, Path]:

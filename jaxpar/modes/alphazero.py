@@ -18,6 +18,7 @@ without search, and for tic-tac-toe perfect play (`perfect`, exact minimax over 
 import dataclasses
 import functools
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -79,9 +80,10 @@ def outcomes(reward, valid, ended):
     return jax.lax.scan(back, jnp.float32(0), (reward, valid, ended), reverse=True)[1]
 
 
-def searcher(env, graphdef, simulations: int):
+def searcher(env, graphdef, simulations: int, gumbel_scale: float = 1.0):
     """``(params, key, state) -> mctx.PolicyOutput``: Gumbel MuZero's search of one position (a
-    pgx state), as a batch of one (mctx draws its noise from one key per call)."""
+    pgx state), as a batch of one (mctx draws its noise from one key per call). `gumbel_scale`
+    0: no noise, the search's best move (play to win, not to explore)."""
 
     def recurrent(params, key, action, state):
         mover = state.current_player
@@ -101,24 +103,35 @@ def searcher(env, graphdef, simulations: int):
         return mctx.gumbel_muzero_policy(
             params, key, mctx.RootFnOutput(prior_logits=logits, value=value, embedding=root),
             recurrent, simulations, invalid_actions=~root.legal_action_mask,
+            gumbel_scale=gumbel_scale,
         )  # fmt: skip
 
     return search
 
 
-def play(env, graphdef, simulations: int, plies: int):
-    """``(params, key) -> Samples`` of one game played to the end (or `plies` moves)."""
+def play(env, graphdef, simulations: int, plies: int, root=None):
+    """``(params, key) -> Samples`` of one game played to the end (or `plies` moves). `root`:
+    root parallelism's ``(members, agree)`` (`selfplay`), else one search per move."""
     search = searcher(env, graphdef, simulations)
+
+    def choose(params, key, state):
+        if root is None:
+            chosen = search(params, key, state)
+            return chosen.action[0], chosen.action_weights[0]
+        members, agree = root
+        chosen = jax.lax.map(lambda m: search(params, jax.random.fold_in(key, m), state),
+                             members)  # fmt: skip
+        return agree(chosen.action[:, 0], chosen.action_weights[:, 0])
 
     def one_game(params, key):
         start, moves = jax.random.split(key)
 
         def ply(state, t):
-            chosen = search(params, jax.random.fold_in(moves, t), state)
-            after = env.step(state, chosen.action[0])  # nothing happens once the game is over
+            action, policy = choose(params, jax.random.fold_in(moves, t), state)
+            after = env.step(state, action)  # nothing happens once the game is over
             record = (
                 state.observation,
-                chosen.action_weights[0],
+                policy,
                 after.rewards[state.current_player],
                 ~state.terminated,
                 after.terminated,
@@ -132,27 +145,73 @@ def play(env, graphdef, simulations: int, plies: int):
     return one_game
 
 
-def selfplay(env, graphdef, mesh, seed: int, simulations: int, plies: int, together: int = 1):
+def vote(actions, policies):
+    """Root parallelism's move from K searches of one position: the move most of them chose
+    (ties: the larger summed policy), and their mean improved policy as the target.
+
+    >>> import numpy as np
+    >>> a, w = vote(np.array([2, 0, 2]), np.eye(3)[[2, 0, 2]] * 0.5 + 0.5 / 3)
+    >>> int(a), np.round(np.asarray(w), 3).tolist()
+    (2, [0.333, 0.167, 0.5])
+    """
+    k, moves = policies.shape
+    votes = jax.nn.one_hot(actions, moves).sum(0)
+    summed = policies.sum(0)
+    return jnp.argmax(votes * (k + 1) + summed), summed / k  # votes first: summed <= k
+
+
+def selfplay(env, graphdef, mesh, seed: int, simulations: int, plies: int, together: int = 1,
+             root: int = 1):  # fmt: skip
     """``(params, iteration, games) -> Samples``: the games whose global indices `games` holds,
     split over the mesh's batch axes, each searched on its own device (jitted).
 
     A device plays its games `together` at a time (`jax.lax.map`): the network then always sees
     batches of `together` positions, whatever the mesh, and XLA's products round alike (on the
     CPU, a product over 4 rows and one over 1 row differ in their last bits, which would change a
-    search). Each device's number of games must be a multiple of `together`."""
-    one_game = play(env, graphdef, simulations, plies)
-    games = PartitionSpec(tuple(a for a in RULES["batch"] if mesh.shape[a] > 1) or None)
+    search). Each device's number of games must be a multiple of `together`.
+
+    `root` > 1: root parallelism. Each move is searched `root` times with different keys (member
+    m folds m into the move's key) and decided by their `vote`. The B batch devices form groups of
+    d = gcd(B, root) devices that play the same games, each searching root / d of the members in
+    turn; one all-gather per move brings every member's choice to its group, summed in member
+    order, so the games are the same on any mesh. With `root` 1 it is the plain search, with no
+    collective."""
+    axes = tuple(a for a in RULES["batch"] if mesh.shape[a] > 1)
+    devices = math.prod(mesh.shape[a] for a in axes)
+    share = math.gcd(devices, root)  # devices that play the same games
+    groups, per_device = devices // share, root // share
 
     def local(params, iteration, indices):
+        me = jax.lax.axis_index(axes) if axes else 0
+        group, part = me // share, me % share
+        n = indices.shape[0] // groups
+        mine = jax.lax.dynamic_slice_in_dim(indices, group * n, n)
+        members = part * per_device + jnp.arange(per_device)
+
+        def agree(actions, policies):  # this device's members -> all of the group's
+            both = jnp.concatenate([actions[:, None].astype(policies.dtype), policies], -1)
+            every = jax.lax.all_gather(both, axes) if axes else both[None]
+            ours = every.reshape(groups, root, -1)[group]
+            return vote(ours[:, 0].astype(jnp.int32), ours[:, 1:])
+
+        one_game = play(env, graphdef, simulations, plies,
+                        None if root == 1 else (members, agree))  # fmt: skip
         base = jax.random.fold_in(jax.random.key(seed), iteration)
-        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
+        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(mine)
         return jax.lax.map(lambda k: one_game(params, k), keys, batch_size=together)
 
     # check_vma=False: mctx's while_loop starts its carry from constants the same on every
-    # device and ends it with this device's values, which the check refuses; nothing crosses.
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(), games),
-                            out_specs=games, check_vma=False)  # fmt: skip
-    return jax.jit(sharded)
+    # device and ends it with this device's values, which the check refuses.
+    out = PartitionSpec(axes or None)
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(),) * 3, out_specs=out,
+                            check_vma=False)  # fmt: skip
+
+    def games(params, iteration, indices):  # the first device of each group gives its games
+        played = sharded(params, iteration, indices)
+        return jax.tree.map(lambda x: x.reshape(groups, share, -1, *x.shape[1:])[:, 0]
+                            .reshape(-1, *x.shape[1:]), played)  # fmt: skip
+
+    return jax.jit(games)
 
 
 @jax.tree_util.register_dataclass
@@ -271,10 +330,10 @@ def tic_tac_toe_values() -> np.ndarray:
     return table
 
 
-def search_player(env, graphdef, simulations: int):
+def search_player(env, graphdef, simulations: int, gumbel_scale: float = 0.0):
     """The network with search (`searcher`), each position searched from its own key: the move
-    the search chooses."""
-    search = searcher(env, graphdef, simulations)
+    the search chooses (by default without the exploring noise of self-play)."""
+    search = searcher(env, graphdef, simulations, gumbel_scale)
 
     def player(params, key, state):
         keys = jax.random.split(key, state.current_player.shape[0])

@@ -54,6 +54,9 @@ GAMES = tuple(PLIES)
 SEARCH_BATCH = 8  # a device searches its games this many at a time (at most)
 EVAL_GAMES = 256  # games of each evaluation match unless --eval-examples says otherwise
 EPOCH = 10  # iterations per "epoch": evaluation's default period
+# Defaults of the training flags for a game where the images' do not suit (flags given win):
+# 100 iterations of Adam with a cosine decay, updates on 512 positions.
+RECIPE = {"optimizer": "adam", "lr": 1e-3, "schedule": "cosine", "batch_size": 512, "epochs": 10}
 
 
 def search_batch(games: int) -> int:
@@ -94,13 +97,15 @@ class AlphaZero(Mode):
     def check(self, cfg, mesh) -> None:
         super().check(cfg, mesh)  # --batch-size positions split over the batch shards
         ways = math.prod(mesh.shape[a] for a in RULES["batch"])
-        games = self.settings.selfplay_games
+        games, root = self.settings.selfplay_games, self.settings.root_parallel
+        groups = ways // math.gcd(ways, root)  # of devices playing the same games
         together = search_batch(games)
-        if games % (ways * together):
+        if games % (groups * together):
+            shared = f" ({ways} batch devices, --root-parallel {root})" if root > 1 else ""
             raise UserError(
-                f"--selfplay-games {games} does not split over the mesh's {ways} batch devices "
-                f"in searches of {together} games (the largest power of 2 up to "
-                f"{SEARCH_BATCH} dividing it): use a multiple of {ways * together}"
+                f"--selfplay-games {games} does not split over the mesh's {groups} groups of "
+                f"devices{shared} in searches of {together} games (the largest power of 2 up "
+                f"to {SEARCH_BATCH} dividing it): use a multiple of {groups * together}"
             )
         self.mesh, self.batch_size = mesh, cfg.optimization.batch_size
 
@@ -156,7 +161,7 @@ class AlphaZero(Mode):
         network, params = nnx.split(model)
         iteration = optimizer.step[...] // s.updates_per_iteration
         play = selfplay(self.env, network, self.mesh, self.seed, s.simulations, self.plies,
-                        search_batch(s.selfplay_games))  # fmt: skip
+                        search_batch(s.selfplay_games), s.root_parallel)  # fmt: skip
         samples = play(params, iteration, batch["games"])
         ring = Replay(**state[5]).remember(samples)
         draws = jax.random.split(jax.random.fold_in(keys[0], iteration), s.updates_per_iteration)

@@ -275,6 +275,7 @@ class Game:
     selfplay_games: int = 1024  # per iteration, over all the batch devices
     replay_size: int = 65536  # positions the replay ring keeps
     updates_per_iteration: int = 8  # optimizer updates on --batch-size positions each
+    root_parallel: int = 1  # searches per move, on devices of the batch axes, then a vote
 
     def check(self) -> None:
         if self.game is None:
@@ -287,7 +288,7 @@ class Game:
         need(self.game in GAMES, f"--game {self.game} is not supported; choose one of "
              f"{', '.join(GAMES)}")  # fmt: skip
         _at_least(self, one=("simulations", "selfplay_games", "replay_size",
-                             "updates_per_iteration"))  # fmt: skip
+                             "updates_per_iteration", "root_parallel"))  # fmt: skip
 
     def settings(self) -> dict | None:
         """What a game's checkpoint must match to resume (None: no game)."""
