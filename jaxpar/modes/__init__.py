@@ -6,8 +6,9 @@ loop (`jaxpar.run.loop`) through `jaxpar.modes.mode.Mode` or the train step's ar
 - `federated`: ``--clients N``, a round of FedAvg and its kin as one step.
 - `pipeline`: a ViT's blocks over the ``stage`` axis (GPipe, circular).
 - `distill`: ``--teacher``'s loss; `prune`: ``--prune-to``'s masks; `quantize`: qwix int8.
-- `alphazero`: self-play by Monte Carlo tree search (mctx) in pgx's games, sharded over the
-  batch axes (the first part of ``--game``: not yet a mode of the loop).
+- `alphazero`: Monte Carlo tree search (mctx) in pgx's games: self-play sharded over the batch
+  axes (root parallelism too), the replay ring, AlphaZero's loss, players for evaluation.
+- `games`: ``--game``, AlphaZero as a mode of the loop (an iteration as one step).
 - `compose`: which modes run together, the matrix the config check and the tests read.
 
 This package imports, from the rest of jaxpar, only `jaxpar.core`, `jaxpar.models` and

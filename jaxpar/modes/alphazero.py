@@ -106,6 +106,7 @@ def searcher(env, graphdef, simulations: int, gumbel_scale: float = 1.0):
             gumbel_scale=gumbel_scale,
         )  # fmt: skip
 
+    search.recurrent = recurrent  # a batch of positions' step in the tree (mctx's recurrent_fn)
     return search
 
 

@@ -4,6 +4,7 @@ package, runs ``jaxpar.tools.NAME``) and the plan of ``train.py --dry-run``:
 - `compress`: int8/bf16 quantization and one-shot pruning of a trained run, with accuracy.
 - `weights`: PyTorch weights imported as a checkpoint, a checkpoint's weights exported.
 - `predict`: batched inference from any checkpoint on any mesh.
+- `play`: a game against a trained AlphaZero agent (``--game``), in a terminal or by lines.
 - `plan`: ``--dry-run``, a run's memory and collectives per device before it starts.
 - `plot`: loss and accuracy curves of workdirs; `launch`: an N-process job on one machine.
 
