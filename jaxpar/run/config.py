@@ -274,7 +274,7 @@ class Game:
     simulations: int = 32  # of Gumbel MuZero's search per move
     selfplay_games: int = 1024  # per iteration, over all the batch devices
     replay_size: int = 65536  # positions the replay ring keeps
-    updates_per_iteration: int = 8  # optimizer updates on --batch-size positions each
+    updates_per_iteration: int = 64  # optimizer updates on --batch-size positions each
     root_parallel: int = 1  # searches per move, on devices of the batch axes, then a vote
 
     def check(self) -> None:
