@@ -146,6 +146,12 @@ FLAGS = {
             "K searches of each move with different keys, on K devices of the batch axes "
             "where there are, their choices put to a vote (1: one search)",
         ),  # fmt: skip
+        (
+            "--search-batch",
+            int,
+            "games a device searches at once: gcd(--selfplay-games, this), the same on every "
+            "mesh so that the games are; larger is faster",
+        ),  # fmt: skip
     ],
     "checkpoint": [
         ("--workdir", str, "where the run writes (None: runs/DATE-TIME)"),

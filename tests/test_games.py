@@ -88,13 +88,15 @@ BAD = {
     "--simulations 8": "--simulations goes with --game",
     "--game tic_tac_toe --selfplay-games 12 --mesh 4x1 --batch-size 32": (
         "--selfplay-games 12 does not split over the mesh's 4 groups of devices in searches of "
-        "4 games (the largest power of 2 up to 8 dividing it): use a multiple of 16"
+        "4 games (gcd of it and --search-batch 64): use a multiple of 16, or a --search-batch "
+        "that divides 3"
     ),
     "--game tic_tac_toe --selfplay-games 2 --root-parallel 2 --mesh 4x1 --batch-size 32": (
         "--selfplay-games 2 does not split over the mesh's 2 groups of devices (4 batch devices, "
         "--root-parallel 2) in searches of 2 games"
     ),
     "--game tic_tac_toe --root-parallel 0": "--root-parallel must be at least 1, got 0",
+    "--game tic_tac_toe --search-batch 0": "--search-batch must be at least 1, got 0",
     "--game tic_tac_toe --dataset mnist": "--game with --dataset mnist: a game makes its own data",
     "--game tic_tac_toe --steps-per-dispatch 2": "--steps-per-dispatch with --game is not",
     "--game tic_tac_toe --sync stale:2": "--sync stale:T with --game NAME is not supported",
@@ -119,7 +121,7 @@ def test_the_games_are_pgx_games_of_two_players_taking_turns():
         env = pgx.make(name)
         assert env.num_players == 2, name
     assert PLIES["tic_tac_toe"] == 9 and PLIES["connect_four"] == 42  # the boards' cells
-    assert [search_batch(n) for n in (16, 24, 6, 7)] == [8, 8, 2, 1]
+    assert [search_batch(n, 8) for n in (16, 24, 6, 7)] == [8, 8, 2, 1]
 
 
 LINES = ((0, 1, 2), (3, 4, 5), (6, 7, 8), (0, 3, 6), (1, 4, 7), (2, 5, 8), (0, 4, 8), (2, 4, 6))

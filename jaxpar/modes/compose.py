@@ -123,7 +123,8 @@ FEATURES = [
             pins=("ema",)),
     Feature("game", "--game NAME", lambda c: c.game.game is not None,
             {"game": "tic_tac_toe", "simulations": 4, "selfplay_games": 16, "replay_size": 256,
-             "updates_per_iteration": 2, "eval_examples": 32}, pins=("game",)),
+             "updates_per_iteration": 2, "search_batch": 4, "eval_examples": 32},
+            pins=("game",)),
 ]  # fmt: skip
 BY_NAME = {f.name: f for f in FEATURES}
 

@@ -51,7 +51,6 @@ PLIES = {
     "gardner_chess": 256,
 }
 GAMES = tuple(PLIES)
-SEARCH_BATCH = 8  # a device searches its games this many at a time (at most)
 EVAL_GAMES = 256  # games of each evaluation match unless --eval-examples says otherwise
 EPOCH = 10  # iterations per "epoch": evaluation's default period
 # Defaults of the training flags for a game where the images' do not suit (flags given win):
@@ -59,14 +58,17 @@ EPOCH = 10  # iterations per "epoch": evaluation's default period
 RECIPE = {"optimizer": "adam", "lr": 1e-3, "schedule": "cosine", "batch_size": 512, "epochs": 10}
 
 
-def search_batch(games: int) -> int:
-    """How many games a device searches together: the same on every mesh, so the network's
-    products round alike (`jaxpar.modes.alphazero.selfplay`).
+def search_batch(games: int, most: int) -> int:
+    """How many games a device searches together: the largest divisor of `games` up to `most`
+    (``--search-batch``) that divides it too, the same on every mesh, so the network's products
+    round alike (`jaxpar.modes.alphazero.selfplay`). Performance is decided here: a device's
+    searches run one batch after the other, and on one CPU device 8 games together played a
+    third as fast as 1,024 (benchmarks/selfplay.py).
 
-    >>> search_batch(1024), search_batch(12), search_batch(5)
-    (8, 4, 1)
+    >>> search_batch(1024, 64), search_batch(12, 64), search_batch(24, 16), search_batch(5, 64)
+    (64, 4, 8, 1)
     """
-    return math.gcd(games, SEARCH_BATCH)
+    return math.gcd(games, most)
 
 
 class AlphaZero(Mode):
@@ -99,13 +101,15 @@ class AlphaZero(Mode):
         ways = math.prod(mesh.shape[a] for a in RULES["batch"])
         games, root = self.settings.selfplay_games, self.settings.root_parallel
         groups = ways // math.gcd(ways, root)  # of devices playing the same games
-        together = search_batch(games)
+        most = self.settings.search_batch
+        together = search_batch(games, most)
         if games % (groups * together):
             shared = f" ({ways} batch devices, --root-parallel {root})" if root > 1 else ""
             raise UserError(
                 f"--selfplay-games {games} does not split over the mesh's {groups} groups of "
-                f"devices{shared} in searches of {together} games (the largest power of 2 up "
-                f"to {SEARCH_BATCH} dividing it): use a multiple of {groups * together}"
+                f"devices{shared} in searches of {together} games (gcd of it and --search-batch "
+                f"{most}): use a multiple of {groups * together}, or a --search-batch that "
+                f"divides {games // groups}"
             )
         self.mesh, self.batch_size = mesh, cfg.optimization.batch_size
 
@@ -160,8 +164,9 @@ class AlphaZero(Mode):
         model, optimizer = nnx.merge(graphdef, {0: state[0], 1: state[1]})
         network, params = nnx.split(model)
         iteration = optimizer.step[...] // s.updates_per_iteration
+        together = search_batch(s.selfplay_games, s.search_batch)
         play = selfplay(self.env, network, self.mesh, self.seed, s.simulations, self.plies,
-                        search_batch(s.selfplay_games), s.root_parallel)  # fmt: skip
+                        together, s.root_parallel)  # fmt: skip
         samples = play(params, iteration, batch["games"])
         ring = Replay(**state[5]).remember(samples)
         draws = jax.random.split(jax.random.fold_in(keys[0], iteration), s.updates_per_iteration)

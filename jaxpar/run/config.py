@@ -276,6 +276,7 @@ class Game:
     replay_size: int = 65536  # positions the replay ring keeps
     updates_per_iteration: int = 64  # optimizer updates on --batch-size positions each
     root_parallel: int = 1  # searches per move, on devices of the batch axes, then a vote
+    search_batch: int = 64  # games a device searches at once (at most; the same on any mesh)
 
     def check(self) -> None:
         if self.game is None:
@@ -288,7 +289,8 @@ class Game:
         need(self.game in GAMES, f"--game {self.game} is not supported; choose one of "
              f"{', '.join(GAMES)}")  # fmt: skip
         _at_least(self, one=("simulations", "selfplay_games", "replay_size",
-                             "updates_per_iteration", "root_parallel"))  # fmt: skip
+                             "updates_per_iteration", "root_parallel",
+                             "search_batch"))  # fmt: skip
 
     def settings(self) -> dict | None:
         """What a game's checkpoint must match to resume (None: no game)."""
