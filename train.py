@@ -152,6 +152,12 @@ FLAGS = {
             "games a device searches at once: gcd(--selfplay-games, this), the same on every "
             "mesh so that the games are; larger is faster",
         ),  # fmt: skip
+        (
+            "--opening-moves",
+            int,
+            "the first moves of each self-play game drawn uniformly among the legal ones, so "
+            "that every opening is explored (the search still gives their targets)",
+        ),  # fmt: skip
     ],
     "checkpoint": [
         ("--workdir", str, "where the run writes (None: runs/DATE-TIME)"),

@@ -78,6 +78,20 @@ def test_root_parallel_search_plays_the_same_games_on_any_mesh(mesh):
 
 
 @pytest.mark.slow
+def test_opening_moves_are_drawn_whatever_the_network_and_still_get_the_searchs_targets():
+    env, graphdef, params = tic_tac_toe()
+    mesh = make_mesh(parse_mesh("1", jax.device_count()))
+    run = selfplay(env, graphdef, mesh, seed=0, simulations=SIMULATIONS, plies=PLIES, opening=PLIES)
+    games = [jax.tree.map(np.asarray, run(p, 3, jnp.arange(GAMES)))
+             for p in (params, jax.tree.map(lambda x: -x, params))]  # fmt: skip
+    for name in ("observation", "value", "valid"):  # every move drawn: the same games
+        np.testing.assert_array_equal(getattr(games[0], name), getattr(games[1], name))
+    assert not np.allclose(games[0].policy, games[1].policy)  # each network's search's targets
+    searched, _, _ = played("1")
+    assert not np.array_equal(games[0].observation, searched.observation)
+
+
+@pytest.mark.slow
 def test_each_game_is_its_own_and_iterations_differ():
     one, run, params = played("1")
     alone = jax.tree.map(np.asarray, run(params, 3, jnp.arange(2, 4)))  # games 2 and 3 alone

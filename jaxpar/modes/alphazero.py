@@ -110,9 +110,12 @@ def searcher(env, graphdef, simulations: int, gumbel_scale: float = 1.0):
     return search
 
 
-def play(env, graphdef, simulations: int, plies: int, root=None):
+def play(env, graphdef, simulations: int, plies: int, root=None, opening: int = 0):
     """``(params, key) -> Samples`` of one game played to the end (or `plies` moves). `root`:
-    root parallelism's ``(members, agree)`` (`selfplay`), else one search per move."""
+    root parallelism's ``(members, agree)`` (`selfplay`), else one search per move. The first
+    `opening` moves are drawn uniformly among the legal ones (the search still gives their
+    policy targets): self-play then meets the positions after every opening, not only after
+    those its network prefers."""
     search = searcher(env, graphdef, simulations)
 
     def choose(params, key, state):
@@ -128,7 +131,12 @@ def play(env, graphdef, simulations: int, plies: int, root=None):
         start, moves = jax.random.split(key)
 
         def ply(state, t):
-            action, policy = choose(params, jax.random.fold_in(moves, t), state)
+            key = jax.random.fold_in(moves, t)
+            action, policy = choose(params, key, state)
+            if opening:
+                legal = jnp.where(state.legal_action_mask, 0.0, jnp.finfo(jnp.float32).min)
+                drawn = jax.random.categorical(jax.random.fold_in(key, 1 << 30), legal)
+                action = jnp.where(t < opening, drawn, action)
             after = env.step(state, action)  # nothing happens once the game is over
             record = (
                 state.observation,
@@ -162,7 +170,7 @@ def vote(actions, policies):
 
 
 def selfplay(env, graphdef, mesh, seed: int, simulations: int, plies: int, together: int = 1,
-             root: int = 1):  # fmt: skip
+             root: int = 1, opening: int = 0):  # fmt: skip
     """``(params, iteration, games) -> Samples``: the games whose global indices `games` holds,
     split over the mesh's batch axes, each searched on its own device (jitted).
 
@@ -196,7 +204,7 @@ def selfplay(env, graphdef, mesh, seed: int, simulations: int, plies: int, toget
             return vote(ours[:, 0].astype(jnp.int32), ours[:, 1:])
 
         one_game = play(env, graphdef, simulations, plies,
-                        None if root == 1 else (members, agree))  # fmt: skip
+                        None if root == 1 else (members, agree), opening)  # fmt: skip
         base = jax.random.fold_in(jax.random.key(seed), iteration)
         keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(mine)
         return jax.lax.map(lambda k: one_game(params, k), keys, batch_size=together)

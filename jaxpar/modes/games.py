@@ -166,7 +166,7 @@ class AlphaZero(Mode):
         iteration = optimizer.step[...] // s.updates_per_iteration
         together = search_batch(s.selfplay_games, s.search_batch)
         play = selfplay(self.env, network, self.mesh, self.seed, s.simulations, self.plies,
-                        together, s.root_parallel)  # fmt: skip
+                        together, s.root_parallel, s.opening_moves)  # fmt: skip
         samples = play(params, iteration, batch["games"])
         ring = Replay(**state[5]).remember(samples)
         draws = jax.random.split(jax.random.fold_in(keys[0], iteration), s.updates_per_iteration)

@@ -277,6 +277,7 @@ class Game:
     updates_per_iteration: int = 64  # optimizer updates on --batch-size positions each
     root_parallel: int = 1  # searches per move, on devices of the batch axes, then a vote
     search_batch: int = 64  # games a device searches at once (at most; the same on any mesh)
+    opening_moves: int = 1  # first moves of a self-play game drawn at random (exploration)
 
     def check(self) -> None:
         if self.game is None:
@@ -290,7 +291,7 @@ class Game:
              f"{', '.join(GAMES)}")  # fmt: skip
         _at_least(self, one=("simulations", "selfplay_games", "replay_size",
                              "updates_per_iteration", "root_parallel",
-                             "search_batch"))  # fmt: skip
+                             "search_batch"), zero=("opening_moves",))  # fmt: skip
 
     def settings(self) -> dict | None:
         """What a game's checkpoint must match to resume (None: no game)."""
