@@ -23,6 +23,7 @@ SHIPPED = {
     "vit-tiny-pipeline.toml": "--model vit-tiny --mesh stage=2,data=2,fsdp=2 --microbatches 4",
     "fedavg-2nn.toml": "--model 2nn --clients 20 --clients-per-round 10 --local-epochs 1 "
     "--local-batch 10 --rounds 60 --lr 0.05 --partition shards:2 --eval-every 5",
+    "alphazero-tic-tac-toe.toml": "--game tic_tac_toe --mesh 2x2",
 }
 
 
@@ -58,7 +59,7 @@ def test_flags_override_the_file_and_the_files_values_override_a_recipe(tmp_path
 BAD = {  # run file -> the one line train.py prints
     "[model]\nbatch-size = 3\n": "[model] has no key batch-size; it belongs in [optimization]",
     "[optim]\nlr = 3\n": "unknown section [optim]; sections are parallelism, model, data, "
-    "optimization, federated, checkpoint, job, metrics",
+    "optimization, federated, game, checkpoint, job, metrics",
     "lr = 3\n": "lr is outside any section; put it in [optimization]",
     '[optimization]\nlr = "x"\n': "[optimization] lr must be a number, got 'x'",
     "[optimization]\nsteps = 2.5\n": "[optimization] steps must be an integer, got 2.5",
