@@ -31,6 +31,16 @@ from jax.sharding import PartitionSpec
 from jaxpar.core.errors import UserError
 from jaxpar.core.sharding import RULES
 
+# The random streams of a game's run, each folded into the seed's key first: apart from one another
+# and from the train step's (`jaxpar.core.step`'s split of the seed's key into 3). A move's
+# random opening draw folds OPENING into the move's search key.
+SELFPLAY, REPLAY, EVALUATION, OPENING = 0x5E1F, 0x4E91, 0xE7A1, 0x0BE9
+
+
+def stream(seed: int, tag: int) -> jax.Array:
+    """The key of the random stream `tag` (`SELFPLAY`, ...) of a run seeded `seed`."""
+    return jax.random.fold_in(jax.random.key(seed), tag)
+
 
 def game(name: str):
     """The pgx environment `name` (``tic_tac_toe``, ``connect_four``, ``othello``, ...)."""
@@ -110,19 +120,19 @@ def searcher(env, graphdef, simulations: int, gumbel_scale: float = 1.0):
     return search
 
 
-def play(env, graphdef, simulations: int, plies: int, root=None, opening: int = 0):
-    """``(params, key) -> Samples`` of one game played to the end (or `plies` moves). `root`:
-    root parallelism's ``(members, agree)`` (`selfplay`), else one search per move. The first
-    `opening` moves are drawn uniformly among the legal ones (the search still gives their
-    policy targets): self-play then meets the positions after every opening, not only after
-    those its network prefers."""
+def play(env, graphdef, simulations: int, plies: int, parallel=None, opening: int = 0):
+    """``(params, key) -> Samples`` of one game played to the end (or `plies` moves).
+    `parallel`: root parallelism's ``(members, agree)`` (`selfplay`), else one search per move.
+    The first `opening` moves are drawn uniformly among the legal ones (the search still gives
+    their policy targets): self-play then meets the positions after every opening, not only
+    after those its network prefers."""
     search = searcher(env, graphdef, simulations)
 
     def choose(params, key, state):
-        if root is None:
+        if parallel is None:
             chosen = search(params, key, state)
             return chosen.action[0], chosen.action_weights[0]
-        members, agree = root
+        members, agree = parallel
         chosen = jax.lax.map(lambda m: search(params, jax.random.fold_in(key, m), state),
                              members)  # fmt: skip
         return agree(chosen.action[:, 0], chosen.action_weights[:, 0])
@@ -135,7 +145,7 @@ def play(env, graphdef, simulations: int, plies: int, root=None, opening: int = 
             action, policy = choose(params, key, state)
             if opening:
                 legal = jnp.where(state.legal_action_mask, 0.0, jnp.finfo(jnp.float32).min)
-                drawn = jax.random.categorical(jax.random.fold_in(key, 1 << 30), legal)
+                drawn = jax.random.categorical(jax.random.fold_in(key, OPENING), legal)
                 action = jnp.where(t < opening, drawn, action)
             after = env.step(state, action)  # nothing happens once the game is over
             record = (
@@ -205,7 +215,7 @@ def selfplay(env, graphdef, mesh, seed: int, simulations: int, plies: int, toget
 
         one_game = play(env, graphdef, simulations, plies,
                         None if root == 1 else (members, agree), opening)  # fmt: skip
-        base = jax.random.fold_in(jax.random.key(seed), iteration)
+        base = jax.random.fold_in(stream(seed, SELFPLAY), iteration)
         keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(mine)
         return jax.lax.map(lambda k: one_game(params, k), keys, batch_size=together)
 
@@ -375,10 +385,11 @@ def matcher(env, first, second, games: int):
 
         def move(carry):
             state, key, score = carry
-            key, a, b = jax.random.split(key, 3)
+            key, a, b, draw_a, draw_b = jax.random.split(key, 5)  # a player's own, its move's
             mine = state.current_player == first_is
-            action = jnp.where(mine, jax.random.categorical(a, first(params, a, state)),
-                               jax.random.categorical(b, second(params, b, state)))  # fmt: skip
+            ours = jax.random.categorical(draw_a, first(params, a, state))
+            theirs = jax.random.categorical(draw_b, second(params, b, state))
+            action = jnp.where(mine, ours, theirs)
             state = jax.vmap(env.step)(state, action)
             return state, key, score + state.rewards[jnp.arange(games), first_is]
 

@@ -28,6 +28,8 @@ from jaxpar.core.errors import UserError
 from jaxpar.core.sharding import RULES, batch_sharding
 from jaxpar.data import Dataset
 from jaxpar.modes.alphazero import (
+    EVALUATION,
+    REPLAY,
     Replay,
     game,
     loss,
@@ -36,6 +38,7 @@ from jaxpar.modes.alphazero import (
     random_player,
     search_player,
     selfplay,
+    stream,
 )
 from jaxpar.modes.mode import Mode
 
@@ -59,11 +62,11 @@ RECIPE = {"optimizer": "adam", "lr": 1e-3, "schedule": "cosine", "batch_size": 5
 
 
 def search_batch(games: int, most: int) -> int:
-    """How many games a device searches together: the largest divisor of `games` up to `most`
-    (``--search-batch``) that divides it too, the same on every mesh, so the network's products
-    round alike (`jaxpar.modes.alphazero.selfplay`). Performance is decided here: a device's
-    searches run one batch after the other, and on one CPU device 8 games together played a
-    third as fast as 1,024 (benchmarks/selfplay.py).
+    """How many games a device searches together: the greatest common divisor of `games` and
+    `most` (``--search-batch``; powers of 2 suit: gcd(1024, 100) is 4), the same on every mesh,
+    so the network's products round alike (`jaxpar.modes.alphazero.selfplay`). Performance is
+    decided here: a device's searches run one batch after the other, and on one CPU device 8
+    games together played half as many games a second as 64 (benchmarks/selfplay.py).
 
     >>> search_batch(1024, 64), search_batch(12, 64), search_batch(24, 16), search_batch(5, 64)
     (64, 4, 8, 1)
@@ -140,7 +143,7 @@ class AlphaZero(Mode):
         return self.settings.selfplay_games
 
     def stamp(self, step: int) -> dict:
-        return {"iteration": step}
+        return {"iteration": step}  # iterations done (the step's self-play was number step - 1)
 
     def replay(self) -> Replay:
         return Replay.empty(self.settings.replay_size, self.observation, self.env.num_actions)
@@ -158,7 +161,7 @@ class AlphaZero(Mode):
     def view(self, state):
         return state
 
-    def step(self, state, batch, *, graphdef, keys, **_):
+    def step(self, state, batch, *, graphdef, **_):
         """One iteration: self-play, the ring, then the updates (a `lax.scan`)."""
         s = self.settings
         model, optimizer = nnx.merge(graphdef, {0: state[0], 1: state[1]})
@@ -169,7 +172,8 @@ class AlphaZero(Mode):
                         together, s.root_parallel, s.opening_moves)  # fmt: skip
         samples = play(params, iteration, batch["games"])
         ring = Replay(**state[5]).remember(samples)
-        draws = jax.random.split(jax.random.fold_in(keys[0], iteration), s.updates_per_iteration)
+        draws = jax.random.split(jax.random.fold_in(stream(self.seed, REPLAY), iteration),
+                                 s.updates_per_iteration)  # fmt: skip
         size = self.batch_size
 
         def update(carry, key):
@@ -204,7 +208,7 @@ class AlphaZero(Mode):
 
         def evaluate(state, step: int) -> dict:
             params = jax.device_put(state[0], whole)
-            key = jax.random.fold_in(jax.random.key(self.seed), step)
+            key = jax.random.fold_in(stream(self.seed, EVALUATION), step)
             line = {}
             for i, (name, match) in enumerate(matches.items()):
                 rates = match(params, jax.random.fold_in(key, i))

@@ -2,7 +2,8 @@
 [--human-first] [--seed N] [--plain]``.
 
 The agent is the network of the workdir's latest checkpoint (a run of ``train.py --game``) with
-Gumbel MuZero's search, ``--simulations`` per move (default: the run's). In a terminal the board
+Gumbel MuZero's search, ``--simulations`` per move (default: the run's), playing the search's
+best move as the run's evaluation does (no exploring noise). In a terminal the board
 is drawn as text and the legal moves listed; a move that is not one is answered with one line and
 a new prompt. With ``--plain``, for scripts: the agent's moves are printed as lines ``move K``
 (K the pgx action index), the opponent's are read one integer per line from standard input, and
@@ -11,6 +12,7 @@ side; a move that is not legal exits 2 with one line.
 """
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -21,8 +23,8 @@ from jaxpar.core.errors import UserError
 
 def board(observation: np.ndarray, agent_moves: bool) -> str:
     """The board as text when the game's observation is two planes (the mover's stones, the
-    other's): the agent's ``X``, the opponent's ``O``, an empty cell its move number (the action
-    that takes it, for tic-tac-toe and connect four's columns), else ''."""
+    other's): the agent's ``X``, the opponent's ``O``; an empty cell ``.``, or on a board of at
+    most 9 cells (tic-tac-toe) the number of the move that takes it; else ''."""
     if observation.ndim != 3 or observation.shape[-1] != 2:
         return ""
     mine, theirs = (0, 1) if agent_moves else (1, 0)
@@ -49,7 +51,7 @@ def opponent_move(read, legal: np.ndarray, plain: bool, write) -> int:
         if not line:
             raise UserError("standard input ended before the game did")
         text = line.strip()
-        if text.lstrip("-").isdigit() and 0 <= int(text) < len(legal) and legal[int(text)]:
+        if re.fullmatch(r"[0-9]+", text) and int(text) < len(legal) and legal[int(text)]:
             return int(text)
         problem = f"{text!r} is not a legal move here; legal moves: {moves}"
         if plain:
@@ -84,8 +86,9 @@ def play(workdir, simulations=None, human_first=False, seed=0, plain=False, read
         raise UserError(f"--simulations must be at least 1, got {simulations}")
     mesh = make_mesh(parse_mesh("1", 1))
     graphdef, params, _ = restored(workdir, step, manifest, mesh)
-    search = jax.jit(searcher(env, graphdef, simulations or settings.simulations))
-    read, write = read or sys.stdin.readline, write or sys.stdout.write
+    # The search's best move, as the run's evaluation plays: no exploring noise.
+    search = jax.jit(searcher(env, graphdef, simulations or settings.simulations, 0.0))
+    read, write = read or sys.stdin.readline, write or _printed
     start, key = jax.random.split(jax.random.key(seed))
     state = env.init(start)
     agent = 1 - int(state.current_player) if human_first else int(state.current_player)
@@ -113,13 +116,20 @@ def play(workdir, simulations=None, human_first=False, seed=0, plain=False, read
     return result
 
 
+def _printed(text: str) -> None:
+    """Written now: a script reading the moves, or a prompt without a newline, waits for it."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxpar.play",
                                      description=__doc__.split("\n\n")[0])  # fmt: skip
     parser.add_argument("workdir", help="a workdir of train.py --game")
     parser.add_argument("--simulations", type=int, help="per move (default: the run's)")
     parser.add_argument("--human-first", action="store_true", help="you make the first move")
-    parser.add_argument("--seed", type=int, default=0, help="the agent's search noise")
+    parser.add_argument("--seed", type=int, default=0, help="the game's start (pgx's key); the "
+                        "agent plays its search's best move, without noise")  # fmt: skip
     parser.add_argument("--plain", action="store_true",
                         help="moves as lines: 'move K' out, one integer per line in")  # fmt: skip
     args = parser.parse_args(argv)
