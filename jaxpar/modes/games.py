@@ -158,9 +158,6 @@ class AlphaZero(Mode):
     def init(self, state):
         return {**state, 5: dataclasses.asdict(self.replay())}
 
-    def view(self, state):
-        return state
-
     def step(self, state, batch, *, graphdef, **_):
         """One iteration: self-play, the ring, then the updates (a `lax.scan`)."""
         s = self.settings
