@@ -20,6 +20,7 @@ from jaxpar.core.mesh import (
 from jaxpar.core.optimizers import OPTIMIZERS
 from jaxpar.models import RECIPES, recipe_for
 from jaxpar.modes.games import RECIPE as GAME_RECIPE
+from jaxpar.modes.games import recipe as game_recipe
 from jaxpar.run.config import SECTIONS, Config
 from jaxpar.run.distributed import job_size, join, peer_lost
 
@@ -313,8 +314,8 @@ def parse_args(argv) -> Config:
     del given["config"], explicit["config"]
     # A federated run's clients train with plain SGD at --lr: no model recipe (AdamW, warmup).
     recipe = dict(recipe_for(given["model"])) if given["clients"] is None else {}
-    if given["game"] is not None:  # a game's run: its own (`jaxpar.modes.games.RECIPE`)
-        recipe = dict(GAME_RECIPE)
+    if given["game"] is not None:  # a game's run: its own (`jaxpar.modes.games.recipe`)
+        recipe = game_recipe(given["game"])
     if explicit["optimizer"] is not UNSET and given["optimizer"] != recipe.get("optimizer"):
         recipe.pop("weight_decay", None)  # the recipe's decay was tuned for its optimizer
     if "warmup_steps" in recipe and given["steps"]:  # a short run: warm up for a tenth of it

@@ -13,7 +13,7 @@ from flax import nnx
 from jaxpar.core.errors import UserError
 from jaxpar.core.mesh import make_mesh, parse_mesh
 from jaxpar.cost.collectives import collective_ops
-from jaxpar.models import MLP
+from jaxpar.models import MLP, ResNet
 from jaxpar.modes.alphazero import (
     Replay,
     Samples,
@@ -22,6 +22,7 @@ from jaxpar.modes.alphazero import (
     matcher,
     network_player,
     perfect_player,
+    policy_value,
     random_player,
     selfplay,
     tic_tac_toe_values,
@@ -193,6 +194,20 @@ def test_the_loss_is_cross_entropy_plus_squared_error():
     ce, se = -(policy * log_p).sum(-1).mean(), np.square(np.tanh(out[:, -1]) - value).mean()
     np.testing.assert_allclose([parts["policy_loss"], parts["value_loss"]], [ce, se], rtol=1e-5)
     np.testing.assert_allclose(total, ce + se, rtol=1e-5)
+
+
+def test_a_resnets_running_statistics_learn_from_the_positions_that_search_then_sees():
+    net = ResNet((3, 3, 2), 10, stage_sizes=(1,), width=8, rngs=nnx.Rngs(0))
+    graphdef, before = nnx.graphdef(net), nnx.to_pure_dict(nnx.state(net))  # arrays: a copy
+    observation = np.random.default_rng(0).integers(0, 2, (8, 3, 3, 2)).astype(bool)
+    policy, value = np.full((8, 9), 1 / 9, np.float32), np.zeros(8, np.float32)
+    loss(net, {"observation": observation, "policy": policy, "value": value})
+    after = nnx.to_pure_dict(nnx.state(net))
+    assert not np.allclose(after["stem_bn"]["mean"], before["stem_bn"]["mean"])
+    legal = np.ones((8, 9), bool)  # search's network: normalised by the running statistics
+    moved, _ = policy_value(graphdef, after, observation, legal)
+    fresh, _ = policy_value(graphdef, before, observation, legal)
+    assert not np.allclose(moved, fresh)
 
 
 @pytest.mark.slow

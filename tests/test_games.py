@@ -7,6 +7,7 @@ import functools
 import io
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -14,8 +15,11 @@ import jaxpar
 import train as cli
 from jaxpar.core.errors import UserError
 from jaxpar.modes import compose
+from jaxpar.modes.alphazero import elo
 from jaxpar.modes.games import GAMES, PLIES, search_batch
+from jaxpar.run.checkpoint import Checkpoints
 from jaxpar.run.config import Config
+from jaxpar.run.setup import setup
 from jaxpar.tools.play import main as play_main
 from jaxpar.tools.play import play
 
@@ -24,7 +28,8 @@ SMALL = {**compose.BY_NAME["game"].example, "batch_size": 32, "eval_examples": 3
 
 @functools.cache
 def trained(mesh: str, workdir: str) -> list[dict]:
-    cfg = Config.of(**SMALL, mesh=mesh, steps=3, log_every=1, eval_every=3, workdir=workdir)
+    cfg = Config.of(**SMALL, mesh=mesh, steps=3, log_every=1, eval_every=2, checkpoint_every=2,
+                    workdir=workdir)  # fmt: skip
     jaxpar.train(cfg)
     with open(f"{workdir}/metrics.jsonl") as f:
         return [json.loads(line) for line in f]
@@ -42,9 +47,9 @@ def runs(workdirs):
 
 
 EXACT = ("step", "iteration", "positions", "replay_positions")
-RATES = [
-    f"eval_vs_{who}_{k}_rate" for who in ("random", "perfect") for k in ("win", "draw", "loss")
-]
+OPPONENTS = ("random", "perfect", "earlier")
+RATES = [f"eval_vs_{who}_{k}_rate" for who in OPPONENTS for k in ("win", "draw", "loss")]
+RATES.append("eval_vs_earlier_elo")
 LOSSES = ("train_loss", "policy_loss", "value_loss", "grad_norm")
 
 
@@ -74,12 +79,40 @@ def test_each_line_says_what_its_iteration_did(runs):
     # The ring fills with each iteration's positions, up to its size.
     filled = np.cumsum([x["positions"] for x in train])
     assert [x["replay_positions"] for x in train] == np.minimum(filled, 256).tolist()
-    (evaluation,) = [x for x in lines if "eval_vs_random_win_rate" in x]
-    assert evaluation["step"] == 3 and set(RATES) <= set(evaluation)
-    for who in ("random", "perfect"):
-        total = sum(evaluation[f"eval_vs_{who}_{k}_rate"] for k in ("win", "draw", "loss"))
-        assert total == pytest.approx(1.0)
-    assert evaluation["eval_vs_perfect_win_rate"] == 0.0  # no one beats perfect play
+    evaluations = [x for x in lines if "eval_vs_random_win_rate" in x]
+    assert [x["step"] for x in evaluations] == [2, 3]  # every 2 iterations, and at the end
+    for evaluation in evaluations:
+        assert set(RATES) <= set(evaluation)
+        rates = {}
+        for who in OPPONENTS:
+            rates[who] = {k: evaluation[f"eval_vs_{who}_{k}_rate"] for k in ("win", "draw", "loss")}
+            assert sum(rates[who].values()) == pytest.approx(1.0)
+        assert evaluation["eval_vs_perfect_win_rate"] == 0.0  # no one beats perfect play
+        assert evaluation["eval_vs_earlier_elo"] == pytest.approx(elo(rates["earlier"], 32))
+
+
+def test_elo_is_the_difference_a_score_predicts():
+    even = {"win": 0.25, "draw": 0.5, "loss": 0.25}
+    assert elo(even, 100) == 0.0
+    ahead = elo({"win": 0.75, "draw": 0.0, "loss": 0.25}, 100)
+    assert 1 / (1 + 10 ** (-ahead / 400)) == pytest.approx(0.75)  # the logistic expected score
+    lost, won = (elo({"win": w, "draw": 0.0}, 100) for w in (0.0, 1.0))
+    assert lost == pytest.approx(-won) and 900 < won < 1000  # half a game short of all won
+
+
+@pytest.mark.slow
+def test_each_evaluation_plays_the_network_of_the_previous_one(workdirs, runs):
+    """The earlier network (state item 6, in the checkpoint): at step 2 the initial network, at
+    step 3 the network of step 2."""
+    run = setup(Config.of(**SMALL, mesh="1", steps=3, eval_every=2, workdir=workdirs["1"]))
+    ckpts = Checkpoints(workdirs["1"])
+    try:
+        two, three = (ckpts.restore(step, run.abstract, run.shardings) for step in (2, 3))
+    finally:
+        ckpts.close()
+    same = lambda a, b: all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))  # noqa: E731
+    assert same(three[6], two[0])
+    assert same(two[6], run.init()[0]) and not same(two[6], two[0])
 
 
 BAD = {
@@ -100,7 +133,7 @@ BAD = {
     "--game tic_tac_toe --dataset mnist": "--game with --dataset mnist: a game makes its own data",
     "--game tic_tac_toe --steps-per-dispatch 2": "--steps-per-dispatch with --game is not",
     "--game tic_tac_toe --sync stale:2": "--sync stale:T with --game NAME is not supported",
-    "--game tic_tac_toe --model resnet8": "--game NAME with --model resnet8 is not supported",
+    "--game tic_tac_toe --model vit-tiny": "--game NAME with --model vit-tiny is not supported",
 }
 
 
@@ -122,6 +155,15 @@ def test_the_games_are_pgx_games_of_two_players_taking_turns():
         assert env.num_players == 2, name
     assert PLIES["tic_tac_toe"] == 9 and PLIES["connect_four"] == 42  # the boards' cells
     assert [search_batch(n, 8) for n in (16, 24, 6, 7)] == [8, 8, 2, 1]
+
+
+def test_a_game_takes_its_recipe_where_no_flag_is_given():
+    cfg = cli.parse_args(["--game", "connect_four"])
+    assert (cfg.model.model, cfg.optimization.optimizer, cfg.optimization.epochs) == (
+        "resnet8", "adam", 10)  # fmt: skip
+    assert cli.parse_args(["--game", "tic_tac_toe"]).model.model == "mlp"
+    given = cli.parse_args(["--game", "connect_four", "--model", "mlp", "--lr", "0.01"])
+    assert (given.model.model, given.optimization.lr) == ("mlp", 0.01)
 
 
 LINES = ((0, 1, 2), (3, 4, 5), (6, 7, 8), (0, 3, 6), (1, 4, 7), (2, 5, 8), (0, 4, 8), (2, 4, 6))

@@ -281,8 +281,9 @@ class Replay:
 def loss(model, batch: dict):
     """AlphaZero's loss on positions: cross-entropy of the network's policy against the
     search's, plus the squared error of its value against the game's outcome. Returns
-    ``(loss, {"policy_loss", "value_loss"})``."""
-    out = model(batch["observation"].astype(jnp.float32))
+    ``(loss, {"policy_loss", "value_loss"})``. In training mode: a ResNet's BatchNorm
+    normalises by the positions' statistics and updates its running ones, which search uses."""
+    out = model(batch["observation"].astype(jnp.float32), train=True)  # no keys: no dropout
     policy = jnp.mean(optax.softmax_cross_entropy(out[..., :-1], batch["policy"]))
     value = jnp.mean(jnp.square(jnp.tanh(out[..., -1]) - batch["value"]))
     return policy + value, {"policy_loss": policy, "value_loss": value}
@@ -290,7 +291,8 @@ def loss(model, batch: dict):
 
 # Players: ``(params, key, state) -> logits`` over the moves of a batch of positions (pgx
 # states); `params` are the network's (the others ignore them), an argument of the compiled
-# match rather than a constant in it, so one program serves every evaluation of a run.
+# match rather than a constant in it, so one program serves every evaluation of a run. A match
+# of two networks passes both, each player taking its own.
 
 
 def random_player(params, key, state):
@@ -370,6 +372,20 @@ def perfect_player(params, key, state):
     values = jnp.asarray(tic_tac_toe_values())[rows].astype(jnp.float32)
     best = values == values.max(-1, keepdims=True)
     return jnp.where(best & state.legal_action_mask, 0.0, jnp.finfo(jnp.float32).min)
+
+
+def elo(rates: dict, games: int) -> float:
+    """The Elo difference that a match's score predicts (a win 1, a draw 1/2), the score kept
+    half a game inside 0 and 1 so that a match all won or lost gives a finite estimate.
+
+    >>> round(elo({"win": 0.75, "draw": 0.0, "loss": 0.25}, 100), 1)
+    190.8
+    >>> elo({"win": 0.0, "draw": 1.0, "loss": 0.0}, 100), round(elo({"win": 1.0, "draw": 0.0}, 100))
+    (0.0, 920)
+    """
+    score = rates["win"] + rates["draw"] / 2
+    score = min(max(score, 0.5 / games), 1 - 0.5 / games)
+    return 400 * math.log10(score / (1 - score))
 
 
 def matcher(env, first, second, games: int):

@@ -165,7 +165,7 @@ REFUSED |= {
     frozenset({"game", "federated"}): "the clients' data are examples; a game makes its own",
     frozenset({"game", "mixture"}): "a game makes its own data by self-play",
     frozenset({"game", "workers"}): "a game makes its own data by self-play, on the devices",
-    frozenset({"game", "pipeline"}): "the policy-value network is an MLP: it has no stages",
+    frozenset({"game", "pipeline"}): "the policy-value networks (MLPs, ResNets) have no stages",
 }
 FAMILY_REFUSED = {  # (feature, family) -> why the feature does not run on that family
     ("pipeline", "mlp"): "its layers are not uniform: only the ViTs' stacked blocks split into "
@@ -176,7 +176,6 @@ FAMILY_REFUSED = {  # (feature, family) -> why the feature does not run on that 
                              "batches",
     ("qat", "vit"): "qwix replaces each weight as a module attribute, and a ViT's scanned "
                     "blocks are one stacked array per weight that it cannot replace",
-    ("game", "resnet"): "not yet: BatchNorm's statistics in self-play and training",
     ("game", "vit"): "not yet: a position is no image of patches",
 }  # fmt: skip
 _VMAPPED_CONV = ("XLA's partitioner (jax 0.10.2) miscompiles convolutions vmapped over the "

@@ -10,8 +10,10 @@ seed, the iteration and a game's global index, so the same seed trains the same 
 mesh and across a resume: the ring, its write position and the optimizer's step count (the
 iteration is its updates divided by ``--updates-per-iteration``) are in the checkpoint.
 
-Evaluation plays the network with search against a uniformly random player, and for tic-tac-toe
-against perfect play; ``--eval-examples`` is the number of games of each match.
+Evaluation plays the network with search against a uniformly random player, for tic-tac-toe
+against perfect play, and against the network of the previous evaluation (the first evaluation's:
+the initial network), kept in the state (item 6, "earlier") and so in the checkpoint: an Elo
+difference from the score of that match. ``--eval-examples`` is the number of games of each match.
 """
 
 import dataclasses
@@ -31,6 +33,7 @@ from jaxpar.modes.alphazero import (
     EVALUATION,
     REPLAY,
     Replay,
+    elo,
     game,
     loss,
     matcher,
@@ -57,8 +60,15 @@ GAMES = tuple(PLIES)
 EVAL_GAMES = 256  # games of each evaluation match unless --eval-examples says otherwise
 EPOCH = 10  # iterations per "epoch": evaluation's default period
 # Defaults of the training flags for a game where the images' do not suit (flags given win):
-# 100 iterations of Adam with a cosine decay, updates on 512 positions.
-RECIPE = {"optimizer": "adam", "lr": 1e-3, "schedule": "cosine", "batch_size": 512, "epochs": 10}
+# 100 iterations of Adam with a cosine decay, updates on 512 positions; the network an MLP on
+# tic-tac-toe's 9 cells, a ResNet of 3 basic blocks (ResNet-8) on the larger boards.
+RECIPE = {"optimizer": "adam", "lr": 1e-3, "schedule": "cosine", "batch_size": 512, "epochs": 10,
+          "model": "mlp on tic_tac_toe, else resnet8"}  # fmt: skip
+
+
+def recipe(name: str) -> dict:
+    """`RECIPE` for the game `name`: its network named."""
+    return {**RECIPE, "model": "mlp" if name == "tic_tac_toe" else "resnet8"}
 
 
 def search_batch(games: int, most: int) -> int:
@@ -115,6 +125,7 @@ class AlphaZero(Mode):
                 f"divides {games // groups}"
             )
         self.mesh, self.batch_size = mesh, cfg.optimization.batch_size
+        self.every = cfg.metrics.eval_every or EPOCH  # iterations between evaluations
 
     def steps_per_epoch(self, ds, batch_size: int) -> int:
         return EPOCH
@@ -149,14 +160,15 @@ class AlphaZero(Mode):
         return Replay.empty(self.settings.replay_size, self.observation, self.env.num_actions)
 
     def layout(self, abstract, shardings, mesh, params):
-        """The state with the replay ring (item 5), whole on every device: updates draw any of
-        its positions."""
+        """The state with the replay ring (item 5), whole on every device (updates draw any of
+        its positions), and the earlier network (item 6), laid out as the network."""
         ring = dataclasses.asdict(jax.eval_shape(self.replay))
         whole = NamedSharding(mesh, PartitionSpec())
-        return {**abstract, 5: ring}, {**shardings, 5: jax.tree.map(lambda _: whole, ring)}
+        return ({**abstract, 5: ring, 6: abstract[0]},
+                {**shardings, 5: jax.tree.map(lambda _: whole, ring), 6: shardings[0]})  # fmt: skip
 
     def init(self, state):
-        return {**state, 5: dataclasses.asdict(self.replay())}
+        return {**state, 5: dataclasses.asdict(self.replay()), 6: state[0]}
 
     def step(self, state, batch, *, graphdef, **_):
         """One iteration: self-play, the ring, then the updates (a `lax.scan`)."""
@@ -164,6 +176,9 @@ class AlphaZero(Mode):
         model, optimizer = nnx.merge(graphdef, {0: state[0], 1: state[1]})
         network, params = nnx.split(model)
         iteration = optimizer.step[...] // s.updates_per_iteration
+        # The network an evaluation plays against: the one of the iteration after the previous.
+        take = iteration % self.every == 0
+        earlier = jax.tree.map(lambda e, now: jnp.where(take, now, e), state[6], state[0])
         together = search_batch(s.selfplay_games, s.search_batch)
         play = selfplay(self.env, network, self.mesh, self.seed, s.simulations, self.plies,
                         together, s.root_parallel, s.opening_moves)  # fmt: skip
@@ -188,39 +203,50 @@ class AlphaZero(Mode):
         metrics = {k: jnp.mean(v) for k, v in metrics.items()}
         metrics["positions"] = jnp.sum(samples.valid)
         metrics["replay_positions"] = jnp.sum(ring.filled)
-        return {**state, **trained, 5: dataclasses.asdict(ring)}, metrics
+        return {**state, **trained, 5: dataclasses.asdict(ring), 6: earlier}, metrics
 
     def evaluator(self, network, mesh, games: int | None):
         """``(state, step) -> the evaluation line``: the network with search against each
         opponent, in `games` games (`EVAL_GAMES` if None), with keys from the seed and the step
-        and the parameters whole on every device: the same line on any mesh."""
+        and the networks whole on every device: the same line on any mesh. Against the earlier
+        network both sides draw their moves as self-play does (with Gumbel noise): greedy search
+        against greedy search would play one game per side."""
         games = EVAL_GAMES if games is None else games
-        agent = search_player(self.env, network, self.settings.simulations)
-        opponents = {"random": random_player}
+        sims = self.settings.simulations
+        best, explore = (search_player(self.env, network, sims, noise) for noise in (0.0, 1.0))
+        agent = lambda nets, key, state: best(nets["now"], key, state)  # noqa: E731
+        opponents = {"random": (agent, random_player)}
         if self.settings.game == "tic_tac_toe":
-            opponents["perfect"] = perfect_player
-        matches = {name: matcher(self.env, agent, other, games)
-                   for name, other in opponents.items()}  # fmt: skip
+            opponents["perfect"] = (agent, perfect_player)
+        opponents["earlier"] = (
+            lambda nets, key, state: explore(nets["now"], key, state),
+            lambda nets, key, state: explore(nets["earlier"], key, state),
+        )
+        matches = {name: matcher(self.env, *players, games)
+                   for name, players in opponents.items()}  # fmt: skip
         whole = NamedSharding(mesh, PartitionSpec())
 
         def evaluate(state, step: int) -> dict:
-            params = jax.device_put(state[0], whole)
+            nets = jax.device_put({"now": state[0], "earlier": state[6]}, whole)
             key = jax.random.fold_in(stream(self.seed, EVALUATION), step)
             line = {}
             for i, (name, match) in enumerate(matches.items()):
-                rates = match(params, jax.random.fold_in(key, i))
+                rates = match(nets, jax.random.fold_in(key, i))
                 line.update({f"eval_vs_{name}_{k}_rate": v for k, v in rates.items()})
+            line["eval_vs_earlier_elo"] = elo(rates, games)
             return line
 
         return evaluate
 
     def shown(self, line: dict) -> dict:
-        return {k: line[k] for k in ("eval_vs_random_win_rate", "eval_vs_perfect_draw_rate")
-                if k in line}  # fmt: skip
+        shown = ("eval_vs_random_win_rate", "eval_vs_perfect_draw_rate", "eval_vs_earlier_elo")
+        return {k: line[k] for k in shown if k in line}
 
     def summary(self, line: dict) -> str:
         rates = [f"against {who} play {line[f'eval_vs_{who}_win_rate']:.1%} won, "
                  f"{line[f'eval_vs_{who}_draw_rate']:.1%} drawn, "
                  f"{line[f'eval_vs_{who}_loss_rate']:.1%} lost"
                  for who in ("random", "perfect") if f"eval_vs_{who}_win_rate" in line]  # fmt: skip
-        return f"final play with search {'; '.join(rates)} at step {line['step']}"
+        gain = line.get("eval_vs_earlier_elo")
+        gain = "" if gain is None else f"; {gain:+.0f} Elo over the previous evaluation's network"
+        return f"final play with search {'; '.join(rates)}{gain} at step {line['step']}"

@@ -67,9 +67,10 @@ FORMAT = 2
 
 
 # Names of the train state's parts in a checkpoint: ``{0: model, 1: optimizer}``, and what a
-# `jaxpar.modes.sync` mode adds (DiLoCo's global copy and outer momentum, stale SGD's ring).
+# `jaxpar.modes.sync` mode adds (DiLoCo's global copy and outer momentum, stale SGD's ring), a
+# teacher, and a game's replay ring and the network it evaluates against (`jaxpar.modes.games`).
 ITEMS = {0: "model", 1: "optimizer", 2: "held_params", 3: "outer_optimizer", 4: "teacher",
-         5: "replay"}  # fmt: skip
+         5: "replay", 6: "earlier"}  # fmt: skip
 
 
 def _items(state) -> dict:

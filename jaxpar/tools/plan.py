@@ -19,11 +19,12 @@ from jaxpar.run.config import Config
 
 # The train state's parts (`jaxpar.run.checkpoint.ITEMS`) as the plan counts them: a DiLoCo run's
 # global copy or stale SGD's ring of old models ("held"), DiLoCo's outer momentum, a teacher, a
-# game's replay ring.
-PARTS = {0: "params", 1: "optimizer", 2: "held", 3: "outer_optimizer", 4: "teacher", 5: "replay"}
+# game's replay ring and earlier network.
+PARTS = {0: "params", 1: "optimizer", 2: "held", 3: "outer_optimizer", 4: "teacher", 5: "replay",
+         6: "earlier"}  # fmt: skip
 LABELS = {"held": "held models (DiLoCo's global copy, stale SGD's ring)",
           "outer_optimizer": "outer optimizer state", "teacher": "teacher",
-          "replay": "replay ring (--game)"}  # fmt: skip
+          "replay": "replay ring (--game)", "earlier": "earlier network (--game)"}  # fmt: skip
 
 
 def plan(cfg: Config) -> dict:
