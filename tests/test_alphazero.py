@@ -24,6 +24,8 @@ from jaxpar.modes.alphazero import (
     perfect_player,
     policy_value,
     random_player,
+    rollout_player,
+    rollout_value,
     selfplay,
     tic_tac_toe_values,
 )
@@ -137,6 +139,27 @@ def test_perfect_play_never_loses_and_draws_itself():
     assert against_random["loss"] == 0.0 and against_random["win"] > 0.8
     chance = matcher(env, random_player, random_player, 1000)(None, key)  # the match is fair
     assert 0.3 < chance["win"] < 0.55 and 0.3 < chance["loss"] < 0.55
+
+
+@pytest.mark.parametrize("moves", [(0, 1, 2, 3, 4, 5, 7, 6), (4, 0, 8, 2, 1, 7, 5, 3)])
+def test_a_rollout_from_a_last_free_cell_gives_that_moves_value(moves):
+    env = game("tic_tac_toe")
+    state = env.init(jax.random.key(0))
+    for move in moves:
+        state = env.step(state, move)
+    (last,) = np.flatnonzero(state.legal_action_mask)
+    cells = np.asarray(state.observation).reshape(9, 2).astype(int)
+    row = (cells[:, 0] + 2 * cells[:, 1]) @ 3 ** np.arange(9)
+    value = rollout_value(env, jax.random.key(1), state)
+    assert value == tic_tac_toe_values()[row, last] == (1 if moves[0] == 0 else 0)  # won, drawn
+    assert rollout_value(env, jax.random.key(1), env.step(state, last)) == 0.0  # it is over
+
+
+@pytest.mark.slow
+def test_pure_search_with_random_rollouts_rarely_loses_to_random_play():
+    env = game("tic_tac_toe")
+    rates = matcher(env, rollout_player(env, 100), random_player, 100)(None, jax.random.key(0))
+    assert rates["win"] > 0.8 and rates["loss"] < 0.05, rates
 
 
 def test_the_perfect_values_cover_every_position_reached_in_play():

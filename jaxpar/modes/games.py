@@ -171,7 +171,7 @@ class AlphaZero(Mode):
         return {**state, 5: dataclasses.asdict(self.replay()), 6: state[0]}
 
     def step(self, state, batch, *, graphdef, **_):
-        """One iteration: self-play, the ring, then the updates (a `lax.scan`)."""
+        """One iteration: self-play, the ring, then the updates."""
         s = self.settings
         model, optimizer = nnx.merge(graphdef, {0: state[0], 1: state[1]})
         network, params = nnx.split(model)
@@ -184,26 +184,31 @@ class AlphaZero(Mode):
                         together, s.root_parallel, s.opening_moves)  # fmt: skip
         samples = play(params, iteration, batch["games"])
         ring = Replay(**state[5]).remember(samples)
-        draws = jax.random.split(jax.random.fold_in(stream(self.seed, REPLAY), iteration),
-                                 s.updates_per_iteration)  # fmt: skip
-        size = self.batch_size
+        trained, metrics = self.updates(graphdef, {0: state[0], 1: state[1]}, ring, iteration)
+        metrics["positions"] = jnp.sum(samples.valid)
+        metrics["replay_positions"] = jnp.sum(ring.filled)
+        return {**state, **trained, 5: dataclasses.asdict(ring), 6: earlier}, metrics
+
+    def updates(self, graphdef, state, ring: Replay, iteration):
+        """``--updates-per-iteration`` optimizer updates of `state` (``{0: model, 1:
+        optimizer}``) in one `lax.scan`, each on ``--batch-size`` positions drawn from `ring`;
+        returns the state and the updates' mean metrics."""
+        keys = jax.random.split(jax.random.fold_in(stream(self.seed, REPLAY), iteration),
+                                self.settings.updates_per_iteration)  # fmt: skip
 
         def update(carry, key):
             model, optimizer = nnx.merge(graphdef, carry)
             positions = jax.tree.map(
                 lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(self.mesh, x.ndim)),
-                ring.sample(key, size),
+                ring.sample(key, self.batch_size),
             )  # an update's positions split over the batch axes, as any batch
             (total, parts), grads = nnx.value_and_grad(loss, has_aux=True)(model, positions)
             optimizer.update(model, grads)
             metrics = {"train_loss": total, "grad_norm": optax.tree.norm(grads), **parts}
             return nnx.to_pure_dict(nnx.state((model, optimizer))), metrics
 
-        trained, metrics = jax.lax.scan(update, {0: state[0], 1: state[1]}, draws)
-        metrics = {k: jnp.mean(v) for k, v in metrics.items()}
-        metrics["positions"] = jnp.sum(samples.valid)
-        metrics["replay_positions"] = jnp.sum(ring.filled)
-        return {**state, **trained, 5: dataclasses.asdict(ring), 6: earlier}, metrics
+        trained, metrics = jax.lax.scan(update, state, keys)
+        return trained, {k: jnp.mean(v) for k, v in metrics.items()}
 
     def evaluator(self, network, mesh, games: int | None):
         """``(state, step) -> the evaluation line``: the network with search against each

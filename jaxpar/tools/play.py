@@ -59,15 +59,12 @@ def opponent_move(read, legal: np.ndarray, plain: bool, write) -> int:
         write(problem + "\n")
 
 
-def play(workdir, simulations=None, human_first=False, seed=0, plain=False, read=None,
-         write=None) -> str:  # fmt: skip
-    """One game of the agent in `workdir` against moves read by `read` (default: lines of
-    standard input), writing with `write` (standard output); returns the result from the
-    agent's side (win, draw or loss)."""
-    import jax
-
+def trained_agent(workdir) -> tuple:
+    """``(step, settings, env, graphdef, params)``: the agent of `workdir`'s latest checkpoint,
+    its run's ``[game]`` settings and pgx environment, the network on one device; a workdir of
+    images, or of a board the game does not have, is refused (`UserError`)."""
     from jaxpar.core.mesh import make_mesh, parse_mesh
-    from jaxpar.modes.alphazero import game, searcher
+    from jaxpar.modes.alphazero import game
     from jaxpar.run.config import Config
     from jaxpar.tools.predict import latest, restored
 
@@ -82,10 +79,22 @@ def play(workdir, simulations=None, human_first=False, seed=0, plain=False, read
     if tuple(manifest["image_shape"]) != tuple(env.observation_shape):
         raise UserError(f"{workdir}'s network reads boards of shape {manifest['image_shape']}, "
                         f"and {settings.game}'s are {list(env.observation_shape)}")  # fmt: skip
+    graphdef, params, _ = restored(workdir, step, manifest, make_mesh(parse_mesh("1", 1)))
+    return step, settings, env, graphdef, params
+
+
+def play(workdir, simulations=None, human_first=False, seed=0, plain=False, read=None,
+         write=None) -> str:  # fmt: skip
+    """One game of the agent in `workdir` against moves read by `read` (default: lines of
+    standard input), writing with `write` (standard output); returns the result from the
+    agent's side (win, draw or loss)."""
+    import jax
+
+    from jaxpar.modes.alphazero import searcher
+
     if simulations is not None and simulations < 1:
         raise UserError(f"--simulations must be at least 1, got {simulations}")
-    mesh = make_mesh(parse_mesh("1", 1))
-    graphdef, params, _ = restored(workdir, step, manifest, mesh)
+    step, settings, env, graphdef, params = trained_agent(workdir)
     # The search's best move, as the run's evaluation plays: no exploring noise.
     search = jax.jit(searcher(env, graphdef, simulations or settings.simulations, 0.0))
     read, write = read or sys.stdin.readline, write or _printed
