@@ -16,8 +16,6 @@ each one's ratio to the baseline.
 """
 
 import argparse
-import statistics
-import time
 from functools import partial
 
 import jax
@@ -28,6 +26,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+from selfplay import BASE, race  # noqa: E402  benchmarks/selfplay.py, beside this script
 
 from jaxpar.core.mesh import make_mesh, parse_mesh  # noqa: E402
 from jaxpar.core.step import create_state  # noqa: E402
@@ -87,7 +86,7 @@ def main() -> None:
     one = make_mesh(parse_mesh("data=1", jax.device_count()))
     graphdef, start, _, _ = create_state(model_fn, tx, one, 0)
     base = pgx_loop(graphdef, args.batch_size, args.updates)
-    contenders = {"pgx example loop (1 device)": (base, lambda i: (start, samples, i))}
+    contenders = {BASE: (base, lambda r: (start, samples, r))}
     for d in map(int, args.devices.split(",")):
         mesh = make_mesh(parse_mesh(f"data={d}", jax.device_count()))
         cfg = Config.of(game=args.game, batch_size=args.batch_size, model=model,
@@ -100,22 +99,11 @@ def main() -> None:
         ring = jax.device_put(ring, NamedSharding(mesh, PartitionSpec()))  # whole, as in a run
         updates = jax.jit(partial(mode.updates, graphdef))
         contenders[f"jaxpar, data={d}, one scan"] = (updates, lambda i, s=state, r=ring: (s, r, i))
-    for name, (run, inputs) in contenders.items():  # compile, off the clock
-        t = time.perf_counter()
-        jax.block_until_ready(run(*inputs(0)))
-        print(f"compiled and ran once: {name}, {time.perf_counter() - t:.1f} s", flush=True)
-    times = {name: [] for name in contenders}
-    for r in range(args.rounds):
-        for name, (run, inputs) in contenders.items():
-            t = time.perf_counter()
-            jax.block_until_ready(run(*inputs(r + 1)))
-            times[name].append(time.perf_counter() - t)
-    base_t = statistics.median(next(iter(times.values())))
+    times = race(contenders, args.rounds)
     print(f"\n{args.game} ({model}), {args.updates} updates of {args.batch_size} positions, "
           f"{args.rounds} rounds (median)")  # fmt: skip
-    for name, ts in times.items():
-        t = statistics.median(ts)
-        print(f"{name:40s} {n / t:10.0f} positions/s  {base_t / t:5.2f}x")
+    for name, t in times.items():
+        print(f"{name:40s} {n / t:10.0f} positions/s  {times[BASE] / t:5.2f}x")
 
 
 if __name__ == "__main__":

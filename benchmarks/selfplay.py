@@ -70,7 +70,7 @@ def main() -> None:
     net = MLP(env.observation_shape, env.num_actions + 1, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(net)
     baseline = batched_selfplay(env, graphdef, args.simulations, plies, args.games)
-    contenders = {"pgx example loop (1 device)": (baseline, lambda: (params, jax.random.key(1)))}
+    contenders = {BASE: (baseline, lambda r: (params, jax.random.key(1)))}
     indices = jnp.arange(args.games)
     for n in map(int, args.devices.split(",")):
         mesh = make_mesh(parse_mesh(f"data={n}", jax.device_count()))
@@ -79,23 +79,31 @@ def main() -> None:
                 continue
             run = selfplay(env, graphdef, mesh, 0, args.simulations, plies, together)
             contenders[f"jaxpar, data={n}, {together} together"] = (
-                run, lambda: (params, 0, indices))  # fmt: skip
-    for name, (run, inputs) in contenders.items():  # compile, off the clock
-        t = time.perf_counter()
-        jax.block_until_ready(run(*inputs()))
-        print(f"compiled and ran once: {name}, {time.perf_counter() - t:.1f} s", flush=True)
-    times = {name: [] for name in contenders}
-    for _ in range(args.rounds):
-        for name, (run, inputs) in contenders.items():
-            t = time.perf_counter()
-            jax.block_until_ready(run(*inputs()))
-            times[name].append(time.perf_counter() - t)
-    base = statistics.median(next(iter(times.values())))
+                run, lambda r: (params, 0, indices))  # fmt: skip
+    times = race(contenders, args.rounds)
     print(f"\n{args.game}, {args.games} games, {args.simulations} simulations per move, "
           f"{args.rounds} rounds (median)")  # fmt: skip
-    for name, ts in times.items():
-        t = statistics.median(ts)
-        print(f"{name:40s} {args.games / t:9.1f} games/s  {base / t:5.2f}x")
+    for name, t in times.items():
+        print(f"{name:40s} {args.games / t:9.1f} games/s  {times[BASE] / t:5.2f}x")
+
+
+BASE = "pgx example loop (1 device)"
+
+
+def race(contenders: dict, rounds: int) -> dict:
+    """``{name: median seconds}`` of ``contenders`` (``{name: (run, inputs)}``: ``run(*inputs(
+    r))`` for round r, 0 the compiling one, off the clock), alternating within each round."""
+    for name, (run, inputs) in contenders.items():
+        t = time.perf_counter()
+        jax.block_until_ready(run(*inputs(0)))
+        print(f"compiled and ran once: {name}, {time.perf_counter() - t:.1f} s", flush=True)
+    times = {name: [] for name in contenders}
+    for r in range(rounds):
+        for name, (run, inputs) in contenders.items():
+            t = time.perf_counter()
+            jax.block_until_ready(run(*inputs(r + 1)))
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 if __name__ == "__main__":
