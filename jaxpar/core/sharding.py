@@ -48,6 +48,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "batch": ("stage", "data", "fsdp"),
     "microbatch": ("data", "fsdp"),
     "embed": ("fsdp",),
+    "visible": ("fsdp",),  # an RBM's visible units (`jaxpar.models.rbm`)
     "hidden": ("model",),
     "conv_in": ("fsdp",),
     "conv_out": ("model",),
