@@ -83,6 +83,8 @@ FLAGS = {
         ("--prune-start", int, "step the pruned fraction starts rising (cubic schedule)"),
         ("--prune-end", int, "step it reaches --prune-to (None: 3/4 of the run)"),
         ("--qat", ["int8"], "quantization-aware training: weights rounded to int8 in the step"),
+        ("--cd-k", int, "an RBM's Gibbs steps per contrastive-divergence update"),
+        ("--persistent", bool, "an RBM's Gibbs chains persist from step to step (PCD)"),
     ],
     "data": [
         (
@@ -295,7 +297,8 @@ def parse_args(argv) -> Config:
         for flag, kind, help in flags:
             name = flag[2:].replace("-", "_")
             default = defaults[name]
-            for who, recipe in (("ViTs", RECIPES["vit"]), ("games", GAME_RECIPE)):
+            for who, recipe in (("ViTs", RECIPES["vit"]), ("RBMs", RECIPES["rbm"]),
+                                ("games", GAME_RECIPE)):  # fmt: skip
                 help = help if name not in recipe else f"{help}; {who}: {recipe[name]}"
             if kind is bool:  # --no-FLAG turns off what a run file turned on
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=False,

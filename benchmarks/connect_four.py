@@ -64,7 +64,7 @@ def main() -> None:
         "mcts_simulations": args.mcts_simulations,
         "games": args.games,
         **{f"agent_{k}_rate": v for k, v in rates.items()},
-        "match_s": round(time.perf_counter() - t, 1),
+        "match_s_with_compile": round(time.perf_counter() - t, 1),
         "device": jax.devices()[0].device_kind,
     }
     print(json.dumps(line))

@@ -63,6 +63,22 @@ def eight_devices():
 
 
 @pytest.fixture
+def refuses(tmp_path, capsys):
+    """``refuses(flags, message)``: ``train.py FLAGS`` exits 2 with one line holding `message`
+    and writes nothing (`flags` a string of flags, split on spaces)."""
+    import train as cli
+
+    def check(flags: str, message: str) -> None:
+        workdir = tmp_path / "w"
+        assert cli.main([*flags.split(), "--workdir", str(workdir)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+        assert not workdir.exists()
+
+    return check
+
+
+@pytest.fixture
 def tiny_vit():
     """A 2-block ViT registered as ``vit-test`` for this test: stacked, scanned layers at a
     fraction of the named ViTs' compile and step time."""

@@ -1,13 +1,26 @@
 """The RBM (`jaxpar.models.rbm`, issue #33): the CD loss's gradient is the textbook CD update,
-the pseudo-log-likelihood is the exact sum over every unit (against NumPy in float64), and
-Gibbs sampling draws each example's bits from its own key, whatever the batch around it."""
+the pseudo-log-likelihood is the exact sum over every unit (against NumPy in float64), Gibbs
+sampling draws each example's bits from its own key, whatever the batch around it; so
+``--model rbm:H`` trains the same on any mesh, with or without persistent chains, which resume
+on another mesh; bad input exits 2 with one line."""
+
+import functools
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
+import jaxpar
+from jaxpar.core.errors import UserError
 from jaxpar.models.rbm import RBM, contrastive_divergence
+from jaxpar.run.checkpoint import Checkpoints
+from jaxpar.run.config import Config
+from jaxpar.tools.compress import main as compress_main
+from jaxpar.tools.predict import predict
 
 VISIBLE, HIDDEN, N = 12, 5, 6
 
@@ -85,3 +98,84 @@ def test_the_reconstruction_is_the_mean_field_pass_down_and_up():
     want = sigmoid(sigmoid(v @ w + c) @ w.T + b)
     np.testing.assert_allclose(rbm.reconstruction(jnp.asarray(v, jnp.float32)), want, rtol=1e-5)
     assert rbm(images).shape == (N, HIDDEN)
+
+
+SMALL = {"model": "rbm:16", "steps": 4, "batch_size": 32, "lr": 0.06, "log_every": 1,
+         "eval_every": 2}  # fmt: skip
+
+
+@functools.cache
+def trained(mesh: str, persistent: bool, workdir: str, steps: int = 4) -> list[dict]:
+    cfg = Config.of(**{**SMALL, "steps": steps}, mesh=mesh, persistent=persistent,
+                    checkpoint_every=2, workdir=workdir)  # fmt: skip
+    jaxpar.train(cfg)
+    return [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+FIGURES = ("train_loss", "eval_reconstruction_error", "eval_pseudo_log_likelihood")
+
+
+def figures(lines: list[dict]) -> list[list[float]]:
+    return [[x[k] for k in FIGURES if k in x] for x in lines]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("persistent", [False, True], ids=["cd", "pcd"])
+def test_the_same_seed_trains_the_same_rbm_on_any_mesh(persistent, tmp_path):
+    runs = {mesh: trained(mesh, persistent, str(tmp_path / mesh.replace(",", "-")))
+            for mesh in ("1", "2x2", "fsdp=2,model=2")}  # fmt: skip
+    one = runs["1"]
+    assert [x["step"] for x in one if "train_loss" in x] == [1, 2, 3, 4]
+    evaluation = [x for x in one if "eval_pseudo_log_likelihood" in x]
+    assert [x["step"] for x in evaluation] == [2, 4] and "eval_accuracy" not in evaluation[0]
+    for x in evaluation:  # a mean squared error of pixels in [0, 1]; a log-probability
+        assert 0 < x["eval_reconstruction_error"] < 1 and x["eval_pseudo_log_likelihood"] < 0
+    for mesh, other in runs.items():  # Gibbs draws per example: only the sums round otherwise
+        np.testing.assert_allclose(np.concatenate(figures(other)), np.concatenate(figures(one)),
+                                   rtol=2e-5, err_msg=mesh)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_persistent_chains_resume_on_another_mesh_as_if_never_stopped(tmp_path):
+    whole = trained("1", True, str(tmp_path / "whole"))
+    workdir = str(tmp_path / "stopped")
+    trained("2x2", True, workdir, steps=2)  # its checkpoint at step 2 holds the chains
+    ckpts = Checkpoints(workdir)
+    try:
+        manifest = ckpts.manifest(2)
+    finally:
+        ckpts.close()
+    assert manifest["rbm"] == {"cd_k": 1, "persistent": True}
+    assert manifest["partition_specs"]["chains"] == "P('data', None)"  # one per example
+    resumed = trained("fsdp=2,model=2", True, workdir)
+    np.testing.assert_allclose(np.concatenate(figures(resumed)), np.concatenate(figures(whole)),
+                               rtol=2e-5)  # fmt: skip
+    # Without the chains the run differs: the persistent one is not CD from the data.
+    cd = trained("1", False, str(tmp_path / "cd"))
+    assert figures(cd)[2] != figures(whole)[2]
+
+
+BAD = {
+    "--model rbm:0": "--model rbm:0: an RBM's hidden units are a number of at least 1",
+    "--model rbm:many": "--model rbm:many: an RBM's hidden units are a number of at least 1",
+    "--model rbm:16 --cd-k 0": "--cd-k must be at least 1, got 0",
+    "--cd-k 2": "--cd-k goes with --model rbm:H",
+    "--persistent": "--persistent goes with --model rbm:H",
+    "--model rbm:16 --label-smoothing 0.1": "--label-smoothing with an RBM",
+    "--model rbm:16 --precision bf16": "--precision bf16 with an RBM is not supported",
+}
+
+
+@pytest.mark.parametrize("flags", BAD)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(flags, refuses):
+    refuses(flags, BAD[flags])
+
+
+@pytest.mark.slow
+def test_the_classifier_tools_refuse_an_rbm(tmp_path, capsys):
+    workdir = tmp_path / "rbm"
+    trained("1", False, str(workdir), steps=2)
+    assert compress_main([str(workdir), "--quantize", "int8"]) == 2
+    assert "holds an RBM (rbm:16), which has no classes" in capsys.readouterr().err
+    with pytest.raises(UserError, match="predict serves classifiers"):
+        predict(workdir, np.zeros((1, 8, 8, 1), np.float32))

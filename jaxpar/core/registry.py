@@ -16,15 +16,25 @@ from jaxpar.core.errors import UserError
 
 
 class Registry(dict):
-    """A dict whose missing ``module:attribute`` keys are imported on first use.
+    """A dict whose missing ``module:attribute`` keys are imported on first use, and whose
+    ``family:size`` keys, for a family in `sized`, are ``sized[family](name)``.
 
     >>> table = Registry(sqrt=None)
     >>> table["math:sqrt"](9.0), "math:tau" in table, "math:nothing" in table, "pi" in table
     (3.0, True, False, False)
+    >>> Registry(sized={"twice": lambda name: 2 * int(name[6:])})["twice:21"]
+    42
     """
+
+    def __init__(self, *args, sized: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sized = sized or {}
 
     def __missing__(self, name: str):
         module, sep, attribute = name.partition(":")
+        if module in self.sized:  # a family of sizes: rbm:500
+            self[name] = self.sized[module](name)
+            return self[name]
         if not sep or not module or not attribute:
             raise KeyError(name)
         if os.getcwd() not in sys.path:  # `python train.py` puts the script's folder first
@@ -49,7 +59,8 @@ class Registry(dict):
             return self[name]
         except KeyError as e:
             cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ else ""
+            known = [k for k in dict.keys(self) if ":" not in k] + [f"{f}:N" for f in self.sized]
             raise UserError(
-                f"unknown {what} '{name}'{cause}; choose from {', '.join(dict.keys(self))}, or "
+                f"unknown {what} '{name}'{cause}; choose from {', '.join(known)}, or "
                 "name your own as module:attribute"
             ) from None

@@ -157,16 +157,23 @@ def accumulate(loss_fn, model, data, k: int):
     return loss / k, jax.tree.map(lambda g: g / k, grads)
 
 
-def eval_step(state, batch, *, graphdef, prepare):
-    """Sums of loss and correct predictions over the unmasked examples of a batch."""
-    model, _ = nnx.merge(graphdef, {0: state[0], 1: state[1]})
-    logits = model(prepare(batch["image"]), train=False)
-    mask = batch["mask"]
+def classification_sums(model, images, labels, mask) -> dict:
+    """The loss and the correct predictions, summed over the unmasked examples: evaluation's
+    ``eval_loss`` and ``eval_accuracy`` once divided by their count."""
+    logits = model(images, train=False)
     return {
-        "loss_sum": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
-        "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
-        "count": jnp.sum(mask),
+        "loss": jnp.sum(cross_entropy(logits, labels) * mask),
+        "accuracy": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
     }
+
+
+def eval_step(state, batch, *, graphdef, prepare, sums=classification_sums):
+    """`sums` of the model over the unmasked examples of a batch (``{name: sum}``: evaluation
+    reports ``eval_<name>``, the sum over the test split divided by ``count``), and ``count``."""
+    model, _ = nnx.merge(graphdef, {0: state[0], 1: state[1]})
+    mask = batch["mask"]
+    totals = sums(model, prepare(batch["image"]), batch["label"], mask)
+    return {**totals, "count": jnp.sum(mask)}
 
 
 def train_steps(state, batches, step=train_step):
@@ -228,6 +235,7 @@ def compile_steps(
     view=None,
     batch_ndims=None,
     loss=loss_fn,
+    sums=classification_sums,
 ):
     """``(train_step, eval_step)`` jitted with explicit in/out shardings.
 
@@ -239,7 +247,8 @@ def compile_steps(
     (`accumulate`). `step` is one optimizer step, `view(state)` the ``{0: model, 1: optimizer}``
     that evaluation sees: a `jaxpar.modes.sync` mode's (default: `train_step` and the state itself);
     `batch_ndims` the dimensions of each array of the mode's batch (default: image and label);
-    `loss(model, images, labels, example_keys)` the training loss (`loss_fn`).
+    `loss(model, images, labels, example_keys)` the training loss (`loss_fn`), and
+    `sums(model, images, labels, mask)` what evaluation sums (`classification_sums`).
     """
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_ndims = batch_ndims or {"image": image_ndim, "label": 1}
@@ -257,7 +266,9 @@ def compile_steps(
     train = jax.jit(step, in_shardings=ins, out_shardings=(shardings, replicated), donate_argnums=0)
     view = view or (lambda state: state)
     evaluate = jax.jit(
-        under_mesh(lambda s, b: eval_step(view(s), b, graphdef=graphdef, prepare=prepare), mesh),
+        under_mesh(
+            lambda s, b: eval_step(view(s), b, graphdef=graphdef, prepare=prepare, sums=sums), mesh
+        ),  # fmt: skip
         in_shardings=(shardings, eval_batch),
         out_shardings=replicated,
     )

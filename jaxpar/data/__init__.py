@@ -29,6 +29,7 @@ from jaxpar.data.batches import (
     to_devices,
     train_batches,
     train_indices,
+    unit_interval,
 )
 from jaxpar.data.datasets import (
     DATASETS,
@@ -58,5 +59,5 @@ __all__ = [
     "device_batch", "eval_batch_size", "eval_batches", "in_order", "known", "load_dataset",
     "load_digits", "load_synthetic", "load_tfds", "loader", "local_blocks", "prefetch",
     "preprocess", "read_blocks", "read_rows", "steps_per_epoch", "synthetic_pool", "to_devices",
-    "train_batches", "train_indices",
+    "train_batches", "train_indices", "unit_interval",
 ]  # fmt: skip

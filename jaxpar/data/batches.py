@@ -335,6 +335,26 @@ def preprocess(ds: Dataset):
     return prepare
 
 
+def unit_interval(ds: Dataset):
+    """``prepare(images, key=None)`` for models that read pixels as probabilities (an RBM):
+    float32 in [0, 1], mapped from the training split's range (0-255 for bytes; the smallest and
+    largest value otherwise, so a standardised copy such as the embedded digits gets its pixels
+    back: x / 16 there; of the first 10,000 images when the split is not in memory), not
+    normalised, not augmented."""
+    images = ds.train_images
+    if np.dtype(images.dtype) == np.uint8:
+        low, high = 0.0, 255.0
+    else:
+        if not isinstance(images, np.ndarray):
+            images = images[np.arange(min(len(images), 10_000))]
+        low, high = float(np.min(images)), float(np.max(images))
+
+    def prepare(images, key=None):
+        return jnp.clip((images.astype(jnp.float32) - low) / (high - low), 0.0, 1.0)
+
+    return prepare
+
+
 def crop_and_flip(images, key, pad: int = 4):
     """Random crop after zero padding, and horizontal flip, per image (the CIFAR recipe)."""
     n, h, w, _ = images.shape

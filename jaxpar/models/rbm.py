@@ -22,6 +22,14 @@ from flax import nnx
 
 from jaxpar.core.axes import axes
 
+# What a run of an RBM evaluates on the test split, the headline first (`jaxpar.modes.mode.Mode`).
+REPORTED = ("eval_pseudo_log_likelihood", "eval_reconstruction_error")
+
+
+class Chains(nnx.Variable):
+    """Persistent contrastive divergence's Gibbs chains: one visible sample per example of the
+    batch, carried from step to step (in the model's state, so in the checkpoint too)."""
+
 
 class RBM(nnx.Module):
     """`hidden` binary hidden units over the flattened image.
@@ -33,12 +41,17 @@ class RBM(nnx.Module):
     [-11.0904, -11.0904]
     """
 
-    def __init__(self, image_shape, num_classes, *, hidden: int, dtype=jnp.float32, rngs):
+    def __init__(self, image_shape, num_classes, *, hidden: int, chains: int = 0,
+                 dtype=jnp.float32, rngs):  # fmt: skip
+        """`chains`: the batch size of persistent CD (`Chains`, starting from zeros as
+        scikit-learn's); 0 for CD from the data."""
         visible = math.prod(image_shape)
         weights = nnx.initializers.normal(0.01)(rngs.params(), (visible, hidden), jnp.float32)
         self.kernel = nnx.Param(weights, **axes("visible", "hidden"))
         self.visible_bias = nnx.Param(jnp.zeros(visible), **axes("visible"))
         self.hidden_bias = nnx.Param(jnp.zeros(hidden), **axes("hidden"))
+        start = jnp.zeros((chains, visible))  # PCD: one chain per example of the batch
+        self.chains = Chains(start, **axes("batch", None)) if chains else None  # None: CD
 
     def hidden_probs(self, v):
         """``p(h_j = 1 | v)`` for each hidden unit."""
@@ -100,3 +113,37 @@ def contrastive_divergence(model: RBM, images, keys, steps: int = 1, start=None)
     v = images.reshape(images.shape[0], -1)
     samples = jax.lax.stop_gradient(model.gibbs(v if start is None else start, keys, steps))
     return jnp.mean(model.free_energy(v)) - jnp.mean(model.free_energy(samples)), samples
+
+
+def training_loss(steps: int):
+    """``loss(model, images, labels, example_keys)`` for the one train step: CD-`steps`, from
+    the model's persistent chains when it has them (which then move to the new samples)."""
+
+    def loss(model, images, labels, keys):
+        start = None if model.chains is None else model.chains[...]
+        value, samples = contrastive_divergence(model, images, keys, steps, start)
+        if model.chains is not None:
+            model.chains[...] = samples
+        return value
+
+    return loss
+
+
+def evaluation_sums(model, images, labels, mask) -> dict:
+    """Over the unmasked examples: the reconstruction's mean squared error per pixel, and the
+    pseudo-log-likelihood (`REPORTED`, once divided by their count)."""
+    v = images.reshape(images.shape[0], -1)
+    error = jnp.mean(jnp.square(model.reconstruction(v) - v), axis=-1)
+    return {"reconstruction_error": jnp.sum(error * mask),
+            "pseudo_log_likelihood": jnp.sum(model.pseudo_log_likelihood(v) * mask)}  # fmt: skip
+
+
+def hidden_units(name: str) -> int:
+    """The H of ``--model rbm:H``, refused unless a whole number of at least 1."""
+    from jaxpar.core.errors import UserError
+
+    size = name.partition(":")[2]
+    if not size.isdigit() or int(size) < 1:
+        raise UserError(f"--model {name}: an RBM's hidden units are a number of at least 1, "
+                        "as in rbm:500")  # fmt: skip
+    return int(size)

@@ -27,6 +27,7 @@ FAMILIES = {  # model family -> how `--model` names its members
     "mlp": ("mlp", "2nn"),
     "resnet": ("resnet8", "resnet18", "resnet34", "resnet50"),
     "vit": ("vit-",),
+    "rbm": ("rbm:",),
 }
 
 
@@ -38,6 +39,8 @@ def family(model: str) -> str:
     """
     if model.startswith("vit-"):
         return "vit"
+    if model.startswith("rbm:"):
+        return "rbm"
     return "resnet" if model.startswith("resnet") else "mlp"
 
 
@@ -177,6 +180,16 @@ FAMILY_REFUSED = {  # (feature, family) -> why the feature does not run on that 
     ("qat", "vit"): "qwix replaces each weight as a module attribute, and a ViT's scanned "
                     "blocks are one stacked array per weight that it cannot replace",
     ("game", "vit"): "not yet: a position is no image of patches",
+    **{(f, "rbm"): "not yet: an RBM trains without labels, by contrastive divergence; its "
+                   "step is every-step's" for f in ("local", "diloco", "stale", "federated",
+                                                     "grad_accum", "ema", "mixture")},
+    ("pipeline", "rbm"): "an RBM is one layer: it has no stages",
+    ("prune", "rbm"): "not yet: pruning an RBM's one weight matrix is untested",
+    ("distill", "rbm"): "an RBM has no logits to match a teacher's",
+    ("qat", "rbm"): "not yet: an RBM's weights are no nnx.Linear that qwix replaces",
+    ("freeze", "rbm"): "an RBM has no classifier head to train alone",
+    ("init_from", "rbm"): "not yet: an RBM's weights from another run",
+    ("game", "rbm"): "a game's network is a policy-value network, not an RBM",
 }  # fmt: skip
 _VMAPPED_CONV = ("XLA's partitioner (jax 0.10.2) miscompiles convolutions vmapped over the "
                  "replicas with their channels sharded over model: the losses change; use "

@@ -238,7 +238,8 @@ class AlphaZero(Mode):
             for i, (name, match) in enumerate(matches.items()):
                 rates = match(nets, jax.random.fold_in(key, i))
                 line.update({f"eval_vs_{name}_{k}_rate": v for k, v in rates.items()})
-            line["eval_vs_earlier_elo"] = elo(rates, games)
+                if name == "earlier":
+                    line["eval_vs_earlier_elo"] = elo(rates, games)
             return line
 
         return evaluate

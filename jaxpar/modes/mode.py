@@ -20,7 +20,13 @@ class Mode:
 
     unit = "step"  # what the printed progress counts (a federated run's: rounds)
     rate = "examples_per_s"  # the training lines' speed: `examples_per_step` per second
-    eval_key = "eval_accuracy"  # a key every evaluation line holds
+    # What evaluation reports, the headline first: a key every evaluation line holds (an RBM's
+    # are its reconstruction error and pseudo-log-likelihood: `jaxpar.models.rbm.REPORTED`).
+    reported = ("eval_accuracy", "eval_loss")
+
+    @property
+    def eval_key(self) -> str:
+        return self.reported[0]
 
     def optimizer(self, cfg, total: int) -> optax.GradientTransformation:
         """The optimizer the state holds (a schedule over `total` steps)."""
@@ -66,10 +72,14 @@ class Mode:
 
     def shown(self, line: dict) -> dict:
         """What the progress line shows of an evaluation `line`."""
-        return {"eval_loss": line["eval_loss"], "eval_accuracy": line["eval_accuracy"]}
+        return {k: line[k] for k in reversed(self.reported)}
 
     def summary(self, line: dict) -> str:
         """The run's last words on its last evaluation `line`."""
+        if self.reported != Mode.reported:  # an RBM's: its figures by name
+            named = ", ".join(f"{k.removeprefix('eval_').replace('_', ' ')} {line[k]:.4f}"
+                              for k in self.reported)  # fmt: skip
+            return f"final test {named} at step {line['step']}"
         ema = (f"; its weights' moving average {line['ema_eval_accuracy']:.2%}"
                if "ema_eval_accuracy" in line else "")  # fmt: skip
         return (f"final test accuracy {line['eval_accuracy']:.2%} (eval_loss "

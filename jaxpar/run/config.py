@@ -79,6 +79,17 @@ class Model:
     prune_start: int = 0  # step the sparsity starts rising
     prune_end: int | None = None  # step it reaches --prune-to (None: 3/4 of the run)
     qat: str | None = None  # "int8": quantization-aware training (`jaxpar.modes.quantize`)
+    cd_k: int = 1  # an RBM's Gibbs steps per contrastive-divergence update
+    persistent: bool = False  # an RBM's chains persist from step to step (PCD)
+
+    @property
+    def rbm(self) -> bool:
+        """The model is an RBM (``rbm:H``, `jaxpar.models.rbm`)."""
+        return self.model.startswith("rbm:")
+
+    def settings(self) -> dict | None:
+        """What an RBM's resume must keep: its sampling (None for other models)."""
+        return {"cd_k": self.cd_k, "persistent": self.persistent} if self.rbm else None
 
     def check(self) -> None:
         from jaxpar.models import MODELS
@@ -119,6 +130,9 @@ class Model:
             Model.distill_temperature, Model.distill_weight)  # fmt: skip
         need(self.teacher is not None or not distill, "--distill-temperature and "
              "--distill-weight go with --teacher; without it they change nothing")  # fmt: skip
+        need(self.cd_k >= 1, f"--cd-k must be at least 1, got {self.cd_k}")
+        for flag, given in (("--cd-k", self.cd_k != 1), ("--persistent", self.persistent)):
+            need(self.rbm or not given, f"{flag} goes with --model rbm:H (an RBM's sampling)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,8 +314,11 @@ class Game:
         return {
             "game": self.game,
             "replay_size": self.replay_size,
-            "updates_per_iteration": self.updates_per_iteration,
-        }  # the iteration's count
+            "updates_per_iteration": self.updates_per_iteration,  # the iteration's count
+            # The state's parts: 2 since it keeps the earlier network an evaluation plays (item
+            # 6); a checkpoint of layout 1 (none) is refused by name, not as unreadable.
+            "layout": 2,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -455,6 +472,10 @@ class Config:
             self.check_federated()
         if self.game.game is not None:
             self.check_game()
+        need(not (m.rbm and o.label_smoothing), "--label-smoothing with an RBM: it trains "
+             "without labels")  # fmt: skip
+        need(not (m.rbm and m.precision != "fp32"), "--precision bf16 with an RBM is not "
+             "supported: it computes in float32")  # fmt: skip
         need(m.teacher is None or not o.label_smoothing, "--label-smoothing with --teacher: "
              "the teacher's soft targets take its place; use --distill-temperature and "
              "--distill-weight")  # fmt: skip

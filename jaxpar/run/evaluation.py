@@ -1,6 +1,7 @@
 """Evaluation on the test split (each source's too, for a mixture; the moving average's too,
 with ``--ema``): sums on the devices, one read per batch, at most two batches in flight."""
 
+import functools
 import math
 from functools import partial
 
@@ -10,34 +11,40 @@ from jaxpar.data import eval_batch_size, eval_batches, prefetch
 from jaxpar.run.observe import fetch
 
 
-def eval_sums(eval_step, state, batches) -> np.ndarray:
-    """Summed loss, correct predictions and count over every example of a test split."""
-    keys = ("loss_sum", "correct", "count")
-    read = lambda sums: np.array([fetch(sums[k]) for k in keys])  # noqa: E731
-    total, previous = np.zeros(3), None
+def eval_sums(eval_step, state, batches) -> dict:
+    """The eval step's sums (``{name: sum}`` and ``count``) over every example of a test split."""
+    read = lambda sums: {k: float(fetch(v)) for k, v in sums.items()}  # noqa: E731
+    total, previous = None, None
     for batch in batches:
         sums = eval_step(state, batch)
         if previous is not None:  # Sync point: at most 2 batches in flight, as in training.
-            total += read(previous)
+            total = _add(total, read(previous))
         previous = sums
-    return total + read(previous)
+    return _add(total, read(previous))
+
+
+def _add(total: dict | None, sums: dict) -> dict:
+    return sums if total is None else {k: total[k] + v for k, v in sums.items()}
+
+
+def means(sums: dict, suffix: str = "") -> dict:
+    """``eval_<name><suffix>``: each sum over the examples counted, divided by their count."""
+    return {f"eval_{k}{suffix}": v / sums["count"] for k, v in sums.items() if k != "count"}
 
 
 def evaluate(eval_step, state, batches) -> dict:
-    """Loss and accuracy over every example of the test split."""
-    loss_sum, correct, count = eval_sums(eval_step, state, batches)
-    return {"eval_loss": float(loss_sum / count), "eval_accuracy": float(correct / count)}
+    """The eval step's means over every example of the test split (``eval_loss`` and
+    ``eval_accuracy`` for a classifier)."""
+    return means(eval_sums(eval_step, state, batches))
 
 
 def evaluate_parts(eval_step, state, parts: dict) -> dict:
     """`evaluate` over all the test splits in `parts` (``{source: batches}``) together, and over
     each one (``eval_loss/<source>``, ``eval_accuracy/<source>``) when there are several."""
     sums = {name: eval_sums(eval_step, state, batches) for name, batches in parts.items()}
-    loss_sum, correct, count = sum(sums.values())
-    out = {"eval_loss": float(loss_sum / count), "eval_accuracy": float(correct / count)}
-    for name, (loss_sum, correct, count) in sums.items() if len(sums) > 1 else ():
-        out[f"eval_loss/{name}"] = float(loss_sum / count)
-        out[f"eval_accuracy/{name}"] = float(correct / count)
+    out = means(functools.reduce(_add, sums.values(), None))
+    for name, part in sums.items() if len(sums) > 1 else ():
+        out.update(means(part, f"/{name}"))
     return out
 
 

@@ -18,8 +18,8 @@ from jaxpar.core.optimizers import ema_view, frozen, head_paths, make_schedule, 
 from jaxpar.core.sharding import placed, spec_table, state_shardings
 from jaxpar.core.step import abstract_state, compile_steps, init_state, loss_fn, under_mesh
 from jaxpar.cost.collectives import collectives
-from jaxpar.data import Dataset, load_dataset, preprocess
-from jaxpar.models import MODELS, revision
+from jaxpar.data import Dataset, load_dataset, preprocess, unit_interval
+from jaxpar.models import MODELS, rbm, revision
 from jaxpar.models.vit import check_patch_size
 from jaxpar.modes.distill import with_teacher
 from jaxpar.modes.games import EPOCH, AlphaZero
@@ -140,6 +140,7 @@ def identity(cfg: Config, ds) -> dict:
         "federated": c.federated.settings(),
         "ema": c.optimization.ema is not None,  # the average rides in the optimizer state
         "game": c.game.settings(),
+        "rbm": c.model.settings(),
     }
 
 
@@ -183,9 +184,13 @@ def setup(cfg: Config) -> Run:
                                                        shardings, init, step)  # fmt: skip
     ndim = 1 + len(ds.image_shape)
     loss = partial(loss_fn, smoothing=o.label_smoothing) if o.label_smoothing else loss_fn
-    compile = partial(compile_steps, graphdef, shardings, mesh, o.seed, ndim, preprocess(ds),
+    prepare, scoring = preprocess(ds), {"loss": loss}
+    if m.rbm:  # no labels: pixels as probabilities, CD as the loss, its own evaluation
+        prepare, mode.reported = unit_interval(ds), rbm.REPORTED
+        scoring = {"loss": rbm.training_loss(m.cd_k), "sums": rbm.evaluation_sums}
+    compile = partial(compile_steps, graphdef, shardings, mesh, o.seed, ndim, prepare,
                       accum=cfg.parallelism.grad_accum, step=step, view=mode.view,
-                      batch_ndims=mode.batch_ndims(ndim), loss=loss)  # fmt: skip
+                      batch_ndims=mode.batch_ndims(ndim), **scoring)  # fmt: skip
     ema_eval = None
     if o.ema is not None:
         ema_eval = compile(view=lambda state: ema_view(mode.view(state)))[1]
@@ -243,8 +248,11 @@ def game_setup(cfg: Config, spec: MeshSpec, mesh) -> Run:
 
 def model_options(cfg: Config, spec: MeshSpec) -> dict:
     """The model arguments that flags and mesh set: the ViT's patch size, rematerialisation and
-    how its layer stack runs (a pipeline schedule over the ``stage`` axis, or one scan)."""
+    how its layer stack runs (a pipeline schedule over the ``stage`` axis, or one scan); a
+    persistent RBM's chains, one per example of the batch."""
     stack = schedule_for(cfg, spec)  # also refuses a pipeline for the models that cannot
+    if cfg.model.persistent:
+        return {"chains": cfg.optimization.batch_size}
     if not cfg.model.model.startswith("vit-"):
         return {}
     return {

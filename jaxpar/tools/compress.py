@@ -92,10 +92,11 @@ def restore_run(cfg) -> Trained:
 
     from jaxpar.core.mesh import make_mesh, parse_mesh
     from jaxpar.data import load_dataset
-    from jaxpar.tools.predict import latest, restored
+    from jaxpar.tools.predict import latest, refuse_rbm, restored
 
     workdir = Path(cfg.checkpoint.workdir)
     step, manifest = latest(workdir)
+    refuse_rbm(workdir, manifest, "compress")
     ds = load_dataset(cfg.data.dataset, cfg.data.data_dir, cfg.data.labels, cfg.data.resize_sources)
     spec = parse_mesh(cfg.parallelism.mesh, jax.device_count())
     mesh = make_mesh(spec)

@@ -64,6 +64,13 @@ def latest(workdir, quantized: bool = False) -> tuple[int, dict]:
     return step, manifest
 
 
+def refuse_rbm(workdir, manifest: dict, tool: str) -> None:
+    """An RBM's workdir is no classifier: `tool` refuses it (`UserError`)."""
+    if manifest["model"].startswith("rbm:"):
+        raise UserError(f"{workdir} holds an RBM ({manifest['model']}), which has no classes: "
+                        f"{tool} serves classifiers")  # fmt: skip
+
+
 def restored(workdir, step: int, manifest: dict, mesh, **changes):
     """``(graphdef, weights, shardings)`` of the model in checkpoint `step`, its weights (a pure
     dict) restored straight into their shardings on `mesh`. `changes` replace manifest entries
@@ -88,6 +95,7 @@ def predict(workdir, images: np.ndarray, mesh: str | None = None, batch_size: in
     from jaxpar.core.sharding import RULES, batch_sharding
 
     step, manifest = latest(workdir, quantized=True)
+    refuse_rbm(workdir, manifest, "predict")
     shape = served_shape(manifest, images)
     x = inputs(images, manifest, shape)
     device_mesh = make_mesh(parse_mesh(mesh, jax.device_count()))
