@@ -59,8 +59,9 @@ FLAGS = {
         (
             "--model",
             str,
-            "mlp, 2nn, resnet8/18/34/50, vit-tiny, vit-lite, vit-small, vit-base, "
-            "or your own as module:attribute",
+            "mlp, 2nn, resnet8/18/34/50, vit-tiny, vit-lite, vit-small, vit-base, rbm:H (an "
+            "RBM of H hidden units), dbn:A-B-C (a deep belief network's sigmoid layers), or your "
+            "own as module:attribute",
         ),
         ("--patch-size", int, "ViT patch size (None: 4 up to 64 px, 16 above)"),
         ("--precision", ["fp32", "bf16"], "compute precision (parameters stay float32)"),
@@ -85,6 +86,12 @@ FLAGS = {
         ("--qat", ["int8"], "quantization-aware training: weights rounded to int8 in the step"),
         ("--cd-k", int, "an RBM's Gibbs steps per contrastive-divergence update"),
         ("--persistent", bool, "an RBM's Gibbs chains persist from step to step (PCD)"),
+        (
+            "--pretrain-epochs",
+            int,
+            "a DBN's greedy pretraining: each layer an RBM trained this many epochs (in "
+            "WORKDIR/pretrain/), then the network fine-tuned from them (0: from scratch)",
+        ),  # fmt: skip
     ],
     "data": [
         (
@@ -101,6 +108,12 @@ FLAGS = {
             int,
             "grain worker processes that read, decode and crop training batches (0: threads "
             "in this process); for host-decoded data such as imagenet2012",
+        ),  # fmt: skip
+        (
+            "--labeled-fraction",
+            float,
+            "train on this fraction of the training split's examples, the same ones for a seed "
+            "(a DBN's pretraining still reads every image)",
         ),  # fmt: skip
     ],
     "optimization": [

@@ -272,8 +272,8 @@ def test_a_signal_before_the_first_step_stops_at_once_and_the_rerun_starts_over(
 
     setup = jaxpar.run.loop.setup
 
-    def interrupted(cfg):
-        run = setup(cfg)
+    def interrupted(*args):
+        run = setup(*args)
         os.kill(os.getpid(), signal.SIGTERM)
         return run
 

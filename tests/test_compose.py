@@ -36,7 +36,13 @@ from jaxpar.run.setup import setup
 ROOT = Path(__file__).resolve().parent.parent
 # Each family's test model: the smallest that has what the family's cells are about (BatchNorm;
 # stacked, scanned blocks a pipeline can split), registered for this module.
-MODEL = {"mlp": "mlp", "resnet": "resnet-compose", "vit": "vit-compose", "rbm": "rbm:16"}
+MODEL = {
+    "mlp": "mlp",
+    "resnet": "resnet-compose",
+    "vit": "vit-compose",
+    "rbm": "rbm:16",
+    "dbn": "dbn:16-8",
+}
 BASE = {"steps": 3, "batch_size": 32, "log_every": 1, "mesh": "data=2"}
 WORK = Path(tempfile.mkdtemp(prefix="jaxpar-compose-"))
 

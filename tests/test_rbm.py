@@ -162,7 +162,7 @@ BAD = {
     "--cd-k 2": "--cd-k goes with --model rbm:H",
     "--persistent": "--persistent goes with --model rbm:H",
     "--model rbm:16 --label-smoothing 0.1": "--label-smoothing with an RBM",
-    "--model rbm:16 --precision bf16": "--precision bf16 with an RBM is not supported",
+    "--model rbm:16 --precision bf16": "--precision bf16 with an RBM or a pretrained DBN is not",
 }
 
 

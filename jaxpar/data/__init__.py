@@ -21,7 +21,9 @@ from jaxpar.data.batches import (
     eval_batch_size,
     eval_batches,
     in_order,
+    labelled,
     local_blocks,
+    pixel_range,
     prefetch,
     preprocess,
     read_blocks,
@@ -56,8 +58,8 @@ def load_dataset(
 
 __all__ = [
     "CHUNK_BYTES", "CHUNK_STEPS", "DATASETS", "Dataset", "TrainReads", "crop_and_flip",
-    "device_batch", "eval_batch_size", "eval_batches", "in_order", "known", "load_dataset",
-    "load_digits", "load_synthetic", "load_tfds", "loader", "local_blocks", "prefetch",
-    "preprocess", "read_blocks", "read_rows", "steps_per_epoch", "synthetic_pool", "to_devices",
-    "train_batches", "train_indices", "unit_interval",
+    "device_batch", "eval_batch_size", "eval_batches", "in_order", "known", "labelled",
+    "load_dataset", "load_digits", "load_synthetic", "load_tfds", "loader", "local_blocks",
+    "pixel_range", "prefetch", "preprocess", "read_blocks", "read_rows", "steps_per_epoch",
+    "synthetic_pool", "to_devices", "train_batches", "train_indices", "unit_interval",
 ]  # fmt: skip

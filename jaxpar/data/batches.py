@@ -13,6 +13,7 @@ Augmentation draws from ``fold_in(key(seed), step)``, so it is the same on every
 """
 
 import contextlib
+import dataclasses
 import functools
 import queue
 import signal
@@ -341,18 +342,49 @@ def unit_interval(ds: Dataset):
     largest value otherwise, so a standardised copy such as the embedded digits gets its pixels
     back: x / 16 there; of the first 10,000 images when the split is not in memory), not
     normalised, not augmented."""
-    images = ds.train_images
-    if np.dtype(images.dtype) == np.uint8:
-        low, high = 0.0, 255.0
-    else:
-        if not isinstance(images, np.ndarray):
-            images = images[np.arange(min(len(images), 10_000))]
-        low, high = float(np.min(images)), float(np.max(images))
+    low, high = pixel_range(ds)
 
     def prepare(images, key=None):
         return jnp.clip((images.astype(jnp.float32) - low) / (high - low), 0.0, 1.0)
 
     return prepare
+
+
+def pixel_range(ds: Dataset) -> tuple[float, float]:
+    """The training split's pixel range that `unit_interval` maps to [0, 1]: the dataset's own
+    `Dataset.pixel_range` where it says, 0-255 for bytes, else the smallest and largest value
+    (of the first 10,000 images when the split is not in memory)."""
+    images = ds.train_images
+    if ds.pixel_range is not None:
+        return ds.pixel_range
+    if np.dtype(images.dtype) == np.uint8:
+        return 0.0, 255.0
+    if not isinstance(images, np.ndarray):
+        images = images[np.arange(min(len(images), 10_000))]
+    return float(np.min(images)), float(np.max(images))
+
+
+def labelled(ds: Dataset, fraction: float | None, seed: int) -> Dataset:
+    """`ds` with its training split cut to `fraction` of its examples (``--labeled-fraction``),
+    the same ones for a seed on any mesh (a permutation's first rows, kept in order); the
+    pixel range stays the whole split's, so the examples' inputs are unchanged.
+
+    >>> from jaxpar.data.datasets import load_digits
+    >>> ds = load_digits()
+    >>> part = labelled(ds, 0.01, seed=0)
+    >>> len(part.train_labels), len(ds.train_labels), part.pixel_range == pixel_range(ds)
+    (14, 1437, True)
+    """
+    if fraction is None or fraction == 1:
+        return ds
+    n = len(ds.train_labels)
+    if not isinstance(ds.train_images, np.ndarray):
+        raise UserError(f"--labeled-fraction with --dataset {ds.name}: its training split is read "
+                        "from files as it trains; use a dataset held in memory")  # fmt: skip
+    rows = np.sort(np.random.default_rng(seed).permutation(n)[: max(1, round(fraction * n))])
+    return dataclasses.replace(ds, train_images=ds.train_images[rows],
+                               train_labels=ds.train_labels[rows],
+                               pixel_range=pixel_range(ds))  # fmt: skip
 
 
 def crop_and_flip(images, key, pad: int = 4):

@@ -35,6 +35,9 @@ class Dataset:
     augment: bool = False  # random crop (4-pixel padding) and horizontal flip, as for CIFAR
     shares: tuple = ()  # a mixture's sources and their shares of a batch (`jaxpar.data.mixture`)
     parts: tuple = ()  # a mixture's ((source, Dataset), ...), each evaluated on its own
+    # The training split's (smallest, largest) pixel, where known without reading it: a model
+    # that reads pixels as probabilities maps it to [0, 1] (`jaxpar.data.batches.unit_interval`).
+    pixel_range: tuple | None = None
 
     @property
     def image_shape(self) -> tuple[int, ...]:

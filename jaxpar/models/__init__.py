@@ -1,6 +1,6 @@
-"""Flax NNX models: the MLPs, ResNets, ViTs and RBMs (``rbm:H``), by name in `MODELS` (a user's
-own as ``module:attribute``). They name logical axes only; `jaxpar.core.sharding.RULES` maps them
-to the mesh.
+"""Flax NNX models: the MLPs, ResNets, ViTs, RBMs (``rbm:H``) and DBNs (``dbn:A-B``), by name
+in `MODELS` (a user's own as ``module:attribute``). They name logical axes only;
+`jaxpar.core.sharding.RULES` maps them to the mesh.
 `jaxpar.models.pytorch` maps PyTorch's names and layouts (torchvision, timm) onto them.
 
 This package imports, from the rest of jaxpar, only `jaxpar.core` (errors, the registry, and
@@ -10,6 +10,7 @@ activation sharding constraints by logical axis).
 from functools import partial
 
 from jaxpar.core.registry import Registry
+from jaxpar.models.dbn import DBN, layer_sizes
 from jaxpar.models.mlp import MLP, TwoNN
 from jaxpar.models.rbm import RBM, hidden_units
 from jaxpar.models.resnet import ResNet, ResNet8, ResNet18, ResNet34, ResNet50
@@ -28,7 +29,10 @@ MODELS = Registry(
         "vit-small": ViTSmall,  # width 384, depth 12, 6 heads, MLP 1536
         "vit-base": ViTBase,  # width 768, depth 12, 12 heads, MLP 3072
     },
-    sized={"rbm": lambda name: partial(RBM, hidden=hidden_units(name))},  # rbm:H, H hidden units
+    sized={
+        "rbm": lambda name: partial(RBM, hidden=hidden_units(name)),  # rbm:H, H hidden units
+        "dbn": lambda name: partial(DBN, sizes=layer_sizes(name)),  # dbn:A-B-C, sigmoid layers
+    },
 )
 
 # Defaults of the training flags per model family where the seed's (SGD, lr 0.01, constant) do
@@ -74,6 +78,7 @@ def recipe_for(model: str) -> dict:
 
 
 __all__ = [
+    "DBN",
     "MLP",
     "RBM",
     "TwoNN",

@@ -28,6 +28,7 @@ FAMILIES = {  # model family -> how `--model` names its members
     "resnet": ("resnet8", "resnet18", "resnet34", "resnet50"),
     "vit": ("vit-",),
     "rbm": ("rbm:",),
+    "dbn": ("dbn:",),
 }
 
 
@@ -39,8 +40,8 @@ def family(model: str) -> str:
     """
     if model.startswith("vit-"):
         return "vit"
-    if model.startswith("rbm:"):
-        return "rbm"
+    if model.startswith(("rbm:", "dbn:")):
+        return model[:3]
     return "resnet" if model.startswith("resnet") else "mlp"
 
 
@@ -190,6 +191,15 @@ FAMILY_REFUSED = {  # (feature, family) -> why the feature does not run on that 
     ("freeze", "rbm"): "an RBM has no classifier head to train alone",
     ("init_from", "rbm"): "not yet: an RBM's weights from another run",
     ("game", "rbm"): "a game's network is a policy-value network, not an RBM",
+    **{(f, "dbn"): "not yet: a DBN's pretraining is plain RBM training, and its fine-tuning "
+                   "is tested alone" for f in ("local", "diloco", "stale", "federated",
+                                                "grad_accum", "prune", "distill", "qat", "ema",
+                                                "mixture")},
+    ("pipeline", "dbn"): "its layers are not uniform: only the ViTs' stacked blocks split into "
+                         "stages",
+    ("freeze", "dbn"): "not yet: a head trained alone on a DBN's pretrained features is "
+                       "untested",
+    ("game", "dbn"): "a game's network is a policy-value network, not a DBN",
 }  # fmt: skip
 _VMAPPED_CONV = ("XLA's partitioner (jax 0.10.2) miscompiles convolutions vmapped over the "
                  "replicas with their channels sharded over model: the losses change; use "

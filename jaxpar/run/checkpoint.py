@@ -56,13 +56,15 @@ IDENTITY = tuple(
             "patch_size",
             "revision",
             "rbm",  # an RBM's sampling: --cd-k, --persistent (its chains in the state)
+            "labeled_fraction",  # the training split's share kept (--labeled-fraction)
             *compose.pinned(),
         )
     )
 )
 # What a manifest written before a field existed means by its absence.
 ABSENT = {"revision": 1, "freeze": None, "prune_to": None, "qat": None, "federated": None,
-          "teacher": None, "ema": False, "game": None, "rbm": None}  # fmt: skip
+          "teacher": None, "ema": False, "game": None, "rbm": None,
+          "labeled_fraction": None}  # fmt: skip
 # The layout of the saved state. 2: the optimizer state always holds a step count (schedules).
 FORMAT = 2
 

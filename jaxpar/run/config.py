@@ -81,15 +81,30 @@ class Model:
     qat: str | None = None  # "int8": quantization-aware training (`jaxpar.modes.quantize`)
     cd_k: int = 1  # an RBM's Gibbs steps per contrastive-divergence update
     persistent: bool = False  # an RBM's chains persist from step to step (PCD)
+    pretrain_epochs: int = 0  # a DBN's RBMs, each trained this long (`jaxpar.run.pretrain`)
 
     @property
     def rbm(self) -> bool:
         """The model is an RBM (``rbm:H``, `jaxpar.models.rbm`)."""
         return self.model.startswith("rbm:")
 
+    @property
+    def dbn(self) -> bool:
+        """The model is a DBN unrolled into a classifier (``dbn:A-B``, `jaxpar.models.dbn`)."""
+        return self.model.startswith("dbn:")
+
+    @property
+    def samples(self) -> bool:
+        """The model trains RBMs by Gibbs sampling: an RBM, or a DBN that is pretrained."""
+        return self.rbm or (self.dbn and self.pretrain_epochs > 0)
+
     def settings(self) -> dict | None:
-        """What an RBM's resume must keep: its sampling (None for other models)."""
-        return {"cd_k": self.cd_k, "persistent": self.persistent} if self.rbm else None
+        """What an RBM's or a pretrained DBN's resume must keep: its sampling and pretraining
+        (None for other models)."""
+        if not self.samples:
+            return None
+        pretrained = {"pretrain_epochs": self.pretrain_epochs} if self.dbn else {}
+        return {"cd_k": self.cd_k, "persistent": self.persistent, **pretrained}
 
     def check(self) -> None:
         from jaxpar.models import MODELS
@@ -131,8 +146,18 @@ class Model:
         need(self.teacher is not None or not distill, "--distill-temperature and "
              "--distill-weight go with --teacher; without it they change nothing")  # fmt: skip
         need(self.cd_k >= 1, f"--cd-k must be at least 1, got {self.cd_k}")
+        need(self.pretrain_epochs >= 0,
+             f"--pretrain-epochs must be at least 0, got {self.pretrain_epochs}")  # fmt: skip
+        need(self.dbn or not self.pretrain_epochs, "--pretrain-epochs goes with --model "
+             "dbn:A-B-C (a deep belief network's layers)")  # fmt: skip
         for flag, given in (("--cd-k", self.cd_k != 1), ("--persistent", self.persistent)):
-            need(self.rbm or not given, f"{flag} goes with --model rbm:H (an RBM's sampling)")
+            need(self.samples or not given, f"{flag} goes with --model rbm:H, or dbn:A-B-C with "
+                 "--pretrain-epochs (an RBM's sampling)")  # fmt: skip
+        need(
+            not (self.dbn and self.pretrain_epochs and self.init_from),
+            "--init-from with "
+            "--pretrain-epochs: pretraining gives the weights the run starts from; drop one",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +169,7 @@ class Data:
     labels: str = "shared"  # a mixture's label space: shared, or joint (`jaxpar.data.mixture`)
     resize_sources: bool = False  # a mixture's sources resized to the first one's image shape
     data_workers: int = 0  # grain worker processes reading training batches (0: this process)
+    labeled_fraction: float | None = None  # train on this fraction of the labelled examples
 
     def check(self) -> None:
         from jaxpar.data import loader
@@ -156,6 +182,11 @@ class Data:
              "--labels joint goes with a mixture (--dataset NAME=SHARE,...)")  # fmt: skip
         need(not self.resize_sources or is_mixture(self.dataset),
              "--resize-sources goes with a mixture (--dataset NAME=SHARE,...)")  # fmt: skip
+        fraction = self.labeled_fraction
+        need(fraction is None or 0 < fraction <= 1,
+             f"--labeled-fraction must be in (0, 1], got {fraction}")  # fmt: skip
+        need(fraction is None or not is_mixture(self.dataset), "--labeled-fraction with a "
+             "mixture is not supported: its sources' shares are of whole datasets")  # fmt: skip
         if self.data_dir is not None:
             need(
                 Path(self.data_dir).exists(),
@@ -474,8 +505,10 @@ class Config:
             self.check_game()
         need(not (m.rbm and o.label_smoothing), "--label-smoothing with an RBM: it trains "
              "without labels")  # fmt: skip
-        need(not (m.rbm and m.precision != "fp32"), "--precision bf16 with an RBM is not "
-             "supported: it computes in float32")  # fmt: skip
+        need(not (m.samples and m.precision != "fp32"), "--precision bf16 with an RBM or a "
+             "pretrained DBN is not supported: Gibbs sampling computes in float32")  # fmt: skip
+        need(not (m.rbm and self.data.labeled_fraction), "--labeled-fraction with an RBM: it "
+             "trains without labels (a DBN's pretraining reads every image)")  # fmt: skip
         need(m.teacher is None or not o.label_smoothing, "--label-smoothing with --teacher: "
              "the teacher's soft targets take its place; use --distill-temperature and "
              "--distill-weight")  # fmt: skip

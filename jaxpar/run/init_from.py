@@ -100,7 +100,12 @@ def starting_from(source, model: str, image_shape, fresh, abstract: dict, shardi
     """`fresh` (``() -> a new state``) with the model weights of `source` (``--init-from``):
     checked now, before the workdir is touched; loaded, and `say`-ing what is used, when the
     run starts fresh (a resume reads its own checkpoint)."""
-    load, notes = weights_from(source, model, image_shape, abstract)
+    return starting_with(*weights_from(source, model, image_shape, abstract), fresh, shardings, say)
+
+
+def starting_with(load, notes: list[str], fresh, shardings: dict, say):
+    """`fresh` (``() -> a new state``) with the weights ``load(shardings)`` gives (a pure dict
+    of some of the model's parameters), `say`-ing `notes` when the run starts fresh."""
 
     def init():
         for note in notes:

@@ -19,6 +19,7 @@ from jaxpar.run.checkpoint import Checkpoints
 from jaxpar.run.config import Config
 from jaxpar.run.evaluation import evaluator
 from jaxpar.run.observe import Profile, Window, fetch, progress, say
+from jaxpar.run.pretrain import pretrain
 from jaxpar.run.resume import manifest, open_workdir
 from jaxpar.run.setup import Run, setup
 from jaxpar.run.signals import Stop, stop_at_once, stop_on_signals
@@ -26,9 +27,19 @@ from jaxpar.run.signals import Stop, stop_at_once, stop_on_signals
 
 def train(cfg: Config) -> dict:
     """Train as `cfg` says; returns the last evaluation line (also in ``metrics.jsonl``)."""
+    cfg = cfg.validate()
+    if cfg.model.pretrain_epochs:  # a DBN: its layers one by one, then fine-tuned from them
+        with stop_at_once():
+            cfg, ds, weights = pretrain(cfg, train_run)
+        return train_run(cfg, ds, weights)
+    return train_run(cfg)
+
+
+def train_run(cfg: Config, ds=None, weights=None) -> dict:
+    """One run of `cfg` in its workdir (`jaxpar.run.setup.setup`: `ds` and `weights`)."""
     start = time.time()
     with stop_at_once():  # until the loop's handlers save a checkpoint on a signal
-        run = setup(cfg.validate())
+        run = setup(cfg.validate(), ds, weights)
         workdir, ckpts, log, state, first, losses = open_workdir(run, start)
     say(draw_mesh(run.mesh))
     for r in run.replicated:

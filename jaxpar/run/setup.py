@@ -18,7 +18,7 @@ from jaxpar.core.optimizers import ema_view, frozen, head_paths, make_schedule, 
 from jaxpar.core.sharding import placed, spec_table, state_shardings
 from jaxpar.core.step import abstract_state, compile_steps, init_state, loss_fn, under_mesh
 from jaxpar.cost.collectives import collectives
-from jaxpar.data import Dataset, load_dataset, preprocess, unit_interval
+from jaxpar.data import Dataset, labelled, load_dataset, preprocess, unit_interval
 from jaxpar.models import MODELS, rbm, revision
 from jaxpar.models.vit import check_patch_size
 from jaxpar.modes.distill import with_teacher
@@ -29,7 +29,7 @@ from jaxpar.modes.quantize import aware
 from jaxpar.modes.sync import mode_for, param_mask
 from jaxpar.run.checkpoint import FORMAT, load_teacher, versions
 from jaxpar.run.config import Config
-from jaxpar.run.init_from import starting_from
+from jaxpar.run.init_from import starting_from, starting_with
 from jaxpar.run.observe import say
 
 
@@ -87,11 +87,7 @@ class Run:
             **self.identity(),
             "format": FORMAT,
             "precision": self.cfg.model.precision,
-            "normalization": {
-                "mean": [float(m) for m in self.ds.mean],
-                "std": [float(s) for s in self.ds.std],
-                "uint8": np.dtype(self.ds.train_images.dtype) == np.uint8,
-            },  # fmt: skip
+            "normalization": normalization(self.cfg, self.ds),
             "mesh": str(self.spec),
             "devices": jax.device_count(),
             "processes": jax.process_count(),
@@ -141,16 +137,33 @@ def identity(cfg: Config, ds) -> dict:
         "ema": c.optimization.ema is not None,  # the average rides in the optimizer state
         "game": c.game.settings(),
         "rbm": c.model.settings(),
+        "labeled_fraction": c.data.labeled_fraction,
     }
 
 
-def setup(cfg: Config) -> Run:
+def normalization(cfg: Config, ds) -> dict:
+    """How the model's inputs come from pixels scaled to [0, 1] (``(x - mean) / std``), for
+    predict: an RBM or a DBN reads them as they are."""
+    channels = ds.image_shape[-1]
+    plain = cfg.model.rbm or cfg.model.dbn
+    return {
+        "mean": [0.0] * channels if plain else [float(m) for m in ds.mean],
+        "std": [1.0] * channels if plain else [float(s) for s in ds.std],
+        "uint8": np.dtype(ds.train_images.dtype) == np.uint8,
+    }
+
+
+def setup(cfg: Config, ds: Dataset | None = None, weights: tuple | None = None) -> Run:
+    """`ds`: the data, when not the one ``--dataset`` names (a DBN's layer trains on the
+    features of the layers below); `weights`: ``(load, notes)`` for the model's first weights
+    (a pretrained DBN's, `jaxpar.run.init_from.starting_with`)."""
     m, o, d = cfg.model, cfg.optimization, cfg.data
     spec = parse_mesh(cfg.parallelism.mesh, jax.device_count())
     mesh = make_mesh(spec)
     if cfg.game.game is not None:
         return game_setup(cfg, spec, mesh)
-    ds = load_dataset(d.dataset, d.data_dir, d.labels, d.resize_sources)
+    ds = ds or load_dataset(d.dataset, d.data_dir, d.labels, d.resize_sources)
+    ds = labelled(ds, d.labeled_fraction, o.seed)  # what the seed keeps, the same on any mesh
     mode = mode_for(cfg, spec, ds)
     mode.check(cfg, mesh)
     per_epoch = mode.steps_per_epoch(ds, o.batch_size)
@@ -177,6 +190,8 @@ def setup(cfg: Config) -> Run:
     fresh = partial(init_state, model_fn, tx, base, o.seed)
     if m.init_from:  # random weights, then those of --init-from (a fresh head if it differs)
         fresh = starting_from(m.init_from, m.model, ds.image_shape, fresh, plain[0], base[0], say)
+    if weights:  # a DBN's pretrained layers (`jaxpar.run.pretrain`)
+        fresh = starting_with(*weights, fresh, base[0], say)
     laid = jax.jit(mode.init, out_shardings=shardings)
     init, step = (lambda: laid(fresh())), mode.step
     if m.teacher:  # its parameters ride in the state, restored onto this mesh
@@ -188,6 +203,8 @@ def setup(cfg: Config) -> Run:
     if m.rbm:  # no labels: pixels as probabilities, CD as the loss, its own evaluation
         prepare, mode.reported = unit_interval(ds), rbm.REPORTED
         scoring = {"loss": rbm.training_loss(m.cd_k), "sums": rbm.evaluation_sums}
+    if m.dbn:  # as its RBMs read them
+        prepare = unit_interval(ds)
     compile = partial(compile_steps, graphdef, shardings, mesh, o.seed, ndim, prepare,
                       accum=cfg.parallelism.grad_accum, step=step, view=mode.view,
                       batch_ndims=mode.batch_ndims(ndim), **scoring)  # fmt: skip

@@ -58,9 +58,10 @@ def used(workdir: Path) -> list[str]:
     return sorted(p.name for pattern in RUN_FILES for p in workdir.glob(pattern))
 
 
-def move_aside(workdir: Path) -> Path | None:
-    """Move a previous run's files into ``previous-<date-time>/`` (for ``--restart``)."""
-    names = used(workdir)
+def move_aside(workdir: Path, also: tuple = ()) -> Path | None:
+    """Move a previous run's files, and the folders `also` names (a DBN's ``pretrain``), into
+    ``previous-<date-time>/`` (for ``--restart``)."""
+    names = used(workdir) + [name for name in also if (workdir / name).exists()]
     if not names or jax.process_index() != 0:
         return None
     dest = workdir / time.strftime("previous-%Y%m%d-%H%M%S")
