@@ -55,6 +55,7 @@ def train_run(cfg: Config, ds=None, weights=None) -> dict:
             f"note: --sync {cfg.parallelism.sync}: the run ends {run.total % run.mode.period} "
             "steps after its last sync; its evaluation sees the model a sync then gives"
         )
+    log.open()  # off the training clock
     try:
         window = Window(log, cfg, run.total, losses, run.schedule,
                         run.mode.examples_per_step(cfg.optimization.batch_size),

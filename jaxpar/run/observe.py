@@ -92,7 +92,6 @@ class Window:
         self.extra = {}  # keys a mode adds to training lines (comm_bytes_per_step)
         self.latest = {}  # the last dispatch's other metrics (secure_agg_error)
         self.stop = 0  # the largest signal number pending in any process, as the steps saw it
-        self.wrote = False  # whether a training line was written yet
         self.start()
 
     def start(self) -> None:
@@ -162,9 +161,8 @@ class Window:
                 **self.extra,
                 **self.latest,
             )
-            # The next window runs from here: the steps dispatched meanwhile are computing. The
-            # first line's writing is left out (it starts TensorBoard's writer: seconds).
-            self.since, self.timed, self.idle = now if self.wrote else time.time(), 0, 0.0
-            self.wrote = True
+            # The next window runs from here: the steps dispatched meanwhile are computing
+            # (TensorBoard's writer, seconds to start, was opened before: `MetricsLog.open`).
+            self.since, self.timed, self.idle = now, 0, 0.0
             if step % self.cfg.metrics.log_every == 0:  # a run's last, partial window stays open
                 self.losses = []

@@ -131,6 +131,15 @@ class MetricsLog:
         lines = [json.loads(line) for line in self.path.read_text().splitlines()]
         return next((x for x in reversed(lines) if key in x and x["step"] <= upto), {})
 
+    def open(self) -> None:
+        """Open the file and TensorBoard's writer (seconds to start: before the training clock
+        runs) in process 0; `write` opens them if not yet open."""
+        if jax.process_index() == 0 and self.file is None:
+            from tensorboardX import SummaryWriter
+
+            self.file = open(self.path, "a")  # noqa: SIM115 - kept open for the run
+            self.events = SummaryWriter(str(self.path.parent / "events"), flush_secs=10)
+
     def write(self, step: int, **values) -> dict:
         line = {
             "step": step,
@@ -139,11 +148,7 @@ class MetricsLog:
             **values,
         }
         if jax.process_index() == 0:
-            if self.file is None:
-                from tensorboardX import SummaryWriter
-
-                self.file = open(self.path, "a")  # noqa: SIM115 - kept open for the run
-                self.events = SummaryWriter(str(self.path.parent / "events"), flush_secs=10)
+            self.open()
             self.file.write(json.dumps(line) + "\n")
             self.file.flush()
             for key, value in values.items():  # TensorBoard: one scalar series per key
