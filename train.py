@@ -311,7 +311,7 @@ def parse_args(argv) -> Config:
             name = flag[2:].replace("-", "_")
             default = defaults[name]
             for who, recipe in (("ViTs", RECIPES["vit"]), ("RBMs", RECIPES["rbm"]),
-                                ("games", GAME_RECIPE)):  # fmt: skip
+                                ("DBNs", RECIPES["dbn"]), ("games", GAME_RECIPE)):  # fmt: skip
                 help = help if name not in recipe else f"{help}; {who}: {recipe[name]}"
             if kind is bool:  # --no-FLAG turns off what a run file turned on
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=False,

@@ -48,6 +48,9 @@ RECIPES = {
     # RBMs: scikit-learn's BernoulliRBM's plain SGD at 0.06 (with momentum 0.9, the seed's, the
     # embedded digits' test pseudo-log-likelihood was -23.7 against -20.9; docs/rbm.md).
     "rbm": {"lr": 0.06, "momentum": 0.0},
+    # DBNs' fine-tuning: sigmoid layers learn slowly at the seed's 0.01 (27% on the digits after
+    # 10 epochs from pretraining; 95% at 0.1, with the seed's momentum 0.9).
+    "dbn": {"lr": 0.1},
 }
 
 

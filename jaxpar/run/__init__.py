@@ -4,6 +4,8 @@
 - `setup`: a `Run` from a config: mesh, data, model, optimizer, modes, compiled steps.
 - `resume`: where a run starts: its latest checkpoint, checked, or a fresh state.
 - `loop`: the one training loop: dispatches of steps, evaluation, checkpoints, signals.
+- `pretrain`: a deep belief network's layers, each an ordinary run of an RBM, before its
+  fine-tuning.
 - `checkpoint`: Orbax checkpoints, their manifests, restoring a model or a teacher from them.
 - `init_from`: ``--init-from``, a run that starts from another run's or PyTorch's weights.
 - `workdir`: the run folder (config.json, resumes, what may be overwritten).
