@@ -147,6 +147,25 @@ def test_examples_per_s_counts_training_time_only(monkeypatch):
     assert written[2]["examples_per_s"] == 2 * 10 / 4  # from 13
 
 
+def test_lines_inside_one_dispatch_share_its_time(monkeypatch):
+    """A dispatch of several steps holding several lines (``--steps-per-dispatch`` above
+    ``--log-every``): each line gets its steps' share of the dispatch's time, not the moments
+    between writing them."""
+    clock = type("Clock", (), {"now": 0.0, "time": lambda self: self.now})()
+    monkeypatch.setattr("jaxpar.run.observe.time", clock)
+    written = []
+    log = type("Log", (), {"write": lambda self, step, **values: written.append(values)})()
+    window = Window(log, Config.of(batch_size=10, log_every=1), 4, [], lambda step: 0.1)
+    window.start()
+    two = {"train_loss": jnp.ones(2), "grad_norm": jnp.ones(2), "stop": jnp.int32(0)}
+    window.push(2, two)
+    clock.now = 4.0
+    window.push(4, two)  # steps 1-2 read at 4 s: 2 s each
+    clock.now = 5.0
+    window.flush()  # steps 3-4 in 1 s
+    assert [w["examples_per_s"] for w in written] == [5.0, 5.0, 20.0, 20.0]
+
+
 @pytest.mark.slow
 def test_plan_shows_a_tensor_parallel_vit_block_s_all_reduces():
     p = plan(Config.of(mesh="1x4", model="vit-lite", batch_size=64))  # vit-lite: 4 heads

@@ -96,7 +96,7 @@ class Window:
 
     def start(self) -> None:
         """Start the training clock: examples/s counts the steps timed from here on."""
-        self.since, self.timed, self.idle = time.time(), 0, 0.0
+        self.since, self.timed, self.idle, self.seconds = time.time(), 0, 0.0, 0.0
 
     @contextlib.contextmanager
     def paused(self):
@@ -129,6 +129,11 @@ class Window:
     def add(self, done: int, metrics) -> None:
         """Record the steps that end at step `done` (one, or several of one dispatch)."""
         losses = np.atleast_1d(fetch(metrics["train_loss"]))  # blocks until those steps are done
+        # The time since the previous dispatch was read, less pauses, is this one's: its steps
+        # share it (a line inside a dispatch gets its steps' share, not the time of its write).
+        now = time.time()
+        per_step = (now - self.since - self.idle) / len(losses)
+        self.since, self.idle = now, 0.0
         norms = np.atleast_1d(fetch(metrics["grad_norm"]))
         if "stop" in metrics:
             self.stop = max(self.stop, int(fetch(metrics["stop"])))
@@ -140,29 +145,28 @@ class Window:
         for step, loss, norm in zip(
             range(done - len(losses) + 1, done + 1), losses, norms, strict=True
         ):
-            self.record(step, float(loss), float(norm))
+            self.record(step, float(loss), float(norm), per_step)
 
-    def record(self, step: int, loss: float, grad_norm: float) -> None:
+    def record(self, step: int, loss: float, grad_norm: float, seconds: float = 0.0) -> None:
+        """Record one step that took `seconds` of training time."""
         if not (np.isfinite(loss) and np.isfinite(grad_norm)):
             raise Diverged(f"the loss is {loss} and the gradient norm {grad_norm} at step "
                            f"{step}; stopped, nothing of it saved")  # fmt: skip
         self.losses.append(loss)
-        self.timed += 1
+        self.timed, self.seconds = self.timed + 1, self.seconds + seconds
         if step % self.cfg.metrics.log_every == 0 or step == self.total:
             self.logged = float(np.mean(self.losses))
-            now = time.time()
-            seconds = now - self.since - self.idle
             self.log.write(
                 step,
                 train_loss=self.logged,
                 grad_norm=grad_norm,
                 lr=float(self.schedule(step - 1)),  # the rate this step applied
-                **{self.rate: self.timed * self.per_step / seconds},
+                **{self.rate: self.timed * self.per_step / self.seconds},
                 **self.extra,
                 **self.latest,
             )
-            # The next window runs from here: the steps dispatched meanwhile are computing
+            # Writing counts in the next dispatch's time: its steps compute meanwhile
             # (TensorBoard's writer, seconds to start, was opened before: `MetricsLog.open`).
-            self.since, self.timed, self.idle = now, 0, 0.0
+            self.timed, self.seconds = 0, 0.0
             if step % self.cfg.metrics.log_every == 0:  # a run's last, partial window stays open
                 self.losses = []
