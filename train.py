@@ -180,6 +180,17 @@ FLAGS = {
         ("--restart", bool, "start over in a used workdir, its run moved into previous-DATE-TIME/"),
         ("--checkpoint-every", int, "steps between checkpoints (0: at the end only)"),
         ("--keep", int, "checkpoints to keep"),
+        (
+            "--local-checkpoint-dir",
+            str,
+            "a fast checkpoint tier on node-local storage (/dev/shm, a local disk), beside "
+            "WORKDIR/checkpoints: a restart takes the newest step of the two",
+        ),  # fmt: skip
+        (
+            "--local-checkpoint-every",
+            int,
+            "steps between the local tier's saves (0: on SIGTERM/SIGINT only, written first)",
+        ),  # fmt: skip
     ],
     "job": [
         (

@@ -20,6 +20,7 @@ from flax import nnx
 import train as cli
 from jaxpar import Config
 from jaxpar import train as train_run
+from jaxpar.core.errors import Preempted
 from jaxpar.core.mesh import make_mesh, parse_mesh
 from jaxpar.core.optimizers import make_optimizer
 from jaxpar.core.sharding import state_shardings
@@ -406,3 +407,117 @@ def test_the_docs_orbax_recipe_works_as_pasted_with_a_relative_path(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["(64,", "512)", "330"]
+
+
+@pytest.mark.slow
+def test_kill_9_resumes_from_the_local_tier(reference, tmp_path):
+    """The local tier every 5 steps, the persistent one at the end only: kill -9 loses at most
+    the steps since the last complete local save (one may be in flight), and the rerun resumes
+    from the local tier as if never stopped."""
+    local = tmp_path / "shm"
+    flags = [*RUN, "--local-checkpoint-dir", str(local), "--local-checkpoint-every", "5",
+             "--workdir", str(tmp_path / "w")]  # fmt: skip
+    proc = cli_run(*flags)
+    wait_for_lines(tmp_path / "w", 40, proc)
+    proc.kill()
+    proc.communicate()
+    reached = metrics(tmp_path / "w")[-1]["step"]
+    assert not (tmp_path / "w" / "checkpoints").exists() or not any(
+        p.name.isdigit() for p in (tmp_path / "w" / "checkpoints").iterdir()
+    )
+    (folder,) = local.iterdir()  # the run's own folder in the local directory
+    steps = sorted(int(p.name) for p in (folder / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] % 5 == 0 and reached - steps[-1] <= 10, (steps, reached)
+    proc = cli_run(*flags)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert f"resumed from step {steps[-1]} (saved on mesh " in out
+    assert f"in {folder / 'checkpoints'}" in out
+    assert_same_run(metrics(tmp_path / "w"), reference, after=steps[-1])
+
+
+TIERS = dict(model="mlp", batch_size=64, steps=12, log_every=1, eval_every=6,
+             checkpoint_every=5, local_checkpoint_every=4, mesh="2")  # fmt: skip
+
+
+def crash_at(monkeypatch, step: int, signum: int = 0) -> None:
+    """The run dies (an exception), or gets `signum`, right after step `step`'s dispatch."""
+    from jaxpar.run.observe import Window
+
+    push = Window.push
+
+    def dies(self, done, metrics):
+        push(self, done, metrics)
+        if done == step:
+            if not signum:
+                raise RuntimeError("a crash")
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(Window, "push", dies)
+
+
+@pytest.mark.slow
+def test_a_restart_takes_the_newest_step_of_either_tier(tmp_path, monkeypatch, capsys):
+    local = tmp_path / "shm"
+    whole = dict(TIERS, local_checkpoint_every=0, workdir=str(tmp_path / "whole"))
+    train_run(Config.of(**whole))
+    cfg = Config.of(**TIERS, workdir=str(tmp_path / "w"), local_checkpoint_dir=str(local))
+    crash_at(monkeypatch, 10)  # saved: local 4 and 8, persistent 5
+    with pytest.raises(RuntimeError, match="a crash"):
+        train_run(cfg)
+    monkeypatch.undo()
+    (folder,) = local.iterdir()
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["4", "8"]
+    assert sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir()) == ["5"]
+    train_run(cfg)
+    assert f"resumed from step 8 (saved on mesh stage=1,data=2,fsdp=1,model=1) in {folder}" in (
+        capsys.readouterr().out
+    )
+    assert_same_run(metrics(tmp_path / "w"), metrics(tmp_path / "whole"), after=0)
+
+    # The local tier lost (another node): the persistent step, the same run.
+    other = cfg.replace(workdir=str(tmp_path / "v"))
+    crash_at(monkeypatch, 10)
+    with pytest.raises(RuntimeError, match="a crash"):
+        train_run(other)
+    monkeypatch.undo()
+    shutil.rmtree(next(p for p in local.iterdir() if p.name.startswith("v-")))
+    train_run(other)
+    out = capsys.readouterr().out
+    assert (
+        f"resumed from step 5 (saved on mesh stage=1,data=2,fsdp=1,model=1) in {tmp_path}/v/" in out
+    )
+    assert_same_run(metrics(tmp_path / "v"), metrics(tmp_path / "whole"), after=0)
+
+    # --restart moves the local tier aside with the run: nothing deleted, nothing resumed.
+    train_run(cfg.replace(restart=True))
+    out = capsys.readouterr().out
+    assert "moved the previous run's local checkpoints to" in out and "resumed" not in out
+    assert any(p.name.startswith(f"{folder.name}.previous-") for p in local.iterdir())
+
+
+@pytest.mark.slow
+def test_a_signal_saves_the_local_tier_then_the_persistent_one(tmp_path, monkeypatch):
+    local = tmp_path / "shm"
+    cfg = Config.of(**TIERS, workdir=str(tmp_path / "w"), local_checkpoint_dir=str(local))
+    crash_at(monkeypatch, 7, signal.SIGTERM)  # no tier is due at step 7
+    with pytest.raises(Preempted):
+        train_run(cfg)
+    (folder,) = local.iterdir()
+    assert "7" in [p.name for p in (folder / "checkpoints").iterdir()]
+    assert "7" in [p.name for p in (tmp_path / "w" / "checkpoints").iterdir()]
+
+
+LOCAL_BAD = {
+    "--local-checkpoint-every 5": "--local-checkpoint-every goes with --local-checkpoint-dir",
+    "--local-checkpoint-every -1 --local-checkpoint-dir DIR": "--local-checkpoint-every must "
+    "be >= 0, got -1",
+    "--local-checkpoint-dir FILE": "--local-checkpoint-dir FILE is a file",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("flags", LOCAL_BAD)
+def test_bad_local_tier_flags_exit_2(flags, refuses, tmp_path):
+    (tmp_path / "FILE").write_text("")
+    flags_here = flags.replace("DIR", str(tmp_path / "d")).replace("FILE", str(tmp_path / "FILE"))
+    refuses(flags_here, LOCAL_BAD[flags].replace("FILE", str(tmp_path / "FILE")))

@@ -360,6 +360,8 @@ class Checkpoint:
     restart: bool = False  # move a previous run in --workdir aside and start over
     checkpoint_every: int = 0  # 0: only at the end (and on SIGTERM/SIGINT)
     keep: int = 3  # checkpoints kept
+    local_checkpoint_dir: str | None = None  # a fast node-local tier (`jaxpar.run.tiers`)
+    local_checkpoint_every: int = 0  # steps between its saves (0: on a signal only)
 
     def check(self) -> None:
         if problem := workdir_problem(self.workdir):
@@ -367,6 +369,12 @@ class Checkpoint:
         need(self.checkpoint_every >= 0,
              f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")  # fmt: skip
         need(self.keep >= 1, f"--keep must be at least 1, got {self.keep}")
+        local, every = self.local_checkpoint_dir, self.local_checkpoint_every
+        need(every >= 0, f"--local-checkpoint-every must be >= 0, got {every}")
+        need(local is not None or not every, "--local-checkpoint-every goes with "
+             "--local-checkpoint-dir DIR (node-local storage such as /dev/shm)")  # fmt: skip
+        need(local is None or not Path(local).exists() or Path(local).is_dir(),
+             f"--local-checkpoint-dir {local} is a file; name a directory")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,6 @@ from jaxpar.core.errors import Diverged, Preempted
 from jaxpar.core.mesh import draw_mesh
 from jaxpar.core.step import all_finite
 from jaxpar.data import prefetch
-from jaxpar.run.checkpoint import Checkpoints
 from jaxpar.run.config import Config
 from jaxpar.run.evaluation import evaluator
 from jaxpar.run.observe import Profile, Window, fetch, progress, say
@@ -23,6 +22,7 @@ from jaxpar.run.pretrain import pretrain
 from jaxpar.run.resume import manifest, open_workdir
 from jaxpar.run.setup import Run, setup
 from jaxpar.run.signals import Stop, stop_at_once, stop_on_signals
+from jaxpar.run.tiers import Tiers
 
 
 def train(cfg: Config) -> dict:
@@ -122,15 +122,15 @@ class Steps:
         return self.compiled[n]
 
 
-def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", profile_dir) -> dict:
+def loop(run: Run, state, first: int, ckpts: Tiers, window: "Window", profile_dir) -> dict:
     cfg, log = run.cfg, window.log
     eval_every = cfg.metrics.eval_every or run.per_epoch
     evaluate = run.evaluate or evaluator(run)
     profile = Profile(cfg.metrics.profile_range(), profile_dir, run.total)
     # Performance is decided here for tiny models: one dispatch per step costs more host time
     # than their step computes; --steps-per-dispatch K runs K steps as one program.
-    save_every = cfg.checkpoint.checkpoint_every
-    every = (eval_every, save_every, run.mode.period)
+    c = cfg.checkpoint
+    every = (eval_every, c.checkpoint_every, c.local_checkpoint_every, run.mode.period)
     plan = dispatches(first, run.total, cfg.parallelism.steps_per_dispatch, every, profile.marks)
     batches = prefetch(run.batches(plan))
     bar = tqdm(initial=first, total=run.total, unit="step",
@@ -158,14 +158,14 @@ def loop(run: Run, state, first: int, ckpts: Checkpoints, window: "Window", prof
                 progress(bar, run, done, window.shown(), last_eval)
             signum = stop.agreed(window)  # in a job, the same in every process
             final = done == run.total or bool(signum)
-            if final or (save_every and done % save_every == 0):
+            if final or ckpts.due(done):  # a tier's schedule (`jaxpar.run.tiers`)
                 window.flush()
                 with window.paused():
                     if not fetch(all_finite(state)):  # never save a broken state
                         raise Diverged(f"the parameters are not finite after step {done}; not "
                                        "saved")  # fmt: skip
                     # Asynchronous: training goes on while Orbax writes. The final save waits.
-                    ckpts.save(done, state, manifest(run, done, window), wait=final)
+                    ckpts.save(done, state, manifest(run, done, window), final, bool(signum))
             if signum:
                 raise Preempted(signum, f"stopped by signal {signum} at step {done}; checkpoint "
                                 f"saved in {ckpts.directory / str(done)}; rerun the same command "

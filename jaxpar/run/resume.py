@@ -8,10 +8,11 @@ from jax.experimental import multihost_utils
 from jaxpar.core.errors import UserError
 from jaxpar.modes.prune import check_prune_schedule
 from jaxpar.modes.sync import check_replicas
-from jaxpar.run.checkpoint import Checkpoints, check_fits
+from jaxpar.run.checkpoint import check_fits
 from jaxpar.run.config import Config
 from jaxpar.run.observe import Window, say
 from jaxpar.run.setup import Run
+from jaxpar.run.tiers import Tiers, local_folder, move_local_aside
 from jaxpar.run.workdir import MetricsLog, move_aside, resolve, used, write_config
 
 
@@ -38,8 +39,11 @@ def open_workdir(run: Run, start: float):
     """
     cfg = run.cfg
     workdir = resolve(cfg)
-    keep = cfg.checkpoint.keep
-    ckpts = Checkpoints(workdir, keep) if (workdir / "checkpoints").is_dir() else None
+    local = local_folder(cfg, workdir)  # --local-checkpoint-dir: this run's fast tier
+    if local is not None and not used(workdir) and (moved := move_local_aside(local)):
+        say(f"{local} holds checkpoints of a run no longer in {workdir}: moved to {moved}")
+    saved_any = [p for p in (workdir, local) if p is not None and (p / "checkpoints").is_dir()]
+    ckpts = Tiers(workdir, cfg, local) if saved_any else None
     step = ckpts.latest() if ckpts else None
     # A run that saved nothing (killed while starting, compiling or before its first save)
     # starts over in place, as a scheduler's requeue of the same command expects; its files
@@ -54,17 +58,20 @@ def open_workdir(run: Run, start: float):
             say(f"--restart: moved the previous run to {moved}" if cfg.checkpoint.restart else
                 f"the previous run in {workdir} saved no checkpoint: its files moved to "
                 f"{moved}; starting over")  # fmt: skip
+        if moved := move_local_aside(local):
+            say(f"--restart: moved the previous run's local checkpoints to {moved}")
         sync("jaxpar:workdir-moved")
     log = MetricsLog(workdir / "metrics.jsonl", start, run.mode.stamp)
     if step is None:
         write_config(workdir, cfg, 0)
-        return workdir, Checkpoints(workdir, keep), log, run.init(), 0, []
+        return workdir, Tiers(workdir, cfg, local), log, run.init(), 0, []
+    where = ckpts.holding(step).directory  # the local tier where both hold the step
     try:
         saved = ckpts.manifest(step)
-        check_fits(saved, run.identity(), step, ckpts.directory)
-        check_optimizer_flags(saved, cfg, step, ckpts.directory)
-        check_prune_schedule(saved, cfg, run.total, step, ckpts.directory)
-        check_replicas(saved, run.mode, run.spec, cfg.parallelism.sync, step, ckpts.directory)
+        check_fits(saved, run.identity(), step, where)
+        check_optimizer_flags(saved, cfg, step, where)
+        check_prune_schedule(saved, cfg, run.total, step, where)
+        check_replicas(saved, run.mode, run.spec, cfg.parallelism.sync, step, where)
         state = ckpts.restore(step, run.abstract, run.shardings)
     except UserError:
         ckpts.close()  # stops Orbax's threads now, not noisily at interpreter exit
@@ -74,7 +81,7 @@ def open_workdir(run: Run, start: float):
         # a final evaluation) are not in an uninterrupted run: they move aside with later ones.
         log.rewind(step, keep=lambda line: scheduled(run, line))
         write_config(workdir, cfg, step)
-    say(f"resumed from step {step} (saved on mesh {saved['mesh']}) in {ckpts.directory}")
+    say(f"resumed from step {step} (saved on mesh {saved['mesh']}) in {where}")
     return workdir, ckpts, log, state, step, saved["window_losses"]
 
 
