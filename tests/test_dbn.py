@@ -21,7 +21,8 @@ from jaxpar.models import DBN, RBM
 from jaxpar.run.config import Config
 from jaxpar.run.init_from import with_weights
 from jaxpar.run.observe import Window
-from jaxpar.run.pretrain import partial_loader
+from jaxpar.run.pretrain import layer_configs, layer_weights, partial_loader, pretrain
+from jaxpar.run.setup import setup
 from jaxpar.tools.compress import main as compress_main
 from jaxpar.tools.predict import predict
 
@@ -134,6 +135,39 @@ def test_stopped_in_layer_2_it_resumes_on_another_mesh_as_if_never_stopped(
     # The same command once more: every layer pretrained, the fine-tuning done.
     assert cli.main([*argv, "--mesh", "2x2"]) == 0
     assert "already at step 6 of 6" in capsys.readouterr().out
+    # Another length of pretraining would build on layers trained for this one: refused.
+    argv[argv.index("--pretrain-epochs") + 1] = "2"
+    assert cli.main([*argv, "--mesh", "2x2"]) == 2
+    assert "layer 1 in " in (err := capsys.readouterr().err) and "was pretrained with " \
+        "--pretrain-epochs 1, not 2; pass --pretrain-epochs 1, or --restart" in err  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_fine_tuning_starts_from_the_layers_checkpoints(whole):
+    cfg = cli.parse_args([*DBN_FLAGS, "--mesh", "1", "--workdir", str(whole)]).validate()
+    cfg, ds, weights = pretrain(cfg, train_run=None)  # every layer trained: none trains again
+    model = setup(cfg, ds, weights).init()[0]
+    for i, layer in enumerate(model["layers"].values()):
+        kernel, bias = layer_weights(whole / "pretrain" / f"layer-{i + 1}", 44)
+        assert np.array_equal(np.asarray(layer["kernel"]), kernel)
+        assert np.array_equal(np.asarray(layer["bias"]), bias)
+
+
+def test_a_layer_takes_none_of_the_fine_tunings_optimisation_flags():
+    cfg = Config.of(
+        model="dbn:16-8",
+        pretrain_epochs=2,
+        label_smoothing=0.1,
+        lr=0.5,
+        optimizer="adamw",
+        clip_grad_norm=1.0,
+        labeled_fraction=0.5,
+        workdir="w",
+    )
+    for layer in layer_configs(cfg):
+        layer.validate()  # an RBM: refuses label smoothing, a labeled fraction
+        o = layer.optimization
+        assert (o.optimizer, o.lr, o.momentum, o.epochs) == ("sgd", 0.06, 0.0, 2)
 
 
 @pytest.mark.slow
@@ -178,6 +212,8 @@ BAD = {
         "--labeled-fraction with a mixture is not supported",
     "--model dbn:16 --clients 4": "--clients N with --model dbn:16 is not supported",
     "--model dbn:16 --sync local:2": "--sync local:H with --model dbn:16 is not supported",
+    "--model dbn:16 --pretrain-epochs 1 --labeled-fraction 0.01 --batch-size 32":
+        "--batch-size 32 is larger than the 14 training examples",  # before any pretraining
 }  # fmt: skip
 
 

@@ -379,8 +379,8 @@ def labelled(ds: Dataset, fraction: float | None, seed: int) -> Dataset:
         return ds
     n = len(ds.train_labels)
     if not isinstance(ds.train_images, np.ndarray):
-        raise UserError(f"--labeled-fraction with --dataset {ds.name}: its training split is read "
-                        "from files as it trains; use a dataset held in memory")  # fmt: skip
+        raise UserError(f"--labeled-fraction with --dataset {ds.name}: its training split is "
+                        "not held in memory as an array; use a dataset that is")  # fmt: skip
     rows = np.sort(np.random.default_rng(seed).permutation(n)[: max(1, round(fraction * n))])
     return dataclasses.replace(ds, train_images=ds.train_images[rows],
                                train_labels=ds.train_labels[rows],

@@ -12,6 +12,7 @@ against. Its input is the image's pixels in [0, 1], as the RBMs read them.
 Under tensor parallelism the layers alternate column- and row-parallel, as the MLP's do.
 """
 
+import itertools
 import math
 
 import jax
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxpar.core.axes import axes
+from jaxpar.core.errors import UserError
 
 # Each layer's (input, output) logical axes, alternating: the activation between a
 # column-parallel layer and the next row-parallel one stays sharded over ``model``.
@@ -40,7 +42,7 @@ class DBN(nnx.Module):
         self.layers = nnx.List([
             nnx.Linear(a, b, dtype=dtype, kernel_metadata=axes(*ROLES[i % 2]),
                        bias_metadata=axes(ROLES[i % 2][1]), rngs=rngs)
-            for i, (a, b) in enumerate(zip(widths, widths[1:], strict=False))
+            for i, (a, b) in enumerate(itertools.pairwise(widths))
         ])  # fmt: skip
         last = ROLES[(len(sizes) - 1) % 2][1]
         self.head = nnx.Linear(widths[-1], num_classes, dtype=dtype,
@@ -64,8 +66,6 @@ def layer_sizes(name: str) -> tuple[int, ...]:
     >>> layer_sizes("dbn:500-500-2000")
     (500, 500, 2000)
     """
-    from jaxpar.core.errors import UserError
-
     sizes = name.partition(":")[2].split("-")
     if not all(s.isdigit() and int(s) >= 1 for s in sizes):
         raise UserError(f"--model {name}: a DBN's layers are widths of at least 1 joined by "

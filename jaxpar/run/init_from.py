@@ -119,6 +119,8 @@ def with_weights(state: dict, weights: dict) -> dict:
     """`state` (``{0: model, 1: optimizer}``) with the model's leaves that `weights` holds, and
     so the moving average of ``--ema`` (which starts from the weights the run starts from)."""
     flat = _flat(weights)
+    if unknown := set(flat) - set(_flat(state[0])):  # a caller's bug, not a user's
+        raise ValueError(f"weights for parameters the model lacks: {sorted(unknown)[:3]}")
     take = lambda path, x: flat.get(tuple(k.key for k in path), x)  # noqa: E731
     state = {**state, 0: jax.tree_util.tree_map_with_path(take, state[0])}
     opt = state[1].get("opt_state") if isinstance(state[1], dict) else None

@@ -112,6 +112,7 @@ class Steps:
     def __call__(self, state, batch, steps: range):
         n = len(steps)
         if n not in self.compiled:
+            self.window.flush()  # the dispatch in flight computes on the clock, not in the pause
             with self.window.paused():
                 jitted = self.run.compile(stacked=n > 1, signals=self.stop.shared)[0]
                 self.compiled[n] = jitted.lower(state, batch, *self.stop.args()).compile()

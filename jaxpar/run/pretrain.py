@@ -12,12 +12,14 @@ that layer's last checkpoint, the same on any mesh. The layers train with the RB
 """
 
 import dataclasses
+import json
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from jaxpar.data import Dataset, load_dataset, pixel_range
+from jaxpar.core.errors import UserError
+from jaxpar.data import Dataset, labelled, load_dataset, pixel_range, steps_per_epoch
 from jaxpar.models import RECIPES
 from jaxpar.models.dbn import layer_sizes
 from jaxpar.run.checkpoint import Checkpoints, check_fits, restore_model
@@ -36,7 +38,8 @@ def layer_configs(cfg: Config) -> list[Config]:
     return [
         cfg.replace(model=f"rbm:{width}", pretrain_epochs=0, epochs=cfg.model.pretrain_epochs,
                     steps=None, optimizer="sgd", lr=recipe["lr"], momentum=recipe["momentum"],
-                    weight_decay=0.0, clip_grad_norm=None, schedule="constant", warmup_steps=0,
+                    weight_decay=0.0, clip_grad_norm=None, label_smoothing=0.0,
+                    schedule="constant", warmup_steps=0,
                     labeled_fraction=None, eval_every=0, profile_steps=None,
                     workdir=str(root / f"layer-{i}"), restart=False)
         for i, width in enumerate(layer_sizes(cfg.model.model), 1)
@@ -54,22 +57,39 @@ def pretrain(cfg: Config, train_run) -> tuple[Config, Dataset, tuple]:
             say(f"--restart: moved the previous run to {moved}")
         sync("jaxpar:pretrain-moved")
     cfg = cfg.replace(workdir=str(workdir), restart=False)
-    d = cfg.data
+    d, o = cfg.data, cfg.optimization
     ds = data = load_dataset(d.dataset, d.data_dir, d.labels, d.resize_sources)
+    steps_per_epoch(labelled(ds, d.labeled_fraction, o.seed), o.batch_size)  # the fine-tuning's
     layers, stack = layer_configs(cfg), []
+    check_epochs(layers)
     for i, layer in enumerate(layers, 1):
         where = layer.checkpoint.workdir
-        if trained_to(layer, data) is None:
+        if (step := trained_to(layer, data)) is None:
             say(f"pretraining layer {i} of {len(layers)}: --model {layer.model.model} on "
                 f"{np.prod(data.image_shape)} inputs, {layer.optimization.epochs} epochs, in "
                 f"{where}")  # fmt: skip
             train_run(layer, data)
+            step = trained_to(layer, data)
         else:
             say(f"layer {i} of {len(layers)} is pretrained ({where})")
-        stack.append(layer_weights(where, trained_to(layer, data)))
+        stack.append(layer_weights(where, step))
         data = upward(data, *stack[-1])
     note = f"initialised from the pretrained layers in {workdir / 'pretrain'}; a fresh head"
     return cfg, ds, (partial_loader(stack), [note])
+
+
+def check_epochs(layers: list[Config]) -> None:
+    """Refuse, before any layer trains, layers pretrained for another number of epochs: each
+    layer was trained on the one below as it was (``--restart`` pretrains anew)."""
+    for i, layer in enumerate(layers, 1):
+        if not (Path(layer.checkpoint.workdir) / "config.json").is_file():
+            continue
+        where, asked = layer.checkpoint.workdir, layer.optimization.epochs
+        saved = Config.from_json(json.loads((Path(where) / "config.json").read_text()))
+        if (epochs := saved.optimization.epochs) != asked:
+            raise UserError(f"layer {i} in {where} was pretrained with --pretrain-epochs "
+                            f"{epochs}, not {asked}; pass --pretrain-epochs {epochs}, or "
+                            "--restart to pretrain anew")  # fmt: skip
 
 
 def trained_to(layer: Config, data: Dataset) -> int | None:
