@@ -21,6 +21,7 @@ from jaxpar.core.optimizers import OPTIMIZERS
 from jaxpar.models import RECIPES, recipe_for
 from jaxpar.modes.games import RECIPE as GAME_RECIPE
 from jaxpar.modes.games import recipe as game_recipe
+from jaxpar.run.compile_cache import Cache
 from jaxpar.run.config import SECTIONS, Config
 from jaxpar.run.distributed import job_size, join, peer_lost
 
@@ -202,6 +203,12 @@ FLAGS = {
         ("--num-processes", int, "processes in the job (or JAX_NUM_PROCESSES)"),
         ("--process-id", int, "this process's index in the job (or JAX_PROCESS_ID)"),
         ("--init-timeout", float, "seconds the job's processes wait for each other to start"),
+        (
+            "--compile-cache",
+            str,
+            "JAX's persistent compilation cache: a folder, or off (None: $JAXPAR_COMPILE_CACHE, "
+            "else ~/.cache/jaxpar/jax)",
+        ),  # fmt: skip
     ],
     "metrics": [
         ("--eval-every", int, "steps between evaluations (0: every epoch)"),
@@ -392,6 +399,7 @@ def main(argv=None) -> int:
         request_devices(devices // processes)  # refuses more CPU devices than it can emulate
         set_xla_flags()
         join(*job, timeout=cfg.job.init_timeout)
+        Cache.use(cfg.job.compile_cache)  # before anything compiles
         if cfg.metrics.dry_run:
             from jaxpar.tools.plan import format_plan, plan
 

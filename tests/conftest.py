@@ -37,6 +37,7 @@ CACHE = {"JAX_COMPILATION_CACHE_DIR": os.environ["JAXPAR_TESTS_XLA_CACHE"],
          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
          "JAX_COMPILATION_CACHE_MAX_SIZE": str(1 << 34)}  # fmt: skip
 os.environ.update(CACHE)
+os.environ["JAXPAR_COMPILE_CACHE"] = os.environ["JAXPAR_TESTS_XLA_CACHE"]  # jaxpar's own setting
 for name, value in CACHE.items():
     jax.config.update(name.lower(), value if name.endswith("DIR") else int(value))
 

@@ -385,9 +385,14 @@ class Job:
     num_processes: int | None = None
     process_id: int | None = None
     init_timeout: float = 120.0  # seconds the processes of a job wait for each other to start
+    compile_cache: str | None = None  # a folder, or "off" (None: `jaxpar.run.compile_cache`)
 
     def check(self) -> None:
         need(self.init_timeout > 0, f"--init-timeout must be positive, got {self.init_timeout:g}")
+        cache = self.compile_cache
+        need(cache != "", "--compile-cache needs a folder, or off")
+        need(cache in (None, "off") or not Path(cache).expanduser().is_file(),
+             f"--compile-cache {cache} is a file; name a folder, or off")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ from jaxpar.core.errors import Diverged, Preempted
 from jaxpar.core.mesh import draw_mesh
 from jaxpar.core.step import all_finite
 from jaxpar.data import prefetch
+from jaxpar.run.compile_cache import Cache
 from jaxpar.run.config import Config
 from jaxpar.run.evaluation import evaluator
 from jaxpar.run.observe import Profile, Window, fetch, progress, say
@@ -28,6 +29,7 @@ from jaxpar.run.tiers import Tiers
 def train(cfg: Config) -> dict:
     """Train as `cfg` says; returns the last evaluation line (also in ``metrics.jsonl``)."""
     cfg = cfg.validate()
+    Cache.use(cfg.job.compile_cache)  # before anything compiles
     if cfg.model.pretrain_epochs:  # a DBN: its layers one by one, then fine-tuned from them
         with stop_at_once():
             cfg, ds, weights = pretrain(cfg, train_run)
@@ -55,7 +57,8 @@ def train_run(cfg: Config, ds=None, weights=None) -> dict:
             f"note: --sync {cfg.parallelism.sync}: the run ends {run.total % run.mode.period} "
             "steps after its last sync; its evaluation sees the model a sync then gives"
         )
-    log.open()  # off the training clock
+    if first < run.total:  # off the training clock; a run with nothing to train writes nothing
+        log.open()
     try:
         window = Window(log, cfg, run.total, losses, run.schedule,
                         run.mode.examples_per_step(cfg.optimization.batch_size),
@@ -114,8 +117,11 @@ class Steps:
         if n not in self.compiled:
             self.window.flush()  # the dispatch in flight computes on the clock, not in the pause
             with self.window.paused():
+                counts, began = Cache.counts(), time.time()
                 jitted = self.run.compile(stacked=n > 1, signals=self.stop.shared)[0]
                 self.compiled[n] = jitted.lower(state, batch, *self.stop.args()).compile()
+                if len(self.compiled) == 1:  # said once: the first program of the run
+                    say(f"{Cache.report(counts, 'the train step')} ({time.time() - began:.1f}s)")
                 if self.run.cfg.parallelism.sync != "every-step":  # it changes communication
                     self.window.extra["comm_bytes_per_step"] = self.run.comm_bytes_per_step(
                         self.compiled[n], n
