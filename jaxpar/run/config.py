@@ -94,6 +94,12 @@ class Model:
         return self.model.startswith("dbn:")
 
     @property
+    def probabilities(self) -> bool:
+        """The model reads pixels as probabilities in [0, 1], unnormalised: an RBM, and a DBN
+        as its RBMs do (`jaxpar.data.unit_interval`)."""
+        return self.rbm or self.dbn
+
+    @property
     def samples(self) -> bool:
         """The model trains RBMs by Gibbs sampling: an RBM, or a DBN that is pretrained."""
         return self.rbm or (self.dbn and self.pretrain_epochs > 0)

@@ -145,7 +145,7 @@ def normalization(cfg: Config, ds) -> dict:
     """How the model's inputs come from pixels scaled to [0, 1] (``(x - mean) / std``), for
     predict: an RBM or a DBN reads them as they are."""
     channels = ds.image_shape[-1]
-    plain = cfg.model.rbm or cfg.model.dbn
+    plain = cfg.model.probabilities
     return {
         "mean": [0.0] * channels if plain else [float(m) for m in ds.mean],
         "std": [1.0] * channels if plain else [float(s) for s in ds.std],
@@ -199,12 +199,11 @@ def setup(cfg: Config, ds: Dataset | None = None, weights: tuple | None = None) 
                                                        shardings, init, step)  # fmt: skip
     ndim = 1 + len(ds.image_shape)
     loss = partial(loss_fn, smoothing=o.label_smoothing) if o.label_smoothing else loss_fn
-    prepare, scoring = preprocess(ds), {"loss": loss}
-    if m.rbm:  # no labels: pixels as probabilities, CD as the loss, its own evaluation
-        prepare, mode.reported = unit_interval(ds), rbm.REPORTED
+    prepare = unit_interval(ds) if m.probabilities else preprocess(ds)
+    scoring = {"loss": loss}
+    if m.rbm:  # no labels: CD as the loss, its own evaluation
+        mode.reported = rbm.REPORTED
         scoring = {"loss": rbm.training_loss(m.cd_k), "sums": rbm.evaluation_sums}
-    if m.dbn:  # as its RBMs read them
-        prepare = unit_interval(ds)
     compile = partial(compile_steps, graphdef, shardings, mesh, o.seed, ndim, prepare,
                       accum=cfg.parallelism.grad_accum, step=step, view=mode.view,
                       batch_ndims=mode.batch_ndims(ndim), **scoring)  # fmt: skip
