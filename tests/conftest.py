@@ -2,10 +2,15 @@
 
 import atexit
 import functools
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from functools import partial
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -129,3 +134,69 @@ def trained(model: str, optimizer: str, mesh: str, seed: int = 0, steps: int = S
         )
         losses.append(float(metrics["train_loss"]))  # blocks each step: no pile-up of steps
     return np.array(losses), state, shardings, train_step, m
+
+
+# Runs as a user starts them, and the same run compared across a stop.
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def metrics(workdir) -> list[dict]:
+    """The lines of `workdir`'s ``metrics.jsonl``."""
+    return [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def values(lines, after=0) -> dict:
+    """{(step, kind): value} for the lines past `after`, without timings."""
+    out = {}
+    for line in lines:
+        if line["step"] > after:
+            for key in ("train_loss", "eval_loss", "eval_accuracy"):
+                if key in line:
+                    out[line["step"], key] = line[key]
+    return out
+
+
+def assert_same_run(resumed, reference, after):
+    got, want = values(resumed, after), values(reference, after)
+    shape = lambda lines: [(x["step"], sorted(x)) for x in lines if x["step"] > after]  # noqa: E731
+    assert shape(resumed) == shape(reference)  # the same lines, none repeated
+    assert len(got) > 5
+    np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-5, atol=1e-6)
+
+
+def cli_run(*args, **kwargs):
+    """``train.py ARGS`` in a new process, its output piped."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def wait_for_lines(workdir, n, proc, timeout=120):
+    deadline = time.time() + timeout
+    path = Path(workdir) / "metrics.jsonl"
+    while time.time() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} metrics lines in {timeout}s")
+
+
+def crash_at(monkeypatch, step: int, signum: int = 0) -> None:
+    """The run dies (an exception), or gets `signum`, right after step `step`'s dispatch."""
+    from jaxpar.run.observe import Window
+
+    push = Window.push
+
+    def dies(self, done, metrics):
+        push(self, done, metrics)
+        if done == step:
+            if not signum:
+                raise RuntimeError("a crash")
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(Window, "push", dies)

@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import trained
+from conftest import assert_same_run, cli_run, crash_at, metrics, trained, wait_for_lines
 from flax import nnx
 
 import train as cli
@@ -32,29 +31,6 @@ from jaxpar.run.loop import dispatches
 from jaxpar.run.workdir import write_config
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def metrics(workdir) -> list[dict]:
-    return [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def values(lines, after=0) -> dict:
-    """{(step, kind): value} for the lines past `after`, without timings."""
-    out = {}
-    for line in lines:
-        if line["step"] > after:
-            for key in ("train_loss", "eval_loss", "eval_accuracy"):
-                if key in line:
-                    out[line["step"], key] = line[key]
-    return out
-
-
-def assert_same_run(resumed, reference, after):
-    got, want = values(resumed, after), values(reference, after)
-    shape = lambda lines: [(x["step"], sorted(x)) for x in lines if x["step"] > after]  # noqa: E731
-    assert shape(resumed) == shape(reference)  # the same lines, none repeated
-    assert len(got) > 5
-    np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-5, atol=1e-6)
 
 
 def restore_on(mesh_text, directory, step, optimizer="adamw"):
@@ -171,27 +147,6 @@ def test_several_steps_per_dispatch_give_the_same_run_and_resume(tmp_path):
     )
     assert_same_run(metrics(tmp_path / "b"), metrics(tmp_path / "a"), after=0)
     assert sorted(int(p.name) for p in (tmp_path / "b" / "checkpoints").iterdir()) == [10, 15, 16]
-
-
-def cli_run(*args, **kwargs):
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kwargs,
-    )
-
-
-def wait_for_lines(workdir, n, proc, timeout=120):
-    deadline = time.time() + timeout
-    path = Path(workdir) / "metrics.jsonl"
-    while time.time() < deadline:
-        if path.exists() and len(path.read_text().splitlines()) >= n:
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    raise AssertionError(f"no {n} metrics lines in {timeout}s")
 
 
 # Evaluating every step makes a SIGTERM during an evaluation likely: it must still save.
@@ -411,9 +366,15 @@ def test_the_docs_orbax_recipe_works_as_pasted_with_a_relative_path(tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_resumes_from_the_local_tier(reference, tmp_path):
-    """The local tier every 5 steps, the persistent one at the end only: kill -9 loses at most
-    the steps since the last complete local save (one may be in flight), and the rerun resumes
-    from the local tier as if never stopped."""
+    """The local tier every 5 steps, the persistent one at the end only: kill -9 loses under
+    three intervals, and the rerun resumes from the local tier as if never stopped.
+
+    The bound: a save is handed to Orbax in the background, and Orbax starts it once the one
+    before has finished; the training thread waits for that hand-over only at the next save.
+    So when training passes step s, step s - 10 is complete, and a kill before step s + 5 loses
+    at most 14 steps (15 counting the metrics line that lags a dispatch). On a loaded machine
+    saves take longer than 5 steps of this MLP, and a bound of one interval failed now and then.
+    """
     local = tmp_path / "shm"
     flags = [*RUN, "--local-checkpoint-dir", str(local), "--local-checkpoint-every", "5",
              "--workdir", str(tmp_path / "w")]  # fmt: skip
@@ -427,7 +388,7 @@ def test_kill_9_resumes_from_the_local_tier(reference, tmp_path):
     )
     (folder,) = local.iterdir()  # the run's own folder in the local directory
     steps = sorted(int(p.name) for p in (folder / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps and steps[-1] % 5 == 0 and reached - steps[-1] <= 10, (steps, reached)
+    assert steps and steps[-1] % 5 == 0 and reached - steps[-1] <= 15, (steps, reached)
     proc = cli_run(*flags)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
@@ -438,22 +399,6 @@ def test_kill_9_resumes_from_the_local_tier(reference, tmp_path):
 
 TIERS = dict(model="mlp", batch_size=64, steps=12, log_every=1, eval_every=6,
              checkpoint_every=5, local_checkpoint_every=4, mesh="2")  # fmt: skip
-
-
-def crash_at(monkeypatch, step: int, signum: int = 0) -> None:
-    """The run dies (an exception), or gets `signum`, right after step `step`'s dispatch."""
-    from jaxpar.run.observe import Window
-
-    push = Window.push
-
-    def dies(self, done, metrics):
-        push(self, done, metrics)
-        if done == step:
-            if not signum:
-                raise RuntimeError("a crash")
-            os.kill(os.getpid(), signum)
-
-    monkeypatch.setattr(Window, "push", dies)
 
 
 @pytest.mark.slow

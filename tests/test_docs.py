@@ -25,6 +25,8 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUN_ELSEWHERE = {
     "PyTreeCheckpointer": "tests/test_checkpoint.py::"
     "test_the_docs_orbax_recipe_works_as_pasted_with_a_relative_path",
+    "moto_server": "tests/test_storage.py::test_the_docs_server_recipes_work_as_pasted",
+    "gcp-storage-emulator": "tests/test_storage.py::test_the_docs_server_recipes_work_as_pasted",
 }
 # The README's set-up commands: .ci/run runs each of these itself.
 SETUP = ("python3 -m venv .venv", ". .venv/bin/activate", "pip install -e .",
@@ -47,6 +49,8 @@ def commands() -> list[tuple[str, list[str]]]:
     dropped, ``a && b`` split)."""
     out = []
     for page, code in blocks("bash"):
+        if any(marker in code for marker in RUN_ELSEWHERE):  # a test runs it as pasted
+            continue
         for line in re.sub(r"\\\n\s*", " ", code).splitlines():
             if not shlex.split(line, comments=True):  # a comment, or an example's output
                 continue
@@ -197,6 +201,13 @@ def test_every_python_snippet_runs(page, code, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=tmp_path, env=env, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("marker", RUN_ELSEWHERE)
+def test_the_blocks_run_elsewhere_are_in_the_docs_and_their_tests_exist(marker):
+    assert any(marker in code for lang in ("bash", "python") for _, code in blocks(lang))
+    path, _, name = RUN_ELSEWHERE[marker].partition("::")
+    assert f"def {name}" in (ROOT / path).read_text(), f"{RUN_ELSEWHERE[marker]} does not exist"
 
 
 def test_the_python_snippets_are_found():

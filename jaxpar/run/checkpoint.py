@@ -40,6 +40,7 @@ from jaxpar.core.mesh import parse_mesh
 from jaxpar.core.sharding import placed
 from jaxpar.models import REVISIONS, revision
 from jaxpar.modes import compose
+from jaxpar.run.storage import is_url, readable
 
 # Fields of the manifest that define the run: a checkpoint resumes only into the same ones. The
 # model's and the data's, then those each training mode declares (`jaxpar.modes.compose`: its pins).
@@ -453,16 +454,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m jaxpar.checkpoint", description="List a jaxpar workdir's checkpoints."
     )
-    parser.add_argument("workdir")
+    parser.add_argument("workdir", help="a folder, or an s3:// or gs:// URL")
     parser.add_argument(
         "--json", action="store_true", help="print a JSON list of every manifest, nothing else"
     )
     args = parser.parse_args(argv)
-    if not (Path(args.workdir) / "checkpoints").is_dir():
-        print(f"error: {args.workdir} has no checkpoints/ folder", file=sys.stderr)
-        return 2
     try:
-        found = manifests(args.workdir)
+        # A URL: its manifests copied from the store (`jaxpar.run.storage`), named by the URL.
+        with readable(args.workdir, "workdir", items=("manifest",)) as folder:
+            if not (folder / "checkpoints").is_dir():
+                raise UserError(f"{args.workdir} has no checkpoints/ folder")
+            found = manifests(folder)
+            if is_url(args.workdir):
+                for m in found:
+                    m["path"] = m["path"].replace(str(folder), args.workdir.rstrip("/"), 1)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

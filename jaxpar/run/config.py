@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from jaxpar.core.errors import UserError
+from jaxpar.run.storage import is_url, url_problem
 
 
 def need(ok, message) -> None:
@@ -124,6 +125,9 @@ class Model:
             self.freeze in (None, "backbone"),
             f"unknown --freeze {self.freeze!r}; the one choice is backbone (all but the head)",
         )
+        for flag, source in (("--init-from", self.init_from), ("--teacher", self.teacher)):
+            need(not is_url(source), f"{flag} {source}: reading a workdir on object storage "
+                 "is not supported yet; copy it to a local folder")  # fmt: skip
         if self.init_from is not None:
             source = Path(self.init_from)
             need(source.exists(), f"--init-from {source} does not exist")
@@ -370,7 +374,8 @@ class Checkpoint:
     local_checkpoint_every: int = 0  # steps between its saves (0: on a signal only)
 
     def check(self) -> None:
-        if problem := workdir_problem(self.workdir):
+        remote = is_url(self.workdir)  # object storage (`jaxpar.run.storage`)
+        if problem := url_problem(self.workdir) if remote else workdir_problem(self.workdir):
             raise UserError(problem)
         need(self.checkpoint_every >= 0,
              f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")  # fmt: skip
@@ -379,6 +384,8 @@ class Checkpoint:
         need(every >= 0, f"--local-checkpoint-every must be >= 0, got {every}")
         need(local is not None or not every, "--local-checkpoint-every goes with "
              "--local-checkpoint-dir DIR (node-local storage such as /dev/shm)")  # fmt: skip
+        need(not is_url(local), f"--local-checkpoint-dir {local}: name a node-local folder "
+             "(such as /dev/shm); object storage goes in --workdir")  # fmt: skip
         need(local is None or not Path(local).exists() or Path(local).is_dir(),
              f"--local-checkpoint-dir {local} is a file; name a directory")  # fmt: skip
 
@@ -517,6 +524,9 @@ class Config:
         for flag, given in (("--patch-size", m.patch_size is not None),
                             ("--remat", p.remat != "none")):  # fmt: skip
             need(vit or not given, f"{flag} applies to the ViT models only (--model vit-...)")
+        need(not (m.pretrain_epochs and is_url(self.checkpoint.workdir)),
+             "--pretrain-epochs with a --workdir on object storage is not supported yet: "
+             "pretrain in a local --workdir")  # fmt: skip
         compose.check(self)  # the declared matrix of modes that run together
         if f.clients is not None:
             self.check_federated()

@@ -23,6 +23,7 @@ from jaxpar.run.pretrain import pretrain
 from jaxpar.run.resume import manifest, open_workdir
 from jaxpar.run.setup import Run, setup
 from jaxpar.run.signals import Stop, stop_at_once, stop_on_signals
+from jaxpar.run.storage import is_url
 from jaxpar.run.tiers import Tiers
 
 
@@ -75,8 +76,10 @@ def train_run(cfg: Config, ds=None, weights=None) -> dict:
         ) from None
     finally:
         ckpts.wait()  # let an asynchronous save finish, also when training failed
-        ckpts.close()
         log.close()
+        ckpts.close()  # after the log: a workdir on object storage uploads the run files
+    if is_url(cfg.checkpoint.workdir):  # object storage: the run files are uploaded
+        workdir = cfg.checkpoint.workdir
     if first >= run.total:
         say(f"already at step {first} of {run.total}: pass a larger --steps or --epochs to go on")
     if cfg.metrics.eval_examples == 0:
@@ -175,7 +178,7 @@ def loop(run: Run, state, first: int, ckpts: Tiers, window: "Window", profile_di
                     ckpts.save(done, state, manifest(run, done, window), final, bool(signum))
             if signum:
                 raise Preempted(signum, f"stopped by signal {signum} at step {done}; checkpoint "
-                                f"saved in {ckpts.directory / str(done)}; rerun the same command "
+                                f"saved in {ckpts.where(done)}; rerun the same command "
                                 "to continue")  # fmt: skip
     bar.close()
     return last_eval

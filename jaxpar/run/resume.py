@@ -12,6 +12,7 @@ from jaxpar.run.checkpoint import check_fits
 from jaxpar.run.config import Config
 from jaxpar.run.observe import Window, say
 from jaxpar.run.setup import Run
+from jaxpar.run.storage import Remote, is_url
 from jaxpar.run.tiers import Tiers, local_folder, move_local_aside
 from jaxpar.run.workdir import MetricsLog, move_aside, resolve, used, write_config
 
@@ -38,12 +39,14 @@ def open_workdir(run: Run, start: float):
     Returns ``(workdir, checkpoints, log, state, step, window_losses)``.
     """
     cfg = run.cfg
-    workdir = resolve(cfg)
+    # --workdir s3://... or gs://...: the run works in a local mirror (`jaxpar.run.storage`).
+    remote = Remote(cfg.checkpoint.workdir) if is_url(cfg.checkpoint.workdir) else None
+    workdir = remote.pull() if remote else resolve(cfg)
     local = local_folder(cfg, workdir)  # --local-checkpoint-dir: this run's fast tier
     if local is not None and not used(workdir) and (moved := move_local_aside(local)):
         say(f"{local} holds checkpoints of a run no longer in {workdir}: moved to {moved}")
     saved_any = [p for p in (workdir, local) if p is not None and (p / "checkpoints").is_dir()]
-    ckpts = Tiers(workdir, cfg, local) if saved_any else None
+    ckpts = Tiers(workdir, cfg, local, remote) if saved_any else None
     step = ckpts.latest() if ckpts else None
     # A run that saved nothing (killed while starting, compiling or before its first save)
     # starts over in place, as a scheduler's requeue of the same command expects; its files
@@ -55,6 +58,8 @@ def open_workdir(run: Run, start: float):
             ckpts.close()
         ckpts, step = None, None
         if moved := move_aside(workdir):
+            if remote:
+                remote.move_aside(moved)
             say(f"--restart: moved the previous run to {moved}" if cfg.checkpoint.restart else
                 f"the previous run in {workdir} saved no checkpoint: its files moved to "
                 f"{moved}; starting over")  # fmt: skip
@@ -64,7 +69,7 @@ def open_workdir(run: Run, start: float):
     log = MetricsLog(workdir / "metrics.jsonl", start, run.mode.stamp)
     if step is None:
         write_config(workdir, cfg, 0)
-        return workdir, Tiers(workdir, cfg, local), log, run.init(), 0, []
+        return workdir, Tiers(workdir, cfg, local, remote), log, run.init(), 0, []
     where = ckpts.holding(step).directory  # the local tier where both hold the step
     try:
         saved = ckpts.manifest(step)
@@ -81,7 +86,7 @@ def open_workdir(run: Run, start: float):
         # a final evaluation) are not in an uninterrupted run: they move aside with later ones.
         log.rewind(step, keep=lambda line: scheduled(run, line))
         write_config(workdir, cfg, step)
-    say(f"resumed from step {step} (saved on mesh {saved['mesh']}) in {where}")
+    say(f"resumed from step {step} (saved on mesh {saved['mesh']}) in {ckpts.where(step)}")
     return workdir, ckpts, log, state, step, saved["window_losses"]
 
 

@@ -21,6 +21,7 @@ import jax
 from jaxpar.core.errors import UserError
 from jaxpar.run.checkpoint import Checkpoints
 from jaxpar.run.config import Config
+from jaxpar.run.storage import Remote
 from jaxpar.run.workdir import free_name
 
 LOCAL_KEEP = 2
@@ -55,8 +56,9 @@ class Tiers:
     `Checkpoints`' own interface: `latest` and `restore` read the newer tier, `save` writes the
     tiers that are due."""
 
-    def __init__(self, workdir: Path, cfg: Config, local: Path | None):
+    def __init__(self, workdir: Path, cfg: Config, local: Path | None, remote: Remote | None):
         c = cfg.checkpoint
+        self.remote, self.keep = remote, c.keep  # a workdir on object storage, and its mirror
         self.persistent = Checkpoints(workdir, c.keep)
         self.local = Checkpoints(local, LOCAL_KEEP) if local is not None else None
         self.every, self.local_every = c.checkpoint_every, c.local_checkpoint_every
@@ -72,6 +74,13 @@ class Tiers:
     def holding(self, step: int) -> Checkpoints:
         """The tier that holds `step`: the local one where both do."""
         return next(t for t in self._all() if t.latest() == step)
+
+    def where(self, step: int) -> str:
+        """Where `step` is saved, for messages: the store's URL for a workdir on one."""
+        tier = self.holding(step)
+        if tier is self.persistent and self.remote is not None:
+            return f"{self.remote.url}/checkpoints/{step}"
+        return str(tier.directory / str(step))
 
     def manifest(self, step: int) -> dict:
         return self.holding(step).manifest(step)
@@ -95,15 +104,21 @@ class Tiers:
         if final or (self.every and step % self.every == 0):
             if self.local is not None:
                 self.local.wait()
-            self.persistent.save(step, state, manifest, wait=final)
+            # On object storage the step is uploaded once complete: training waits for both.
+            self.persistent.save(step, state, manifest, wait=final or self.remote is not None)
+            if self.remote is not None:
+                self.remote.push(self.keep)
 
     def wait(self) -> None:
         for tier in self._all():
             tier.wait()
 
     def close(self) -> None:
+        """Finish the saves in flight; on object storage, upload the run files last."""
         try:
             if self.local is not None:
                 self.local.close()
         finally:
             self.persistent.close()
+            if self.remote is not None:
+                self.remote.push(self.keep)

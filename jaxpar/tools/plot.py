@@ -1,14 +1,16 @@
 """Loss and accuracy curves of one or several workdirs on one figure.
 
-python -m jaxpar.plot runs/a runs/b -o curves.png
+python -m jaxpar.plot runs/a runs/b s3://bucket/runs/c -o curves.png
 """
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 from jaxpar.core.errors import UserError
+from jaxpar.run.storage import readable
 
 
 def read(workdir: Path) -> list[dict]:
@@ -50,11 +52,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m jaxpar.plot", description="Plot loss and accuracy of jaxpar workdirs."
     )
-    parser.add_argument("workdirs", nargs="+", type=Path)
+    parser.add_argument("workdirs", nargs="+", help="folders, or s3:// and gs:// URLs")
     parser.add_argument("-o", "--output", type=Path, default=Path("curves.png"))
     args = parser.parse_args(argv)
     try:
-        plot(args.workdirs, args.output)
+        with contextlib.ExitStack() as stack:  # a URL's run files copied from the store
+            folders = [stack.enter_context(readable(w, "workdir", items=())) for w in args.workdirs]
+            plot(folders, args.output)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
