@@ -14,7 +14,6 @@ import functools
 import jax
 import numpy as np
 import pytest
-import torch
 
 import jaxpar
 from jaxpar.core.optimizers import make_optimizer
@@ -87,7 +86,10 @@ def test_clipping_scales_the_step_to_the_norm():
     np.testing.assert_allclose(np.sqrt(sum(np.sum(p**2) for p in params)), lr * clip, rtol=1e-4)
 
 
+@pytest.mark.torch
 def test_label_smoothing_is_pytorchs():
+    import torch
+
     rng = np.random.default_rng(0)
     logits, labels = rng.normal(size=(16, 10)).astype(np.float32), rng.integers(0, 10, 16)
     ours = np.asarray(cross_entropy(logits, labels, 0.1)).mean()

@@ -33,6 +33,8 @@ from jaxpar.tools import weights as weights_cli
 from jaxpar.tools.predict import predict
 from jaxpar.tools.weights import import_weights
 
+pytestmark = pytest.mark.torch  # every test here compares with PyTorch or builds its files
+
 
 def save(net, path: Path, names=lambda d: d) -> Path:
     state = {k: v.contiguous() for k, v in names(net.state_dict()).items()}

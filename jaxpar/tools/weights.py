@@ -97,7 +97,7 @@ def checkpoint_weights(workdir, step: int, manifest: dict) -> dict[str, np.ndarr
         device = jax.local_devices(backend="cpu")[0]
     except RuntimeError:  # JAX_PLATFORMS without cpu
         device = jax.local_devices()[0]
-    one = jax.sharding.SingleDeviceSharding(device)
+    one = jax.sharding.make_single_device_sharding(device)
     weights = restore_model(workdir, step, abstract, jax.tree.map(lambda _: one, abstract))
     leaves = jax.tree_util.tree_flatten_with_path(weights)[0]
     return {path_str(path): np.asarray(leaf, np.float32) for path, leaf in leaves}
