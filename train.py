@@ -116,6 +116,12 @@ FLAGS = {
             "train on this fraction of the training split's examples, the same ones for a seed "
             "(a DBN's pretraining still reads every image)",
         ),  # fmt: skip
+        (
+            "--corrupt-steps",
+            str,
+            "for testing --skip-spikes: these steps' batches (5,9) have their images scaled by "
+            "1000 (a dataset of float images)",
+        ),  # fmt: skip
     ],
     "optimization": [
         ("--epochs", int, "passes over the training set"),
@@ -131,6 +137,12 @@ FLAGS = {
         ("--schedule", ["constant", "cosine"], "learning-rate schedule"),
         ("--warmup-steps", int, "linear warmup steps"),
         ("--seed", int, "seed of initialisation, data order and dropout"),
+        (
+            "--skip-spikes",
+            str,
+            "K[:SIGMA]: a step whose loss is not finite or above the running mean by SIGMA "
+            "(default 6) running standard deviations is not applied; K in a row stop the run",
+        ),  # fmt: skip
     ],
     "federated": [
         ("--clients", int, "train federated over this many clients holding disjoint data"),

@@ -244,7 +244,7 @@ def test_the_docs_hold_the_generated_matrix():
 
 RESUMED = {"every-step": {}, **{f.name: f.example for f in compose.FEATURES if f.name in
                                 ("local", "diloco", "stale", "federated", "prune",
-                                 "ema", "game")}}  # fmt: skip
+                                 "ema", "spikes", "game")}}  # fmt: skip
 
 
 @pytest.mark.slow

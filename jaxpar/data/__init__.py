@@ -16,6 +16,7 @@ from jaxpar.data.batches import (
     CHUNK_BYTES,
     CHUNK_STEPS,
     TrainReads,
+    corrupted,
     crop_and_flip,
     device_batch,
     eval_batch_size,
@@ -60,6 +61,7 @@ __all__ = [
     "CHUNK_BYTES", "CHUNK_STEPS", "DATASETS", "Dataset", "TrainReads", "crop_and_flip",
     "device_batch", "eval_batch_size", "eval_batches", "in_order", "known", "labelled",
     "load_dataset", "load_digits", "load_synthetic", "load_tfds", "loader", "local_blocks",
-    "pixel_range", "prefetch", "preprocess", "read_blocks", "read_rows", "steps_per_epoch",
+    "corrupted", "pixel_range", "prefetch", "preprocess", "read_blocks", "read_rows",
+    "steps_per_epoch",
     "synthetic_pool", "to_devices", "train_batches", "train_indices", "unit_interval",
 ]  # fmt: skip

@@ -258,6 +258,26 @@ def train_batches(ds: Dataset, batch_size: int, seed: int, steps, mesh, workers:
             yield from _cut(mesh, tuple((k, a.ndim) for k, a in batch.items()), len(item))(batch)
 
 
+CORRUPTION = 1000.0  # what --corrupt-steps multiplies a batch's images by
+
+
+def corrupted(batches, plan, steps: frozenset):
+    """`batches` of `plan` (ranges of 0-based steps), those of the 1-based `steps` with their
+    images multiplied by `CORRUPTION`: ``--corrupt-steps``, a spike on demand for testing
+    ``--skip-spikes``. A stacked batch (several steps) has only its corrupted steps' scaled."""
+    for item, batch in zip(plan, batches, strict=True):
+        hit = np.array([s + 1 in steps for s in item])
+        if hit.any():
+            batch = {**batch, "image": _scaled(batch["image"], hit if len(item) > 1 else hit[0])}
+        yield batch
+
+
+@jax.jit
+def _scaled(images, hit):
+    factor = jnp.where(hit, CORRUPTION, 1.0).astype(images.dtype)
+    return images * factor.reshape(factor.shape + (1,) * (images.ndim - factor.ndim))
+
+
 def prefetch(batches, depth: int = 2):
     """Build the next `depth` batches (host reads and host-to-device copies) in a thread, while
     the devices compute. Closing this generator (or dropping it) stops the thread and closes

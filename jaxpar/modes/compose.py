@@ -125,6 +125,9 @@ FEATURES = [
     # The average never changes the training: on, the losses are the run's without it.
     Feature("ema", "--ema DECAY", lambda c: c.optimization.ema is not None, {"ema": 0.9}, off={},
             pins=("ema",)),
+    # SIGMA inf skips only non-finite steps, which an ordinary run has none of.
+    Feature("spikes", "--skip-spikes K", lambda c: c.optimization.skip_spikes is not None,
+            {"skip_spikes": "3"}, off={"skip_spikes": "3:inf"}, pins=("spikes",)),
     Feature("game", "--game NAME", lambda c: c.game.game is not None,
             {"game": "tic_tac_toe", "simulations": 4, "selfplay_games": 16, "replay_size": 256,
              "updates_per_iteration": 2, "search_batch": 4, "eval_examples": 32},
@@ -155,6 +158,8 @@ REFUSED = {  # {feature, feature} -> why the two do not run together
                               "sees the replicas' mean; average with every-step or stale sync"
        for s in ("local", "diloco")},
     frozenset({"ema", "federated"}): _ROUND + "; the server's model is the round's average",
+    frozenset({"spikes", "federated"}): _ROUND + "; not yet: a round's clients' losses are "
+                                        "judged apart",
     frozenset({"ema", "prune"}): "the average of weights on their way to a mask is dense; "
                                  "prune without --ema",
     frozenset({"prune", "freeze"}): "the frozen backbone would lose weights it can no longer "
@@ -185,6 +190,8 @@ FAMILY_REFUSED = {  # (feature, family) -> why the feature does not run on that 
                    "step is every-step's" for f in ("local", "diloco", "stale", "federated",
                                                      "grad_accum", "ema", "mixture")},
     ("pipeline", "rbm"): "an RBM is one layer: it has no stages",
+    ("spikes", "rbm"): "not yet: an RBM's training loss is contrastive divergence's, whose "
+                       "running statistics are untested",
     ("prune", "rbm"): "not yet: pruning an RBM's one weight matrix is untested",
     ("distill", "rbm"): "an RBM has no logits to match a teacher's",
     ("qat", "rbm"): "not yet: an RBM's weights are no nnx.Linear that qwix replaces",
@@ -194,7 +201,7 @@ FAMILY_REFUSED = {  # (feature, family) -> why the feature does not run on that 
     **{(f, "dbn"): "not yet: a DBN's pretraining is plain RBM training, and its fine-tuning "
                    "is tested alone" for f in ("local", "diloco", "stale", "federated",
                                                 "grad_accum", "prune", "distill", "qat", "ema",
-                                                "mixture")},
+                                                "mixture", "spikes")},
     ("pipeline", "dbn"): "its layers are not uniform: only the ViTs' stacked blocks split into "
                          "stages",
     ("freeze", "dbn"): "not yet: a head trained alone on a DBN's pretrained features is "

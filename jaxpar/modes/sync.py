@@ -214,7 +214,8 @@ class DiLoCo(Local):
         stepped = optax.apply_updates(state[2], updates)
         # BatchNorm statistics are not parameters: they take the replicas' average.
         glob = jax.tree.map(lambda p, s, m: s if p else m, self.params, stepped, mean)
-        return {0: _replicated(glob, self.replicas), 1: state[1], 2: glob, 3: outer_state}
+        # The state's other parts (--skip-spikes' statistics) pass through.
+        return {**state, 0: _replicated(glob, self.replicas), 2: glob, 3: outer_state}
 
     def view(self, state):
         """Evaluation sees the global copy (what the replicas restart from); between syncs, the
@@ -277,7 +278,8 @@ class Stale(Mode):
         model, optimizer = nnx.merge(graphdef, {0: current, 1: state[1]})
         optimizer.update(model, grads)
         new = nnx.to_pure_dict(nnx.state((model, optimizer)))
-        return {**new, 2: ring}, {"train_loss": value, "grad_norm": optax.tree.norm(grads)}
+        return {**state, **new, 2: ring}, {"train_loss": value,
+                                           "grad_norm": optax.tree.norm(grads)}  # fmt: skip
 
     sync = None
 

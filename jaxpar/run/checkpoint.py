@@ -65,16 +65,17 @@ IDENTITY = tuple(
 # What a manifest written before a field existed means by its absence.
 ABSENT = {"revision": 1, "freeze": None, "prune_to": None, "qat": None, "federated": None,
           "teacher": None, "ema": False, "game": None, "rbm": None,
-          "labeled_fraction": None}  # fmt: skip
+          "labeled_fraction": None, "spikes": False}  # fmt: skip
 # The layout of the saved state. 2: the optimizer state always holds a step count (schedules).
 FORMAT = 2
 
 
 # Names of the train state's parts in a checkpoint: ``{0: model, 1: optimizer}``, and what a
 # `jaxpar.modes.sync` mode adds (DiLoCo's global copy and outer momentum, stale SGD's ring), a
-# teacher, and a game's replay ring and the network it evaluates against (`jaxpar.modes.games`).
+# teacher, a game's replay ring and the network it evaluates against (`jaxpar.modes.games`), and
+# --skip-spikes' running statistics (`jaxpar.core.spikes`).
 ITEMS = {0: "model", 1: "optimizer", 2: "held_params", 3: "outer_optimizer", 4: "teacher",
-         5: "replay", 6: "earlier"}  # fmt: skip
+         5: "replay", 6: "earlier", 7: "spikes"}  # fmt: skip
 
 
 def _items(state) -> dict:

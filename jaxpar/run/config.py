@@ -180,6 +180,16 @@ class Data:
     resize_sources: bool = False  # a mixture's sources resized to the first one's image shape
     data_workers: int = 0  # grain worker processes reading training batches (0: this process)
     labeled_fraction: float | None = None  # train on this fraction of the labelled examples
+    corrupt_steps: str | None = None  # "5,9": those steps' batches scaled by 1000 (testing)
+
+    @property
+    def corrupted(self) -> frozenset:
+        """The steps of ``--corrupt-steps`` (`jaxpar.run.spikes`).
+
+        >>> sorted(Data(corrupt_steps="9,5").corrupted)
+        [5, 9]
+        """
+        return frozenset(int(s) for s in (self.corrupt_steps or "").split(",") if s)
 
     def check(self) -> None:
         from jaxpar.data import loader
@@ -212,6 +222,12 @@ class Data:
                  f"--data-dir with --dataset {self.dataset}: that dataset is built in and reads "
                  "no files; drop --data-dir")  # fmt: skip
         need(self.data_workers >= 0, f"--data-workers must be >= 0, got {self.data_workers}")
+        try:
+            steps = self.corrupted
+        except ValueError:
+            raise UserError(f"--corrupt-steps {self.corrupt_steps}: write steps as 5,9") from None
+        need(all(s >= 1 for s in steps), f"--corrupt-steps {self.corrupt_steps}: steps count "
+             "from 1")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +247,21 @@ class Optimization:
     schedule: str = "constant"
     warmup_steps: int = 0
     seed: int = 0
+    skip_spikes: str | None = None  # K[:SIGMA]: skip bad steps, stop after K in a row
+
+    @property
+    def spikes(self) -> tuple[int, float] | None:
+        """``(K, SIGMA)`` of ``--skip-spikes`` (`jaxpar.core.spikes`), or None.
+
+        >>> Optimization(skip_spikes="3").spikes, Optimization(skip_spikes="5:4.5").spikes
+        ((3, 6.0), (5, 4.5))
+        """
+        if self.skip_spikes is None:
+            return None
+        from jaxpar.core.spikes import SIGMA
+
+        k, _, sigma = self.skip_spikes.partition(":")
+        return int(k), float(sigma) if sigma else SIGMA
 
     def check(self) -> None:
         from jaxpar.core.optimizers import OPTIMIZERS
@@ -254,6 +285,16 @@ class Optimization:
              f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")  # fmt: skip
         need(self.ema is None or 0 <= self.ema < 1,
              f"--ema must be a decay in [0, 1), got {self.ema}")  # fmt: skip
+        if self.skip_spikes is not None:
+            try:
+                k, sigma = self.spikes
+            except ValueError:
+                raise UserError(f"--skip-spikes {self.skip_spikes}: write K or K:SIGMA (3, "
+                                "3:6)") from None  # fmt: skip
+            need(k >= 1, f"--skip-spikes {self.skip_spikes}: K, the skips in a row that stop "
+                 "the run, must be at least 1")  # fmt: skip
+            need(sigma >= 0, f"--skip-spikes {self.skip_spikes}: SIGMA must be >= 0 (inf: "
+                 "skip non-finite steps only)")  # fmt: skip
         need(self.optimizer == "sgd" or self.momentum == Optimization.momentum,
              f"--momentum is SGD's; --optimizer {self.optimizer} keeps its own moments, so "
              "--momentum would change nothing")  # fmt: skip

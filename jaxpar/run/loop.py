@@ -14,7 +14,7 @@ from tqdm import tqdm
 from jaxpar.core.errors import Diverged, Preempted
 from jaxpar.core.mesh import draw_mesh
 from jaxpar.core.step import all_finite
-from jaxpar.data import prefetch
+from jaxpar.data import corrupted, prefetch, train_indices
 from jaxpar.run.compile_cache import Cache
 from jaxpar.run.config import Config
 from jaxpar.run.evaluation import evaluator
@@ -66,6 +66,10 @@ def train_run(cfg: Config, ds=None, weights=None) -> dict:
                         run.mode.rate)  # fmt: skip
         model_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(run.abstract[0]))
         window.extra.update(run.mode.traffic(model_bytes))
+        o = cfg.optimization  # a skipped step's examples (--skip-spikes): seed and step's
+        window.examples = lambda step: train_indices(
+            run.ds, o.batch_size, o.seed, step - 1
+        ).tolist()
         last_eval = loop(run, state, first, ckpts, window, workdir / "profile")
     except Diverged as e:
         saved = ckpts.latest()
@@ -142,7 +146,7 @@ def loop(run: Run, state, first: int, ckpts: Tiers, window: "Window", profile_di
     c = cfg.checkpoint
     every = (eval_every, c.checkpoint_every, c.local_checkpoint_every, run.mode.period)
     plan = dispatches(first, run.total, cfg.parallelism.steps_per_dispatch, every, profile.marks)
-    batches = prefetch(run.batches(plan))
+    batches = prefetch(corrupted(run.batches(plan), plan, cfg.data.corrupted))
     bar = tqdm(initial=first, total=run.total, unit="step",
                disable=not sys.stderr.isatty() or jax.process_index())  # fmt: skip
     last_eval = log.last(run.mode.eval_key, upto=first)  # not lines past the checkpoint

@@ -92,6 +92,7 @@ class Window:
         self.extra = {}  # keys a mode adds to training lines (comm_bytes_per_step)
         self.latest = {}  # the last dispatch's other metrics (secure_agg_error)
         self.stop = 0  # the largest signal number pending in any process, as the steps saw it
+        self.examples = lambda step: []  # a step's example indices (the loop's: its data's)
         self.start()
 
     def start(self) -> None:
@@ -137,24 +138,39 @@ class Window:
         norms = np.atleast_1d(fetch(metrics["grad_norm"]))
         if "stop" in metrics:
             self.stop = max(self.stop, int(fetch(metrics["stop"])))
+        skips = [
+            np.atleast_1d(fetch(metrics[k])) if k in metrics else np.zeros(len(losses), int)
+            for k in ("skipped", "skips_in_a_row")
+        ]  # --skip-spikes (`jaxpar.core.spikes`)
         self.latest = {
             k: float(np.atleast_1d(fetch(v))[-1])
             for k, v in metrics.items()
-            if k not in ("train_loss", "grad_norm", "stop")
+            if k not in ("train_loss", "grad_norm", "stop", "skipped", "skips_in_a_row")
         }  # a mode's own metrics
-        for step, loss, norm in zip(
-            range(done - len(losses) + 1, done + 1), losses, norms, strict=True
-        ):
-            self.record(step, float(loss), float(norm), per_step)
+        steps = range(done - len(losses) + 1, done + 1)
+        for step, loss, norm, skipped, row in zip(steps, losses, norms, *skips, strict=True):
+            self.record(step, float(loss), float(norm), per_step, bool(skipped), int(row))
 
-    def record(self, step: int, loss: float, grad_norm: float, seconds: float = 0.0) -> None:
-        """Record one step that took `seconds` of training time."""
-        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-            raise Diverged(f"the loss is {loss} and the gradient norm {grad_norm} at step "
-                           f"{step}; stopped, nothing of it saved")  # fmt: skip
-        self.losses.append(loss)
+    def record(self, step: int, loss: float, grad_norm: float, seconds: float = 0.0,
+               skipped: bool = False, in_a_row: int = 0) -> None:  # fmt: skip
+        """Record one step that took `seconds` of training time (`skipped`: not applied, the
+        `in_a_row`-th such step in a row)."""
+        stopped = (f"the loss is {loss} and the gradient norm {grad_norm} at step {step}; "
+                   "stopped, nothing of it saved")  # fmt: skip
+        if skipped:
+            self.log.write(step, skipped_loss=loss, skips_in_a_row=in_a_row,
+                           skipped_examples=self.examples(step))  # fmt: skip
+            say(f"step {step} skipped: loss {loss:.4g} ({in_a_row} in a row; skipped.jsonl)")
+            limit, _ = self.cfg.optimization.spikes
+            if in_a_row >= limit:
+                raise Diverged(f"{stopped} ({in_a_row} steps skipped in a row, --skip-spikes "
+                               f"{self.cfg.optimization.skip_spikes})")  # fmt: skip
+        elif not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            raise Diverged(stopped)
+        else:
+            self.losses.append(loss)
         self.timed, self.seconds = self.timed + 1, self.seconds + seconds
-        if step % self.cfg.metrics.log_every == 0 or step == self.total:
+        if (step % self.cfg.metrics.log_every == 0 or step == self.total) and self.losses:
             self.logged = float(np.mean(self.losses))
             self.log.write(
                 step,

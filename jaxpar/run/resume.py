@@ -93,6 +93,8 @@ def open_workdir(run: Run, start: float):
 def scheduled(run: Run, line: dict) -> bool:
     """Whether this run writes `line` at its step (an evaluation or training line on schedule)."""
     step, every = line["step"], run.cfg.metrics.log_every
+    if "skipped_loss" in line:  # a skipped step's line (--skip-spikes): written as it comes
+        return True
     if run.mode.eval_key in line:
         every = run.cfg.metrics.eval_every or run.per_epoch
     return step % every == 0 or step == run.total

@@ -16,6 +16,7 @@ from jaxpar.core.errors import UserError
 from jaxpar.core.mesh import MeshSpec, make_mesh, parse_mesh
 from jaxpar.core.optimizers import ema_view, frozen, head_paths, make_schedule, with_ema
 from jaxpar.core.sharding import placed, spec_table, state_shardings
+from jaxpar.core.spikes import with_spike_skipping
 from jaxpar.core.step import abstract_state, compile_steps, init_state, loss_fn, under_mesh
 from jaxpar.cost.collectives import collectives
 from jaxpar.data import Dataset, labelled, load_dataset, preprocess, unit_interval
@@ -135,6 +136,7 @@ def identity(cfg: Config, ds) -> dict:
         "teacher": c.model.teacher,
         "federated": c.federated.settings(),
         "ema": c.optimization.ema is not None,  # the average rides in the optimizer state
+        "spikes": c.optimization.spikes is not None,  # the statistics ride in the state
         "game": c.game.settings(),
         "rbm": c.model.settings(),
         "labeled_fraction": c.data.labeled_fraction,
@@ -197,6 +199,14 @@ def setup(cfg: Config, ds: Dataset | None = None, weights: tuple | None = None) 
     if m.teacher:  # its parameters ride in the state, restored onto this mesh
         abstract, shardings, init, step = with_teacher(load_teacher(cfg, ds, mesh), abstract,
                                                        shardings, init, step)  # fmt: skip
+    if o.spikes:  # outermost: a bad step's every change is selected away (`jaxpar.core.spikes`)
+        abstract, shardings, init, step = with_spike_skipping(o.spikes[1], mesh, abstract,
+                                                              shardings, init, step)  # fmt: skip
+    if d.corrupted and np.issubdtype(ds.train_images.dtype, np.integer):
+        raise UserError(
+            f"--corrupt-steps scales images by 1000, and {d.dataset}'s are "
+            f"{ds.train_images.dtype}; use a dataset of float images (digits)"
+        )
     ndim = 1 + len(ds.image_shape)
     loss = partial(loss_fn, smoothing=o.label_smoothing) if o.label_smoothing else loss_fn
     prepare = unit_interval(ds) if m.probabilities else preprocess(ds)

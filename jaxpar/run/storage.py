@@ -47,6 +47,7 @@ RUN_FILES = (
     "config.before-step-*.json",
     "metrics.jsonl",
     "metrics.rewound.jsonl",
+    "skipped.jsonl",
     "events",
     "partition.json",
 )

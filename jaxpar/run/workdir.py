@@ -21,6 +21,7 @@ RUN_FILES = (
     "config.before-step-*.json",
     "metrics.jsonl",
     "metrics.rewound.jsonl",
+    "skipped.jsonl",  # --skip-spikes: the skipped steps' lines of metrics.jsonl
     "checkpoints",
     "events",
     "profile",
@@ -122,6 +123,10 @@ class MetricsLog:
             )
         if times := [x["time"] for x, k in zip(parsed, kept, strict=True) if k]:
             self.start -= times[-1]
+        skips = self.path.with_name("skipped.jsonl")
+        if skips.exists():  # the skips of the kept lines, as the uninterrupted run wrote them
+            skips.write_text("".join(line + "\n" for line, x, k in zip(lines, parsed, kept,
+                                     strict=True) if k and "skipped_loss" in x))  # fmt: skip
 
     def last(self, key: str, upto: float = float("inf")) -> dict:
         """The last line holding `key` (e.g. the last evaluation) at step `upto` or before, or
@@ -151,8 +156,12 @@ class MetricsLog:
             self.open()
             self.file.write(json.dumps(line) + "\n")
             self.file.flush()
-            for key, value in values.items():  # TensorBoard: one scalar series per key
-                self.events.add_scalar(key, value, step)
+            if "skipped_loss" in values:  # --skip-spikes: each skip also here
+                with open(self.path.with_name("skipped.jsonl"), "a") as f:
+                    f.write(json.dumps(line) + "\n")
+            for key, value in values.items():  # TensorBoard: one scalar series per number
+                if isinstance(value, int | float):
+                    self.events.add_scalar(key, value, step)
         return line
 
     def close(self) -> None:
