@@ -216,6 +216,13 @@ FLAGS = {
         ("--process-id", int, "this process's index in the job (or JAX_PROCESS_ID)"),
         ("--init-timeout", float, "seconds the job's processes wait for each other to start"),
         (
+            "--step-timeout",
+            float,
+            "a hang watchdog: a step (and its batch) taking longer, or a compilation, evaluation "
+            "or checkpoint save taking 10x longer, dumps every thread's stack to the workdir "
+            "and exits with status 75",
+        ),  # fmt: skip
+        (
             "--compile-cache",
             str,
             "JAX's persistent compilation cache: a folder, or off (None: $JAXPAR_COMPILE_CACHE, "

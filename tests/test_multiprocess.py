@@ -274,3 +274,56 @@ def test_the_launcher_relays_every_line():
     for p in ("[p0]", "[p1]"):
         assert sum(line.startswith(p) for line in out) == lines
         assert f"{p} {lines - 1}" in out
+
+
+HUNG = ["--mesh", "2x2", "--steps", "40", "--log-every", "1", "--eval-every", "10",
+        "--batch-size", "64", "--checkpoint-every", "10"]  # fmt: skip
+TIMEOUT = 10  # --step-timeout: a step of this MLP takes milliseconds
+
+
+@pytest.mark.slow
+def test_a_frozen_process_ends_the_job_in_its_deadline_and_the_restart_resumes(tmp_path):
+    """A node frozen (SIGSTOP to process 1) leaves process 0 waiting in the step's all-reduce:
+    its watchdog writes every thread's stack and exits 75 within --step-timeout, not a C++ abort
+    nor an endless wait; ``--restarts 1`` starts the job again, which resumes from its checkpoint
+    and writes the uninterrupted run's metrics."""
+    workdir, whole = tmp_path / "w", tmp_path / "whole"
+    args = [*HUNG, "--step-timeout", str(TIMEOUT), "--workdir", str(workdir)]
+    command = [sys.executable, "-m", "jaxpar.launch", "-n", "2", "--restarts", "1", "--",
+               sys.executable, str(ROOT / "train.py"), *args]  # fmt: skip
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, cwd=ROOT)  # fmt: skip
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) > 16):
+        assert time.time() < deadline and launcher.poll() is None, "the job did not start"
+        time.sleep(0.05)
+    os.kill(children_of(launcher.pid)[1], signal.SIGSTOP)
+    frozen = time.time()
+    out, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, out[-3000:]
+    (hang,) = workdir.glob("hang-p0-*.txt")
+    assert hang.stat().st_mtime - frozen < TIMEOUT + 5  # the deadline, and the 0.5 s it polls
+    text = hang.read_text()
+    assert text.startswith("process 0 hung in step for ") and " in loop\n" in text, text[-3000:]
+    assert f"[p0] error: process 0 hung in step for {TIMEOUT}s" in out, out[-3000:]
+    assert "[launch] process 0 exited with status 75; stopping the others" in out
+    assert "[launch] the job ended with status 75; restarting it (1 of 1)" in out
+    assert "resumed from step " in out, out[-3000:]
+    assert cli.main([*HUNG, "--workdir", str(whole)]) == 0  # the run never stopped, here
+    assert_same(losses(workdir), losses(whole))
+
+
+def test_the_launcher_restarts_on_the_watchdogs_status(capsys):
+    from jaxpar.run.watchdog import HANG
+    from jaxpar.tools import launch
+
+    assert launch.HANG == HANG and launch.restartable(HANG)
+    assert launch.main(["-n", "2", "--restarts", "-1", "--", "true"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --restarts must be >= 0, got -1\n"
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_a_step_timeout_must_be_positive(value, refuses):
+    refuses(f"--step-timeout {value}", f"--step-timeout must be positive seconds, got {value}")

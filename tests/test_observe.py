@@ -129,7 +129,7 @@ def test_examples_per_s_counts_training_time_only(monkeypatch):
     metrics = {"train_loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0), "stop": jnp.int32(0)}
     window.push(1, metrics)
     clock.now = 1.0
-    with window.paused():  # compilation, evaluation or a checkpoint: 5 s
+    with window.paused("compile"):  # compilation, evaluation or a checkpoint: 5 s
         clock.now = 6.0
     window.push(2, metrics)  # reads step 1
     clock.now = 8.0

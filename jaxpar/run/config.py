@@ -439,10 +439,13 @@ class Job:
     num_processes: int | None = None
     process_id: int | None = None
     init_timeout: float = 120.0  # seconds the processes of a job wait for each other to start
+    step_timeout: float | None = None  # a hang watchdog's deadline (`jaxpar.run.watchdog`)
     compile_cache: str | None = None  # a folder, or "off" (None: `jaxpar.run.compile_cache`)
 
     def check(self) -> None:
         need(self.init_timeout > 0, f"--init-timeout must be positive, got {self.init_timeout:g}")
+        need(self.step_timeout is None or self.step_timeout > 0,
+             f"--step-timeout must be positive seconds, got {self.step_timeout}")  # fmt: skip
         cache = self.compile_cache
         need(cache != "", "--compile-cache needs a folder, or off")
         need(cache in (None, "off") or not Path(cache).expanduser().is_file(),

@@ -25,6 +25,7 @@ from jaxpar.run.setup import Run, setup
 from jaxpar.run.signals import Stop, stop_at_once, stop_on_signals
 from jaxpar.run.storage import is_url
 from jaxpar.run.tiers import Tiers
+from jaxpar.run.watchdog import Watchdog
 
 
 def train(cfg: Config) -> dict:
@@ -60,10 +61,12 @@ def train_run(cfg: Config, ds=None, weights=None) -> dict:
         )
     if first < run.total:  # off the training clock; a run with nothing to train writes nothing
         log.open()
+    watchdog = Watchdog(workdir, cfg.job.step_timeout)  # --step-timeout: a hang exits 75
     try:
         window = Window(log, cfg, run.total, losses, run.schedule,
                         run.mode.examples_per_step(cfg.optimization.batch_size),
                         run.mode.rate)  # fmt: skip
+        window.watchdog = watchdog
         model_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(run.abstract[0]))
         window.extra.update(run.mode.traffic(model_bytes))
         o = cfg.optimization  # a skipped step's examples (--skip-spikes): seed and step's
@@ -79,7 +82,9 @@ def train_run(cfg: Config, ds=None, weights=None) -> dict:
             else f"{e}; no checkpoint was saved yet: rerun with --restart and a lower --lr"
         ) from None
     finally:
-        ckpts.wait()  # let an asynchronous save finish, also when training failed
+        with watchdog.phase("checkpoint"):
+            ckpts.wait()  # let an asynchronous save finish, also when training failed
+        watchdog.close()
         log.close()
         ckpts.close()  # after the log: a workdir on object storage uploads the run files
     if is_url(cfg.checkpoint.workdir):  # object storage: the run files are uploaded
@@ -123,7 +128,7 @@ class Steps:
         n = len(steps)
         if n not in self.compiled:
             self.window.flush()  # the dispatch in flight computes on the clock, not in the pause
-            with self.window.paused():
+            with self.window.paused("compile"):
                 counts, began = Cache.counts(), time.time()
                 jitted = self.run.compile(stacked=n > 1, signals=self.stop.shared)[0]
                 self.compiled[n] = jitted.lower(state, batch, *self.stop.args()).compile()
@@ -154,7 +159,7 @@ def loop(run: Run, state, first: int, ckpts: Tiers, window: "Window", profile_di
     # Closing the batches on the way out (a signal, an error) stops the input thread and workers.
     with stop_on_signals(run.mesh) as stop, profile, contextlib.closing(batches):
         compiled = Steps(run, window, stop)
-        with window.paused():  # start-up: the first read, and compiling the batch cutter
+        with window.paused("compile"):  # start-up: the first read, compiling the batch cutter
             head = list(itertools.islice(batches, 1))
         for steps, batch in zip(plan, itertools.chain(head, batches), strict=True):
             train = compiled(state, batch, steps)
@@ -167,14 +172,14 @@ def loop(run: Run, state, first: int, ckpts: Tiers, window: "Window", profile_di
             bar.update(len(steps))
             if (done % eval_every == 0 or done == run.total) and cfg.metrics.eval_examples != 0:
                 window.flush()
-                with window.paused():
+                with window.paused("evaluation"):
                     last_eval = log.write(done, **evaluate(state, done))
                 progress(bar, run, done, window.shown(), last_eval)
             signum = stop.agreed(window)  # in a job, the same in every process
             final = done == run.total or bool(signum)
             if final or ckpts.due(done):  # a tier's schedule (`jaxpar.run.tiers`)
                 window.flush()
-                with window.paused():
+                with window.paused("checkpoint"):
                     if not fetch(all_finite(state)):  # never save a broken state
                         raise Diverged(f"the parameters are not finite after step {done}; not "
                                        "saved")  # fmt: skip

@@ -9,6 +9,7 @@ import numpy as np
 
 from jaxpar.core.errors import Diverged
 from jaxpar.run.config import Config
+from jaxpar.run.watchdog import Watchdog
 from jaxpar.run.workdir import MetricsLog
 
 
@@ -93,6 +94,7 @@ class Window:
         self.latest = {}  # the last dispatch's other metrics (secure_agg_error)
         self.stop = 0  # the largest signal number pending in any process, as the steps saw it
         self.examples = lambda step: []  # a step's example indices (the loop's: its data's)
+        self.watchdog = Watchdog(None, None)  # --step-timeout's (the loop's), else none
         self.start()
 
     def start(self) -> None:
@@ -100,20 +102,23 @@ class Window:
         self.since, self.timed, self.idle, self.seconds = time.time(), 0, 0.0, 0.0
 
     @contextlib.contextmanager
-    def paused(self):
-        """Leave what runs inside out of the training time."""
+    def paused(self, phase: str):
+        """Leave what runs inside out of the training time; the watchdog gives it `phase`'s
+        deadline (``compile``, ``evaluation``, ``checkpoint``: `jaxpar.run.watchdog`)."""
         began = time.time()
         try:
-            yield
+            with self.watchdog.phase(phase):
+                yield
         finally:
             self.idle += time.time() - began
 
     def push(self, step: int, metrics) -> None:
         """Hold this dispatch's metrics and record the previous one's: reading them waits for
         that dispatch only, so at most 2 are in flight (CPU-emulated devices deadlock with 100+
-        queued steps) and logging never stalls the devices."""
+        queued steps) and logging never stalls the devices. The step's deadline starts anew."""
         self.flush()
         self.pending = (step, metrics)
+        self.watchdog.kick()
 
     def shown(self) -> float:
         """The train loss to print: the last logged window's, or before the first window is

@@ -104,8 +104,12 @@ class Tiers:
         if final or (self.every and step % self.every == 0):
             if self.local is not None:
                 self.local.wait()
-            # On object storage the step is uploaded once complete: training waits for both.
-            self.persistent.save(step, state, manifest, wait=final or self.remote is not None)
+            # On object storage the step is uploaded once complete: training waits for both. In
+            # a job of several processes training waits too: Orbax's save runs collectives in
+            # its own threads, and a step's all-reduce dispatched meanwhile can meet them in
+            # another order in another process; on CPUs (gloo) that deadlocked both.
+            wait = final or self.remote is not None or jax.process_count() > 1
+            self.persistent.save(step, state, manifest, wait=wait)
             if self.remote is not None:
                 self.remote.push(self.keep)
 

@@ -12,6 +12,10 @@ SIGTERM or SIGINT to the launcher is passed on to every process; a signal to any
 stops the whole job (the processes agree on the step, save one checkpoint together and exit 143 or
 130): the launcher then waits for all of them rather than stopping the others mid-save. Every line
 a process printed is relayed before the launcher returns.
+
+``--restarts N`` starts the job again, up to N times, when it ended because a process hung
+(status 75: ``--step-timeout``'s watchdog, `jaxpar.run.watchdog`) or was killed or crashed (a
+signal other than SIGTERM and SIGINT); the same command resumes from the job's last checkpoint.
 """
 
 import argparse
@@ -26,6 +30,7 @@ import time
 GRACE_S = 5  # after a peer failed, survivors get this long to exit before SIGKILL
 SAVE_S = 300  # after a peer was preempted, the others get this long to save and exit
 PREEMPTED = (128 + signal.SIGTERM, 128 + signal.SIGINT)  # train.py's statuses after saving
+HANG = 75  # a process's status when its watchdog found it hung (`jaxpar.run.watchdog.HANG`)
 
 
 def free_port() -> int:
@@ -137,12 +142,36 @@ def main(argv=None) -> int:
     )
     parser.add_argument("-n", "--num-processes", type=int, required=True)
     parser.add_argument("--port", type=int, default=None, help="coordinator port (default: free)")
+    parser.add_argument(
+        "--restarts", type=int, default=0, help="start the job again, up to this many times, "
+        "when a process hung (status 75) or died by a signal; it resumes from its checkpoint"
+    )  # fmt: skip
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ...")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command or args.num_processes < 1:
         parser.error("give -n N >= 1 and a command after --")
-    return launch(args.num_processes, command, args.port)
+    if args.restarts < 0:
+        print(f"error: --restarts must be >= 0, got {args.restarts}", file=sys.stderr)
+        return 2
+    code = launch(args.num_processes, command, args.port)
+    for attempt in range(1, args.restarts + 1):
+        if not restartable(code):
+            break
+        print(f"[launch] the job ended with status {code}; restarting it ({attempt} of "
+              f"{args.restarts})", flush=True)  # fmt: skip
+        code = launch(args.num_processes, command, args.port)
+    return code
+
+
+def restartable(code: int) -> bool:
+    """Whether a job that ended with `code` is started again by ``--restarts``: a hang, or a
+    process killed or crashed (not a preemption, which asked to stop, nor a user error).
+
+    >>> [restartable(c) for c in (75, 137, 134, 143, 2, 1, 0)]
+    [True, True, True, False, False, False, False]
+    """
+    return code == HANG or (code > 128 and code not in PREEMPTED)
 
 
 if __name__ == "__main__":
