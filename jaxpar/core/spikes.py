@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 SPIKES = 7  # the state's item (`jaxpar.run.checkpoint.ITEMS`)
-SIGMA = 6.0  # default; ordinary steps of the measured runs stayed under 1 (docs/resilience.md)
+SIGMA = 6.0  # default; ordinary steps of the measured runs stayed under 0 (docs/resilience.md)
 DECAY = 0.99  # the running statistics' decay: about the last 100 applied steps
 WARMUP = 20  # applied steps before a finite loss may count as a spike (the mean settles)
 
