@@ -105,9 +105,10 @@ class Tiers:
             if self.local is not None:
                 self.local.wait()
             # On object storage the step is uploaded once complete: training waits for both. In
-            # a job of several processes training waits too: Orbax's save runs collectives in
-            # its own threads, and a step's all-reduce dispatched meanwhile can meet them in
-            # another order in another process; on CPUs (gloo) that deadlocked both.
+            # a job of several processes training waits too: saving in the background, two CPU
+            # processes hung for good in a step's all-reduce after a periodic save (likely
+            # Orbax's cross-process work in its threads meeting the steps' collectives in
+            # another order in each process; waiting removed the hang).
             wait = final or self.remote is not None or jax.process_count() > 1
             self.persistent.save(step, state, manifest, wait=wait)
             if self.remote is not None:
